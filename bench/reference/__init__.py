@@ -1,0 +1,1 @@
+"""Reference workload and models."""

@@ -1,0 +1,114 @@
+"""Model backends: what runs a model, on the edge or in a cloud worker.
+
+A backend is anything that satisfies :class:`ModelBackend`. Today there is
+:class:`OnnxBackend` (ONNX Runtime); llama.cpp, transformers and OpenAI-compatible backends will
+sit beside it and grow ``generate``/``stream``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from tandem.runtime.errors import BackendError, BadRequest
+from tandem.runtime.manifest import TensorSpec, sha256_file
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+}
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """A loaded model: one batch in, one batch out."""
+
+    name: str
+    version: str
+    input_spec: TensorSpec
+    output_spec: TensorSpec
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Run the model on a batch shaped ``(N, *input_spec.shape[1:])``."""
+        ...
+
+
+class OnnxBackend:
+    """An ONNX model in an ONNX Runtime session (CPU execution provider).
+
+    ``threads`` sets ONNX Runtime's intra-op threads: 1 suits a small edge model (thread hand-off
+    costs more than it saves), 0 lets ONNX Runtime use every core (cloud batches).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        threads: int = 1,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        try:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:
+            raise BackendError(f"cannot load ONNX model {self.path}: {e}") from None
+        self.version = version or sha256_file(self.path)[:12]
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_spec = _spec(inp)
+        self.output_spec = _spec(out)
+        self._input_name = inp.name
+        self._output_names = [out.name]
+        self._dtype = np.dtype(self.input_spec.dtype)
+        self._row_shape = tuple(self.input_spec.shape[1:])
+        # The bound C++ session where there is one: the same call as InferenceSession.run
+        # without its Python-side re-validation, which check_batch() already did.
+        self._run = getattr(self.session, "_sess", self.session).run
+
+    def check_batch(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` as the model's dtype, or :class:`BadRequest` if its shape cannot fit."""
+        if batch.ndim != len(self._row_shape) + 1 or any(
+            want is not None and got != want
+            for got, want in zip(batch.shape[1:], self._row_shape, strict=True)
+        ):
+            raise BadRequest(
+                f"model {self.name!r} takes input shaped (N, {', '.join(map(_dim, self._row_shape))}),"
+                f" got {batch.shape}"
+            )
+        if batch.dtype != self._dtype:
+            if batch.dtype.kind not in "fiub":
+                raise BadRequest(f"model {self.name!r} takes {self._dtype}, got {batch.dtype}")
+            batch = batch.astype(self._dtype)
+        return batch
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        batch = self.check_batch(batch)
+        try:
+            return self._run(self._output_names, {self._input_name: batch}, None)[0]
+        except Exception as e:
+            raise BackendError(f"model {self.name!r} failed: {e}") from None
+
+
+def _dim(d: int | None) -> str:
+    return "?" if d is None else str(d)
+
+
+def _spec(node) -> TensorSpec:  # onnxruntime NodeArg
+    shape = [d if isinstance(d, int) else None for d in node.shape]
+    return TensorSpec(name=node.name, dtype=_ORT_DTYPES.get(node.type, node.type), shape=shape)
