@@ -12,11 +12,10 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
-
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo
 from tandem.runtime.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -26,6 +25,16 @@ class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, values are not coerced silently."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _relative_to_config_file(v: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    return v if v.is_absolute() or base is None else Path(base) / v
+
+
+ConfigPath = Annotated[Path, AfterValidator(_relative_to_config_file)]
+"""A path in a config file: relative paths are resolved against the file's folder (the
+``base_dir`` that :func:`load_config` passes as validation context)."""
 
 
 def read_config_file(path: str | Path) -> Any:
@@ -54,7 +63,7 @@ def validate_config(data: Any, model: type[M], *, source: str, **context: Any) -
     try:
         return model.model_validate(data, context=context or None)
     except ValidationError as e:
-        raise ConfigError("\n".join(f"{source}: {line}" for line in config_problems(e, model)))
+        raise ConfigError("\n".join(f"{source}: {line}" for line in config_problems(e, model))) from None
 
 
 def config_problems(err: ValidationError, model: type[BaseModel]) -> list[str]:
@@ -75,6 +84,7 @@ def config_problems(err: ValidationError, model: type[BaseModel]) -> list[str]:
             lines.append(f"{loc}: required key is missing")
             continue
         msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        msg = msg.replace("Input should be", "must be")
         msg = msg[0].lower() + msg[1:] if msg else msg
         lines.append(f"{loc}: {msg}, got {_short(e.get('input'))}")
     return lines

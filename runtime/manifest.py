@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 from pydantic import Field
-
 from tandem.runtime.config import StrictModel, load_config
 from tandem.runtime.errors import ConfigError
 

@@ -32,7 +32,6 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
 from tandem.runtime.errors import (
     BadArray,
     LimitExceeded,
