@@ -8,7 +8,7 @@
     threads: 0                       # ONNX Runtime intra-op threads (0 = all cores)
     batching: {max_batch: 64, max_wait_us: 500}
     limits: {max_message_bytes: 67108864}
-    drain: {timeout_ms: 10000, grace_ms: 200}
+    drain: {grace_ms: 200}
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ class LimitsSpec(StrictModel):
 
 
 class DrainSpec(StrictModel):
-    """On SIGTERM/SIGINT: finish queued work (for at most ``timeout_ms``), then keep answering
-    new requests with ``ShuttingDown`` for ``grace_ms`` so clients learn why, then exit 0."""
+    """On SIGTERM/SIGINT: finish the queued work, then keep answering new requests with
+    ``ShuttingDown`` for ``grace_ms`` so clients learn why, then exit 0."""
 
-    timeout_ms: int = Field(default=10_000, ge=0)
     grace_ms: int = Field(default=200, ge=0)
 
 

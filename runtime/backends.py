@@ -34,6 +34,10 @@ class ModelBackend(Protocol):
     input_spec: TensorSpec
     output_spec: TensorSpec
 
+    def check_batch(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` converted to the input dtype; :class:`BadRequest` if it cannot fit."""
+        ...
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a batch shaped ``(N, *input_spec.shape[1:])``."""
         ...

@@ -1,0 +1,364 @@
+"""The edge SDK: local model + router + cloud client + escalation log.
+
+.. code-block:: python
+
+    from tandem.edge import EdgeRuntime
+
+    rt = EdgeRuntime.from_policy("policy.yaml")
+    r = rt.infer(x, task="digits", tags={"private"}, deadline_ms=50)
+    r.label, r.tier, r.confidence, r.timings
+
+``infer`` is safe to call from many threads at once; ``ainfer`` is its asyncio form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tandem.edge.client import CloudClient
+from tandem.edge.escalation_log import EscalationLog, EscalationRecord
+from tandem.kernels.confidence import confidence, confidence_row
+from tandem.router.policy import Policy, TaskPolicy, load_policy
+from tandem.router.routing import Decision, TaskRouter
+from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.errors import BadRequest, DeadlineExceeded, TandemError
+from tandem.runtime.types import Result, Tier
+from tandem.runtime.wire import new_request_id, now_epoch_ms
+
+log = logging.getLogger(__name__)
+
+Tags = Collection[str]
+_NO_TAGS: frozenset[str] = frozenset()
+
+
+@dataclass
+class _Task:
+    """A task's policy compiled into the objects that serve it."""
+
+    name: str
+    policy: TaskPolicy
+    router: TaskRouter
+    backend: OnnxBackend
+    client: CloudClient | None
+    labels: list[str] | None
+    n_classes: int
+    versions: dict[str, str]
+    row_ndim: int
+
+    def label(self, index: int) -> Any:
+        if index < 0:
+            return None
+        return self.labels[index] if self.labels else index
+
+
+class EdgeRuntime:
+    """Answers on the device when the local model is confident, escalates otherwise."""
+
+    def __init__(self, policy: Policy, *, escalation_log: EscalationLog | None = None) -> None:
+        self.policy = policy
+        if escalation_log is None and policy.escalation_log is not None:
+            spec = policy.escalation_log
+            escalation_log = EscalationLog(
+                spec.path, synchronous=spec.synchronous, store_inputs=spec.store_inputs
+            )
+        self.escalation_log = escalation_log
+        clients: dict[str, CloudClient] = {}
+        self._tasks: dict[str, _Task] = {}
+        for name, tp in policy.tasks.items():
+            backend = OnnxBackend(tp.local.path, version=tp.local.version, threads=tp.local.threads)
+            client = None
+            if tp.cloud is not None:
+                client = clients.setdefault(tp.cloud.endpoint, CloudClient(tp.cloud.endpoint))
+            n_classes = backend.output_spec.shape[-1] if backend.output_spec.shape else None
+            if tp.local.labels and n_classes and len(tp.local.labels) != n_classes:
+                raise TandemError(
+                    f"task {name!r}: {len(tp.local.labels)} labels for a model with {n_classes} outputs"
+                )
+            self._tasks[name] = _Task(
+                name=name,
+                policy=tp,
+                router=TaskRouter(tp),
+                backend=backend,
+                client=client,
+                labels=tp.local.labels,
+                n_classes=n_classes or 0,
+                versions={"edge": backend.version},
+                row_ndim=len(backend.input_spec.shape) - 1,
+            )
+        self._clients = list(clients.values())
+        self._default_task = next(iter(self._tasks)) if len(self._tasks) == 1 else None
+
+    @classmethod
+    def from_policy(cls, path: str | Path) -> EdgeRuntime:
+        return cls(load_policy(path))
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def _task(self, task: str | None) -> _Task:
+        name = task if task is not None else self._default_task
+        t = self._tasks.get(name) if name is not None else None
+        if t is None:
+            raise BadRequest(f"unknown task {task!r}; the policy has: {', '.join(self._tasks)}")
+        return t
+
+    # ------------------------------------------------------------------ one request
+    def infer(
+        self,
+        x: np.ndarray,
+        task: str | None = None,
+        *,
+        tags: Tags = _NO_TAGS,
+        deadline_ms: float | None = None,
+    ) -> Result:
+        """Answer one input (shaped like one row of the model's input, or (1, ...)).
+
+        ``deadline_ms`` (default: the task's) bounds the whole call: if the cloud has not
+        answered by then the edge's own answer comes back as ``edge-degraded``.
+        """
+        t0 = time.perf_counter()
+        t = self._task(task)
+        x = np.asarray(x)
+        batch = x[None] if x.ndim == t.row_ndim else x
+        if len(batch) != 1:
+            raise BadRequest(f"infer takes one input, got a batch of {len(batch)}; use infer_batch")
+        logits = self._local(t, batch)[0]
+        t1 = time.perf_counter()
+        top1, max_prob, margin, entropy = confidence_row(logits)
+        score = t.router.gate.score(max_prob, margin, entropy, t.n_classes)
+        decision = t.router.pre_route(tags) or t.router.decide(score, top1 >= 0)
+        t2 = time.perf_counter()
+        if not decision.escalate:
+            return Result(
+                output=logits,
+                index=top1,
+                label=t.label(top1),
+                tier=Tier.EDGE,
+                confidence=score,
+                reason=decision.reason,
+                timings={
+                    "local": (t1 - t0) * 1e3,
+                    "route": (t2 - t1) * 1e3,
+                    "total": (time.perf_counter() - t0) * 1e3,
+                },
+                model_versions=dict(t.versions),
+            )
+        budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
+        return self._escalate(
+            t, batch, logits[None], [top1], [score], [decision], tags, t0, t1, t2, budget_ms
+        )[0]
+
+    async def ainfer(
+        self,
+        x: np.ndarray,
+        task: str | None = None,
+        *,
+        tags: Tags = _NO_TAGS,
+        deadline_ms: float | None = None,
+    ) -> Result:
+        """:meth:`infer` for asyncio code: runs in a worker thread (with its own socket)."""
+        return await asyncio.to_thread(self.infer, x, task, tags=tags, deadline_ms=deadline_ms)
+
+    # ------------------------------------------------------------------ a batch
+    def infer_batch(
+        self,
+        xs: np.ndarray,
+        task: str | None = None,
+        *,
+        tags: Tags = _NO_TAGS,
+        deadline_ms: float | None = None,
+    ) -> list[Result]:
+        """Answer a batch (N, ...): one local call, one confidence pass, and the rows that
+        escalate go to the cloud together in one request."""
+        t0 = time.perf_counter()
+        t = self._task(task)
+        batch = np.asarray(xs)
+        if batch.ndim != t.row_ndim + 1:
+            raise BadRequest(f"infer_batch takes (N, ...) inputs, got shape {batch.shape}")
+        if len(batch) == 0:
+            return []
+        logits = self._local(t, batch)
+        t1 = time.perf_counter()
+        stats = confidence(logits)
+        rule = t.router.pre_route(tags)
+        scores = [
+            t.router.gate.score(p, m, h, t.n_classes)
+            for p, m, h in zip(stats.max_prob, stats.margin, stats.entropy, strict=True)
+        ]
+        decisions = [
+            rule or t.router.decide(s, bool(v)) for s, v in zip(scores, stats.valid, strict=True)
+        ]
+        t2 = time.perf_counter()
+        results: list[Result | None] = [None] * len(batch)
+        esc = [i for i, d in enumerate(decisions) if d.escalate]
+        if esc:
+            budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
+            answers = self._escalate(
+                t,
+                batch[esc],
+                logits[esc],
+                [int(stats.top1[i]) for i in esc],
+                [scores[i] for i in esc],
+                [decisions[i] for i in esc],
+                tags,
+                t0,
+                t1,
+                t2,
+                budget_ms,
+            )
+            for i, r in zip(esc, answers, strict=True):
+                results[i] = r
+        total = (time.perf_counter() - t0) * 1e3
+        for i, d in enumerate(decisions):
+            if results[i] is None:
+                top1 = int(stats.top1[i])
+                results[i] = Result(
+                    output=logits[i],
+                    index=top1,
+                    label=t.label(top1),
+                    tier=Tier.EDGE,
+                    confidence=scores[i],
+                    reason=d.reason,
+                    timings={"local": (t1 - t0) * 1e3, "route": (t2 - t1) * 1e3, "total": total},
+                    model_versions=dict(t.versions),
+                )
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ internals
+    def _local(self, t: _Task, batch: np.ndarray) -> np.ndarray:
+        out = t.backend.predict(batch)
+        if t.policy.local.output == "probabilities":
+            with np.errstate(divide="ignore"):
+                out = np.log(out)
+        return out
+
+    def _escalate(
+        self,
+        t: _Task,
+        inputs: np.ndarray,
+        edge_logits: np.ndarray,
+        top1: list[int],
+        scores: list[float],
+        decisions: list[Decision],
+        tags: Tags,
+        t0: float,
+        t1: float,
+        t2: float,
+        budget_ms: float,
+    ) -> list[Result]:
+        """Send ``inputs`` to the cloud within what is left of ``budget_ms``; fall back to the
+        edge answers (degraded) on any failure; log every row."""
+        n = len(inputs)
+        assert t.client is not None and t.policy.cloud is not None
+        request_id = new_request_id().hex()
+        left_s = budget_ms / 1e3 - (time.perf_counter() - t0)
+        cloud_out: np.ndarray | None = None
+        error: TandemError | None = None
+        versions = dict(t.versions)
+        try:
+            if left_s <= 0:
+                raise DeadlineExceeded("deadline spent before the cloud could be asked")
+            reply = t.client.infer(
+                t.policy.cloud.model,
+                inputs,
+                task=t.name,
+                tags=tuple(sorted(tags)),
+                timeout_s=left_s,
+            )
+            cloud_out = reply["outputs"]
+            if cloud_out.shape[0] != n:
+                raise BadRequest(f"cloud answered {cloud_out.shape[0]} rows for {n}")
+            versions["cloud"] = f"{reply.get('model', t.policy.cloud.model)}@{reply.get('version', '?')}"
+        except TandemError as e:
+            error = e
+            log.info("task %s: cloud failed (%s), answering on the edge", t.name, e.code)
+        t3 = time.perf_counter()
+        timings = {
+            "local": (t1 - t0) * 1e3,
+            "route": (t2 - t1) * 1e3,
+            "cloud": (t3 - t2) * 1e3,
+            "total": (t3 - t0) * 1e3,
+        }
+        results = []
+        for i in range(n):
+            if cloud_out is not None:
+                out, tier, reason = cloud_out[i], Tier.CLOUD, decisions[i].reason
+                index = int(np.argmax(out))
+            else:
+                out, tier, index = edge_logits[i], Tier.EDGE_DEGRADED, top1[i]
+                reason = f"{decisions[i].reason}; cloud-{error.code if error else 'error'}"
+            results.append(
+                Result(
+                    output=out,
+                    index=index,
+                    label=t.label(index),
+                    tier=tier,
+                    confidence=scores[i],
+                    reason=reason,
+                    timings=dict(timings),
+                    model_versions=dict(versions),
+                    request_id=f"{request_id}:{i}" if n > 1 else request_id,
+                )
+            )
+        if self.escalation_log is not None:
+            self._log(t, inputs, edge_logits, top1, scores, results, tags, error)
+        return results
+
+    def _log(
+        self,
+        t: _Task,
+        inputs: np.ndarray,
+        edge_logits: np.ndarray,
+        top1: list[int],
+        scores: list[float],
+        results: list[Result],
+        tags: Tags,
+        error: TandemError | None,
+    ) -> None:
+        assert self.escalation_log is not None
+        ts = now_epoch_ms()
+        err = f"{error.code}: {error.message}" if error else None
+        self.escalation_log.append(
+            *(
+                EscalationRecord(
+                    ts_ms=ts,
+                    request_id=r.request_id or "",
+                    task=t.name,
+                    tier=r.tier.value,
+                    reason=r.reason,
+                    tags=sorted(tags),
+                    input=inputs[i],
+                    input_digest="",
+                    edge_output=edge_logits[i],
+                    edge_label=top1[i] if top1[i] >= 0 else None,
+                    edge_confidence=scores[i],
+                    cloud_output=r.output if r.tier is Tier.CLOUD else None,
+                    cloud_label=r.index if r.tier is Tier.CLOUD else None,
+                    error=err,
+                    timings_ms=r.timings,
+                    model_versions=r.model_versions,
+                )
+                for i, r in enumerate(results)
+            )
+        )
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        if self.escalation_log is not None:
+            self.escalation_log.close()
+
+    def __enter__(self) -> EdgeRuntime:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+

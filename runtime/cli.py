@@ -1,0 +1,170 @@
+"""The ``tandem`` command. Thin: it parses, calls one library function, prints.
+
+This module is the composition root, so it imports the edge, cloud and bench layers — lazily,
+inside each command, to keep ``tandem --help`` and ``tandem cloud serve`` start-up fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tandem import __version__
+from tandem.runtime.errors import TandemError
+
+app = typer.Typer(
+    help="Tandem: edge-cloud collaborative inference.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Build the reference models.", no_args_is_help=True)
+cloud_app = typer.Typer(help="Run and query cloud workers.", no_args_is_help=True)
+policy_app = typer.Typer(help="Check routing policy files.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(cloud_app, name="cloud")
+app.add_typer(policy_app, name="policy")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(e: TandemError) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {e.message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+@app.command()
+def version() -> None:
+    """Print Tandem's version."""
+    console.print(__version__)
+
+
+@app.command()
+def demo(
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Where the reference models live (default: user cache).")
+    ] = None,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild the models even if cached.")] = False,
+    deadline_ms: Annotated[float, typer.Option(help="Per-request deadline.")] = 200.0,
+    target_recovery: Annotated[
+        float, typer.Option(help="Share of the edge→cloud gap the threshold must recover on calib.")
+    ] = 0.9,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+) -> None:
+    """Build the reference models if missing, start a cloud worker process, route the held-out
+    corrupted digits through EdgeRuntime and print what routing bought."""
+    from tandem.bench.reference.demo import print_report, run_demo
+
+    try:
+        report = run_demo(
+            models_dir=models_dir,
+            rebuild=rebuild,
+            deadline_ms=deadline_ms,
+            target_recovery=target_recovery,
+            progress=lambda msg: err_console.print(f"[dim]· {msg}[/dim]", highlight=False),
+        )
+    except TandemError as e:
+        raise _fail(e) from None
+    print_report(report, console)
+    if json_out:
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        console.print(f"report written to {json_out}")
+
+
+@models_app.command("build")
+def models_build(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: user cache).")] = None,
+    seed: Annotated[int, typer.Option(help="Data split and training seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even if already built.")] = False,
+) -> None:
+    """Train the edge MLP (int8 ONNX) and the cloud CNN (fp32 ONNX) on corrupted digits."""
+    from tandem.bench.reference.models import build_reference_models
+
+    d = build_reference_models(
+        out, seed=seed, force=force, progress=lambda m: err_console.print(f"[dim]· {m}[/dim]")
+    )
+    console.print(f"models in {d}")
+
+
+@cloud_app.command("serve")
+def cloud_serve(
+    config: Annotated[Path, typer.Option(help="Worker config YAML.", exists=False)],
+    bind: Annotated[str | None, typer.Option(help="Override the config's bind address.")] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write the bound endpoint here once serving.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="Log warnings only.")] = False,
+) -> None:
+    """Serve the models of a models directory on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
+    from tandem.cloud.config import load_worker_config
+    from tandem.cloud.worker import CloudWorker
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_worker_config(config)
+        if bind:
+            cfg = cfg.model_copy(update={"bind": bind})
+        worker = CloudWorker(cfg)
+    except TandemError as e:
+        raise _fail(e) from None
+
+    def ready(endpoint: str) -> None:
+        if ready_file:
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(endpoint)
+            tmp.replace(ready_file)
+        if not quiet:
+            err_console.print(f"serving {', '.join(worker.backends)} on {endpoint}")
+
+    raise typer.Exit(code=worker.serve(ready))
+
+
+@cloud_app.command("health")
+def cloud_health(
+    endpoint: Annotated[str, typer.Argument(help="e.g. tcp://127.0.0.1:5555")],
+    timeout_ms: Annotated[int, typer.Option(help="How long to wait.")] = 2000,
+) -> None:
+    """Ask a worker for its models, versions and queue depth."""
+    from tandem.edge.client import CloudClient
+
+    try:
+        with CloudClient(endpoint) as client:
+            info = client.health(timeout_ms / 1e3)
+    except TandemError as e:
+        raise _fail(e) from None
+    console.print_json(json.dumps(info))
+
+
+@policy_app.command("check")
+def policy_check(files: Annotated[list[Path], typer.Argument(help="Policy YAML files.")]) -> None:
+    """Validate policy files: prints OK, or every error with its key path and what was expected."""
+    from tandem.router.policy import load_policy
+
+    bad = 0
+    for f in files:
+        try:
+            load_policy(f)
+        except TandemError as e:
+            bad += 1
+            typer.echo(e.message, err=True)
+        else:
+            typer.echo(f"{f}: OK")
+    raise typer.Exit(code=1 if bad else 0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
