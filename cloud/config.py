@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
+
 from tandem.runtime.config import ConfigPath, StrictModel, load_config
 from tandem.runtime.wire import WireLimits
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+
 from tandem.cloud.config import WorkerConfig
 from tandem.runtime.errors import TandemError
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+
 from tandem.cloud.batching import MicroBatcher, Pending
 from tandem.cloud.config import WorkerConfig
 from tandem.runtime.backends import ModelBackend, OnnxBackend
@@ -71,9 +72,7 @@ class CloudWorker:
         self.config = config
         self.backends = backends if backends is not None else load_backends(config)
         self.codec = WireCodec(config.limits.wire_limits())
-        self.batcher = MicroBatcher(
-            config.batching.max_batch, config.batching.max_wait_us / 1e6
-        )
+        self.batcher = MicroBatcher(config.batching.max_batch, config.batching.max_wait_us / 1e6)
         self.counters: Counter[str] = Counter()
         self.endpoint: str | None = None
         self._ctx = context or zmq.Context.instance()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+
 from tandem.runtime.errors import DeadlineExceeded, MalformedMessage, TandemError, Unavailable
 from tandem.runtime.wire import Envelope, Kind, WireCodec, WireLimits, now_epoch_ms
 
@@ -72,7 +73,9 @@ class CloudClient:
         while True:
             left = _ms_left(deadline)
             if left <= 0 or not sock.poll(left, zmq.POLLIN):
-                raise DeadlineExceeded(f"no reply from {self.endpoint} within {timeout_s * 1e3:.1f} ms")
+                raise DeadlineExceeded(
+                    f"no reply from {self.endpoint} within {timeout_s * 1e3:.1f} ms"
+                )
             parts = sock.recv_multipart(copy=False)
             try:
                 reply = self.codec.decode([p.buffer for p in parts])

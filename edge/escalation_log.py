@@ -144,7 +144,11 @@ class EscalationLog:
 
     def records(self, task: str | None = None) -> Iterator[EscalationRecord]:
         """Every row, oldest first (optionally one task's)."""
-        q = f"SELECT {_COLUMNS} FROM escalations" + (" WHERE task = ?" if task else "") + " ORDER BY seq"
+        q = (
+            f"SELECT {_COLUMNS} FROM escalations"
+            + (" WHERE task = ?" if task else "")
+            + " ORDER BY seq"
+        )
         with self._lock:
             rows = self._db.execute(q, (task,) if task else ()).fetchall()
         for r in rows:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tandem.edge.client import CloudClient
 from tandem.edge.escalation_log import EscalationLog, EscalationRecord
 from tandem.kernels.confidence import confidence, confidence_row
@@ -276,7 +277,9 @@ class EdgeRuntime:
             cloud_out = reply["outputs"]
             if cloud_out.shape[0] != n:
                 raise BadRequest(f"cloud answered {cloud_out.shape[0]} rows for {n}")
-            versions["cloud"] = f"{reply.get('model', t.policy.cloud.model)}@{reply.get('version', '?')}"
+            versions["cloud"] = (
+                f"{reply.get('model', t.policy.cloud.model)}@{reply.get('version', '?')}"
+            )
         except TandemError as e:
             error = e
             log.info("task %s: cloud failed (%s), answering on the edge", t.name, e.code)
@@ -361,4 +364,3 @@ class EdgeRuntime:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-

@@ -1,4 +1,5 @@
 """Hot-path kernels: array in, array out. Numba on CPU; Triton on GPU (later issues)."""
+
 from tandem.kernels.confidence import (
     ConfidenceStats,
     confidence,

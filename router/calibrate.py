@@ -43,7 +43,9 @@ def routing_curve(
     c = np.asarray(cloud_correct, dtype=np.float64)
     n = len(s)
     if n == 0 or not (len(e) == len(c) == n):
-        raise ValueError("scores, edge_correct and cloud_correct must be equally long and non-empty")
+        raise ValueError(
+            "scores, edge_correct and cloud_correct must be equally long and non-empty"
+        )
     s = np.where(np.isnan(s), -np.inf, s)  # invalid rows always escalate
     order = np.argsort(s, kind="stable")
     s_sorted = s[order]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
 from tandem.runtime.errors import BackendError, BadRequest
 from tandem.runtime.manifest import TensorSpec, sha256_file
 

@@ -56,7 +56,9 @@ def demo(
     target_recovery: Annotated[
         float, typer.Option(help="Share of the edge→cloud gap the threshold must recover on calib.")
     ] = 0.9,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report here.")
+    ] = None,
 ) -> None:
     """Build the reference models if missing, start a cloud worker process, route the held-out
     corrupted digits through EdgeRuntime and print what routing bought."""

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo
+
 from tandem.runtime.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -47,7 +48,9 @@ def read_config_file(path: str | Path) -> Any:
     try:
         return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+        raise ConfigError(
+            f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"
+        ) from None
 
 
 def load_config(path: str | Path, model: type[M], **context: Any) -> M:
@@ -63,7 +66,9 @@ def validate_config(data: Any, model: type[M], *, source: str, **context: Any) -
     try:
         return model.model_validate(data, context=context or None)
     except ValidationError as e:
-        raise ConfigError("\n".join(f"{source}: {line}" for line in config_problems(e, model))) from None
+        raise ConfigError(
+            "\n".join(f"{source}: {line}" for line in config_problems(e, model))
+        ) from None
 
 
 def config_problems(err: ValidationError, model: type[BaseModel]) -> list[str]:

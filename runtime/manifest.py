@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from pydantic import Field
+
 from tandem.runtime.config import StrictModel, load_config
 from tandem.runtime.errors import ConfigError
 
@@ -70,7 +71,9 @@ def verify_entry(models_dir: str | Path, entry: ModelEntry) -> Path:
     """Path of ``entry``'s file after checking it exists and its sha256 matches."""
     path = Path(models_dir) / entry.file
     if not path.is_file():
-        raise ConfigError(f"{Path(models_dir) / MANIFEST_NAME}: model {entry.name!r}: {path} missing")
+        raise ConfigError(
+            f"{Path(models_dir) / MANIFEST_NAME}: model {entry.name!r}: {path} missing"
+        )
     digest = sha256_file(path)
     if digest != entry.sha256:
         raise ConfigError(

@@ -32,6 +32,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
 from tandem.runtime.errors import (
     BadArray,
     LimitExceeded,

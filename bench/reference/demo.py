@@ -134,7 +134,7 @@ def run_demo(
         ms = np.array([r.timings["total"] for r in results if r.tier is tier])
         if len(ms):
             p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-            latency[tier.value] = {"p50": p50, "p95": p95, "p99": p99, "n": int(len(ms))}
+            latency[tier.value] = {"p50": p50, "p95": p95, "p99": p99, "n": len(ms)}
     per_sev = []
     for s in SEVERITIES:
         m = data.test.severity == s
@@ -178,7 +178,9 @@ def print_report(r: DemoReport, console: Any) -> None:
     t.add_column("escalation rate", justify="right")
     t.add_row("edge only (int8 MLP)", f"{r.edge_accuracy:.1%}", "0.0%")
     t.add_row("cloud only (fp32 CNN)", f"{r.cloud_accuracy:.1%}", "100.0%")
-    t.add_row("routed (Tandem)", f"[bold]{r.routed_accuracy:.1%}[/bold]", f"{r.escalation_rate:.1%}")
+    t.add_row(
+        "routed (Tandem)", f"[bold]{r.routed_accuracy:.1%}[/bold]", f"{r.escalation_rate:.1%}"
+    )
     console.print(t)
     console.print(
         f"gap recovered by routing: [bold]{r.gap_recovered:.1%}[/bold] of the "

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from tandem.bench.reference.digits import N_CLASSES, DigitsWorkload, load_workload
 from tandem.runtime.backends import OnnxBackend
 from tandem.runtime.manifest import (
