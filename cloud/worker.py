@@ -39,7 +39,7 @@ from tandem.runtime.wire import PROTOCOL_VERSION, Envelope, Kind, WireCodec, now
 log = logging.getLogger(__name__)
 
 _NO_ID = bytes(16)
-_IDLE_POLL_MS = 50  # how often an idle loop looks at the stop flag
+_IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 1024  # messages read before due batches get a chance to run
 
 
@@ -130,7 +130,7 @@ class CloudWorker:
             if grace_until is not None and now >= grace_until:
                 return
             due = self.batcher.next_due()
-            timeout = _IDLE_POLL_MS if due is None else max(0, int((due - now) * 1e3))
+            timeout = _IDLE_POLL_MS if due is None else max(0, min(_IDLE_POLL_MS, int((due - now) * 1e3)))
             if grace_until is not None:
                 timeout = min(timeout, max(0, int((grace_until - now) * 1e3)))
             if sock.poll(timeout, zmq.POLLIN):

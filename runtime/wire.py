@@ -278,7 +278,7 @@ def _encode_array(arr: np.ndarray, extra: list[Any], threshold: int) -> msgpack.
         )
     if arr.ndim > MAX_NDIM:
         raise TypeError(f"array has {arr.ndim} dims, at most {MAX_NDIM} go on the wire")
-    arr = np.ascontiguousarray(arr, dtype=dt)
+    arr = np.require(arr, dt, "C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
     head = _ARRAY_HEAD.pack(code, arr.ndim) + b"".join(_DIM.pack(d) for d in arr.shape)
     if arr.nbytes >= threshold:
         extra.append(arr)

@@ -141,6 +141,35 @@ def quantize_int8(src: Path, dst: Path) -> None:
         root.removeFilter(quiet)
 
 
+def manifest_entry(
+    models_dir: Path,
+    name: str,
+    file: str,
+    *,
+    version_prefix: str,
+    quantization: str = "none",
+    metrics: dict[str, float] | None = None,
+    description: str = "",
+) -> ModelEntry:
+    """A manifest entry for a (None, 64) → (None, 10) digits model already in ``models_dir``;
+    its version is ``{version_prefix}-{first 8 hex digits of sha256}``."""
+    path = models_dir / file
+    digest = sha256_file(path)
+    return ModelEntry(
+        name=name,
+        version=f"{version_prefix}-{digest[:8]}",
+        file=file,
+        sha256=digest,
+        size_bytes=path.stat().st_size,
+        input=TensorSpec(name="x", shape=[None, 64]),
+        output=TensorSpec(name="logits", shape=[None, N_CLASSES]),
+        quantization=quantization,
+        labels=LABELS,
+        metrics=metrics or {},
+        description=description,
+    )
+
+
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     logits = OnnxBackend(path, threads=0).predict(x)
     return float((logits.argmax(axis=1) == y).mean())
@@ -184,18 +213,13 @@ def build_reference_models(
             ):
                 final = out / file
                 (tmpd / file).replace(final)
-                digest = sha256_file(final)
                 entries.append(
-                    ModelEntry(
-                        name=name,
-                        version=f"{RECIPE_VERSION}.{seed}-{digest[:8]}",
-                        file=file,
-                        sha256=digest,
-                        size_bytes=final.stat().st_size,
-                        input=TensorSpec(name="x", shape=[None, 64]),
-                        output=TensorSpec(name="logits", shape=[None, N_CLASSES]),
+                    manifest_entry(
+                        out,
+                        name,
+                        file,
+                        version_prefix=f"{RECIPE_VERSION}.{seed}",
                         quantization=quant,
-                        labels=LABELS,
                         metrics={"test_accuracy": accuracy(final, data.test.x, data.test.y)},
                         description=desc,
                     )

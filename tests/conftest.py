@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny real ONNX models on disk and real worker processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tandem.bench.reference.models import (
+    CLOUD,
+    EDGE,
+    LABELS,
+    _cnn,
+    _mlp,
+    export_onnx,
+    manifest_entry,
+    quantize_int8,
+)
+from tandem.cloud.config import WorkerConfig
+from tandem.cloud.process import WorkerProcess
+from tandem.runtime.manifest import Manifest, write_manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained int8 MLP (``digits-edge``) and CNN (``digits-cloud``) with a manifest:
+    the reference architectures, exported the reference way, in a second instead of twenty."""
+    import torch
+
+    out = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    export_onnx(_mlp(), out / "edge-fp32.onnx")
+    quantize_int8(out / "edge-fp32.onnx", out / "edge-int8.onnx")
+    export_onnx(_cnn().eval(), out / "cloud-fp32.onnx")
+    entries = [
+        manifest_entry(out, EDGE, "edge-int8.onnx", version_prefix="t", quantization="int8-dynamic"),
+        manifest_entry(out, CLOUD, "cloud-fp32.onnx", version_prefix="t"),
+    ]
+    write_manifest(out, Manifest(models=entries, seed=0))
+    return out
+
+
+def worker_config(models_dir: Path, **overrides) -> WorkerConfig:
+    base = {"bind": "tcp://127.0.0.1:*", "models_dir": str(models_dir), "threads": 1}
+    return WorkerConfig.model_validate({**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_models: Path) -> Iterator[WorkerProcess]:
+    """A real worker process serving the tiny models on a free loopback port."""
+    with WorkerProcess(worker_config(tiny_models)) as w:
+        yield w
+
+
+def write_policy(
+    path: Path,
+    models_dir: Path,
+    endpoint: str | None,
+    *,
+    threshold: float = 0.5,
+    deadline_ms: int = 2000,
+    log: bool = True,
+    **task_overrides,
+) -> Path:
+    """A policy file for the tiny models (``threshold=1.0`` escalates everything)."""
+    task = {
+        "local": {"path": str(models_dir / "edge-int8.onnx"), "labels": LABELS},
+        "gate": {"metric": "max_prob", "threshold": threshold},
+        "rules": [{"tag": "private", "route": "local"}]
+        + ([{"tag": "critical", "route": "cloud"}] if endpoint else []),
+        "deadline_ms": deadline_ms,
+        **task_overrides,
+    }
+    if endpoint:
+        task["cloud"] = {"endpoint": endpoint, "model": CLOUD}
+    policy = {"version": 1, "tasks": {"digits": task}}
+    if log:
+        policy["escalation_log"] = {"path": "escalations.sqlite", "synchronous": "normal"}
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+@pytest.fixture
+def digits_x() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 1, size=(16, 64)).astype(np.float32)
+
+
+@pytest.fixture
+def make_policy(tmp_path: Path, tiny_models: Path):
+    """``make_policy(endpoint, **kw)`` writes a policy for the tiny models into tmp_path."""
+
+    def make(endpoint: str | None, name: str = "policy.yaml", **kw) -> Path:
+        return write_policy(tmp_path / name, tiny_models, endpoint, **kw)
+
+    return make
+
+
+@pytest.fixture
+def make_worker_config(tiny_models: Path):
+    return lambda **overrides: worker_config(tiny_models, **overrides)

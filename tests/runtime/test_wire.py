@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from tandem.runtime import errors
+from tandem.runtime.wire import (
+    EXT_ARRAY_INLINE,
+    PROTOCOL_VERSION,
+    WIRE_DTYPES,
+    Envelope,
+    Kind,
+    WireCodec,
+    WireLimits,
+)
+
+
+def roundtrip(env: Envelope, codec: WireCodec | None = None) -> Envelope:
+    codec = codec or WireCodec()
+    frames = [f.tobytes() if isinstance(f, np.ndarray) else bytes(f) for f in codec.encode(env)]
+    return codec.decode(frames)
+
+
+arrays = st.sampled_from(WIRE_DTYPES).flatmap(
+    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6))
+)
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20)
+payloads = st.recursive(
+    scalars | arrays,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, float) and a != a:
+        assert b != b
+    else:
+        assert a == b
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payload=payloads,
+    kind=st.sampled_from(list(Kind)),
+    task=st.text(max_size=20),
+    deadline=st.integers(0, 2**62),
+    tags=st.lists(st.text(max_size=10), max_size=5),
+    threshold=st.sampled_from([0, 16, 1 << 20]),
+)
+def test_roundtrip_random_envelopes(payload, kind, task, deadline, tags, threshold) -> None:
+    codec = WireCodec(WireLimits(frame_threshold_bytes=threshold))
+    env = Envelope(kind=kind, task=task, deadline_ms=deadline, tags=tuple(tags), payload=payload)
+    out = roundtrip(env, codec)
+    assert (out.kind, out.id, out.task, out.deadline_ms, out.tags) == (kind, env.id, task, deadline, tuple(tags))
+    assert_same(payload, out.payload)
+
+
+def test_noncontiguous_zero_d_and_big_endian_arrays() -> None:
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    b = np.array(3.5)
+    c = np.arange(5, dtype=">i4")
+    out = roundtrip(Envelope(kind=Kind.ECHO, payload=[a, b, c])).payload
+    np.testing.assert_array_equal(out[0], a)
+    assert out[1].shape == () and out[1] == 3.5
+    np.testing.assert_array_equal(out[2], c)
+    assert out[2].dtype == np.dtype("<i4")
+
+
+def test_large_arrays_travel_as_frames_and_decode_zero_copy() -> None:
+    codec = WireCodec()
+    x = np.random.default_rng(0).normal(size=(512, 512)).astype(np.float32)
+    frames = codec.encode(Envelope(kind=Kind.INFER, payload={"inputs": x}))
+    assert len(frames) == 3 and frames[2] is not None
+    buf = frames[2].tobytes()
+    out = codec.decode([frames[0], frames[1], memoryview(buf)]).payload["inputs"]
+    np.testing.assert_array_equal(out, x)
+    assert np.shares_memory(out, np.frombuffer(buf, np.uint8))  # no copy on decode
+    assert not out.flags.writeable
+
+
+def test_disallowed_dtype_cannot_be_sent() -> None:
+    with pytest.raises(TypeError, match="cannot go on the wire"):
+        WireCodec().encode(Envelope(kind=Kind.ECHO, payload=np.array(["a"], dtype=object)))
+    with pytest.raises(TypeError, match="cannot put"):
+        WireCodec().encode(Envelope(kind=Kind.ECHO, payload=object()))
+
+
+def header(version=PROTOCOL_VERSION, kind="infer", rid=b"r" * 16, task="t", deadline=0, tags=()):
+    return msgpack.packb([version, kind, rid, task, deadline, list(tags)])
+
+
+def array_ext(dtype_code: int, shape: tuple[int, ...], data: bytes) -> msgpack.ExtType:
+    import struct
+
+    head = struct.pack("<BB", dtype_code, len(shape)) + b"".join(struct.pack("<Q", d) for d in shape)
+    return msgpack.ExtType(EXT_ARRAY_INLINE, head + data)
+
+
+NESTED: list = [1]
+for _ in range(20):
+    NESTED = [NESTED]
+
+
+@pytest.mark.parametrize(
+    ("frames", "error"),
+    [
+        ([b"\xc1\x00garbage", b"\x90"], errors.MalformedMessage),  # not msgpack
+        ([header()[:-3], b"\xc0"], errors.MalformedMessage),  # truncated
+        ([header()], errors.MalformedMessage),  # no payload frame
+        ([msgpack.packb({"v": 1}), b"\xc0"], errors.MalformedMessage),  # header not an array
+        ([header(rid=b"short"), b"\xc0"], errors.MalformedMessage),
+        ([header(version=99), b"\xc0"], errors.UnsupportedVersion),
+        ([header(kind="reboot"), b"\xc0"], errors.UnknownKind),
+        ([header(deadline=-5), b"\xc0"], errors.MalformedMessage),
+        ([header(tags=["x"] * 100), b"\xc0"], errors.LimitExceeded),
+        ([header(), msgpack.packb(array_ext(200, (2,), b"\0" * 8))], errors.BadArray),  # bad dtype
+        ([header(), msgpack.packb(array_ext(10, (3,), b"\0" * 8))], errors.BadArray),  # shape/buffer
+        ([header(), msgpack.packb(array_ext(10, (2,), b""))], errors.BadArray),
+        ([header(), msgpack.packb(msgpack.ExtType(9, b"xx"))], errors.BadArray),  # unknown ext
+        ([header(), msgpack.packb(array_ext(10, (1 << 40,), b""))], errors.LimitExceeded),
+        ([header(), b"\xc0", b"stray frame"], errors.MalformedMessage),  # unreferenced frame
+        ([header(), msgpack.packb(NESTED)], errors.LimitExceeded),  # nested too deep
+        ([header(), b"\x92\x01"], errors.MalformedMessage),  # truncated payload
+    ],
+)
+def test_malformed_input_gets_the_right_error(frames, error) -> None:
+    with pytest.raises(error) as info:
+        WireCodec().decode(frames)
+    assert isinstance(info.value, errors.WireError)
+
+
+def test_payload_errors_carry_the_request_id() -> None:
+    with pytest.raises(errors.BadArray) as info:
+        WireCodec().decode([header(rid=b"k" * 16), msgpack.packb(array_ext(200, (1,), b"\0"))])
+    assert info.value.request_id == b"k" * 16
+
+
+def test_oversized_message_is_refused_before_decoding() -> None:
+    codec = WireCodec(WireLimits(max_message_bytes=1024))
+    with pytest.raises(errors.LimitExceeded, match="limit is 1024"):
+        codec.decode([header(), b"\xc0" * 2000])
+
+
+def test_too_many_frames() -> None:
+    codec = WireCodec(WireLimits(max_frames=3))
+    with pytest.raises(errors.LimitExceeded):
+        codec.decode([header(), b"\xc0", b"", b""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
+def test_random_bytes_never_crash_the_decoder(frames) -> None:
+    try:
+        env = WireCodec().decode(frames)
+        assert isinstance(env, Envelope)
+    except errors.WireError:
+        pass  # the only acceptable failure
+
+
+def test_error_replies_raise_the_same_class() -> None:
+    env = Envelope(kind=Kind.INFER)
+    for cls in (errors.DeadlineExceeded, errors.ShuttingDown, errors.BadArray, errors.UnknownModel):
+        reply = roundtrip(env.error_reply(cls("boom")))
+        with pytest.raises(cls, match="boom"):
+            reply.raise_if_error()
+
+
+def test_unknown_error_code_maps_to_nearest_parent() -> None:
+    assert errors.error_class("wire.some-future-code") is errors.WireError
+    assert errors.error_class("brand-new") is errors.TandemError
