@@ -130,7 +130,9 @@ class CloudWorker:
             if grace_until is not None and now >= grace_until:
                 return
             due = self.batcher.next_due()
-            timeout = _IDLE_POLL_MS if due is None else max(0, min(_IDLE_POLL_MS, int((due - now) * 1e3)))
+            timeout = (
+                _IDLE_POLL_MS if due is None else max(0, min(_IDLE_POLL_MS, int((due - now) * 1e3)))
+            )
             if grace_until is not None:
                 timeout = min(timeout, max(0, int((grace_until - now) * 1e3)))
             if sock.poll(timeout, zmq.POLLIN):

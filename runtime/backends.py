@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from tandem.kernels.confidence import all_finite
 from tandem.runtime.errors import BackendError, BadRequest
 from tandem.runtime.manifest import TensorSpec, sha256_file
 
@@ -81,19 +82,30 @@ class OnnxBackend:
         self._output_names = [out.name]
         self._dtype = np.dtype(self.input_spec.dtype)
         self._row_shape = tuple(self.input_spec.shape[1:])
+        self._fixed_row_shape = None if None in self._row_shape else self._row_shape
+        self._floating = self._dtype.kind == "f"
         # The bound C++ session where there is one: the same call as InferenceSession.run
         # without its Python-side re-validation, which check_batch() already did.
         self._run = getattr(self.session, "_sess", self.session).run
 
     def check_batch(self, batch: np.ndarray) -> np.ndarray:
-        """``batch`` as the model's dtype, or :class:`BadRequest` if its shape cannot fit."""
+        """``batch`` as the model's dtype, or :class:`BadRequest` if its shape cannot fit or
+        it holds NaN/inf (an int8 model turns those into finite, confident-looking logits)."""
+        if not (batch.dtype == self._dtype and batch.shape[1:] == self._fixed_row_shape):
+            batch = self._coerce(batch)
+        if self._floating and not all_finite(batch):
+            bad = np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))
+            raise BadRequest(f"model {self.name!r}: input rows {bad.tolist()[:10]} hold NaN or inf")
+        return batch
+
+    def _coerce(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != len(self._row_shape) + 1 or any(
             want is not None and got != want
             for got, want in zip(batch.shape[1:], self._row_shape, strict=True)
         ):
             raise BadRequest(
-                f"model {self.name!r} takes input shaped (N, {', '.join(map(_dim, self._row_shape))}),"
-                f" got {batch.shape}"
+                f"model {self.name!r} takes input shaped "
+                f"(N, {', '.join(map(_dim, self._row_shape))}), got {batch.shape}"
             )
         if batch.dtype != self._dtype:
             if batch.dtype.kind not in "fiub":

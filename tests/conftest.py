@@ -36,7 +36,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     quantize_int8(out / "edge-fp32.onnx", out / "edge-int8.onnx")
     export_onnx(_cnn().eval(), out / "cloud-fp32.onnx")
     entries = [
-        manifest_entry(out, EDGE, "edge-int8.onnx", version_prefix="t", quantization="int8-dynamic"),
+        manifest_entry(
+            out, EDGE, "edge-int8.onnx", version_prefix="t", quantization="int8-dynamic"
+        ),
         manifest_entry(out, CLOUD, "cloud-fp32.onnx", version_prefix="t"),
     ]
     write_manifest(out, Manifest(models=entries, seed=0))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -21,7 +22,9 @@ def test_workload_is_deterministic_and_stratified() -> None:
     assert not np.array_equal(load_workload(1).test.x, a.test.x)
     assert a.test.x.shape[1] == 64 and a.test.x.dtype == np.float32
     assert set(np.unique(a.test.severity)) == set(SEVERITIES)
-    assert abs(len(a.calib) - len(a.test)) <= len(SEVERITIES)  # every held-out image at every severity
+    assert abs(len(a.calib) - len(a.test)) <= len(
+        SEVERITIES
+    )  # every held-out image at every severity
     assert np.bincount(a.test.y).min() > 0
 
 
@@ -29,11 +32,9 @@ def test_corruption_grows_with_severity() -> None:
     rng = np.random.default_rng(0)
     img = np.zeros((50, 8, 8), np.float32)
     img[:, 2:6, 3:5] = 1.0
-    dist = [
-        float(np.abs(corrupt(img, np.full(50, s), rng) - img).mean()) for s in SEVERITIES
-    ]
+    dist = [float(np.abs(corrupt(img, np.full(50, s), rng) - img).mean()) for s in SEVERITIES]
     assert dist[0] == 0.0
-    assert all(x < y for x, y in zip(dist, dist[1:], strict=False))
+    assert all(x < y for x, y in itertools.pairwise(dist))
 
 
 @pytest.mark.slow

@@ -29,7 +29,9 @@ def client(worker: WorkerProcess):
         yield c
 
 
-def test_infer_matches_the_model_run_locally(client: CloudClient, tiny_models: Path, digits_x) -> None:
+def test_infer_matches_the_model_run_locally(
+    client: CloudClient, tiny_models: Path, digits_x
+) -> None:
     reply = client.infer(CLOUD, digits_x, timeout_s=10)
     local = OnnxBackend(tiny_models / "cloud-fp32.onnx").predict(digits_x)
     np.testing.assert_allclose(reply["outputs"], local, rtol=1e-5, atol=1e-6)
@@ -143,7 +145,9 @@ def test_requests_are_micro_batched(make_worker_config) -> None:
         s.setsockopt(zmq.LINGER, 0)
         s.connect(w.endpoint)
         envs = [
-            Envelope(kind=Kind.INFER, payload={"model": CLOUD, "inputs": np.full((2, 64), i, np.float32)})
+            Envelope(
+                kind=Kind.INFER, payload={"model": CLOUD, "inputs": np.full((2, 64), i, np.float32)}
+            )
             for i in range(6)
         ]
         for e in envs:
@@ -169,7 +173,9 @@ def test_sigterm_drains_queued_work_then_refuses_and_exits_zero(make_worker_conf
         s.setsockopt(zmq.LINGER, 0)
         s.connect(w.endpoint)
         queued = [
-            Envelope(kind=Kind.INFER, payload={"model": CLOUD, "inputs": np.ones((1, 64), np.float32)})
+            Envelope(
+                kind=Kind.INFER, payload={"model": CLOUD, "inputs": np.ones((1, 64), np.float32)}
+            )
             for _ in range(3)
         ]
         for e in queued:
@@ -197,5 +203,8 @@ def test_worker_config_errors_name_the_key(tmp_path: Path) -> None:
 
     p = tmp_path / "worker.yaml"
     p.write_text("models_dir: m\nbatching: {max_batch: 0}\n")
-    with pytest.raises(errors.ConfigError, match=r"worker.yaml: batching.max_batch: must be greater than or equal to 1, got 0"):
+    with pytest.raises(
+        errors.ConfigError,
+        match=r"worker.yaml: batching.max_batch: must be greater than or equal to 1, got 0",
+    ):
         load_worker_config(p)

@@ -42,7 +42,9 @@ def test_edge_only_policy_answers_locally(make_policy, tiny_models: Path, digits
 
 
 @pytest.mark.integration
-def test_low_confidence_escalates_to_cloud(make_policy, worker, tiny_models: Path, digits_x) -> None:
+def test_low_confidence_escalates_to_cloud(
+    make_policy, worker, tiny_models: Path, digits_x
+) -> None:
     with EdgeRuntime.from_policy(make_policy(worker.endpoint, threshold=1.0)) as rt:
         r = rt.infer(digits_x[0], "digits")
         log = rt.escalation_log
@@ -78,7 +80,9 @@ def test_critical_tag_escalates_even_when_confident(make_policy, worker, digits_
 
 
 def test_worker_down_degrades_within_the_deadline(make_policy, digits_x) -> None:
-    with EdgeRuntime.from_policy(make_policy(free_port_endpoint(), threshold=1.0, deadline_ms=50)) as rt:
+    with EdgeRuntime.from_policy(
+        make_policy(free_port_endpoint(), threshold=1.0, deadline_ms=50)
+    ) as rt:
         t0 = time.perf_counter()
         r = rt.infer(digits_x[0])
         elapsed_ms = (time.perf_counter() - t0) * 1e3
@@ -90,9 +94,14 @@ def test_worker_down_degrades_within_the_deadline(make_policy, digits_x) -> None
 
 
 @pytest.mark.integration
-def test_slow_cloud_degrades_and_late_reply_is_not_mistaken(make_policy, make_worker_config, digits_x) -> None:
+def test_slow_cloud_degrades_and_late_reply_is_not_mistaken(
+    make_policy, make_worker_config, digits_x
+) -> None:
     cfg = make_worker_config(batching={"max_wait_us": 300_000})  # every request waits 300 ms
-    with WorkerProcess(cfg) as w, EdgeRuntime.from_policy(make_policy(w.endpoint, threshold=1.0)) as rt:
+    with (
+        WorkerProcess(cfg) as w,
+        EdgeRuntime.from_policy(make_policy(w.endpoint, threshold=1.0)) as rt,
+    ):
         t0 = time.perf_counter()
         r = rt.infer(digits_x[0], deadline_ms=60)
         assert (time.perf_counter() - t0) * 1e3 < 60 + 40
@@ -145,7 +154,9 @@ def test_ainfer(make_policy, worker, digits_x) -> None:
 
 
 @pytest.mark.integration
-def test_infer_batch_escalates_only_unconfident_rows_in_one_request(make_policy, worker, tiny_models, digits_x) -> None:
+def test_infer_batch_escalates_only_unconfident_rows_in_one_request(
+    make_policy, worker, tiny_models, digits_x
+) -> None:
     edge = OnnxBackend(tiny_models / "edge-int8.onnx").predict(digits_x)
     p = np.exp(edge - edge.max(1, keepdims=True))
     maxp = (p / p.sum(1, keepdims=True)).max(1)

@@ -20,11 +20,15 @@ def assert_matches_reference(x: np.ndarray, rtol: float = 1e-9) -> None:
     np.testing.assert_array_equal(got.valid, want.valid)
     np.testing.assert_array_equal(got.top1, want.top1)
     for f in ("max_prob", "margin", "entropy"):
-        np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=rtol, atol=1e-12, err_msg=f)
+        np.testing.assert_allclose(
+            getattr(got, f), getattr(want, f), rtol=rtol, atol=1e-12, err_msg=f
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("n", "c"), [(1, 1), (1, 2), (7, 2), (5, 10), (64, 1000), (300, 77), (3, 32000)])
+@pytest.mark.parametrize(
+    ("n", "c"), [(1, 1), (1, 2), (7, 2), (5, 10), (64, 1000), (300, 77), (3, 32000)]
+)
 def test_random_logits_match_reference(dtype, n, c) -> None:
     x = (np.random.default_rng(n * c).normal(size=(n, c)) * 4).astype(dtype)
     assert_matches_reference(x, rtol=1e-9 if dtype == np.float64 else 1e-6)

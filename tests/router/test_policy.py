@@ -35,7 +35,9 @@ def test_good_policy_loads_with_paths_relative_to_the_file(tmp_path: Path) -> No
     pol = load_policy(write(tmp_path, GOOD))
     t = pol.tasks["digits"]
     assert t.local.path == tmp_path / "models/edge.onnx"
-    assert pol.escalation_log is not None and pol.escalation_log.path == tmp_path / "logs/esc.sqlite"
+    assert (
+        pol.escalation_log is not None and pol.escalation_log.path == tmp_path / "logs/esc.sqlite"
+    )
     assert t.gate.metric is GateMetric.MARGIN and t.gate.threshold == 0.25
     assert [r.route for r in t.rules] == [Route.LOCAL, Route.CLOUD]
     assert t.budget is not None and t.budget.burst == 20
@@ -44,15 +46,47 @@ def test_good_policy_loads_with_paths_relative_to_the_file(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("threshold: 0.25", "threshold: 1.5", "tasks.digits.gate.threshold: must be between 0 and 1, got 1.5"),
-        ("threshold: 0.25", "treshold: 0.25", "tasks.digits.gate.treshold: unknown key (did you mean 'threshold'?)"),
-        ("metric: margin", "metric: confidence", "tasks.digits.gate.metric: must be 'max_prob', 'margin' or 'entropy', got 'confidence'"),
-        ("route: cloud}", "route: clod}", "tasks.digits.rules.1.route: must be 'local' or 'cloud', got 'clod'"),
-        ('"tcp://127.0.0.1:5555"', "localhost", "tasks.digits.cloud.endpoint: must be a ZeroMQ endpoint"),
-        ("deadline_ms: 50", "deadline_ms: 0", "tasks.digits.deadline_ms: must be greater than or equal to 1, got 0"),
-        ("escalations_per_s: 10", "escalations_per_s: 0", "tasks.digits.budget.escalations_per_s: must be greater than 0"),
+        (
+            "threshold: 0.25",
+            "threshold: 1.5",
+            "tasks.digits.gate.threshold: must be between 0 and 1, got 1.5",
+        ),
+        (
+            "threshold: 0.25",
+            "treshold: 0.25",
+            "tasks.digits.gate.treshold: unknown key (did you mean 'threshold'?)",
+        ),
+        (
+            "metric: margin",
+            "metric: confidence",
+            "tasks.digits.gate.metric: must be 'max_prob', 'margin' or 'entropy', got 'confidence'",
+        ),
+        (
+            "route: cloud}",
+            "route: clod}",
+            "tasks.digits.rules.1.route: must be 'local' or 'cloud', got 'clod'",
+        ),
+        (
+            '"tcp://127.0.0.1:5555"',
+            "localhost",
+            "tasks.digits.cloud.endpoint: must be a ZeroMQ endpoint",
+        ),
+        (
+            "deadline_ms: 50",
+            "deadline_ms: 0",
+            "tasks.digits.deadline_ms: must be greater than or equal to 1, got 0",
+        ),
+        (
+            "escalations_per_s: 10",
+            "escalations_per_s: 0",
+            "tasks.digits.budget.escalations_per_s: must be greater than 0",
+        ),
         ("version: 1", "version: 2", "version: must be 1, got 2"),
-        ("    deadline_ms: 50", "    deadline_ms: 50\n    colour: red", "tasks.digits.colour: unknown key"),
+        (
+            "    deadline_ms: 50",
+            "    deadline_ms: 50\n    colour: red",
+            "tasks.digits.colour: unknown key",
+        ),
     ],
 )
 def test_bad_policy_names_file_key_and_expectation(tmp_path: Path, old, new, message) -> None:
@@ -64,7 +98,9 @@ def test_bad_policy_names_file_key_and_expectation(tmp_path: Path, old, new, mes
 
 
 def test_every_error_is_reported_not_just_the_first(tmp_path: Path) -> None:
-    bad = GOOD.replace("threshold: 0.25", "threshold: 2").replace("deadline_ms: 50", "deadline_ms: -1")
+    bad = GOOD.replace("threshold: 0.25", "threshold: 2").replace(
+        "deadline_ms: 50", "deadline_ms: -1"
+    )
     with pytest.raises(ConfigError) as info:
         load_policy(write(tmp_path, bad))
     assert len(info.value.message.splitlines()) == 2

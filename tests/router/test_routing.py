@@ -39,7 +39,9 @@ def test_gate_metrics(metric, stats, accepted) -> None:
 
 def test_nan_is_never_accepted() -> None:
     for metric in ("max_prob", "margin", "entropy"):
-        gate = ConfidenceGate(GateSpec(metric=metric, threshold=0.0 if metric != "entropy" else 1.0))
+        gate = ConfidenceGate(
+            GateSpec(metric=metric, threshold=0.0 if metric != "entropy" else 1.0)
+        )
         assert not gate.accepts(gate.score(math.nan, math.nan, math.nan, 10))
 
 
@@ -77,13 +79,17 @@ def test_token_bucket_refills() -> None:
 def test_routing_curve_by_hand() -> None:
     # scores ascending: 0.2 (edge wrong, cloud right), 0.5 (both right), 0.9 (edge right, cloud wrong)
     curve = routing_curve(np.array([0.9, 0.2, 0.5]), np.array([1, 0, 1]), np.array([0, 1, 1]))
-    assert curve.edge_accuracy == pytest.approx(2 / 3) and curve.cloud_accuracy == pytest.approx(2 / 3)
+    assert curve.edge_accuracy == pytest.approx(2 / 3) and curve.cloud_accuracy == pytest.approx(
+        2 / 3
+    )
     assert pick_threshold(curve, 1.0) == 0.0  # no gap: never escalate
     # thresholds -inf, 0.2, 0.5, 0.9, inf; a score below the threshold escalates
     np.testing.assert_allclose(curve.thresholds, [-np.inf, 0.2, 0.5, 0.9, np.inf])
     np.testing.assert_allclose(curve.escalation_rate, [0, 0, 1 / 3, 2 / 3, 1])
     np.testing.assert_allclose(curve.accuracy, [2 / 3, 2 / 3, 1, 1, 2 / 3])
-    better_cloud = routing_curve(np.array([0.9, 0.2, 0.5]), np.array([1, 0, 1]), np.array([1, 1, 1]))
+    better_cloud = routing_curve(
+        np.array([0.9, 0.2, 0.5]), np.array([1, 0, 1]), np.array([1, 1, 1])
+    )
     assert pick_threshold(better_cloud, 1.0) == 0.5  # escalating the 0.2 alone closes the gap
     assert escalation_for_recovery(better_cloud, 1.0) == pytest.approx(1 / 3)
 

@@ -28,10 +28,19 @@ def roundtrip(env: Envelope, codec: WireCodec | None = None) -> Envelope:
 arrays = st.sampled_from(WIRE_DTYPES).flatmap(
     lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6))
 )
-scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
 payloads = st.recursive(
     scalars | arrays,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -68,7 +77,13 @@ def test_roundtrip_random_envelopes(payload, kind, task, deadline, tags, thresho
     codec = WireCodec(WireLimits(frame_threshold_bytes=threshold))
     env = Envelope(kind=kind, task=task, deadline_ms=deadline, tags=tuple(tags), payload=payload)
     out = roundtrip(env, codec)
-    assert (out.kind, out.id, out.task, out.deadline_ms, out.tags) == (kind, env.id, task, deadline, tuple(tags))
+    assert (out.kind, out.id, out.task, out.deadline_ms, out.tags) == (
+        kind,
+        env.id,
+        task,
+        deadline,
+        tuple(tags),
+    )
     assert_same(payload, out.payload)
 
 
@@ -109,7 +124,9 @@ def header(version=PROTOCOL_VERSION, kind="infer", rid=b"r" * 16, task="t", dead
 def array_ext(dtype_code: int, shape: tuple[int, ...], data: bytes) -> msgpack.ExtType:
     import struct
 
-    head = struct.pack("<BB", dtype_code, len(shape)) + b"".join(struct.pack("<Q", d) for d in shape)
+    head = struct.pack("<BB", dtype_code, len(shape)) + b"".join(
+        struct.pack("<Q", d) for d in shape
+    )
     return msgpack.ExtType(EXT_ARRAY_INLINE, head + data)
 
 
@@ -131,7 +148,10 @@ for _ in range(20):
         ([header(deadline=-5), b"\xc0"], errors.MalformedMessage),
         ([header(tags=["x"] * 100), b"\xc0"], errors.LimitExceeded),
         ([header(), msgpack.packb(array_ext(200, (2,), b"\0" * 8))], errors.BadArray),  # bad dtype
-        ([header(), msgpack.packb(array_ext(10, (3,), b"\0" * 8))], errors.BadArray),  # shape/buffer
+        (
+            [header(), msgpack.packb(array_ext(10, (3,), b"\0" * 8))],
+            errors.BadArray,
+        ),  # shape/buffer
         ([header(), msgpack.packb(array_ext(10, (2,), b""))], errors.BadArray),
         ([header(), msgpack.packb(msgpack.ExtType(9, b"xx"))], errors.BadArray),  # unknown ext
         ([header(), msgpack.packb(array_ext(10, (1 << 40,), b""))], errors.LimitExceeded),
