@@ -51,7 +51,7 @@ class DrainSpec(StrictModel):
 
 class WorkerConfig(StrictModel):
     bind: str = "tcp://127.0.0.1:5555"
-    models_dir: ConfigPath
+    models_dir: ConfigPath | None = None  # None: no models (health and echo only)
     models: list[str] | None = None
     threads: int = Field(default=0, ge=0)
     batching: BatchingSpec = BatchingSpec()

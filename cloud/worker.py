@@ -34,19 +34,31 @@ from tandem.runtime.errors import (
     WireError,
 )
 from tandem.runtime.manifest import load_manifest, verify_entry
-from tandem.runtime.wire import PROTOCOL_VERSION, Envelope, Kind, WireCodec, now_epoch_ms
+from tandem.runtime.wire import (
+    PROTOCOL_VERSION,
+    Envelope,
+    Frame,
+    Kind,
+    WireCodec,
+    now_epoch_ms,
+    recv_frames,
+    send_frames,
+)
 
 log = logging.getLogger(__name__)
 
 _NO_ID = bytes(16)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 1024  # messages read before due batches get a chance to run
 
 
 def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
     """The manifest's models (or the config's subset), digests checked."""
+    if config.models_dir is None:
+        return {}
     manifest = load_manifest(config.models_dir)
-    names = config.models or [m.name for m in manifest.models]
+    names = config.models if config.models is not None else [m.name for m in manifest.models]
     backends: dict[str, ModelBackend] = {}
     for name in names:
         try:
@@ -135,23 +147,22 @@ class CloudWorker:
             )
             if grace_until is not None:
                 timeout = min(timeout, max(0, int((grace_until - now) * 1e3)))
-            if sock.poll(timeout, zmq.POLLIN):
+            if zmq.zmq_poll([(sock, _POLLIN)], timeout):
                 for _ in range(_MAX_READS_PER_TURN):
-                    try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
+                    # identity, header, payload are copied; array frames arrive zero-copy
+                    self._on_message(sock, recv_frames(sock, n_copied=3))
+                    if not sock.getsockopt(_EVENTS) & _POLLIN:
                         break
-                    self._on_message(sock, frames)
             for model, batch in self.batcher.take_ready(time.monotonic(), flush=self.draining):
                 self._run_batch(sock, model, batch)
 
     # ------------------------------------------------------------------ messages
-    def _on_message(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, sock: zmq.Socket, frames: list[Frame]) -> None:
         # ROUTER prepends the peer identity; a REQ peer adds an empty delimiter after it.
         n_route = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1
         route, body = frames[:n_route], frames[n_route:]
         try:
-            env = self.codec.decode([f.buffer for f in body])
+            env = self.codec.decode(body)
         except WireError as e:
             self.counters["wire_errors"] += 1
             log.debug("bad message: %s", e)
@@ -233,7 +244,7 @@ class CloudWorker:
 
     def _send(self, sock: zmq.Socket, route: list[Any], env: Envelope) -> None:
         try:
-            sock.send_multipart([*route, *self.codec.encode(env)], copy=False)
+            send_frames(sock, [*route, *self.codec.encode(env)])
         except zmq.ZMQError as e:  # the peer is gone: nobody left to answer
             log.debug("reply to a departed peer dropped: %s", e)
 

@@ -17,7 +17,15 @@ import numpy as np
 import zmq
 
 from tandem.runtime.errors import DeadlineExceeded, MalformedMessage, TandemError, Unavailable
-from tandem.runtime.wire import Envelope, Kind, WireCodec, WireLimits, now_epoch_ms
+from tandem.runtime.wire import (
+    Envelope,
+    Kind,
+    WireCodec,
+    WireLimits,
+    now_epoch_ms,
+    recv_frames,
+    send_frames,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +72,21 @@ class CloudClient:
         sock = self._socket()
         deadline = time.monotonic() + timeout_s
         frames = self.codec.encode(env)
-        if not sock.poll(0, zmq.POLLOUT) and not sock.poll(_ms_left(deadline), zmq.POLLOUT):
+        # With IMMEDIATE set there is no queue toward an absent peer: wait for a connection
+        # (a fresh socket may still be connecting) at most until the deadline.
+        if not sock.getsockopt(_EVENTS) & _POLLOUT and not sock.poll(
+            _ms_left(deadline), zmq.POLLOUT
+        ):
             raise Unavailable(f"no connection to {self.endpoint}")
-        try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            raise Unavailable(f"cannot send to {self.endpoint}: peer not ready") from None
+        send_frames(sock, frames)
         while True:
             left = _ms_left(deadline)
-            if left <= 0 or not sock.poll(left, zmq.POLLIN):
+            if left <= 0 or not zmq.zmq_poll([(sock, _POLLIN)], left):
                 raise DeadlineExceeded(
                     f"no reply from {self.endpoint} within {timeout_s * 1e3:.1f} ms"
                 )
-            parts = sock.recv_multipart(copy=False)
             try:
-                reply = self.codec.decode([p.buffer for p in parts])
+                reply = self.codec.decode(recv_frames(sock, n_copied=2))
             except TandemError as e:
                 if getattr(e, "request_id", None) == env.id:
                     raise
@@ -129,6 +137,10 @@ class CloudClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# plain ints: pyzmq's flag enums cost more than the calls they are passed to
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 
 
 def _ms_left(deadline: float) -> int:

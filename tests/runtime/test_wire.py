@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import struct
+
 import msgpack
 import numpy as np
 import pytest
@@ -102,9 +104,9 @@ def test_large_arrays_travel_as_frames_and_decode_zero_copy() -> None:
     codec = WireCodec()
     x = np.random.default_rng(0).normal(size=(512, 512)).astype(np.float32)
     frames = codec.encode(Envelope(kind=Kind.INFER, payload={"inputs": x}))
-    assert len(frames) == 3 and frames[2] is not None
-    buf = frames[2].tobytes()
-    out = codec.decode([frames[0], frames[1], memoryview(buf)]).payload["inputs"]
+    assert len(frames) == 2 and isinstance(frames[1], np.ndarray)
+    buf = frames[1].tobytes()
+    out = codec.decode([frames[0], memoryview(buf)]).payload["inputs"]
     np.testing.assert_array_equal(out, x)
     assert np.shares_memory(out, np.frombuffer(buf, np.uint8))  # no copy on decode
     assert not out.flags.writeable
@@ -117,13 +119,16 @@ def test_disallowed_dtype_cannot_be_sent() -> None:
         WireCodec().encode(Envelope(kind=Kind.ECHO, payload=object()))
 
 
+def msg(header: bytes, payload: bytes = b"\xc0", *buffers: bytes) -> list[bytes]:
+    """Frames of a message built by hand: length-prefixed header + payload, then buffers."""
+    return [struct.pack("<H", len(header)) + header + payload, *buffers]
+
+
 def header(version=PROTOCOL_VERSION, kind="infer", rid=b"r" * 16, task="t", deadline=0, tags=()):
     return msgpack.packb([version, kind, rid, task, deadline, list(tags)])
 
 
 def array_ext(dtype_code: int, shape: tuple[int, ...], data: bytes) -> msgpack.ExtType:
-    import struct
-
     head = struct.pack("<BB", dtype_code, len(shape)) + b"".join(
         struct.pack("<Q", d) for d in shape
     )
@@ -138,26 +143,33 @@ for _ in range(20):
 @pytest.mark.parametrize(
     ("frames", "error"),
     [
-        ([b"\xc1\x00garbage", b"\x90"], errors.MalformedMessage),  # not msgpack
-        ([header()[:-3], b"\xc0"], errors.MalformedMessage),  # truncated
-        ([header()], errors.MalformedMessage),  # no payload frame
-        ([msgpack.packb({"v": 1}), b"\xc0"], errors.MalformedMessage),  # header not an array
-        ([header(rid=b"short"), b"\xc0"], errors.MalformedMessage),
-        ([header(version=99), b"\xc0"], errors.UnsupportedVersion),
-        ([header(kind="reboot"), b"\xc0"], errors.UnknownKind),
-        ([header(deadline=-5), b"\xc0"], errors.MalformedMessage),
-        ([header(tags=["x"] * 100), b"\xc0"], errors.LimitExceeded),
-        ([header(), msgpack.packb(array_ext(200, (2,), b"\0" * 8))], errors.BadArray),  # bad dtype
+        ([b"\x03\x00\xc1\x00garbage"], errors.MalformedMessage),  # not msgpack
+        ([b"\xff\xff\x90"], errors.MalformedMessage),  # length prefix past the end
+        ([b"\x01"], errors.MalformedMessage),  # shorter than the prefix
+        ([], errors.MalformedMessage),
+        (msg(header()[:-3]), errors.MalformedMessage),  # truncated header
+        (msg(header(), b""), errors.MalformedMessage),  # no payload
+        (msg(msgpack.packb({"v": 1})), errors.MalformedMessage),  # header not an array
+        (msg(header(rid=b"short")), errors.MalformedMessage),
+        (msg(header(version=99)), errors.UnsupportedVersion),
+        (msg(header(kind="reboot")), errors.UnknownKind),
+        (msg(header(deadline=-5)), errors.MalformedMessage),
+        (msg(header(tags=["x"] * 100)), errors.LimitExceeded),
+        (msg(header(tags=[7])), errors.MalformedMessage),
         (
-            [header(), msgpack.packb(array_ext(10, (3,), b"\0" * 8))],
+            msg(header(), msgpack.packb(array_ext(200, (2,), b"\0" * 8))),
+            errors.BadArray,
+        ),  # bad dtype
+        (
+            msg(header(), msgpack.packb(array_ext(10, (3,), b"\0" * 8))),
             errors.BadArray,
         ),  # shape/buffer
-        ([header(), msgpack.packb(array_ext(10, (2,), b""))], errors.BadArray),
-        ([header(), msgpack.packb(msgpack.ExtType(9, b"xx"))], errors.BadArray),  # unknown ext
-        ([header(), msgpack.packb(array_ext(10, (1 << 40,), b""))], errors.LimitExceeded),
-        ([header(), b"\xc0", b"stray frame"], errors.MalformedMessage),  # unreferenced frame
-        ([header(), msgpack.packb(NESTED)], errors.LimitExceeded),  # nested too deep
-        ([header(), b"\x92\x01"], errors.MalformedMessage),  # truncated payload
+        (msg(header(), msgpack.packb(array_ext(10, (2,), b""))), errors.BadArray),
+        (msg(header(), msgpack.packb(msgpack.ExtType(9, b"xx"))), errors.BadArray),  # unknown ext
+        (msg(header(), msgpack.packb(array_ext(10, (1 << 40,), b""))), errors.LimitExceeded),
+        (msg(header(), b"\xc0", b"stray frame"), errors.MalformedMessage),  # unreferenced frame
+        (msg(header(), msgpack.packb(NESTED)), errors.LimitExceeded),  # nested too deep
+        (msg(header(), b"\x92\x01"), errors.MalformedMessage),  # truncated payload
     ],
 )
 def test_malformed_input_gets_the_right_error(frames, error) -> None:
@@ -168,20 +180,20 @@ def test_malformed_input_gets_the_right_error(frames, error) -> None:
 
 def test_payload_errors_carry_the_request_id() -> None:
     with pytest.raises(errors.BadArray) as info:
-        WireCodec().decode([header(rid=b"k" * 16), msgpack.packb(array_ext(200, (1,), b"\0"))])
+        WireCodec().decode(msg(header(rid=b"k" * 16), msgpack.packb(array_ext(200, (1,), b"\0"))))
     assert info.value.request_id == b"k" * 16
 
 
 def test_oversized_message_is_refused_before_decoding() -> None:
     codec = WireCodec(WireLimits(max_message_bytes=1024))
     with pytest.raises(errors.LimitExceeded, match="limit is 1024"):
-        codec.decode([header(), b"\xc0" * 2000])
+        codec.decode(msg(header(), b"\xc0" * 2000))
 
 
 def test_too_many_frames() -> None:
     codec = WireCodec(WireLimits(max_frames=3))
     with pytest.raises(errors.LimitExceeded):
-        codec.decode([header(), b"\xc0", b"", b""])
+        codec.decode(msg(header(), b"\xc0", b"", b"", b""))
 
 
 @settings(max_examples=300, deadline=None)
