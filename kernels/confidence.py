@@ -13,10 +13,11 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-# Below this many logits (N * C) the serial kernel wins: starting numba's thread pool costs a
-# few microseconds, more than a small batch takes. Chosen with `python -m tandem.bench.confidence`
-# on 2 cores (serial and parallel cross near 16k elements).
-PARALLEL_MIN_ELEMENTS = 16_384
+# From this many logits (N * C, N > 1) the parallel kernel wins: numba's thread pool costs
+# about 1 µs to wake, which a batch of a few hundred logits repays. Chosen on 2 cores from the
+# serial/parallel columns of `python -m tandem.bench.confidence` and a sweep of N = 2..128 at
+# C = 10, 100, 1000 (crossover between 320 and 800 logits).
+PARALLEL_MIN_ELEMENTS = 512
 
 
 class ConfidenceStats(NamedTuple):
@@ -34,53 +35,77 @@ class ConfidenceStats(NamedTuple):
     valid: np.ndarray  # bool
 
 
+# Rows are read in chunks that stay in L1: each chunk is scanned twice (compare-only for
+# validity and the top two, then exp-and-add against the running max), so memory is read once
+# and the exp loop has no branches. Between chunks the running sums are rescaled when the max
+# moves: the online log-sum-exp of FlashAttention, at chunk rather than element granularity.
+_CHUNK = 512
+
+
 @numba.njit(cache=True, nogil=True)
 def _row_stats(row):  # pragma: no cover - jitted
-    """(top1, max_prob, margin, entropy) of one row; top1 = -1 marks an invalid row."""
-    m = -math.inf  # running max
-    v2 = -math.inf  # running second largest
-    s = 0.0  # sum exp(x - m)
-    t = 0.0  # sum exp(x - m) * (x - m)
+    """(top1, max_prob, margin, entropy) of one row; top1 = -1 marks an invalid row.
+
+    Invariants after each chunk: m = max so far, s = sum exp(x - m), t = sum exp(x - m)(x - m),
+    so that entropy = log(s) - t / s. Accumulation is float64; exp runs in the input's
+    precision (expf for float32 rows, twice as fast as exp)."""
+    n = row.shape[0]
+    b1 = -math.inf  # largest so far
+    b2 = -math.inf  # second largest so far
     i1 = -1
-    for j in range(row.shape[0]):
-        x = np.float64(row[j])
-        if not x < math.inf:  # NaN or +inf
-            return -1, math.nan, math.nan, math.nan
-        if x > m:
+    m = -math.inf  # the max the sums are relative to
+    s = 0.0
+    t = 0.0
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        for j in range(start, stop):
+            x = row[j]
+            if not x < math.inf:  # NaN or +inf
+                return -1, math.nan, math.nan, math.nan
+            if x > b1:
+                b2 = b1
+                b1 = x
+                i1 = j
+            elif x > b2:
+                b2 = x
+        if b1 == -math.inf:  # every logit so far is -inf: nothing to add
+            continue
+        if b1 > m:
             if m > -math.inf:
-                d = m - x
+                d = m - b1
                 e = math.exp(d)
                 t = e * (t + d * s)
                 s = e * s
-            v2 = m
-            m = x
-            i1 = j
-            s += 1.0
-        else:
-            if x > v2:
-                v2 = x
-            if x > -math.inf:
-                d = x - m
-                e = math.exp(d)
-                s += e
-                t += e * d
+            m = b1
+        mx = row.dtype.type(m)
+        floor = row.dtype.type(-1e30)  # keeps exp(-inf) * -inf out: 0 * -1e30 = 0
+        for j in range(start, stop):
+            d = max(row[j] - mx, floor)
+            e = math.exp(d)
+            s += e
+            t += e * d
     if i1 < 0:  # no finite logit
         return -1, math.nan, math.nan, math.nan
-    return i1, 1.0 / s, (1.0 - math.exp(v2 - m)) / s, max(math.log(s) - t / s, 0.0)
+    return i1, 1.0 / s, (1.0 - math.exp(b2 - m)) / s, max(math.log(s) - t / s, 0.0)
 
 
-def _confidence_rows(logits, top1, max_prob, margin, entropy):  # pragma: no cover - jitted
+@numba.njit(cache=True, nogil=True)
+def _serial(logits, top1, max_prob, margin, entropy):  # pragma: no cover - jitted
+    for r in range(logits.shape[0]):
+        top1[r], max_prob[r], margin[r], entropy[r] = _row_stats(logits[r])
+
+
+# A function of its own, not njit(parallel=True)(_serial): numba's on-disk cache is keyed by
+# the Python function, so two dispatchers of one function would share (and swap) machine code.
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _parallel(logits, top1, max_prob, margin, entropy):  # pragma: no cover - jitted
     for r in numba.prange(logits.shape[0]):
         top1[r], max_prob[r], margin[r], entropy[r] = _row_stats(logits[r])
 
 
-_serial = numba.njit(cache=True, nogil=True)(_confidence_rows)
-_parallel = numba.njit(cache=True, nogil=True, parallel=True)(_confidence_rows)
-
-
 def confidence(logits: np.ndarray) -> ConfidenceStats:
     """Top-1 index, max probability, margin and entropy of ``softmax(logits)`` per row, in one
-    pass over each row (online log-sum-exp, accumulated in float64).
+    pass over memory per row (online log-sum-exp over L1-sized chunks, accumulated in float64).
 
     ``logits`` is (N, C) or (C,) float16/32/64; N may be 0. Example::
 
