@@ -31,7 +31,13 @@ log = logging.getLogger(__name__)
 
 
 class CloudClient:
-    """Requests to one worker endpoint. Safe to call from many threads."""
+    """Requests to one worker endpoint. Safe to call from many threads.
+
+    When a request finds no connection and none comes up before its deadline, the link is
+    taken as down for ``down_backoff_s``: requests in that window that find no connection fail
+    at once with :class:`Unavailable` instead of each waiting out its deadline. ZeroMQ keeps
+    reconnecting meanwhile, and a request that finds the connection back goes through.
+    """
 
     def __init__(
         self,
@@ -39,8 +45,11 @@ class CloudClient:
         *,
         limits: WireLimits | None = None,
         context: zmq.Context | None = None,
+        down_backoff_s: float = 1.0,
     ) -> None:
         self.endpoint = endpoint
+        self.down_backoff_s = down_backoff_s
+        self._down_until = 0.0  # monotonic time until which the link is taken as down
         self.codec = WireCodec(limits)
         self._ctx = context or zmq.Context.instance()
         self._local = threading.local()
@@ -74,10 +83,12 @@ class CloudClient:
         frames = self.codec.encode(env)
         # With IMMEDIATE set there is no queue toward an absent peer: wait for a connection
         # (a fresh socket may still be connecting) at most until the deadline.
-        if not sock.getsockopt(_EVENTS) & _POLLOUT and not sock.poll(
-            _ms_left(deadline), zmq.POLLOUT
-        ):
-            raise Unavailable(f"no connection to {self.endpoint}")
+        if not sock.getsockopt(_EVENTS) & _POLLOUT:
+            if time.monotonic() < self._down_until:
+                raise Unavailable(f"no connection to {self.endpoint} (link down)")
+            if not sock.poll(_ms_left(deadline), zmq.POLLOUT):
+                self._down_until = time.monotonic() + self.down_backoff_s
+                raise Unavailable(f"no connection to {self.endpoint}")
         send_frames(sock, frames)
         while True:
             left = _ms_left(deadline)

@@ -213,3 +213,30 @@ def test_worker_config_errors_name_the_key(tmp_path: Path) -> None:
         match=r"worker.yaml: batching.max_batch: must be greater than or equal to 1, got 0",
     ):
         load_worker_config(p)
+
+
+def test_client_fails_fast_while_down_and_recovers_when_worker_appears(make_worker_config) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    with CloudClient(endpoint, down_backoff_s=0.5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            c.health(timeout_s=0.1)
+        assert time.monotonic() - t0 >= 0.09  # waited for a connection that never came
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="link down"):
+            c.health(timeout_s=2.0)
+        assert time.monotonic() - t0 < 0.05  # known down: no waiting
+        with WorkerProcess(make_worker_config(bind=endpoint)):
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert c.health(timeout_s=1.0)["state"] == "serving"
+                    break
+                except errors.Unavailable:
+                    assert time.monotonic() < deadline, "client never reconnected"
+                    time.sleep(0.05)
