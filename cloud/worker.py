@@ -69,7 +69,9 @@ def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
                 f"(it has: {', '.join(m.name for m in manifest.models)})"
             ) from None
         path = verify_entry(config.models_dir, entry)
-        backends[name] = OnnxBackend(path, name=name, version=entry.version, threads=config.threads)
+        backend = OnnxBackend(path, name=name, version=entry.version, threads=config.threads)
+        backend.warm_up()
+        backends[name] = backend
     return backends
 
 

@@ -59,6 +59,20 @@ class _Task:
             return None
         return self.labels[index] if self.labels else index
 
+    def edge_result(
+        self, logits: np.ndarray, top1: int, score: float, reason: str, timings: dict[str, float]
+    ) -> Result:
+        return Result(
+            output=logits,
+            index=top1,
+            label=self.label(top1),
+            tier=Tier.EDGE,
+            confidence=score,
+            reason=reason,
+            timings=timings,
+            model_versions=dict(self.versions),
+        )
+
 
 class EdgeRuntime:
     """Answers on the device when the local model is confident, escalates otherwise."""
@@ -95,7 +109,17 @@ class EdgeRuntime:
                 row_ndim=len(backend.input_spec.shape) - 1,
             )
         self._clients = list(clients.values())
+        self._warm_up()
         self._default_task = next(iter(self._tasks)) if len(self._tasks) == 1 else None
+
+    def _warm_up(self) -> None:
+        """Load the kernels (JIT or on-disk cache) and run each model once now, so the first
+        request meets its deadline: a cold first call costs hundreds of ms."""
+        for t in self._tasks.values():
+            t.backend.warm_up()
+            row = np.zeros(max(t.n_classes, 1), np.float32)
+            confidence_row(row)
+            confidence(row[None])
 
     @classmethod
     def from_policy(cls, path: str | Path) -> EdgeRuntime:
@@ -139,20 +163,12 @@ class EdgeRuntime:
         decision = t.router.pre_route(tags) or t.router.decide(score, top1 >= 0)
         t2 = time.perf_counter()
         if not decision.escalate:
-            return Result(
-                output=logits,
-                index=top1,
-                label=t.label(top1),
-                tier=Tier.EDGE,
-                confidence=score,
-                reason=decision.reason,
-                timings={
-                    "local": (t1 - t0) * 1e3,
-                    "route": (t2 - t1) * 1e3,
-                    "total": (time.perf_counter() - t0) * 1e3,
-                },
-                model_versions=dict(t.versions),
-            )
+            timings = {
+                "local": (t1 - t0) * 1e3,
+                "route": (t2 - t1) * 1e3,
+                "total": (time.perf_counter() - t0) * 1e3,
+            }
+            return t.edge_result(logits, top1, score, decision.reason, timings)
         budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
         return self._escalate(
             t, batch, logits[None], [top1], [score], [decision], tags, t0, t1, t2, budget_ms
@@ -221,16 +237,9 @@ class EdgeRuntime:
         total = (time.perf_counter() - t0) * 1e3
         for i, d in enumerate(decisions):
             if results[i] is None:
-                top1 = int(stats.top1[i])
-                results[i] = Result(
-                    output=logits[i],
-                    index=top1,
-                    label=t.label(top1),
-                    tier=Tier.EDGE,
-                    confidence=scores[i],
-                    reason=d.reason,
-                    timings={"local": (t1 - t0) * 1e3, "route": (t2 - t1) * 1e3, "total": total},
-                    model_versions=dict(t.versions),
+                timings = {"local": (t1 - t0) * 1e3, "route": (t2 - t1) * 1e3, "total": total}
+                results[i] = t.edge_result(
+                    logits[i], int(stats.top1[i]), scores[i], d.reason, timings
                 )
         return results  # type: ignore[return-value]
 
@@ -319,6 +328,10 @@ class EdgeRuntime:
                 self._log(t, inputs, edge_logits, top1, scores, results, tags, error)
             except sqlite3.Error:  # the answer still goes back: a robot must not stall on a log
                 log.exception("task %s: escalation log write failed", t.name)
+            t4 = time.perf_counter()
+            for r in results:
+                r.timings["log"] = (t4 - t3) * 1e3
+                r.timings["total"] = (t4 - t0) * 1e3
         return results
 
     def _log(

@@ -40,6 +40,10 @@ class ModelBackend(Protocol):
         """``batch`` converted to the input dtype; :class:`BadRequest` if it cannot fit."""
         ...
 
+    def warm_up(self) -> None:
+        """Do whatever the first call would do lazily, before the first request."""
+        ...
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a batch shaped ``(N, *input_spec.shape[1:])``."""
         ...
@@ -112,6 +116,12 @@ class OnnxBackend:
                 raise BadRequest(f"model {self.name!r} takes {self._dtype}, got {batch.dtype}")
             batch = batch.astype(self._dtype)
         return batch
+
+    def warm_up(self) -> None:
+        """Run one all-zeros row, so the first real request does not pay for ONNX Runtime's
+        lazy allocations and thread-pool start (tens of ms for a CNN on a cold worker)."""
+        shape = (1, *(d or 1 for d in self._row_shape))
+        self.predict(np.zeros(shape, self._dtype))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         batch = self.check_batch(batch)

@@ -28,7 +28,7 @@ class Result:
     cloud did not answer) and ``label`` the matching label (the index when the policy names no
     labels; None when index is -1). ``confidence`` is the edge model's score under the task's
     gate metric — what the routing decision was made on. ``timings`` are milliseconds:
-    ``local``, ``route``, ``cloud`` (when escalated) and ``total``.
+    ``local``, ``route``, ``cloud`` and ``log`` (when escalated), and ``total``.
     """
 
     output: np.ndarray
