@@ -131,10 +131,15 @@ def run_demo(
 
     latency = {}
     for tier in Tier:
-        ms = np.array([r.timings["total"] for r in results if r.tier is tier])
-        if len(ms):
-            p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-            latency[tier.value] = {"p50": p50, "p95": p95, "p99": p99, "n": len(ms)}
+        rs = [r for r in results if r.tier is tier]
+        if rs:
+            p50, p95, p99 = np.percentile([r.timings["total"] for r in rs], [50, 95, 99])
+            latency[tier.value] = {"p50": p50, "p95": p95, "p99": p99, "n": len(rs)}
+            for stage in ("local", "route", "cloud", "log"):
+                if stage in rs[0].timings:
+                    latency[tier.value][f"{stage}_p50"] = float(
+                        np.median([r.timings[stage] for r in rs])
+                    )
     per_sev = []
     for s in SEVERITIES:
         m = data.test.severity == s
@@ -151,8 +156,8 @@ def run_demo(
         n_test=len(y),
         threshold=threshold,
         threshold_rule=(
-            f"lowest escalation rate whose routed accuracy on the calibration split recovers "
-            f">= {target_recovery:.0%} of the edge→cloud gap (max_prob < threshold escalates)"
+            f"the threshold with the fewest escalations whose routed accuracy on the "
+            f"calibration split recovers >= {target_recovery:.0%} of the edge→cloud gap"
         ),
         calib_escalation_rate=calib_esc,
         edge_accuracy=edge_acc,
@@ -187,14 +192,20 @@ def print_report(r: DemoReport, console: Any) -> None:
         f"{(r.cloud_accuracy - r.edge_accuracy) * 100:.1f}-point edge→cloud gap\n"
         f"smallest escalation rate recovering 80% of the gap (CPT 80%, test): "
         f"[bold]{r.cpt80_escalation_rate:.1%}[/bold]\n"
-        f"gate threshold max_prob < {r.threshold:.4f} → escalate; picked as the {r.threshold_rule} "
+        f"gate: escalate when max_prob < {r.threshold:.4f} — {r.threshold_rule} "
         f"(calibration escalation rate {r.calib_escalation_rate:.1%})"
     )
     lat = Table(title="latency per tier (ms, EdgeRuntime.infer end to end)")
-    for col in ("tier", "requests", "p50", "p95", "p99"):
+    stages = ("local", "route", "cloud", "log")
+    for col in ("tier", "n", "p50", "p95", "p99", *(f"{s} p50" for s in stages)):
         lat.add_column(col, justify="right" if col != "tier" else "left")
     for tier, v in r.latency_ms.items():
-        lat.add_row(tier, str(v["n"]), f"{v['p50']:.3f}", f"{v['p95']:.3f}", f"{v['p99']:.3f}")
+        lat.add_row(
+            tier,
+            str(v["n"]),
+            *(f"{v[k]:.3f}" for k in ("p50", "p95", "p99")),
+            *(f"{v[f'{s}_p50']:.3f}" if f"{s}_p50" in v else "-" for s in stages),
+        )
     console.print(lat)
     sev = Table(title="accuracy by corruption severity")
     for col in ("severity", "edge", "cloud", "routed", "escalated"):
