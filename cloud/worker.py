@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zmq
@@ -127,7 +127,7 @@ class CloudWorker:
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        previous = {}
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: self.stop())
         return previous
@@ -153,7 +153,7 @@ class CloudWorker:
                 for _ in range(_MAX_READS_PER_TURN):
                     # identity, header, payload are copied; array frames arrive zero-copy
                     self._on_message(sock, recv_frames(sock, n_copied=3))
-                    if not sock.getsockopt(_EVENTS) & _POLLIN:
+                    if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                         break
             for model, batch in self.batcher.take_ready(time.monotonic(), flush=self.draining):
                 self._run_batch(sock, model, batch)

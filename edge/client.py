@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zmq
@@ -83,7 +83,7 @@ class CloudClient:
         frames = self.codec.encode(env)
         # With IMMEDIATE set there is no queue toward an absent peer: wait for a connection
         # (a fresh socket may still be connecting) at most until the deadline.
-        if not sock.getsockopt(_EVENTS) & _POLLOUT:
+        if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
             if time.monotonic() < self._down_until:
                 raise Unavailable(f"no connection to {self.endpoint} (link down)")
             if not sock.poll(_ms_left(deadline), zmq.POLLOUT):

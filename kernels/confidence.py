@@ -152,7 +152,7 @@ def confidence_reference(logits: np.ndarray) -> ConfidenceStats:
     """Plain numpy version of :func:`confidence` (several passes, float64)."""
     x = np.atleast_2d(np.asarray(logits, dtype=np.float64))
     n, c = x.shape
-    valid = ~np.isnan(x).any(axis=1) & ~np.isposinf(x).any(axis=1) & np.isfinite(x).any(axis=1)
+    valid = np.asarray(~(np.isnan(x) | np.isposinf(x)).any(axis=1) & np.isfinite(x).any(axis=1))
     safe = np.where(valid[:, None], x, 0.0)
     m = safe.max(axis=1, keepdims=True)
     e = np.exp(safe - m)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from tandem.router.policy import GateMetric, GateSpec, Route, TaskPolicy
@@ -87,7 +88,7 @@ class TaskRouter:
             (r.tag, Decision(r.route is Route.CLOUD, f"rule:{r.tag}")) for r in policy.rules
         ]
 
-    def pre_route(self, tags: frozenset[str] | set[str] | tuple[str, ...]) -> Decision | None:
+    def pre_route(self, tags: Collection[str]) -> Decision | None:
         """The first rule whose tag is present, or None (the gate decides)."""
         if tags:
             for tag, decision in self._rules:

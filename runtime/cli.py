@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -97,7 +96,7 @@ def models_build(
 
 @cloud_app.command("serve")
 def cloud_serve(
-    config: Annotated[Path, typer.Option(help="Worker config YAML.", exists=False)],
+    config: Annotated[Path, typer.Option(help="Worker config YAML.")],
     bind: Annotated[str | None, typer.Option(help="Override the config's bind address.")] = None,
     ready_file: Annotated[
         Path | None, typer.Option(help="Write the bound endpoint here once serving.")
@@ -169,4 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
