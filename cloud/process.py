@@ -3,6 +3,7 @@ integration tests use to get a real worker on a free loopback port."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import yaml
 
 from tandem.cloud.config import WorkerConfig
 from tandem.runtime.errors import TandemError
+
+log = logging.getLogger(__name__)
 
 
 class WorkerProcess:
@@ -90,6 +93,8 @@ class WorkerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            self.stop()
+            rc = self.stop()
+            if rc != 0:
+                log.warning("worker %d exited with code %d", self.pid, rc)
         finally:
             self._tmp.cleanup()

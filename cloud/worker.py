@@ -168,7 +168,7 @@ class CloudWorker:
         except WireError as e:
             self.counters["wire_errors"] += 1
             log.debug("bad message: %s", e)
-            rid = getattr(e, "request_id", None) or _NO_ID
+            rid = e.request_id or _NO_ID
             self._send(sock, route, Envelope(kind=Kind.ERROR, id=rid, payload=e.to_wire()))
             return
         self.counters[env.kind.value] += 1

@@ -16,7 +16,7 @@ from typing import Any, cast
 import numpy as np
 import zmq
 
-from tandem.runtime.errors import DeadlineExceeded, MalformedMessage, TandemError, Unavailable
+from tandem.runtime.errors import DeadlineExceeded, MalformedMessage, Unavailable, WireError
 from tandem.runtime.wire import (
     Envelope,
     Kind,
@@ -98,8 +98,8 @@ class CloudClient:
                 )
             try:
                 reply = self.codec.decode(recv_frames(sock, n_copied=2))
-            except TandemError as e:
-                if getattr(e, "request_id", None) == env.id:
+            except WireError as e:
+                if e.request_id == env.id:
                     raise
                 log.warning("dropped an unreadable reply from %s: %s", self.endpoint, e)
                 continue

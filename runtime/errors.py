@@ -31,9 +31,11 @@ class ConfigError(TandemError):
 
 
 class WireError(TandemError):
-    """A message broke the wire protocol. Subclasses say how."""
+    """A message broke the wire protocol. Subclasses say how. ``request_id`` is the id of the
+    offending request when its header could be read (so the sender can be answered)."""
 
     code = "wire"
+    request_id: bytes | None = None
 
 
 class MalformedMessage(WireError):

@@ -143,7 +143,7 @@ def now_epoch_ms() -> int:
 
 
 def wire_error_with_id(err: WireError, request_id: bytes | None) -> WireError:
-    err.request_id = request_id  # type: ignore[attr-defined]
+    err.request_id = request_id
     return err
 
 
