@@ -80,11 +80,16 @@ def msg(header: bytes, payload: bytes = b"\xc0") -> list[bytes]:
     return [struct.pack("<H", len(header)) + header + payload]
 
 
-def raw_exchange(endpoint: str, frames: list[bytes], socket_type: int = zmq.DEALER) -> Envelope:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(socket_type)
+def raw_socket(endpoint: str, socket_type: int = zmq.DEALER) -> zmq.Socket:
+    """A bare pyzmq socket: what a misbehaving or non-Tandem peer would use."""
+    s = zmq.Context.instance().socket(socket_type)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(endpoint)
+    return s
+
+
+def raw_exchange(endpoint: str, frames: list[bytes], socket_type: int = zmq.DEALER) -> Envelope:
+    s = raw_socket(endpoint, socket_type)
     try:
         s.send_multipart(frames)
         assert s.poll(5000), "worker did not answer"
@@ -128,10 +133,7 @@ def test_req_socket_peers_are_answered_too(worker) -> None:
 def test_frame_over_maxmsgsize_drops_only_that_peer(make_worker_config) -> None:
     cfg = make_worker_config(limits={"max_message_bytes": 4096})
     with WorkerProcess(cfg) as w:
-        ctx = zmq.Context.instance()
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(w.endpoint)
+        s = raw_socket(w.endpoint)
         s.send_multipart([b"x" * 10_000, b"y"])
         assert not s.poll(300)  # ZeroMQ cut the connection; nothing to answer
         s.close()
@@ -146,9 +148,7 @@ def test_requests_are_micro_batched(make_worker_config) -> None:
     cfg = make_worker_config(batching={"max_batch": 64, "max_wait_us": 200_000})
     with WorkerProcess(cfg) as w:
         codec = WireCodec()
-        s = zmq.Context.instance().socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(w.endpoint)
+        s = raw_socket(w.endpoint)
         envs = [
             Envelope(
                 kind=Kind.INFER, payload={"model": CLOUD, "inputs": np.full((2, 64), i, np.float32)}
@@ -174,9 +174,7 @@ def test_sigterm_drains_queued_work_then_refuses_and_exits_zero(make_worker_conf
     w = WorkerProcess(cfg).start()
     try:
         codec = WireCodec()
-        s = zmq.Context.instance().socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(w.endpoint)
+        s = raw_socket(w.endpoint)
         queued = [
             Envelope(
                 kind=Kind.INFER, payload={"model": CLOUD, "inputs": np.ones((1, 64), np.float32)}
