@@ -190,7 +190,7 @@ class WireCodec:
 
     # ------------------------------------------------------------------ encode
     def encode(self, env: Envelope) -> list[Any]:
-        """Frames for ``env``: a list of bytes and contiguous arrays (send with copy=False)."""
+        """Frames for ``env``: bytes, then contiguous arrays (send them with :func:`send_frames`)."""
         extra: list[Any] = []
         threshold = self.limits.frame_threshold_bytes
 
