@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             t_serial = best_of_ms(lambda x=x: _raw(conf._serial, x), repeat)
             t_par = best_of_ms(lambda x=x: _raw(conf._parallel, x), repeat)
             ratio = t_np / t_tandem
-            goal = "yes" if ratio >= GOAL else ("NO" if n >= 64 else "-")
+            goal = ("yes" if ratio >= GOAL else "NO") if n >= 64 else "-"
             rows.append([n, c, t_np, t_tandem, t_serial, t_par, f"{ratio:.1f}×", goal])
             data[f"N={n},C={c}"] = {
                 "numpy_ms": t_np,

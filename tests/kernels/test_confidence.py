@@ -137,3 +137,30 @@ def test_all_finite_matches_numpy(dtype) -> None:
                 y.flat[-1] = bad
                 assert all_finite(y) is False
     assert all_finite(np.zeros((4, 4))[:, ::2])  # non-contiguous
+
+
+def test_float32_exp_polynomial_matches_numpy() -> None:
+    import numba
+
+    @numba.njit
+    def run(d):
+        out = np.empty_like(d)
+        for i in range(d.shape[0]):
+            out[i] = conf_mod._exp_f32(d[i])
+        return out
+
+    d = np.concatenate([np.linspace(-87, 0, 200_001), [-87.0, -0.5 * np.log(2), -1e-8, 0.0]])
+    d = d.astype(np.float32)
+    want = np.exp(d.astype(np.float64))
+    np.testing.assert_allclose(run(d), want, rtol=3e-7)
+
+
+def test_masked_logits_keep_entropy_exact() -> None:
+    """Large vocabularies with most logits masked to -inf: the masked ones count for nothing."""
+    x = np.full((2, 32000), -np.inf, np.float32)
+    x[0, :4] = [1.0, 1.0, 1.0, 1.0]
+    x[1, 100] = 3.0
+    s = confidence(x)
+    np.testing.assert_allclose(s.entropy, [np.log(4), 0.0], atol=1e-6)
+    np.testing.assert_allclose(s.max_prob, [0.25, 1.0], rtol=1e-6)
+    assert s.top1.tolist() == [0, 100]
