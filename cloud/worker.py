@@ -151,8 +151,8 @@ class CloudWorker:
                 timeout = min(timeout, max(0, int((grace_until - now) * 1e3)))
             if zmq.zmq_poll([(sock, _POLLIN)], timeout):
                 for _ in range(_MAX_READS_PER_TURN):
-                    # identity, header, payload are copied; array frames arrive zero-copy
-                    self._on_message(sock, recv_frames(sock, n_copied=3))
+                    # peer identity and envelope are copied; array frames arrive zero-copy
+                    self._on_message(sock, recv_frames(sock, n_copied=2))
                     if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                         break
             for model, batch in self.batcher.take_ready(time.monotonic(), flush=self.draining):

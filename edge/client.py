@@ -97,7 +97,7 @@ class CloudClient:
                     f"no reply from {self.endpoint} within {timeout_s * 1e3:.1f} ms"
                 )
             try:
-                reply = self.codec.decode(recv_frames(sock, n_copied=2))
+                reply = self.codec.decode(recv_frames(sock, n_copied=1))
             except WireError as e:
                 if e.request_id == env.id:
                     raise

@@ -217,3 +217,26 @@ def test_error_replies_raise_the_same_class() -> None:
 def test_unknown_error_code_maps_to_nearest_parent() -> None:
     assert errors.error_class("wire.some-future-code") is errors.WireError
     assert errors.error_class("brand-new") is errors.TandemError
+
+
+def test_send_and_recv_frames_copy_the_envelope_and_not_the_arrays() -> None:
+    import zmq
+
+    from tandem.runtime.wire import recv_frames, send_frames
+
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://frames-test")
+    b.connect("inproc://frames-test")
+    try:
+        codec = WireCodec()
+        x = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: travels as its own frame
+        send_frames(a, codec.encode(Envelope(kind=Kind.ECHO, payload={"x": x, "s": np.ones(3)})))
+        frames = recv_frames(b, n_copied=1)
+        assert isinstance(frames[0], bytes) and isinstance(frames[1], memoryview)
+        out = codec.decode(frames).payload
+        np.testing.assert_array_equal(out["x"], x)
+        assert np.shares_memory(out["x"], np.asarray(frames[1]))
+    finally:
+        a.close()
+        b.close()
