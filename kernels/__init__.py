@@ -1,5 +1,6 @@
-"""Hot-path kernels: array in, array out, nothing of tandem. Numba on CPU; each public function
-has a plain numpy reference beside it (``*_reference``) that the tests compare against."""
+"""Hot-path kernels: array in, array out, nothing of tandem. Numba on CPU, Triton on CUDA
+tensors; each public function has a plain reference beside it (``*_reference``) that the
+tests compare against."""
 
 from tandem.kernels.confidence import (
     ConfidenceStats,
@@ -8,5 +9,30 @@ from tandem.kernels.confidence import (
     confidence_reference,
     confidence_row,
 )
+from tandem.kernels.dispatch import (
+    MoEPlan,
+    combine,
+    combine_reference,
+    moe_align,
+    moe_align_reference,
+    permute,
+    permute_reference,
+)
+from tandem.kernels.gating import topk_gating, topk_gating_reference
 
-__all__ = ["ConfidenceStats", "all_finite", "confidence", "confidence_reference", "confidence_row"]
+__all__ = [
+    "ConfidenceStats",
+    "MoEPlan",
+    "all_finite",
+    "combine",
+    "combine_reference",
+    "confidence",
+    "confidence_reference",
+    "confidence_row",
+    "moe_align",
+    "moe_align_reference",
+    "permute",
+    "permute_reference",
+    "topk_gating",
+    "topk_gating_reference",
+]

@@ -1,0 +1,368 @@
+"""MoE gating: score each row of router logits and pick its top-k experts, in one fused pass.
+
+:func:`topk_gating` is the public function (Numba on CPU, Triton on CUDA tensors);
+:func:`topk_gating_reference` is the plain torch version every implementation is tested against.
+
+Selection semantics, shared by all implementations:
+
+* without ``bias``, experts are ranked by their **logits** (softmax and sigmoid are monotonic,
+  so this is the order of the scores, without ties that rounding would create);
+* with ``bias`` (DeepSeek-V3's correction bias), by ``score + bias``; the bias only steers the
+  choice, the weights are the unbiased scores;
+* grouped (``n_groups``/``topk_groups``): experts are split into ``n_groups`` equal groups, a
+  group is scored by its best expert (or, with ``bias``, the sum of its best two, as in
+  DeepSeek-V3), the ``topk_groups`` best groups are kept and the top-k is taken inside them;
+* ties go to the lowest expert (or group) id; experts come out best first;
+* ``renormalize`` divides the k weights by their sum.
+
+A row holding NaN or +inf (or, under softmax, only -inf) raises ``ValueError`` naming the rows:
+a gate never routes on garbage.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+import numba
+import numpy as np
+
+from tandem.kernels.arrays import as_numpy, like, on_gpu
+
+_conf = importlib.import_module("tandem.kernels.confidence")
+_exp_f32 = _conf._exp_f32
+
+SOFTMAX, SIGMOID = 0, 1
+_SCORING = {"softmax": SOFTMAX, "sigmoid": SIGMOID}
+_ROWS_PER_TASK = 64  # rows per parallel task: scratch buffers are allocated once per task
+# From this many rows the parallel kernel wins (thread pool wake-up ~1 µs vs ~0.1 µs a row).
+# Chosen with `python -m tandem.bench.moe` on 2 cores.
+PARALLEL_MIN_ROWS = 64
+_F32_EXP_FLOOR = np.float32(-87.0)
+
+
+@numba.njit(inline="always")
+def _exp_neg(d):  # pragma: no cover - jitted
+    """exp(d) for float32 d <= 0; exactly 0 below -87 (where float32 runs out anyway)."""
+    return _exp_f32(max(d, _F32_EXP_FLOOR)) if d >= _F32_EXP_FLOOR else np.float32(0.0)
+
+
+@numba.njit(inline="always")
+def _sigmoid(x):  # pragma: no cover - jitted
+    e = _exp_neg(-abs(x))
+    return np.float32(1.0) / (np.float32(1.0) + e) if x >= 0 else e / (np.float32(1.0) + e)
+
+
+@numba.njit(cache=True, nogil=True)
+def _gate_row(  # pragma: no cover - jitted
+    row,
+    k,
+    scoring,
+    renormalize,
+    bias,
+    use_bias,
+    n_groups,
+    topk_groups,
+    key,
+    vals,
+    sel,
+    gscore,
+    gkeep,
+    w_out,
+    id_out,
+):
+    """Gate one row into w_out/id_out; returns False for a row that cannot be gated."""
+    n_exp = row.shape[0]
+    m = -np.inf
+    for e in range(n_exp):
+        x = row[e]
+        if not x < np.inf:  # NaN or +inf
+            return False
+        if x > m:
+            m = x
+    if scoring == SOFTMAX and m == -np.inf:
+        return False
+    mf = np.float32(m)
+    inv_z = 0.0
+    if use_bias:
+        if scoring == SOFTMAX:
+            z = 0.0
+            for e in range(n_exp):
+                p = _exp_neg(row[e] - mf)
+                key[e] = p
+                z += p
+            inv_z = 1.0 / z
+            for e in range(n_exp):
+                key[e] = np.float32(key[e] * inv_z) + bias[e]
+        else:
+            for e in range(n_exp):
+                key[e] = _sigmoid(row[e]) + bias[e]
+    else:
+        for e in range(n_exp):
+            key[e] = row[e]
+    group_size = n_exp // n_groups
+    if n_groups > 1:
+        for g in range(n_groups):
+            b1 = -np.inf
+            b2 = -np.inf
+            for e in range(g * group_size, (g + 1) * group_size):
+                v = key[e]
+                if v > b1:
+                    b2 = b1
+                    b1 = v
+                elif v > b2:
+                    b2 = v
+            gscore[g] = b1 + b2 if use_bias else b1
+            gkeep[g] = False
+        for _ in range(topk_groups):
+            best = -1
+            for g in range(n_groups):
+                if not gkeep[g] and (best < 0 or gscore[g] > gscore[best]):
+                    best = g
+            gkeep[best] = True
+    n = 0
+    for e in range(n_exp):
+        if n_groups > 1 and not gkeep[e // group_size]:
+            continue
+        v = key[e]
+        if n == k and not v > vals[k - 1]:
+            continue
+        i = n if n < k else k - 1
+        while i > 0 and v > vals[i - 1]:  # strict: an equal key stays behind the lower id
+            vals[i] = vals[i - 1]
+            sel[i] = sel[i - 1]
+            i -= 1
+        vals[i] = v
+        sel[i] = e
+        if n < k:
+            n += 1
+    total = 0.0
+    for j in range(k):
+        x = row[sel[j]]
+        # softmax: exp(x - m), divided by Z below unless renormalized
+        w = _exp_neg(x - mf) if scoring == SOFTMAX else _sigmoid(x)
+        w_out[j] = w
+        total += w
+        id_out[j] = sel[j]
+    if renormalize:
+        if not total > 0.0:
+            return False
+        scale = 1.0 / total
+    elif scoring == SOFTMAX:
+        if inv_z == 0.0:  # Z not needed for selection: compute it now
+            z = 0.0
+            for e in range(n_exp):
+                z += _exp_neg(row[e] - mf)
+            inv_z = 1.0 / z
+        scale = inv_z
+    else:
+        scale = 1.0
+    for j in range(k):
+        w_out[j] = np.float32(w_out[j] * scale)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _gate_serial(  # pragma: no cover - jitted
+    logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights, ids, ok
+):
+    n_exp = logits.shape[1]
+    key = np.empty(n_exp, np.float32)
+    vals = np.empty(k, np.float32)
+    sel = np.empty(k, np.int32)
+    gscore = np.empty(max(n_groups, 1), np.float32)
+    gkeep = np.empty(max(n_groups, 1), np.bool_)
+    for r in range(logits.shape[0]):
+        ok[r] = _gate_row(
+            logits[r],
+            k,
+            scoring,
+            renormalize,
+            bias,
+            use_bias,
+            n_groups,
+            topk_groups,
+            key,
+            vals,
+            sel,
+            gscore,
+            gkeep,
+            weights[r],
+            ids[r],
+        )
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _gate_parallel(  # pragma: no cover - jitted
+    logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights, ids, ok
+):
+    n_rows, n_exp = logits.shape
+    n_tasks = (n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for task in numba.prange(n_tasks):
+        key = np.empty(n_exp, np.float32)
+        vals = np.empty(k, np.float32)
+        sel = np.empty(k, np.int32)
+        gscore = np.empty(max(n_groups, 1), np.float32)
+        gkeep = np.empty(max(n_groups, 1), np.bool_)
+        for r in range(task * _ROWS_PER_TASK, min(n_rows, (task + 1) * _ROWS_PER_TASK)):
+            ok[r] = _gate_row(
+                logits[r],
+                k,
+                scoring,
+                renormalize,
+                bias,
+                use_bias,
+                n_groups,
+                topk_groups,
+                key,
+                vals,
+                sel,
+                gscore,
+                gkeep,
+                weights[r],
+                ids[r],
+            )
+
+
+def check_gating_args(
+    n_experts: int,
+    k: int,
+    scoring: str,
+    bias_len: int | None,
+    n_groups: int | None,
+    topk_groups: int | None,
+) -> None:
+    if scoring not in _SCORING:
+        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    if not 1 <= k <= n_experts:
+        raise ValueError(f"k must be between 1 and the number of experts ({n_experts}), got {k}")
+    if bias_len is not None and bias_len != n_experts:
+        raise ValueError(f"bias has {bias_len} entries for {n_experts} experts")
+    if (n_groups is None) != (topk_groups is None):
+        raise ValueError("n_groups and topk_groups go together")
+    if n_groups is not None and topk_groups is not None:
+        if n_groups < 1 or n_experts % n_groups:
+            raise ValueError(f"n_groups={n_groups} must divide the {n_experts} experts")
+        if not 1 <= topk_groups <= n_groups:
+            raise ValueError(f"topk_groups must be between 1 and n_groups, got {topk_groups}")
+        if topk_groups * (n_experts // n_groups) < k:
+            raise ValueError(
+                f"{topk_groups} groups of {n_experts // n_groups} hold fewer than k={k}"
+            )
+        if bias_len is not None and n_experts // n_groups < 2:
+            raise ValueError("grouped selection with bias scores groups by their top two experts")
+
+
+def topk_gating(
+    logits: Any,
+    k: int,
+    *,
+    scoring: Literal["softmax", "sigmoid"] = "softmax",
+    renormalize: bool = True,
+    bias: Any = None,
+    n_groups: int | None = None,
+    topk_groups: int | None = None,
+) -> tuple[Any, Any]:
+    """Fused scoring + top-k of router logits (T, E) → ``(weights (T, k) float32,
+    expert_ids (T, k) int32)``, best expert first. numpy in, numpy out; torch in, torch out.
+
+    Example (softmax, k = 2, renormalize)::
+
+        >>> w, ids = topk_gating(np.array([[1.0, 3.0, 3.0, 0.0]], np.float32), 2)
+        >>> ids.tolist(), w.round(3).tolist()        # tie between 1 and 2: lowest id first
+        ([[1, 2]], [[0.5, 0.5]])
+        >>> w, ids = topk_gating(np.array([[1.0, 3.0, 2.0, 0.0]], np.float32), 2, renormalize=False)
+        >>> ids.tolist(), w.round(3).tolist()        # softmax = [.087, .644, .237, .032]
+        ([[1, 2]], [[0.644, 0.237]])
+    """
+    if on_gpu(logits):
+        from tandem.kernels.triton_kernels import topk_gating_triton
+
+        return topk_gating_triton(
+            logits,
+            k,
+            scoring=scoring,
+            renormalize=renormalize,
+            bias=bias,
+            n_groups=n_groups,
+            topk_groups=topk_groups,
+        )
+    x = np.ascontiguousarray(as_numpy(logits), dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"logits must be (T, E), got shape {x.shape}")
+    n_rows, n_exp = x.shape
+    b = None if bias is None else np.ascontiguousarray(as_numpy(bias), dtype=np.float32)
+    check_gating_args(n_exp, k, scoring, None if b is None else len(b), n_groups, topk_groups)
+    weights = np.empty((n_rows, k), np.float32)
+    ids = np.empty((n_rows, k), np.int32)
+    ok = np.empty(n_rows, np.bool_)
+    if n_rows:
+        kernel = _gate_parallel if n_rows >= PARALLEL_MIN_ROWS else _gate_serial
+        kernel(
+            x,
+            k,
+            _SCORING[scoring],
+            renormalize,
+            b if b is not None else np.zeros(1, np.float32),
+            b is not None,
+            n_groups or 1,
+            topk_groups or 1,
+            weights,
+            ids,
+            ok,
+        )
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            raise ValueError(
+                f"gate logits rows {bad[:10].tolist()} hold NaN/+inf (or only -inf under "
+                "softmax, or zero total weight): cannot route them"
+            )
+    return like(weights, logits), like(ids, logits)
+
+
+def topk_gating_reference(
+    logits: Any,
+    k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias: Any = None,
+    n_groups: int | None = None,
+    topk_groups: int | None = None,
+) -> tuple[Any, Any]:
+    """Plain torch: softmax/sigmoid, stable sorts for the selection, gather, renormalise."""
+    import torch
+
+    x = torch.as_tensor(logits).float()
+    n_rows, n_exp = x.shape
+    check_gating_args(n_exp, k, scoring, None if bias is None else len(bias), n_groups, topk_groups)
+    bad = torch.isnan(x).any(1) | torch.isposinf(x).any(1)
+    if scoring == "softmax":
+        bad |= torch.isneginf(x).all(1)
+    if bad.any():
+        raise ValueError(f"gate logits rows {torch.nonzero(bad)[:10, 0].tolist()} cannot be routed")
+    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    key = x.clone() if bias is None else scores + torch.as_tensor(bias).float()
+    if n_groups is not None and topk_groups is not None:
+        grouped = key.view(n_rows, n_groups, n_exp // n_groups)
+        if bias is None:
+            gscore = grouped.max(-1).values
+        else:
+            gscore = (
+                torch.sort(grouped, dim=-1, descending=True, stable=True).values[..., :2].sum(-1)
+            )
+        keep = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+        mask = torch.zeros(n_rows, n_groups, dtype=torch.bool).scatter_(1, keep, True)
+        eligible = mask.repeat_interleave(n_exp // n_groups, 1)
+    else:
+        eligible = torch.ones_like(key, dtype=torch.bool)
+    # best key first, ties by lowest id; experts outside the kept groups never come first
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    order = order.gather(
+        1, torch.sort((~eligible.gather(1, order)).to(torch.int8), dim=-1, stable=True).indices
+    )
+    ids = order[:, :k]
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w, ids.to(torch.int32)
