@@ -53,7 +53,7 @@ def _sigmoid(x):  # pragma: no cover - jitted
     return np.float32(1.0) / (np.float32(1.0) + e) if x >= 0 else e / (np.float32(1.0) + e)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(inline="always")
 def _gate_row(  # pragma: no cover - jitted
     row,
     k,
