@@ -16,6 +16,8 @@ from llvmlite import ir as llvm_ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from tandem.kernels.arrays import as_numpy, on_gpu
+
 # From this many logits (N * C, N > 1) the parallel kernel wins: numba's thread pool costs
 # about 1 µs to wake, which a batch of a few hundred logits repays. Chosen on 2 cores from the
 # serial/parallel columns of `python -m tandem.bench.confidence` and a sweep of N = 2..128 at
@@ -168,7 +170,8 @@ def confidence(logits: np.ndarray) -> ConfidenceStats:
     """Top-1 index, max probability, margin and entropy of ``softmax(logits)`` per row, in one
     pass over memory per row (online log-sum-exp over L1-sized chunks, accumulated in float64).
 
-    ``logits`` is (N, C) or (C,) float16/32/64; N may be 0. Example::
+    ``logits`` is (N, C) or (C,) float16/32/64, numpy or torch; N may be 0. CUDA tensors run
+    the Triton twin (statistics as float32 tensors). Example::
 
         >>> s = confidence(np.array([[2.0, 1.0, 0.0], [0.0, 0.0, float("nan")]]))
         >>> s.top1.tolist(), s.max_prob.round(3).tolist(), s.valid.tolist()
@@ -176,7 +179,11 @@ def confidence(logits: np.ndarray) -> ConfidenceStats:
         >>> s.margin.round(3)[0], s.entropy.round(3)[0]     # 0.665 - 0.245; nats
         (0.42, 0.832)
     """
-    x = np.asarray(logits)
+    if on_gpu(logits):
+        from tandem.kernels.triton_kernels import confidence_triton
+
+        return ConfidenceStats(*confidence_triton(logits if logits.ndim == 2 else logits[None]))
+    x = as_numpy(logits)
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:

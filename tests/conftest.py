@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when its modules are imported (transformers imports triton
+# too), so it is set here, before any test module: without a GPU, Triton kernels run on CPU
+# tensors in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Iterator
 from pathlib import Path
 
