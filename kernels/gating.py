@@ -162,66 +162,55 @@ def _gate_row(  # pragma: no cover - jitted
     return True
 
 
-@numba.njit(cache=True, nogil=True)
-def _gate_serial(  # pragma: no cover - jitted
-    logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights, ids, ok
+@numba.njit(inline="always")
+def _gate_range(  # pragma: no cover - jitted
+    logits,
+    k,
+    scoring,
+    renormalize,
+    bias,
+    use_bias,
+    n_groups,
+    topk_groups,
+    weights,
+    ids,
+    ok,
+    start,
+    stop,
 ):
-    n_exp = logits.shape[1]
-    key = np.empty(n_exp, np.float32)
+    """Gate rows [start, stop) with one set of scratch buffers."""
+    key = np.empty(logits.shape[1], np.float32)
     vals = np.empty(k, np.float32)
     sel = np.empty(k, np.int32)
     gscore = np.empty(max(n_groups, 1), np.float32)
     gkeep = np.empty(max(n_groups, 1), np.bool_)
-    for r in range(logits.shape[0]):
+    for r in range(start, stop):
         ok[r] = _gate_row(
-            logits[r],
-            k,
-            scoring,
-            renormalize,
-            bias,
-            use_bias,
-            n_groups,
-            topk_groups,
-            key,
-            vals,
-            sel,
-            gscore,
-            gkeep,
-            weights[r],
-            ids[r],
-        )
+            logits[r], k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, key,
+            vals, sel, gscore, gkeep, weights[r], ids[r],
+        )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def _gate_serial(  # pragma: no cover - jitted
+    logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights, ids, ok
+):
+    _gate_range(
+        logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights, ids, ok,
+        0, logits.shape[0],
+    )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _gate_parallel(  # pragma: no cover - jitted
     logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights, ids, ok
 ):
-    n_rows, n_exp = logits.shape
-    n_tasks = (n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
-    for task in numba.prange(n_tasks):
-        key = np.empty(n_exp, np.float32)
-        vals = np.empty(k, np.float32)
-        sel = np.empty(k, np.int32)
-        gscore = np.empty(max(n_groups, 1), np.float32)
-        gkeep = np.empty(max(n_groups, 1), np.bool_)
-        for r in range(task * _ROWS_PER_TASK, min(n_rows, (task + 1) * _ROWS_PER_TASK)):
-            ok[r] = _gate_row(
-                logits[r],
-                k,
-                scoring,
-                renormalize,
-                bias,
-                use_bias,
-                n_groups,
-                topk_groups,
-                key,
-                vals,
-                sel,
-                gscore,
-                gkeep,
-                weights[r],
-                ids[r],
-            )
+    n_rows = logits.shape[0]
+    for task in numba.prange((n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        _gate_range(
+            logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights,
+            ids, ok, task * _ROWS_PER_TASK, min(n_rows, (task + 1) * _ROWS_PER_TASK),
+        )  # fmt: skip
 
 
 def check_gating_args(
@@ -342,7 +331,7 @@ def topk_gating_reference(
     if bad.any():
         raise ValueError(f"gate logits rows {torch.nonzero(bad)[:10, 0].tolist()} cannot be routed")
     scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
-    key = x.clone() if bias is None else scores + torch.as_tensor(bias).float()
+    key = x.clone() if bias is None else scores + torch.as_tensor(bias, device=x.device).float()
     if n_groups is not None and topk_groups is not None:
         grouped = key.view(n_rows, n_groups, n_exp // n_groups)
         if bias is None:
@@ -352,7 +341,9 @@ def topk_gating_reference(
                 torch.sort(grouped, dim=-1, descending=True, stable=True).values[..., :2].sum(-1)
             )
         keep = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
-        mask = torch.zeros(n_rows, n_groups, dtype=torch.bool).scatter_(1, keep, True)
+        mask = torch.zeros(n_rows, n_groups, dtype=torch.bool, device=x.device).scatter_(
+            1, keep, True
+        )
         eligible = mask.repeat_interleave(n_exp // n_groups, 1)
     else:
         eligible = torch.ones_like(key, dtype=torch.bool)
