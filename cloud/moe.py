@@ -55,11 +55,29 @@ def experts_forward(
     plan = moe_align(expert_ids, n_experts, block_size)
     xp = permute(hidden, plan)
     yp = torch.empty(plan.num_tokens_post_padded, hidden.shape[-1], dtype=hidden.dtype)
-    offsets = plan.expert_offsets.tolist()
-    for e, count in enumerate(plan.expert_counts.tolist()):
-        if count == 0:
-            continue
-        start = offsets[e]
+    segments = [
+        (e, start, count)
+        for e, (start, count) in enumerate(
+            zip(plan.expert_offsets[:-1].tolist(), plan.expert_counts.tolist(), strict=True)
+        )
+        if count
+    ]
+    run_segments(xp, yp, segments, gate_up_proj, down_proj, activation, transposed)
+    return combine(yp, plan, weights)
+
+
+def run_segments(
+    xp: torch.Tensor,
+    yp: torch.Tensor,
+    segments: list[tuple[int, int, int]],
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor] = swiglu,
+    transposed: bool = False,
+) -> None:
+    """For each ``(expert, start, count)``: ``yp[start:start+count] = expert(xp[same rows])`` —
+    two GEMMs over the segment. The loop is over experts; the rows of a segment go together."""
+    for e, start, count in segments:
         seg = xp[start : start + count]
         if transposed:
             h = activation(seg @ gate_up_proj[e])
@@ -67,7 +85,6 @@ def experts_forward(
         else:
             h = activation(F.linear(seg, gate_up_proj[e]))
             torch.matmul(h, down_proj[e].t(), out=yp[start : start + count])
-    return combine(yp, plan, weights)
 
 
 class MoEBlock(nn.Module):
@@ -101,6 +118,10 @@ class MoEBlock(nn.Module):
         return topk_gating(self.gate(x), self.k, scoring=self.scoring, renormalize=self.renormalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tandem's kernels; while training with gradients on, the differentiable torch path
+        (:func:`moe_block_reference`): the Numba kernels have no backward."""
+        if torch.is_grad_enabled() and self.training:
+            return moe_block_reference(self, x)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.route(flat)
@@ -110,6 +131,8 @@ class MoEBlock(nn.Module):
 
 def moe_block_reference(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
     """The straightforward torch MoE: softmax, topk, a dense loop over experts with masks."""
+    if block.scoring != "softmax":
+        raise NotImplementedError("the reference block scores with softmax")
     flat = x.reshape(-1, x.shape[-1])
     probs = torch.softmax(block.gate(flat).float(), dim=-1)
     w, ids = torch.topk(probs, block.k, dim=-1)
@@ -120,7 +143,7 @@ def moe_block_reference(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
         tok, slot = torch.where(ids == e)
         if len(tok):
             h = swiglu(F.linear(flat[tok], block.gate_up_proj[e]))
-            out.index_add_(0, tok, F.linear(h, block.down_proj[e]) * w[tok, slot, None])
+            out = out.index_add(0, tok, F.linear(h, block.down_proj[e]) * w[tok, slot, None])
     return out.reshape(x.shape)
 
 

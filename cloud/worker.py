@@ -53,6 +53,19 @@ _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop fla
 _MAX_READS_PER_TURN = 1024  # messages read before due batches get a chance to run
 
 
+def _moe_backend(*args: Any, **kwargs: Any) -> ModelBackend:
+    from tandem.cloud.moe_classifier import MoEBackend  # imports torch: only when needed
+
+    return MoEBackend(*args, **kwargs)
+
+
+# Manifest `format` → backend constructor (path, name=, version=, threads=).
+BACKEND_FORMATS: dict[str, Callable[..., ModelBackend]] = {
+    "onnx": OnnxBackend,
+    "tandem-moe": _moe_backend,
+}
+
+
 def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
     """The manifest's models (or the config's subset), digests checked."""
     if config.models_dir is None:
@@ -69,7 +82,12 @@ def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
                 f"(it has: {', '.join(m.name for m in manifest.models)})"
             ) from None
         path = verify_entry(config.models_dir, entry)
-        backend = OnnxBackend(path, name=name, version=entry.version, threads=config.threads)
+        opener = BACKEND_FORMATS.get(entry.format)
+        if opener is None:
+            raise UnknownModel(
+                f"model {name!r} has format {entry.format!r}; known: {', '.join(BACKEND_FORMATS)}"
+            )
+        backend = opener(path, name=name, version=entry.version, threads=config.threads)
         backend.warm_up()
         backends[name] = backend
     return backends

@@ -84,12 +84,18 @@ def models_build(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: user cache).")] = None,
     seed: Annotated[int, typer.Option(help="Data split and training seed.")] = 0,
     force: Annotated[bool, typer.Option(help="Rebuild even if already built.")] = False,
+    moe: Annotated[bool, typer.Option(help="Also train the MoE classifier (digits-moe).")] = False,
 ) -> None:
-    """Train the edge MLP (int8 ONNX) and the cloud CNN (fp32 ONNX) on corrupted digits."""
+    """Train the edge MLP (int8 ONNX) and the cloud CNN (fp32 ONNX) on corrupted digits, and
+    with --moe an MoE classifier served on Tandem's MoE kernels."""
     from tandem.bench.reference.models import build_reference_models
 
     d = build_reference_models(
-        out, seed=seed, force=force, progress=lambda m: err_console.print(f"[dim]· {m}[/dim]")
+        out,
+        seed=seed,
+        force=force,
+        moe=moe,
+        progress=lambda m: err_console.print(f"[dim]· {m}[/dim]"),
     )
     console.print(f"models in {d}")
 

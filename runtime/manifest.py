@@ -32,6 +32,7 @@ class ModelEntry(StrictModel):
     size_bytes: int = Field(ge=0)
     input: TensorSpec
     output: TensorSpec
+    format: str = "onnx"  # which backend serves the file: "onnx" or "tandem-moe"
     quantization: str = "none"  # "none" (fp32) or e.g. "int8-dynamic"
     labels: list[str] | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # e.g. test accuracy

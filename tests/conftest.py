@@ -23,8 +23,10 @@ from tandem.bench.reference.models import (
     CLOUD,
     EDGE,
     LABELS,
+    MOE,
     _cnn,
     _mlp,
+    _moe,
     export_onnx,
     manifest_entry,
     quantize_int8,
@@ -36,7 +38,8 @@ from tandem.runtime.manifest import Manifest, write_manifest
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained int8 MLP (``digits-edge``) and CNN (``digits-cloud``) with a manifest:
+    """An untrained int8 MLP (``digits-edge``), CNN (``digits-cloud``) and MoE classifier
+    (``digits-moe``) with a manifest:
     the reference architectures, exported the reference way, in a second instead of twenty."""
     import torch
 
@@ -45,25 +48,33 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_onnx(_mlp(), out / "edge-fp32.onnx")
     quantize_int8(out / "edge-fp32.onnx", out / "edge-int8.onnx")
     export_onnx(_cnn().eval(), out / "cloud-fp32.onnx")
+    _moe().save(out / "moe.npz")
     entries = [
         manifest_entry(
             out, EDGE, "edge-int8.onnx", version_prefix="t", quantization="int8-dynamic"
         ),
         manifest_entry(out, CLOUD, "cloud-fp32.onnx", version_prefix="t"),
+        manifest_entry(out, MOE, "moe.npz", version_prefix="t", fmt="tandem-moe"),
     ]
     write_manifest(out, Manifest(models=entries, seed=0))
     return out
 
 
 def worker_config(models_dir: Path, **overrides) -> WorkerConfig:
-    base = {"bind": "tcp://127.0.0.1:*", "models_dir": str(models_dir), "threads": 1}
+    """ONNX models only unless ``models`` says otherwise (the MoE backend imports torch)."""
+    base = {
+        "bind": "tcp://127.0.0.1:*",
+        "models_dir": str(models_dir),
+        "models": [EDGE, CLOUD],
+        "threads": 1,
+    }
     return WorkerConfig.model_validate({**base, **overrides})
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_models: Path) -> Iterator[WorkerProcess]:
     """A real worker process serving the tiny models on a free loopback port."""
-    with WorkerProcess(worker_config(tiny_models)) as w:
+    with WorkerProcess(worker_config(tiny_models, models=[EDGE, CLOUD, MOE])) as w:
         yield w
 
 

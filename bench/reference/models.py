@@ -4,6 +4,8 @@
   ``onnxruntime.quantization.quantize_dynamic`` (the file the edge runs). Its fp32 export is
   kept beside it (``digits-edge-fp32``) so sizes and accuracy can be compared.
 * ``digits-cloud``: a small CNN (three 3×3 convolutions), ONNX fp32: the model the cloud serves.
+* ``digits-moe`` (``--moe``): an MoE classifier (a SwiGLU MoE layer, 8 experts, top-2) served by
+  the worker on Tandem's MoE kernels (format ``tandem-moe``, an ``.npz`` of weights).
 
 Deterministic for a seed (training always runs on 2 torch threads), about
 20 seconds on 2 cores, and no downloads. ``manifest.json`` records name, version, sha256, input
@@ -12,11 +14,12 @@ spec, test accuracy and size of each file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 EDGE = "digits-edge"
 EDGE_FP32 = "digits-edge-fp32"
 CLOUD = "digits-cloud"
+MOE = "digits-moe"
 LABELS = [str(i) for i in range(N_CLASSES)]
 RECIPE_VERSION = "1"  # bump when the workload or a model recipe changes: invalidates caches
 
@@ -80,6 +84,12 @@ def _cnn():
         nn.Dropout(0.2),
         nn.Linear(128, N_CLASSES),
     )
+
+
+def _moe():
+    from tandem.cloud.moe_classifier import MoEClassifier
+
+    return MoEClassifier(64, 128, 256, n_experts=8, k=2, n_classes=N_CLASSES)
 
 
 def train(make_model: Callable, data: DigitsWorkload, *, epochs: int, seed: int, lr: float = 3e-3):
@@ -147,6 +157,7 @@ def manifest_entry(
     file: str,
     *,
     version_prefix: str,
+    fmt: str = "onnx",
     quantization: str = "none",
     metrics: dict[str, float] | None = None,
     description: str = "",
@@ -163,6 +174,7 @@ def manifest_entry(
         size_bytes=path.stat().st_size,
         input=TensorSpec(name="x", shape=[None, 64]),
         output=TensorSpec(name="logits", shape=[None, N_CLASSES]),
+        format=fmt,
         quantization=quantization,
         labels=LABELS,
         metrics=metrics or {},
@@ -171,7 +183,12 @@ def manifest_entry(
 
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    logits = OnnxBackend(path, threads=0).predict(x)
+    if path.suffix == ".npz":
+        from tandem.cloud.moe_classifier import MoEBackend
+
+        logits = MoEBackend(path).predict(x)
+    else:
+        logits = OnnxBackend(path, threads=0).predict(x)
     return float((logits.argmax(axis=1) == y).mean())
 
 
@@ -180,21 +197,69 @@ def build_reference_models(
     *,
     seed: int = 0,
     force: bool = False,
+    moe: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """Build (or reuse, if already built with this recipe) the reference models into
-    ``out_dir``; return the directory."""
-    import torch
-
+    ``out_dir``, plus the MoE classifier if ``moe``; return the directory."""
     out = Path(out_dir) if out_dir else default_models_dir()
     say = progress or log.info
     if not force and is_built(out, seed):
         say(f"models already built in {out}")
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # results are reproducible for a fixed thread count
+    else:
+        _build_base(out, seed, say)
+    if moe and (force or not _has(out, MOE)):
+        _build_moe(out, seed, say)
+    return out
+
+
+def _has(models_dir: Path, name: str) -> bool:
     try:
+        entry = load_manifest(models_dir).get(name)
+    except Exception:
+        return False
+    path = models_dir / entry.file
+    return path.is_file() and sha256_file(path) == entry.sha256
+
+
+@contextlib.contextmanager
+def _two_torch_threads() -> Iterator[None]:
+    """Training runs on 2 torch threads: results are reproducible for a fixed thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_moe(out: Path, seed: int, say: Progress) -> None:
+    with _two_torch_threads():
+        data = load_workload(seed)
+        say(f"training the MoE classifier (8 experts, top-2) on {len(data.train)} images")
+        model = train(_moe, data, epochs=20, seed=seed)
+        file = "moe.npz"
+        model.save(out / file)
+        entry = manifest_entry(
+            out,
+            MOE,
+            file,
+            version_prefix=f"{RECIPE_VERSION}.{seed}",
+            fmt="tandem-moe",
+            metrics={"test_accuracy": accuracy(out / file, data.test.x, data.test.y)},
+            description="MoE classifier: 64-128 embed, SwiGLU MoE 8 experts top-2, head",
+        )
+    manifest = load_manifest(out)
+    models = [m for m in manifest.models if m.name != MOE] + [entry]
+    write_manifest(out, manifest.model_copy(update={"models": models}))
+    say(f"{MOE}: test accuracy {entry.metrics['test_accuracy']:.3f}, {entry.size_bytes} bytes")
+
+
+def _build_base(out: Path, seed: int, say: Progress) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with _two_torch_threads():
         say("generating corrupted digits (train/calib/test)")
         data = load_workload(seed)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -225,11 +290,8 @@ def build_reference_models(
                     )
                 )
         write_manifest(out, Manifest(models=entries, workload="corrupted-digits", seed=seed))
-        for e in entries:
-            say(f"{e.name}: test accuracy {e.metrics['test_accuracy']:.3f}, {e.size_bytes} bytes")
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    for e in entries:
+        say(f"{e.name}: test accuracy {e.metrics['test_accuracy']:.3f}, {e.size_bytes} bytes")
 
 
 def is_built(models_dir: Path, seed: int = 0) -> bool:

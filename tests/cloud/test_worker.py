@@ -11,9 +11,10 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+import torch
 import zmq
 
-from tandem.bench.reference.models import CLOUD
+from tandem.bench.reference.models import CLOUD, MOE
 from tandem.cloud.process import WorkerProcess
 from tandem.edge.client import CloudClient
 from tandem.runtime import errors
@@ -39,10 +40,21 @@ def test_infer_matches_the_model_run_locally(
     assert reply["version"] == load_manifest(tiny_models).get(CLOUD).version
 
 
+def test_moe_model_is_served_on_the_moe_kernels(
+    client: CloudClient, tiny_models: Path, digits_x
+) -> None:
+    from tandem.cloud.moe_classifier import MoEClassifier
+
+    reply = client.infer(MOE, digits_x, timeout_s=10)
+    with torch.no_grad():
+        local = MoEClassifier.load(tiny_models / "moe.npz")(torch.from_numpy(digits_x)).numpy()
+    np.testing.assert_allclose(reply["outputs"], local, rtol=1e-5, atol=1e-5)
+
+
 def test_health_reports_models_versions_and_queue(client: CloudClient) -> None:
     h = client.health()
     assert h["state"] == "serving"
-    assert set(h["models"]) == {"digits-edge", CLOUD}
+    assert set(h["models"]) == {"digits-edge", CLOUD, MOE}
     assert h["models"][CLOUD]["input"]["shape"] == [None, 64]
     assert h["queue_depth"] == 0
 

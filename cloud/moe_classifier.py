@@ -1,0 +1,136 @@
+"""A classifier with a sparse MoE layer, and the backend that serves it (format
+``tandem-moe``): what ``tandem models build --moe`` trains for the digits task, so the edge
+can escalate to "the MoE experts" as well as to the dense cloud model.
+
+Weights travel as ``.npz`` (loaded with ``allow_pickle=False``): never pickle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.cloud.moe import MoEBlock, run_segments
+from tandem.runtime.errors import BackendError, BadRequest
+from tandem.runtime.manifest import TensorSpec, sha256_file
+
+_CONFIG_KEYS = ("in_features", "hidden", "intermediate", "n_experts", "k", "n_classes")
+
+
+class MoEClassifier(nn.Module):
+    """in → Linear+ReLU → h + MoE(h) → Linear → class logits."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int,
+        intermediate: int,
+        n_experts: int,
+        k: int,
+        n_classes: int,
+    ) -> None:
+        super().__init__()
+        self.config = dict(
+            zip(
+                _CONFIG_KEYS,
+                (in_features, hidden, intermediate, n_experts, k, n_classes),
+                strict=True,
+            )
+        )
+        self.embed = nn.Linear(in_features, hidden)
+        self.moe = MoEBlock(hidden, intermediate, n_experts, k)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.embed(x))
+        return self.head(h + self.moe(h))
+
+    def save(self, path: str | Path) -> None:
+        arrays = {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
+        with open(path, "wb") as f:  # np.savez would append ".npz" to a bare path
+            np.savez(f, config=np.array([self.config[k] for k in _CONFIG_KEYS]), **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MoEClassifier:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                model = cls(*(int(v) for v in z["config"]))
+                state = {k: torch.from_numpy(z[k].copy()) for k in z.files if k != "config"}
+        except (OSError, KeyError, ValueError) as e:
+            raise BackendError(f"cannot load MoE model {path}: {e}") from None
+        model.load_state_dict(state)
+        return model.eval()
+
+
+class MoEBackend:
+    """Serves a :class:`MoEClassifier` file: ``predict`` for whole-model requests, and
+    ``run_experts`` for expert shards (rows already grouped by expert)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        threads: int = 0,
+    ) -> None:
+        self.path = Path(path)
+        self.model = MoEClassifier.load(self.path)
+        self.name = name or self.path.stem
+        self.version = version or sha256_file(self.path)[:12]
+        cfg = self.model.config
+        self.input_spec = TensorSpec(name="x", dtype="float32", shape=[None, cfg["in_features"]])
+        self.output_spec = TensorSpec(
+            name="logits", dtype="float32", shape=[None, cfg["n_classes"]]
+        )
+        if threads:
+            torch.set_num_threads(threads)
+
+    def check_batch(self, batch: np.ndarray) -> np.ndarray:
+        want = self.input_spec.shape[1]
+        if batch.ndim != 2 or batch.shape[1] != want:
+            raise BadRequest(
+                f"model {self.name!r} takes input shaped (N, {want}), got {batch.shape}"
+            )
+        if batch.dtype.kind not in "fiu":
+            raise BadRequest(f"model {self.name!r} takes float32, got {batch.dtype}")
+        batch = np.asarray(batch, dtype=np.float32)
+        if not np.isfinite(batch).all():
+            raise BadRequest(f"model {self.name!r}: input holds NaN or inf")
+        return batch
+
+    def warm_up(self) -> None:
+        self.predict(np.zeros((2, self.input_spec.shape[1]), np.float32))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(self.check_batch(batch)))
+        with torch.no_grad():
+            return self.model(x).numpy()
+
+    # ---------------------------------------------------------------- expert shards
+    @property
+    def n_experts(self) -> int:
+        return self.model.config["n_experts"]
+
+    @property
+    def hidden(self) -> int:
+        return self.model.config["hidden"]
+
+    def run_experts(self, experts: list[int], counts: list[int], rows: np.ndarray) -> np.ndarray:
+        """``rows`` (sum(counts), hidden) hold ``counts[i]`` rows for ``experts[i]``, in order;
+        returns each row passed through its expert, same order."""
+        if len(experts) != len(counts) or any(not 0 <= e < self.n_experts for e in experts):
+            raise BadRequest(f"experts must be ids in [0, {self.n_experts}), one count each")
+        if rows.ndim != 2 or rows.shape != (sum(counts), self.hidden):
+            raise BadRequest(f"rows must be ({sum(counts)}, {self.hidden}), got {rows.shape}")
+        xp = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        yp = torch.empty_like(xp)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        segments = [(e, s, c) for e, s, c in zip(experts, starts, counts, strict=True) if c]
+        with torch.no_grad():
+            run_segments(xp, yp, segments, self.model.moe.gate_up_proj, self.model.moe.down_proj)
+        return yp.numpy()
