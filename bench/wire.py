@@ -26,7 +26,7 @@ import zmq
 from tandem.bench.report import emit, interleaved_us, pct
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
-from tandem.edge.client import CloudClient
+from tandem.runtime.client import CloudClient
 
 GOAL = 1.3
 # One echo server per process, each as lean as pyzmq allows (blocking recv, zero-copy frames).

@@ -5,6 +5,7 @@
     bind: tcp://127.0.0.1:5555       # "tcp://127.0.0.1:*" picks a free port
     models_dir: models               # holds manifest.json; relative to this file
     models: [digits-cloud]           # optional subset of the manifest (default: all)
+    experts: {digits-moe: [0, 1, 2, 3]}  # optional: host only these experts of an MoE model
     threads: 0                       # ONNX Runtime intra-op threads (0 = all cores)
     batching: {max_batch: 64, max_wait_us: 500}
     limits: {max_message_bytes: 67108864}
@@ -53,6 +54,8 @@ class WorkerConfig(StrictModel):
     bind: str = "tcp://127.0.0.1:5555"
     models_dir: ConfigPath | None = None  # None: no models (health and echo only)
     models: list[str] | None = None
+    # Expert sharding: for an MoE model, the experts this worker hosts (default: all of them).
+    experts: dict[str, list[int]] | None = None
     threads: int = Field(default=0, ge=0)
     batching: BatchingSpec = BatchingSpec()
     limits: LimitsSpec = LimitsSpec()

@@ -7,6 +7,7 @@ Weights travel as ``.npz`` (loaded with ``allow_pickle=False``): never pickle.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,23 @@ class MoEBackend:
         name: str | None = None,
         version: str | None = None,
         threads: int = 0,
+        experts: list[int] | None = None,
     ) -> None:
+        """``experts``: host only these experts (an expert shard); the other experts' weights
+        are dropped, and only ``run_experts`` for hosted experts is served."""
         self.path = Path(path)
         self.model = MoEClassifier.load(self.path)
+        n_experts = self.model.config["n_experts"]
+        self.hosted = sorted(set(experts)) if experts is not None else list(range(n_experts))
+        if not self.hosted or any(not 0 <= e < n_experts for e in self.hosted):
+            raise BackendError(f"experts to host must be ids in [0, {n_experts}), got {experts}")
+        self._local = {e: i for i, e in enumerate(self.hosted)}
+        with torch.no_grad():
+            self._gate_up = self.model.moe.gate_up_proj[self.hosted].clone()
+            self._down = self.model.moe.down_proj[self.hosted].clone()
+        if len(self.hosted) < n_experts:  # a shard: free the rest
+            self.model.moe.gate_up_proj = nn.Parameter(torch.empty(0))
+            self.model.moe.down_proj = nn.Parameter(torch.empty(0))
         self.name = name or self.path.stem
         self.version = version or sha256_file(self.path)[:12]
         cfg = self.model.config
@@ -104,9 +119,18 @@ class MoEBackend:
         return batch
 
     def warm_up(self) -> None:
-        self.predict(np.zeros((2, self.input_spec.shape[1]), np.float32))
+        if self.is_shard:
+            self.run_experts([self.hosted[0]], [1], np.zeros((1, self.hidden), np.float32))
+        else:
+            self.predict(np.zeros((2, self.input_spec.shape[1]), np.float32))
+
+    @property
+    def is_shard(self) -> bool:
+        return len(self.hosted) < self.n_experts
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        if self.is_shard:
+            raise BadRequest(f"this worker hosts experts {self.hosted} of {self.name!r} only")
         x = torch.from_numpy(np.ascontiguousarray(self.check_batch(batch)))
         with torch.no_grad():
             return self.model(x).numpy()
@@ -123,14 +147,18 @@ class MoEBackend:
     def run_experts(self, experts: list[int], counts: list[int], rows: np.ndarray) -> np.ndarray:
         """``rows`` (sum(counts), hidden) hold ``counts[i]`` rows for ``experts[i]``, in order;
         returns each row passed through its expert, same order."""
-        if len(experts) != len(counts) or any(not 0 <= e < self.n_experts for e in experts):
-            raise BadRequest(f"experts must be ids in [0, {self.n_experts}), one count each")
+        if len(experts) != len(counts) or any(e not in self._local for e in experts):
+            raise BadRequest(f"this worker hosts experts {self.hosted}; one count per expert")
+        if any(c < 0 for c in counts):
+            raise BadRequest("counts must be non-negative")
         if rows.ndim != 2 or rows.shape != (sum(counts), self.hidden):
             raise BadRequest(f"rows must be ({sum(counts)}, {self.hidden}), got {rows.shape}")
-        xp = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        xp = torch.from_numpy(np.array(rows, dtype=np.float32))  # wire arrays are read-only
         yp = torch.empty_like(xp)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        segments = [(e, s, c) for e, s, c in zip(experts, starts, counts, strict=True) if c]
+        starts = [0, *itertools.accumulate(counts)][:-1]
+        segments = [
+            (self._local[e], s, c) for e, s, c in zip(experts, starts, counts, strict=True) if c
+        ]
         with torch.no_grad():
-            run_segments(xp, yp, segments, self.model.moe.gate_up_proj, self.model.moe.down_proj)
+            run_segments(xp, yp, segments, self._gate_up, self._down)
         return yp.numpy()

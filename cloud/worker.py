@@ -87,7 +87,9 @@ def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
             raise UnknownModel(
                 f"model {name!r} has format {entry.format!r}; known: {', '.join(BACKEND_FORMATS)}"
             )
-        backend = opener(path, name=name, version=entry.version, threads=config.threads)
+        hosted = (config.experts or {}).get(name)
+        extra = {"experts": hosted} if hosted is not None else {}
+        backend = opener(path, name=name, version=entry.version, threads=config.threads, **extra)
         backend.warm_up()
         backends[name] = backend
     return backends
@@ -205,6 +207,8 @@ class CloudWorker:
             return env.reply(Kind.RESULT, self.health())
         if env.kind is Kind.ECHO:
             return env.reply(Kind.RESULT, env.payload)
+        if env.kind is Kind.EXPERTS:
+            return env.reply(Kind.RESULT, self._run_experts(env))
         if env.kind is not Kind.INFER:
             raise BadRequest(f"a worker does not accept {env.kind.value!r} messages")
         if self.draining:
@@ -223,6 +227,29 @@ class CloudWorker:
         inputs = backend.check_batch(inputs)
         self.batcher.add(backend.name, Pending(route, env, inputs, time.monotonic()))
         return None
+
+    def _run_experts(self, env: Envelope) -> dict[str, Any]:
+        """An expert-shard request: run at once (its rows are already one batch per expert)."""
+        if self.draining:
+            raise ShuttingDown("worker is draining; send new work elsewhere")
+        p = env.payload
+        ok = (
+            isinstance(p, dict)
+            and isinstance(p.get("experts"), list)
+            and isinstance(p.get("counts"), list)
+            and isinstance(p.get("rows"), np.ndarray)
+            and all(type(v) is int for v in (*p["experts"], *p["counts"]))
+        )
+        if not ok:
+            raise BadRequest("experts payload: {model, experts: [int], counts: [int], rows: array}")
+        backend = self.backends.get(p.get("model", ""))
+        run = getattr(backend, "run_experts", None)
+        if run is None:
+            raise UnknownModel(f"no MoE model {p.get('model')!r} here")
+        if env.expired():
+            raise DeadlineExceeded("deadline passed before the request reached the worker")
+        self.counters["expert_rows"] += len(p["rows"])
+        return {"rows": run(p["experts"], p["counts"], p["rows"]), "version": backend.version}
 
     def _run_batch(self, sock: zmq.Socket, model: str, batch: list[Pending]) -> None:
         now_ms = now_epoch_ms()

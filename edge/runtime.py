@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from tandem.edge.client import CloudClient
 from tandem.edge.escalation_log import EscalationLog, EscalationRecord
 from tandem.kernels.confidence import confidence, confidence_row
 from tandem.router.policy import Policy, TaskPolicy, load_policy
 from tandem.router.routing import Decision, TaskRouter
 from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, DeadlineExceeded, TandemError
 from tandem.runtime.types import Result, Tier
 from tandem.runtime.wire import new_request_id, now_epoch_ms

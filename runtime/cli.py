@@ -142,7 +142,7 @@ def cloud_health(
     timeout_ms: Annotated[int, typer.Option(help="How long to wait.")] = 2000,
 ) -> None:
     """Ask a worker for its models, versions and queue depth."""
-    from tandem.edge.client import CloudClient
+    from tandem.runtime.client import CloudClient
 
     try:
         with CloudClient(endpoint) as client:

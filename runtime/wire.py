@@ -87,6 +87,9 @@ class Kind(StrEnum):
     ERROR = "error"  # payload {"code": str, "message": str}
     HEALTH = "health"  # payload nil; answered with models, versions, queue depth
     ECHO = "echo"  # payload echoed back untouched: a round-trip probe
+    # run rows through some experts of an MoE model, no batching: payload {"model": str,
+    # "experts": [int], "counts": [int], "rows": array (sum(counts), H)}; result {"rows": ...}
+    EXPERTS = "experts"
 
 
 _KINDS = {k.value: k for k in Kind}

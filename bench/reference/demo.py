@@ -27,11 +27,11 @@ from tandem.bench.reference.digits import SEVERITIES, load_workload
 from tandem.bench.reference.models import CLOUD, EDGE, EDGE_FP32, LABELS, build_reference_models
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
-from tandem.edge.client import CloudClient
 from tandem.edge.runtime import EdgeRuntime
 from tandem.kernels.confidence import confidence
 from tandem.router.calibrate import escalation_for_recovery, pick_threshold, routing_curve
 from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.client import CloudClient
 from tandem.runtime.manifest import load_manifest
 from tandem.runtime.types import Tier
 

@@ -16,9 +16,9 @@ import zmq
 
 from tandem.bench.reference.models import CLOUD, MOE
 from tandem.cloud.process import WorkerProcess
-from tandem.edge.client import CloudClient
 from tandem.runtime import errors
 from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.client import CloudClient
 from tandem.runtime.manifest import load_manifest
 from tandem.runtime.wire import Envelope, Kind, WireCodec, now_epoch_ms
 

@@ -1,4 +1,5 @@
-"""The edge's connection to a cloud worker (step 5 of the request path).
+"""A connection to a cloud worker: the edge's step 5 of the request path, and what an MoE
+dispatcher uses to reach its expert shards.
 
 ZeroMQ sockets are not thread-safe, so each calling thread gets its own DEALER socket, created on
 first use and owned by that thread alone: no lock and no hand-off to an I/O thread on the hot
