@@ -131,7 +131,7 @@ class MoEBackend:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         if self.is_shard:
             raise BadRequest(f"this worker hosts experts {self.hosted} of {self.name!r} only")
-        x = torch.from_numpy(np.ascontiguousarray(self.check_batch(batch)))
+        x = torch.from_numpy(np.array(self.check_batch(batch), dtype=np.float32))  # writable
         with torch.no_grad():
             return self.model(x).numpy()
 

@@ -58,6 +58,9 @@ def demo(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the report here.")
     ] = None,
+    cloud_model: Annotated[
+        str, typer.Option(help="Escalate to digits-cloud (dense CNN) or digits-moe (MoE experts).")
+    ] = "digits-cloud",
 ) -> None:
     """Build the reference models if missing, start a cloud worker process, route the held-out
     corrupted digits through EdgeRuntime and print what routing bought."""
@@ -69,6 +72,7 @@ def demo(
             rebuild=rebuild,
             deadline_ms=deadline_ms,
             target_recovery=target_recovery,
+            cloud_model=cloud_model,
             progress=lambda msg: err_console.print(f"[dim]· {msg}[/dim]", highlight=False),
         )
     except TandemError as e:

@@ -24,7 +24,14 @@ import numpy as np
 import yaml
 
 from tandem.bench.reference.digits import SEVERITIES, load_workload
-from tandem.bench.reference.models import CLOUD, EDGE, EDGE_FP32, LABELS, build_reference_models
+from tandem.bench.reference.models import (
+    CLOUD,
+    EDGE,
+    EDGE_FP32,
+    LABELS,
+    MOE,
+    build_reference_models,
+)
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
 from tandem.edge.runtime import EdgeRuntime
@@ -32,6 +39,7 @@ from tandem.kernels.confidence import confidence
 from tandem.router.calibrate import escalation_for_recovery, pick_threshold, routing_curve
 from tandem.runtime.backends import OnnxBackend
 from tandem.runtime.client import CloudClient
+from tandem.runtime.errors import TandemError
 from tandem.runtime.manifest import load_manifest
 from tandem.runtime.types import Tier
 
@@ -52,15 +60,16 @@ class DemoReport:
     latency_ms: dict[str, dict[str, float]]  # tier -> {p50, p95, p99, n}
     sizes: dict[str, int]  # model name -> bytes
     per_severity: list[dict[str, float]] = field(default_factory=list)
+    cloud_description: str = ""
     endpoint: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _cloud_logits(client: CloudClient, x: np.ndarray, chunk: int = 512) -> np.ndarray:
+def _cloud_logits(client: CloudClient, model: str, x: np.ndarray, chunk: int = 512) -> np.ndarray:
     parts = [
-        client.infer(CLOUD, x[i : i + chunk], timeout_s=30.0)["outputs"]
+        client.infer(model, x[i : i + chunk], timeout_s=30.0)["outputs"]
         for i in range(0, len(x), chunk)
     ]
     return np.concatenate(parts)
@@ -72,21 +81,28 @@ def run_demo(
     rebuild: bool = False,
     deadline_ms: float = 200.0,
     target_recovery: float = 0.9,
+    cloud_model: str = CLOUD,
     progress: Callable[[str], None] = lambda _: None,
 ) -> DemoReport:
-    models = build_reference_models(models_dir, force=rebuild, progress=progress)
+    """``cloud_model``: ``digits-cloud`` (the dense CNN) or ``digits-moe`` (the MoE classifier,
+    served on Tandem's MoE kernels)."""
+    if cloud_model not in (CLOUD, MOE):
+        raise TandemError(f"cloud model must be {CLOUD!r} or {MOE!r}, got {cloud_model!r}")
+    models = build_reference_models(
+        models_dir, force=rebuild, moe=cloud_model == MOE, progress=progress
+    )
     manifest = load_manifest(models)
     data = load_workload(manifest.seed or 0)
     edge_model = OnnxBackend(models / manifest.get(EDGE).file)
 
     progress("starting a cloud worker process")
-    cfg = WorkerConfig(bind="tcp://127.0.0.1:*", models_dir=models, models=[CLOUD])
+    cfg = WorkerConfig(bind="tcp://127.0.0.1:*", models_dir=models, models=[cloud_model])
     with WorkerProcess(cfg) as worker, tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
         assert worker.endpoint is not None
         with CloudClient(worker.endpoint) as client:
             progress("calibrating the gate threshold on the calibration split")
             calib_edge = confidence(edge_model.predict(data.calib.x))
-            calib_cloud = _cloud_logits(client, data.calib.x).argmax(axis=1)
+            calib_cloud = _cloud_logits(client, cloud_model, data.calib.x).argmax(axis=1)
             curve = routing_curve(
                 calib_edge.max_prob,
                 calib_edge.top1 == data.calib.y,
@@ -94,7 +110,7 @@ def run_demo(
             )
             threshold = pick_threshold(curve, target_recovery)
             calib_esc = float(np.mean(np.nan_to_num(calib_edge.max_prob, nan=-1) < threshold))
-            test_cloud = _cloud_logits(client, data.test.x).argmax(axis=1)
+            test_cloud = _cloud_logits(client, cloud_model, data.test.x).argmax(axis=1)
 
         policy = {
             "version": 1,
@@ -102,7 +118,7 @@ def run_demo(
             "tasks": {
                 "digits": {
                     "local": {"path": str(models / manifest.get(EDGE).file), "labels": LABELS},
-                    "cloud": {"endpoint": worker.endpoint, "model": CLOUD},
+                    "cloud": {"endpoint": worker.endpoint, "model": cloud_model},
                     "gate": {"metric": "max_prob", "threshold": round(threshold, 6)},
                     "rules": [
                         {"tag": "private", "route": "local"},
@@ -168,7 +184,12 @@ def run_demo(
         cpt80_escalation_rate=escalation_for_recovery(test_curve, 0.8),
         tier_counts={t.value: int((tiers == t.value).sum()) for t in Tier},
         latency_ms=latency,
-        sizes={m.name: m.size_bytes for m in manifest.models if m.name in (EDGE, EDGE_FP32, CLOUD)},
+        sizes={
+            m.name: m.size_bytes
+            for m in manifest.models
+            if m.name in (EDGE, EDGE_FP32, cloud_model)
+        },
+        cloud_description=manifest.get(cloud_model).description,
         per_severity=per_sev,
         endpoint=worker.endpoint or "",
     )
@@ -182,7 +203,7 @@ def print_report(r: DemoReport, console: Any) -> None:
     t.add_column("accuracy", justify="right")
     t.add_column("escalation rate", justify="right")
     t.add_row("edge only (int8 MLP)", f"{r.edge_accuracy:.1%}", "0.0%")
-    t.add_row("cloud only (fp32 CNN)", f"{r.cloud_accuracy:.1%}", "100.0%")
+    t.add_row(f"cloud only ({r.cloud_description})", f"{r.cloud_accuracy:.1%}", "100.0%")
     t.add_row(
         "routed (Tandem)", f"[bold]{r.routed_accuracy:.1%}[/bold]", f"{r.escalation_rate:.1%}"
     )

@@ -249,7 +249,7 @@ def _build_moe(out: Path, seed: int, say: Progress) -> None:
             version_prefix=f"{RECIPE_VERSION}.{seed}",
             fmt="tandem-moe",
             metrics={"test_accuracy": accuracy(out / file, data.test.x, data.test.y)},
-            description="MoE classifier: 64-128 embed, SwiGLU MoE 8 experts top-2, head",
+            description="MoE classifier, 8 SwiGLU experts, top-2",
         )
     manifest = load_manifest(out)
     models = [m for m in manifest.models if m.name != MOE] + [entry]
