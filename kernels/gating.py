@@ -68,6 +68,12 @@ def _gate_row(  # pragma: no cover - jitted
     sel,
     gscore,
     gkeep,
+    ckey,
+    cid,
+    all_ids,
+    submax,
+    vals_s,
+    ids_s,
     w_out,
     id_out,
 ):
@@ -120,22 +126,49 @@ def _gate_row(  # pragma: no cover - jitted
                 if not gkeep[g] and (best < 0 or gscore[g] > gscore[best]):
                     best = g
             gkeep[best] = True
-    n = 0
-    for e in range(n_exp):
-        if n_groups > 1 and not gkeep[e // group_size]:
-            continue
-        v = key[e]
-        if n == k and not v > vals[k - 1]:
-            continue
-        i = n if n < k else k - 1
-        while i > 0 and v > vals[i - 1]:  # strict: an equal key stays behind the lower id
-            vals[i] = vals[i - 1]
-            sel[i] = sel[i - 1]
-            i -= 1
-        vals[i] = v
-        sel[i] = e
-        if n < k:
-            n += 1
+    # Candidates: the eligible experts, in id order.
+    ks = key
+    cids = all_ids
+    n_cand = n_exp
+    if n_groups > 1:
+        n_cand = 0
+        for e in range(n_exp):
+            if gkeep[e // group_size]:
+                ckey[n_cand] = key[e]
+                cid[n_cand] = e
+                n_cand += 1
+        ks = ckey
+        cids = cid
+    # A floor under the k-th largest key, branch-free: the smallest of the maxima of k disjoint
+    # strided subsets (k distinct keys are >= it). Most candidates fall below it and are skipped
+    # without touching the sorted top-k; an insertion sort runs on the few that remain.
+    for j in range(k):
+        submax[j] = -np.inf
+    for base in range(0, n_cand - k + 1, k):
+        for j in range(k):
+            submax[j] = max(submax[j], ks[base + j])
+    for c in range(n_cand - n_cand % k, n_cand):
+        submax[c % k] = max(submax[c % k], ks[c])
+    floor = submax[0]
+    for j in range(1, k):
+        floor = min(floor, submax[j])
+    # Branch-free compaction of the keys at or above the floor (in id order), then each
+    # survivor's rank = how many survivors beat it (a larger key, or an equal key and a lower
+    # id): O(m^2) compares without a branch, m small; the k lowest ranks are the top-k.
+    m_s = 0
+    for c in range(n_cand):
+        v = ks[c]
+        vals_s[m_s] = v
+        ids_s[m_s] = cids[c]
+        m_s += v >= floor
+    for a in range(m_s):
+        va = vals_s[a]
+        rank = 0
+        for b in range(m_s):
+            vb = vals_s[b]
+            rank += (vb > va) | ((vb == va) & (b < a))
+        if rank < k:
+            sel[rank] = ids_s[a]
     total = 0.0
     for j in range(k):
         x = row[sel[j]]
@@ -184,10 +217,17 @@ def _gate_range(  # pragma: no cover - jitted
     sel = np.empty(k, np.int32)
     gscore = np.empty(max(n_groups, 1), np.float32)
     gkeep = np.empty(max(n_groups, 1), np.bool_)
+    ckey = np.empty(logits.shape[1], np.float32)
+    cid = np.empty(logits.shape[1], np.int32)
+    all_ids = np.arange(logits.shape[1]).astype(np.int32)
+    submax = np.empty(k, np.float32)
+    vals_s = np.empty(logits.shape[1], np.float32)
+    ids_s = np.empty(logits.shape[1], np.int32)
     for r in range(start, stop):
         ok[r] = _gate_row(
             logits[r], k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, key,
-            vals, sel, gscore, gkeep, weights[r], ids[r],
+            vals, sel, gscore, gkeep, ckey, cid, all_ids, submax, vals_s, ids_s, weights[r],
+            ids[r],
         )  # fmt: skip
 
 
