@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import combine, moe_align, permute, topk_gating
+from tandem.kernels.linear import SKINNY_MAX_ROWS, skinny_linear
 
 # Tokens per block in the dispatch plan. On CPU the GEMMs run per expert segment and skip the
 # padding, so the block only sets how much padding permute writes; 16 is what GPU kernels use.
@@ -76,10 +77,16 @@ def run_segments(
     transposed: bool = False,
 ) -> None:
     """For each ``(expert, start, count)``: ``yp[start:start+count] = expert(xp[same rows])`` —
-    two GEMMs over the segment. The loop is over experts; the rows of a segment go together."""
+    two GEMMs over the segment. The loop is over experts; the rows of a segment go together.
+    Segments of at most :data:`~tandem.kernels.linear.SKINNY_MAX_ROWS` rows use the skinny
+    kernel (weights streamed once), larger ones torch's GEMM."""
+    skinny = not transposed and xp.dtype == torch.float32 and not torch.is_grad_enabled()
     for e, start, count in segments:
         seg = xp[start : start + count]
-        if transposed:
+        if skinny and count <= SKINNY_MAX_ROWS:  # a few tokens: stream the weights once
+            h = activation(torch.from_numpy(skinny_linear(seg.numpy(), gate_up_proj[e].numpy())))
+            skinny_linear(h.numpy(), down_proj[e].numpy(), out=yp[start : start + count].numpy())
+        elif transposed:
             h = activation(seg @ gate_up_proj[e])
             torch.matmul(h, down_proj[e], out=yp[start : start + count])
         else:
