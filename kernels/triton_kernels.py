@@ -4,8 +4,8 @@
 
 On a machine without a GPU they run under ``TRITON_INTERPRET=1`` on CPU tensors (set before
 this module is imported): that is how CI tests them against the same references as the Numba
-kernels. Not yet Triton: grouped top-k selection and ``moe_align``, which run as their torch
-references on the GPU (correct, not fast).
+kernels. Grouped top-k with a number of experts or groups that is not a power of two runs as
+its torch reference on the GPU (correct, not fast).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.dispatch import MoEPlan, moe_align_reference
+from tandem.kernels.dispatch import MoEPlan
 from tandem.kernels.gating import check_gating_args, topk_gating_reference
 
 _SOFTMAX, _SIGMOID = 0, 1
@@ -97,6 +97,8 @@ def _gating_kernel(
     RENORM: tl.constexpr,
     USE_BIAS: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
 ):
     """One program per row: scores, then k rounds of arg-max over the not-yet-taken experts
     (ties: lowest id), weights from the unbiased scores."""
@@ -117,6 +119,25 @@ def _gating_kernel(
     else:
         key = x
     taken = e >= n_exp
+    if N_GROUPS > 1:  # keep the TOPK_GROUPS best groups (ties: lowest group id)
+        gs: tl.constexpr = BLOCK_E // N_GROUPS
+        g = tl.reshape(key, (N_GROUPS, gs))
+        g1 = tl.max(g, axis=1)
+        if USE_BIAS:  # DeepSeek-V3: a group scores the sum of its best two
+            col = tl.arange(0, gs)[None, :]
+            first = tl.min(tl.where(g == g1[:, None], col, gs), axis=1)
+            gscore = g1 + tl.max(tl.where(col == first[:, None], -float("inf"), g), axis=1)
+        else:
+            gscore = g1
+        gid = tl.arange(0, N_GROUPS)
+        kept = gid < 0
+        for _ in range(TOPK_GROUPS):
+            masked = tl.where(kept, -float("inf"), gscore)
+            top = tl.max(masked, axis=0)
+            best = tl.min(tl.where((masked == top) & (~kept), gid, N_GROUPS), axis=0)
+            kept = kept | (gid == best)
+        eligible = tl.reshape(tl.broadcast_to(kept[:, None], (N_GROUPS, gs)), (BLOCK_E,))
+        taken = taken | (~eligible)
     total = 0.0
     for j in range(k):
         masked = tl.where(taken, -float("inf"), key)
@@ -147,7 +168,9 @@ def topk_gating_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_exp = logits.shape
     check_gating_args(n_exp, k, scoring, None if bias is None else len(bias), n_groups, topk_groups)
-    if n_groups is not None:  # grouped selection: the torch reference, on the same device
+    block_e = triton.next_power_of_2(n_exp)
+    groups_fit = n_groups is None or (block_e == n_exp and n_groups & (n_groups - 1) == 0)
+    if not groups_fit:  # grouped selection on odd sizes: the torch reference, on the device
         w, ids = topk_gating_reference(
             logits,
             k,
@@ -177,7 +200,9 @@ def topk_gating_triton(
             SCORING=_SOFTMAX if scoring == "softmax" else _SIGMOID,
             RENORM=renormalize,
             USE_BIAS=bias is not None,
-            BLOCK_E=triton.next_power_of_2(n_exp),
+            BLOCK_E=block_e,
+            N_GROUPS=n_groups or 1,
+            TOPK_GROUPS=topk_groups or 1,
         )
         bad = torch.nonzero(ok == 0)[:10, 0].tolist()
         if bad:
@@ -186,9 +211,71 @@ def topk_gating_triton(
 
 
 # --------------------------------------------------------------------------- dispatch
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, n_slots, BLOCK: tl.constexpr):
+    """_count: one program per expert scans every slot (no atomics: deterministic)."""
+    e = tl.program_id(0)
+    total = 0
+    for start in range(0, n_slots, BLOCK):
+        s = start + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + s, mask=s < n_slots, other=-1)
+        total += tl.sum((ids == e).to(tl.int32), axis=0)
+    tl.store(counts_ptr + e, total)
+
+
+@triton.jit
+def _align_scatter_kernel(
+    ids_ptr, offsets_ptr, sorted_ptr, slot_pos_ptr, n_slots, BLOCK: tl.constexpr
+):
+    """_scatter: one program per expert writes its slots, in slot order (a running prefix sum),
+    from the expert's padded offset on."""
+    e = tl.program_id(0)
+    at = tl.load(offsets_ptr + e)
+    for start in range(0, n_slots, BLOCK):
+        s = start + tl.arange(0, BLOCK)
+        mine = (tl.load(ids_ptr + s, mask=s < n_slots, other=-1) == e).to(tl.int32)
+        pos = at + tl.cumsum(mine, axis=0) - mine
+        tl.store(sorted_ptr + pos, s, mask=mine == 1)
+        tl.store(slot_pos_ptr + s, pos, mask=mine == 1)
+        at += tl.sum(mine, axis=0)
+
+
 def moe_align_triton(expert_ids: torch.Tensor, n_experts: int, block_size: int) -> MoEPlan:
-    """Not a Triton kernel yet: the torch reference's plan (computed on the host)."""
-    return moe_align_reference(expert_ids.cpu(), n_experts, block_size)
+    """Two kernels (count, scatter) with the ``_prefix_sum`` pass in torch between them; the
+    plan comes back as host arrays, like the CPU kernel's."""
+    ids = expert_ids.reshape(-1).to(torch.int32).contiguous()
+    n_slots = ids.numel()
+    if n_slots and (int(ids.min()) < 0 or int(ids.max()) >= n_experts):
+        raise ValueError(f"expert ids must lie in [0, {n_experts})")
+    dev = ids.device
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=dev)
+    block = 1024
+    if n_slots:
+        _align_count_kernel[(n_experts,)](ids, counts, n_slots, BLOCK=block)
+    padded = (counts + block_size - 1) // block_size * block_size
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int32, device=dev)
+    offsets[1:] = torch.cumsum(padded, 0)
+    total = int(offsets[-1])
+    sorted_ids = torch.full((total,), n_slots, dtype=torch.int32, device=dev)
+    slot_pos = torch.empty(n_slots, dtype=torch.int32, device=dev)
+    if n_slots:
+        _align_scatter_kernel[(n_experts,)](
+            ids, offsets, sorted_ids, slot_pos, n_slots, BLOCK=block
+        )
+    blocks = torch.repeat_interleave(
+        torch.arange(n_experts, dtype=torch.int32, device=dev), (padded // block_size).long()
+    )
+    k = expert_ids.shape[1]
+    return MoEPlan(
+        sorted_ids.cpu().numpy(),
+        blocks.cpu().numpy(),
+        total,
+        counts.cpu().numpy(),
+        offsets.cpu().numpy(),
+        slot_pos.cpu().numpy(),
+        k,
+        block_size,
+    )
 
 
 @triton.jit

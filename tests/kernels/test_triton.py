@@ -68,6 +68,8 @@ def test_confidence_edge_rows() -> None:
         {"bias": "random"},
         {"scoring": "sigmoid", "bias": "random", "renormalize": False},
         {"scoring": "sigmoid", "bias": "random", "n_groups": 4, "topk_groups": 2},
+        {"n_groups": 4, "topk_groups": 2},
+        {"n_groups": 8, "topk_groups": 3},
     ],
 )
 @pytest.mark.parametrize(("t", "e", "k"), [(0, 8, 2), (1, 16, 1), (9, 16, 16), (17, 64, 8)])
@@ -81,6 +83,14 @@ def test_gating_matches_reference(kw, t, e, k) -> None:
     wr, idr = topk_gating_reference(x, k, **{**kw})
     assert ids.cpu().tolist() == idr.tolist()
     torch.testing.assert_close(w.cpu(), wr, rtol=2e-5, atol=1e-6)
+
+
+def test_grouped_gating_on_odd_sizes_falls_back_to_the_reference() -> None:
+    x = torch.randn(5, 12)
+    w, ids = tk.topk_gating_triton(on(x), 2, n_groups=3, topk_groups=2)
+    wr, idr = topk_gating_reference(x, 2, n_groups=3, topk_groups=2)
+    assert ids.cpu().tolist() == idr.tolist()
+    torch.testing.assert_close(w.cpu(), wr)
 
 
 def test_gating_ties_and_bad_rows() -> None:
@@ -105,3 +115,25 @@ def test_permute_and_combine_match_reference(t, k, e, h, dtype) -> None:
     out = tk.combine_triton(on(y), plan, on(w))
     want = combine_reference(y.float(), plan, w).to(dtype)
     torch.testing.assert_close(out.cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("t", "k", "e", "bs"),
+    [(0, 2, 4, 4), (1, 1, 1, 1), (5, 2, 4, 4), (300, 8, 64, 16), (700, 2, 3, 64)],
+)
+def test_moe_align_matches_reference(t, k, e, bs) -> None:
+    from tandem.kernels import moe_align_reference
+
+    ids = torch.randint(0, e, (t, k), generator=torch.Generator().manual_seed(t + k))
+    got, want = tk.moe_align_triton(on(ids), e, bs), moe_align_reference(ids, e, bs)
+    for field in (
+        "sorted_token_ids",
+        "block_expert_ids",
+        "expert_counts",
+        "expert_offsets",
+        "slot_positions",
+    ):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    assert got.num_tokens_post_padded == want.num_tokens_post_padded
+    with pytest.raises(ValueError):
+        tk.moe_align_triton(on(torch.tensor([[e]])), e, bs)
