@@ -107,7 +107,7 @@ _CHUNK = 512
 
 
 # reassoc lets LLVM vectorize the sums; NaN/inf semantics are kept (no nnan/ninf).
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy")
 def _row_stats(row):  # pragma: no cover - jitted
     """(top1, max_prob, margin, entropy) of one row; top1 = -1 marks an invalid row.
 

@@ -49,8 +49,10 @@ def _exp_neg(d):  # pragma: no cover - jitted
 
 @numba.njit(inline="always")
 def _sigmoid(x):  # pragma: no cover - jitted
-    e = _exp_neg(-abs(x))
-    return np.float32(1.0) / (np.float32(1.0) + e) if x >= 0 else e / (np.float32(1.0) + e)
+    """Branch-free: exp of -|x| only (never overflows), then 1/(1+e) or e/(1+e)."""
+    e = _exp_f32(max(-abs(x), _F32_EXP_FLOOR))
+    r = np.float32(1.0) / (np.float32(1.0) + e)
+    return r if x >= 0 else e * r
 
 
 @numba.njit(inline="always")
@@ -113,11 +115,8 @@ def _gate_row(  # pragma: no cover - jitted
             b2 = -np.inf
             for e in range(g * group_size, (g + 1) * group_size):
                 v = key[e]
-                if v > b1:
-                    b2 = b1
-                    b1 = v
-                elif v > b2:
-                    b2 = v
+                b2 = max(b2, min(b1, v))  # branch-free running top two
+                b1 = max(b1, v)
             gscore[g] = b1 + b2 if use_bias else b1
             gkeep[g] = False
         for _ in range(topk_groups):
@@ -231,7 +230,9 @@ def _gate_range(  # pragma: no cover - jitted
         )  # fmt: skip
 
 
-@numba.njit(cache=True, nogil=True)
+# error_model="numpy": a float division is a plain division, not a branch that raises
+# ZeroDivisionError — that check alone keeps LLVM from vectorizing the sigmoid loop (10x).
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _gate_serial(  # pragma: no cover - jitted
     logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights, ids, ok
 ):
@@ -241,7 +242,7 @@ def _gate_serial(  # pragma: no cover - jitted
     )  # fmt: skip
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _gate_parallel(  # pragma: no cover - jitted
     logits, k, scoring, renormalize, bias, use_bias, n_groups, topk_groups, weights, ids, ok
 ):
