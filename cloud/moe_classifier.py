@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.cloud.moe import MoEBlock, run_segments
+from tandem.kernels import all_finite
 from tandem.runtime.errors import BackendError, BadRequest
 from tandem.runtime.manifest import TensorSpec, sha256_file
 
@@ -114,7 +115,7 @@ class MoEBackend:
         if batch.dtype.kind not in "fiu":
             raise BadRequest(f"model {self.name!r} takes float32, got {batch.dtype}")
         batch = np.asarray(batch, dtype=np.float32)
-        if not np.isfinite(batch).all():
+        if not all_finite(batch):
             raise BadRequest(f"model {self.name!r}: input holds NaN or inf")
         return batch
 
