@@ -125,3 +125,21 @@ def make_policy(tmp_path: Path, tiny_models: Path):
 @pytest.fixture
 def make_worker_config(tiny_models: Path):
     return lambda **overrides: worker_config(tiny_models, **overrides)
+
+
+@pytest.fixture
+def assert_same_plan():
+    """Compare two MoE dispatch plans field by field (Numba, Triton, reference)."""
+
+    def check(got, want) -> None:
+        for field in (
+            "sorted_token_ids",
+            "block_expert_ids",
+            "expert_counts",
+            "expert_offsets",
+            "slot_positions",
+        ):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        assert got.num_tokens_post_padded == want.num_tokens_post_padded
+
+    return check
