@@ -207,12 +207,15 @@ class CloudWorker:
             return env.reply(Kind.RESULT, self.health())
         if env.kind is Kind.ECHO:
             return env.reply(Kind.RESULT, env.payload)
-        if env.kind is Kind.EXPERTS:
-            return env.reply(Kind.RESULT, self._run_experts(env))
-        if env.kind is not Kind.INFER:
+        if env.kind not in (Kind.INFER, Kind.EXPERTS):
             raise BadRequest(f"a worker does not accept {env.kind.value!r} messages")
+        # both kinds of work: refused while draining, and never run past their deadline
         if self.draining:
             raise ShuttingDown("worker is draining; send new work elsewhere")
+        if env.expired():
+            raise DeadlineExceeded("deadline passed before the request reached the worker")
+        if env.kind is Kind.EXPERTS:
+            return env.reply(Kind.RESULT, self._run_experts(env))
         p = env.payload
         if not isinstance(p, dict) or not isinstance(p.get("model"), str):
             raise BadRequest("infer payload must be a map with a 'model' string")
@@ -222,16 +225,12 @@ class CloudWorker:
         inputs = p.get("inputs")
         if not isinstance(inputs, np.ndarray):
             raise BadRequest("infer payload needs an 'inputs' array shaped (N, ...)")
-        if env.expired():
-            raise DeadlineExceeded("deadline passed before the request reached the worker")
         inputs = backend.check_batch(inputs)
         self.batcher.add(backend.name, Pending(route, env, inputs, time.monotonic()))
         return None
 
     def _run_experts(self, env: Envelope) -> dict[str, Any]:
         """An expert-shard request: run at once (its rows are already one batch per expert)."""
-        if self.draining:
-            raise ShuttingDown("worker is draining; send new work elsewhere")
         p = env.payload
         ok = (
             isinstance(p, dict)
@@ -246,8 +245,6 @@ class CloudWorker:
         run = getattr(backend, "run_experts", None)
         if run is None:
             raise UnknownModel(f"no MoE model {p.get('model')!r} here")
-        if env.expired():
-            raise DeadlineExceeded("deadline passed before the request reached the worker")
         self.counters["expert_rows"] += len(p["rows"])
         return {"rows": run(p["experts"], p["counts"], p["rows"]), "version": backend.version}
 

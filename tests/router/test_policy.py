@@ -138,3 +138,13 @@ def test_cli_policy_check(tmp_path: Path) -> None:
     )
     assert run.returncode == 1
     assert "tasks.digits.gate.threshold: must be between 0 and 1, got 1.5" in run.stderr
+
+
+def test_policy_from_a_dict_resolves_paths_and_names_its_source(tmp_path: Path) -> None:
+    from tandem.router.policy import policy_from_dict
+
+    data = {"tasks": {"t": {"local": {"path": "m.onnx"}, "gate": {"threshold": 0.5}}}}
+    assert policy_from_dict(data, base_dir=tmp_path).tasks["t"].local.path == tmp_path / "m.onnx"
+    data["tasks"]["t"]["gate"]["threshold"] = 2
+    with pytest.raises(ConfigError, match=r"^<policy>: tasks.t.gate.threshold: must be between"):
+        policy_from_dict(data)
