@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,7 +107,8 @@ def emit(
         table.add_column(c, justify="left" if c == columns[0] else "right")
     for r in rows:
         table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r))
-    Console().print(table)
+    console = Console(width=None if sys.stdout.isatty() else 160)  # piped: don't cut columns
+    console.print(table)
     path = Path(json_path or f"bench-{name}.json")
     path.write_text(json.dumps({"benchmark": name, "machine": m, "results": data}, indent=2) + "\n")
     Console().print(f"results written to {path}")

@@ -9,6 +9,8 @@
 * **Decomposition**: raw pyzmq DEALER → ROUTER echo, no envelope: the socket pattern Tandem
   uses (many clients per worker, out-of-order replies) without Tandem's codec and checks. The
   gap between this column and REQ/REP is the pattern; the rest is Tandem's own work.
+* **Curve**: the same Tandem echo through a second worker with CurveZMQ on (keys generated
+  into a temporary folder): its cost is the ratio to the plain Tandem echo.
 
 All over TCP loopback, sampled in alternating rounds. The goal: Tandem ≤ 1.3× REQ/REP at p50.
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -27,6 +31,7 @@ from tandem.bench.report import emit, interleaved_us, pct
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
 from tandem.runtime.client import CloudClient
+from tandem.runtime.curve import generate_keypair
 
 GOAL = 1.3
 # One echo server per process, each as lean as pyzmq allows (blocking recv, zero-copy frames).
@@ -71,11 +76,29 @@ def main(argv: list[str] | None = None) -> None:
         sock.send(b, copy=len(b) < 65536)  # pyzmq copies small frames anyway
         sock.recv(copy=False)
 
+    keys = tempfile.TemporaryDirectory(prefix="tandem-bench-keys-")
+    kd = Path(keys.name)
+    worker_public, worker_secret = generate_keypair(kd, "worker")
+    (kd / "clients").mkdir()
+    generate_keypair(kd / "clients", "bench")
+    curve_cfg = WorkerConfig.model_validate(
+        {
+            "bind": "tcp://127.0.0.1:*",
+            "curve": {"secret_key": str(worker_secret), "allowed_clients": str(kd / "clients")},
+        }
+    )
     rows, data = [], {}
     try:
-        with WorkerProcess(WorkerConfig(bind="tcp://127.0.0.1:*")) as worker:
-            assert worker.endpoint is not None
-            with CloudClient(worker.endpoint) as client:
+        with (
+            WorkerProcess(WorkerConfig(bind="tcp://127.0.0.1:*")) as worker,
+            WorkerProcess(curve_cfg) as curve_worker,
+        ):
+            assert worker.endpoint is not None and curve_worker.endpoint is not None
+            curve_keys = (kd / "clients" / "bench.key_secret", worker_public)
+            with (
+                CloudClient(worker.endpoint) as client,
+                CloudClient(curve_worker.endpoint, curve=curve_keys) as curve_client,
+            ):
                 for label, n_floats, n in (
                     ("1 KiB", 256, args.n),
                     ("1 MiB", 262_144, max(50, args.n // 8)),
@@ -83,16 +106,20 @@ def main(argv: list[str] | None = None) -> None:
                     x = np.random.default_rng(0).normal(size=n_floats).astype(np.float32)
                     b = x.tobytes()
                     np.testing.assert_array_equal(client.echo(x), x)
+                    np.testing.assert_array_equal(curve_client.echo(x), x)
                     s = interleaved_us(
                         {
                             "tandem": lambda x=x: client.echo(x),
+                            "curve": lambda x=x: curve_client.echo(x),
                             "req_rep": lambda b=b: raw_round_trip(raw["REP"], b),
                             "dealer_router": lambda b=b: raw_round_trip(raw["ROUTER"], b),
                         },
                         n,
                     )
                     t, r, d = (pct(s[k]) for k in ("tandem", "req_rep", "dealer_router"))
+                    c = pct(s["curve"])
                     ratio = t["p50"] / r["p50"]
+                    curve_ratio = c["p50"] / t["p50"]
                     ok = "yes" if ratio <= GOAL else "NO"
                     rows.append(
                         [
@@ -104,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                             t["p99"],
                             f"{ratio:.2f}×",
                             ok,
+                            c["p50"],
+                            f"{curve_ratio:.2f}×",
                         ]
                     )
                     data[label] = {
@@ -112,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                         "tandem_us": t,
                         "ratio_p50": ratio,
                         "goal": GOAL,
+                        "tandem_curve_us": c,
+                        "curve_ratio_p50": curve_ratio,
                     }
     finally:
         for sock in raw.values():
@@ -119,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         for proc in servers:
             proc.kill()
             proc.wait()
+        keys.cleanup()
     emit(
         "wire",
         "echo round trip over TCP loopback (µs): Tandem client+worker vs raw pyzmq",
@@ -131,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             "p99",
             "ratio",
             f"≤{GOAL}×",
+            "curve p50",
+            "curve/tandem",
         ],
         rows,
         data,

@@ -7,9 +7,17 @@
     models: [digits-cloud]           # optional subset of the manifest (default: all)
     experts: {digits-moe: [0, 1, 2, 3]}  # optional: host only these experts of an MoE model
     threads: 0                       # ONNX Runtime intra-op threads (0 = all cores)
-    batching: {max_batch: 64, max_wait_us: 500}
-    limits: {max_message_bytes: 67108864}
+    batching: {max_batch: 64, max_wait_us: 0}
+    limits: {max_message_bytes: 67108864, max_rows: 1024, max_request_bytes: 16777216}
+    queue: {max_requests: 4096, max_bytes: 268435456}
+    idempotency: {max_entries: 10000, max_bytes: 67108864, ttl_s: 60}
+    socket: {sndhwm: 10000, rcvhwm: 10000, heartbeat_ivl_ms: 1000, heartbeat_timeout_ms: 3000}
     drain: {grace_ms: 200}
+    curve: {secret_key: keys/worker.key_secret, allowed_clients: keys/clients}  # default: off
+    insecure: false                  # true: allow a non-loopback bind without curve
+
+Every key is optional; the defaults are the values shown. Each section's class says what its
+keys bound and why.
 """
 
 from __future__ import annotations
@@ -25,22 +33,63 @@ _DEFAULT_LIMITS = WireLimits()
 
 
 class BatchingSpec(StrictModel):
-    """Requests for one model are batched until ``max_batch`` rows are waiting or the oldest
-    has waited ``max_wait_us``; then they run as one ONNX Runtime call."""
+    """A request that finds its model idle runs at once; requests that arrive while the model
+    is busy form the next batch (up to ``max_batch`` rows), as Triton's dynamic batcher does
+    with its default queue delay of 0. ``max_wait_us`` > 0 opts in to holding a batch that
+    long for more rows (higher throughput under steady load, never lower latency)."""
 
     max_batch: int = Field(default=64, ge=1, le=65536)
-    max_wait_us: int = Field(default=500, ge=0, le=10_000_000)
+    max_wait_us: int = Field(default=0, ge=0, le=10_000_000)
 
 
 class LimitsSpec(StrictModel):
+    """Per-message limits (the wire codec's, checked before anything is decoded) and
+    per-request limits (checked before any work: a request over them gets ``BadRequest``)."""
+
     max_message_bytes: int = Field(default=_DEFAULT_LIMITS.max_message_bytes, ge=1024)
     max_frames: int = Field(default=_DEFAULT_LIMITS.max_frames, ge=2)
     max_array_elements: int = Field(default=_DEFAULT_LIMITS.max_array_elements, ge=1)
     max_depth: int = Field(default=_DEFAULT_LIMITS.max_depth, ge=1)
     max_tags: int = Field(default=_DEFAULT_LIMITS.max_tags, ge=0)
+    # One request's rows bound how long it can hold a model; its bytes bound its memory.
+    max_rows: int = Field(default=1024, ge=1)
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
     def wire_limits(self) -> WireLimits:
-        return WireLimits(**self.model_dump())
+        return WireLimits(**self.model_dump(exclude={"max_rows", "max_request_bytes"}))
+
+
+class QueueSpec(StrictModel):
+    """Bounds on queued (admitted, not yet run) requests, per model and over all models, in
+    requests and in bytes. A request that would cross one is answered ``Overloaded`` at once
+    with a ``retry_after_ms`` hint; nothing is queued without bound."""
+
+    max_requests_per_model: int = Field(default=1024, ge=1)
+    max_bytes_per_model: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_requests: int = Field(default=4096, ge=1)
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
+
+class IdempotencySpec(StrictModel):
+    """Recently answered request ids and their replies: a retry of an id (the client's
+    failover, a reconnect) is answered from here instead of running again. Bounded in entries
+    and bytes; an entry lives ``ttl_s``."""
+
+    max_entries: int = Field(default=10_000, ge=0)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    ttl_s: float = Field(default=60.0, gt=0)
+
+
+class SocketSpec(StrictModel):
+    """ZeroMQ options of the worker's ROUTER socket. High-water marks bound ZeroMQ's own
+    queues per peer (messages); heartbeats (ZMTP PING/PONG) find dead peers and free their
+    queues. A reply to a peer whose send queue is full is not waited for: it is counted
+    (``replies_dropped`` in health) and logged; the worker never blocks on one peer."""
+
+    sndhwm: int = Field(default=10_000, ge=1)
+    rcvhwm: int = Field(default=10_000, ge=1)
+    heartbeat_ivl_ms: int = Field(default=1000, ge=0)  # 0: no heartbeats
+    heartbeat_timeout_ms: int = Field(default=3000, ge=0)
 
 
 class DrainSpec(StrictModel):
@@ -48,6 +97,15 @@ class DrainSpec(StrictModel):
     ``ShuttingDown`` for ``grace_ms`` so clients learn why, then exit 0."""
 
     grace_ms: int = Field(default=200, ge=0)
+
+
+class CurveSpec(StrictModel):
+    """CurveZMQ on the worker's socket (see :mod:`tandem.runtime.curve`): every byte after the
+    handshake is encrypted, and only clients whose public key is a ``*.key`` file in
+    ``allowed_clients`` are served. Paths are relative to the config file."""
+
+    secret_key: ConfigPath  # the worker's NAME.key_secret (from `tandem keys generate`)
+    allowed_clients: ConfigPath  # a directory of the allowed clients' NAME.key files
 
 
 class WorkerConfig(StrictModel):
@@ -59,7 +117,13 @@ class WorkerConfig(StrictModel):
     threads: int = Field(default=0, ge=0)
     batching: BatchingSpec = BatchingSpec()
     limits: LimitsSpec = LimitsSpec()
+    queue: QueueSpec = QueueSpec()
+    idempotency: IdempotencySpec = IdempotencySpec()
+    socket: SocketSpec = SocketSpec()
     drain: DrainSpec = DrainSpec()
+    curve: CurveSpec | None = None
+    # A bind that other hosts can reach needs curve, or this set (`--insecure`) on purpose.
+    insecure: bool = False
 
 
 def load_worker_config(path: str | Path) -> WorkerConfig:

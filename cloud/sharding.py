@@ -17,7 +17,7 @@ import torch
 from tandem.kernels import combine, moe_align, permute
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest
-from tandem.runtime.wire import Envelope, Kind, now_epoch_ms
+from tandem.runtime.wire import Envelope, Kind
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,6 @@ class ShardedExperts:
             rows = np.concatenate([xp[starts[e] : starts[e] + counts[e]] for e in experts])
             env = Envelope(
                 kind=Kind.EXPERTS,
-                deadline_ms=now_epoch_ms() + int(self.timeout_s * 1000),
                 payload={
                     "model": self.model,
                     "experts": experts,

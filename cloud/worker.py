@@ -1,12 +1,26 @@
-"""The cloud worker: a ZeroMQ ROUTER socket in front of ONNX Runtime models.
+"""The cloud worker: a ZeroMQ ROUTER socket in front of model backends.
 
 One thread owns the socket and the clock. Its loop: poll; read every waiting message, validate
-it and queue it in the :class:`MicroBatcher`; run the batches that are due (full, or whose
-oldest request has waited ``max_wait_us``) as one ONNX Runtime call each; answer every request
-individually. While a batch runs, new requests wait in ZeroMQ's queue and join the next batch.
+it and admit it to the :class:`MicroBatcher` (or answer at once: a typed error, ``Overloaded``,
+a cached reply); run one batch per model that is ready; answer every request individually.
+An idle model runs a request the moment it arrives; requests that arrive while it is busy wait
+in the queue and form the next batch.
 
-Every message is answered exactly once: with a result, or with a typed error (bad frames,
-unknown model, deadline passed, shutting down). Nothing a client sends can crash the loop.
+**Nothing a client sends ends or stalls the loop.** Backend code (``check_batch``,
+``run``, ``run_experts``) is only ever called through :meth:`CloudWorker._backend`, the one
+place that turns any exception it raises into a typed :class:`BackendFailure` reply
+(``backend.error``, with the exception's class and message) and counts it in ``health``; a
+failing batch of several requests is re-run one request at a time so only the request that
+fails gets the error. Everything else that can go wrong on a message is caught once in
+:meth:`CloudWorker._on_message` and answered as a typed error. What a request can cost is
+bounded before it runs: rows and bytes per request (``limits``), queued requests and bytes per
+model and in total (``queue``; over them: ``Overloaded`` with a retry-after hint), ZeroMQ's
+high-water marks, and the reply cache (``idempotency``). Replies are sent without blocking:
+a peer that does not read them cannot stall the worker.
+
+Every message is answered exactly once, with a result or a typed error. A retry of a request
+id already answered (within ``idempotency.ttl_s``) gets the same reply again without running;
+a retry of one still queued is answered together with it.
 """
 
 from __future__ import annotations
@@ -22,12 +36,22 @@ from typing import Any, cast
 import numpy as np
 import zmq
 
-from tandem.cloud.batching import MicroBatcher, Pending
+from tandem.cloud.batching import MicroBatcher, Pending, QueueBounds
 from tandem.cloud.config import WorkerConfig
+from tandem.cloud.idempotency import ReplyCache
 from tandem.runtime.backends import ModelBackend, OnnxBackend
+from tandem.runtime.curve import (
+    configure_server,
+    is_loopback,
+    load_secret_key,
+    start_authenticator,
+)
 from tandem.runtime.errors import (
+    BackendFailure,
     BadRequest,
+    ConfigError,
     DeadlineExceeded,
+    OverloadedError,
     ShuttingDown,
     TandemError,
     UnknownModel,
@@ -40,17 +64,17 @@ from tandem.runtime.wire import (
     Frame,
     Kind,
     WireCodec,
-    now_epoch_ms,
     recv_frames,
-    send_frames,
 )
 
 log = logging.getLogger(__name__)
 
 _NO_ID = bytes(16)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_SNDMORE, _DONTWAIT = int(zmq.SNDMORE), int(zmq.DONTWAIT)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
-_MAX_READS_PER_TURN = 1024  # messages read before due batches get a chance to run
+_MAX_READS_PER_TURN = 256  # messages read before ready batches get a chance to run
+_WORK = (Kind.INFER, Kind.EXPERTS)
 
 
 def _moe_backend(*args: Any, **kwargs: Any) -> ModelBackend:
@@ -95,6 +119,25 @@ def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
     return backends
 
 
+def check_security(config: WorkerConfig) -> None:
+    """A worker that other hosts can reach must use Curve, or say ``insecure`` on purpose; its
+    Curve keys must load. Raises :class:`ConfigError` saying what to do."""
+    if config.curve is not None:
+        load_secret_key(config.curve.secret_key)
+        if not config.curve.allowed_clients.is_dir():
+            raise ConfigError(
+                f"curve.allowed_clients: {config.curve.allowed_clients} is not a directory "
+                "(it holds the allowed clients' NAME.key files)"
+            )
+    elif not config.insecure and not is_loopback(config.bind):
+        raise ConfigError(
+            f"bind {config.bind} is reachable from other hosts and curve is off: anyone who "
+            "can reach it could use the models and read every request. Set curve "
+            "(secret_key, allowed_clients; keys from `tandem keys generate`), bind a loopback "
+            "address, or pass --insecure (insecure: true) if the network is protected otherwise"
+        )
+
+
 class CloudWorker:
     def __init__(
         self,
@@ -103,13 +146,25 @@ class CloudWorker:
         *,
         context: zmq.Context | None = None,
     ) -> None:
+        check_security(config)  # before loading any model: fail fast
         self.config = config
         self.backends = backends if backends is not None else load_backends(config)
         self.codec = WireCodec(config.limits.wire_limits())
-        self.batcher = MicroBatcher(config.batching.max_batch, config.batching.max_wait_us / 1e6)
+        q = config.queue
+        self.batcher = MicroBatcher(
+            config.batching.max_batch,
+            config.batching.max_wait_us / 1e6,
+            QueueBounds(
+                q.max_requests_per_model, q.max_bytes_per_model, q.max_requests, q.max_bytes
+            ),
+        )
+        idem = config.idempotency
+        self.answered = ReplyCache(idem.max_entries, idem.max_bytes, idem.ttl_s)
+        self._queued: dict[bytes, Pending] = {}  # request id → its queued entry
         self.counters: Counter[str] = Counter()
         self.endpoint: str | None = None
         self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
         self._stop = threading.Event()
         self._started = time.monotonic()
 
@@ -125,14 +180,50 @@ class CloudWorker:
         """Bind, call ``ready(endpoint)``, serve until :meth:`stop` (or SIGTERM/SIGINT when
         run in the main thread), drain, return the exit code (0)."""
         sock = self._ctx.socket(zmq.ROUTER)
+        so = self.config.socket
         sock.setsockopt(zmq.LINGER, 2000)
         # ZeroMQ drops a connection that sends a frame over this size; the codec answers
         # messages whose frames are each under it but together over the limit.
         sock.setsockopt(zmq.MAXMSGSIZE, self.codec.limits.max_message_bytes)
-        sock.bind(self.config.bind)
+        sock.setsockopt(zmq.SNDHWM, so.sndhwm)
+        sock.setsockopt(zmq.RCVHWM, so.rcvhwm)
+        # A reply that cannot be routed (peer gone, its queue full) raises instead of vanishing,
+        # so it is counted; with DONTWAIT it never blocks the loop.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if so.heartbeat_ivl_ms:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, so.heartbeat_ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, so.heartbeat_timeout_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, so.heartbeat_timeout_ms)
+        auth = None
+        try:
+            curve = self.config.curve
+            if curve is not None:
+                # the ZAP handler runs before the socket binds: without one, Curve admits anyone
+                auth, allow = start_authenticator(self._ctx, curve.allowed_clients, log)
+                configure_server(sock, curve.secret_key)
+                security = f"curve on ({len(allow.keys)} allowed client keys in {allow.directory})"
+            else:
+                security = "curve OFF (plain text, any client)"
+                if not is_loopback(self.config.bind):
+                    log.warning(
+                        "bind %s is not loopback and curve is off (insecure)", self.config.bind
+                    )
+            sock.bind(self.config.bind)
+        except BaseException:
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            raise
+        self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         restore = self._install_signal_handlers()
-        log.info("worker listening on %s, models: %s", self.endpoint, ", ".join(self.backends))
+        log.info(
+            "worker listening on %s, %s, models: %s",
+            self.endpoint,
+            security,
+            ", ".join(self.backends),
+            extra={"curve": curve is not None},
+        )
         if ready:
             ready(self.endpoint)
         try:
@@ -141,6 +232,8 @@ class CloudWorker:
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
             sock.close()
+            if auth is not None:
+                auth.stop()  # after the socket: it must never be open without its handler
         log.info("worker stopped: %s", dict(self.counters))
         return 0
 
@@ -156,30 +249,33 @@ class CloudWorker:
         grace_until: float | None = None
         while True:
             now = time.monotonic()
-            # Draining: the flush below runs every queued request; once none is left, new ones
-            # are answered ShuttingDown for grace_ms, then the loop ends.
+            # Draining: every queued request still runs; once none is left, new ones are
+            # answered ShuttingDown for grace_ms, then the loop ends.
             if self.draining and grace_until is None and self.batcher.depth == 0:
                 log.info("drained; refusing new work for %d ms", self.config.drain.grace_ms)
                 grace_until = now + self.config.drain.grace_ms / 1e3
             if grace_until is not None and now >= grace_until:
                 return
-            due = self.batcher.next_due()
-            timeout = (
-                _IDLE_POLL_MS if due is None else max(0, min(_IDLE_POLL_MS, int((due - now) * 1e3)))
-            )
+            due = self.batcher.next_due(now)
+            timeout = _IDLE_POLL_MS
+            if due is not None:
+                timeout = max(0, min(timeout, int((due - now) * 1e3 + 0.999)))
             if grace_until is not None:
                 timeout = min(timeout, max(0, int((grace_until - now) * 1e3)))
             if zmq.zmq_poll([(sock, _POLLIN)], timeout):
                 for _ in range(_MAX_READS_PER_TURN):
                     # peer identity and envelope are copied; array frames arrive zero-copy
-                    self._on_message(sock, recv_frames(sock, n_copied=2))
+                    self._on_message(recv_frames(sock, n_copied=2))
                     if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                         break
-            for model, batch in self.batcher.take_ready(time.monotonic(), flush=self.draining):
-                self._run_batch(sock, model, batch)
+            now = time.monotonic()
+            for model, batch in self.batcher.take_ready(now, flush=self.draining):
+                self._run_batch(model, batch)
+            if len(self.answered):
+                self.answered.expire(now)
 
     # ------------------------------------------------------------------ messages
-    def _on_message(self, sock: zmq.Socket, frames: list[Frame]) -> None:
+    def _on_message(self, frames: list[Frame]) -> None:
         # ROUTER prepends the peer identity; a REQ peer adds an empty delimiter after it.
         n_route = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1
         route, body = frames[:n_route], frames[n_route:]
@@ -189,33 +285,49 @@ class CloudWorker:
             self.counters["wire_errors"] += 1
             log.debug("bad message: %s", e)
             rid = e.request_id or _NO_ID
-            self._send(sock, route, Envelope(kind=Kind.ERROR, id=rid, payload=e.to_wire()))
+            self._reply(route, Envelope(kind=Kind.ERROR, id=rid, payload=e.to_wire()))
             return
         self.counters[env.kind.value] += 1
         try:
-            reply = self._handle(route, env)
+            reply = self._handle(route, env, body)
         except TandemError as e:
+            if isinstance(e, OverloadedError):
+                self.counters["overloaded"] += 1
             reply = env.error_reply(e)
-        except Exception as e:  # never let one request take the worker down
+        except Exception as e:  # a bug of ours: answer it, log it, keep serving
+            self.counters["internal_errors"] += 1
             log.exception("internal error on %s request", env.kind.value)
             reply = env.error_reply(TandemError(f"internal error: {type(e).__name__}: {e}"))
         if reply is not None:
-            self._send(sock, route, reply)
+            self._reply(route, reply)
 
-    def _handle(self, route: list[Any], env: Envelope) -> Envelope | None:
+    def _handle(self, route: list[Any], env: Envelope, body: list[Frame]) -> Envelope | None:
+        """The reply to send now, or None when the request was queued (or answered)."""
         if env.kind is Kind.HEALTH:
             return env.reply(Kind.RESULT, self.health())
         if env.kind is Kind.ECHO:
             return env.reply(Kind.RESULT, env.payload)
-        if env.kind not in (Kind.INFER, Kind.EXPERTS):
+        if env.kind not in _WORK:
             raise BadRequest(f"a worker does not accept {env.kind.value!r} messages")
+        # a retry of a request already answered, or still queued: never run twice
+        cached = self.answered.get(env.id, time.monotonic())
+        if cached is not None:
+            self.counters["replayed"] += 1
+            self._send(route, cached)
+            return None
+        queued = self._queued.get(env.id)
+        if queued is not None:
+            self.counters["joined"] += 1
+            queued.routes.append(route)
+            return None
         # both kinds of work: refused while draining, and never run past their deadline
         if self.draining:
             raise ShuttingDown("worker is draining; send new work elsewhere")
         if env.expired():
-            raise DeadlineExceeded("deadline passed before the request reached the worker")
+            raise DeadlineExceeded("no time budget left when the request reached the worker")
         if env.kind is Kind.EXPERTS:
-            return env.reply(Kind.RESULT, self._run_experts(env))
+            self._send(route, self._result_frames(env, self._run_experts(env)))
+            return None
         p = env.payload
         if not isinstance(p, dict) or not isinstance(p.get("model"), str):
             raise BadRequest("infer payload must be a map with a 'model' string")
@@ -225,9 +337,38 @@ class CloudWorker:
         inputs = p.get("inputs")
         if not isinstance(inputs, np.ndarray):
             raise BadRequest("infer payload needs an 'inputs' array shaped (N, ...)")
-        inputs = backend.check_batch(inputs)
-        self.batcher.add(backend.name, Pending(route, env, inputs, time.monotonic()))
+        self._check_size(inputs)
+        inputs = self._backend(backend.name, backend.check_batch, inputs)
+        item = Pending([route], env, inputs, sum(len(f) for f in body), time.monotonic())
+        self.batcher.admit(backend.name, item)
+        self._queued[env.id] = item
         return None
+
+    def _check_size(self, rows: np.ndarray) -> None:
+        lim = self.config.limits
+        if rows.ndim == 0 or len(rows) == 0:
+            raise BadRequest(
+                f"inputs must be shaped (N, ...) with at least one row, got {rows.shape}"
+            )
+        if len(rows) > lim.max_rows or rows.nbytes > lim.max_request_bytes:
+            raise BadRequest(
+                f"request of {len(rows)} rows, {rows.nbytes} bytes; this worker takes at most "
+                f"{lim.max_rows} rows and {lim.max_request_bytes} bytes per request: split it"
+            )
+
+    def _backend(self, model: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call backend code. The one place where a backend's exception becomes a typed
+        reply: TandemErrors pass through; anything else becomes ``backend.error``."""
+        try:
+            return fn(*args)
+        except TandemError:
+            raise
+        except Exception as e:
+            self.counters["backend_errors"] += 1
+            log.warning("model %r raised %s: %s", model, type(e).__name__, e)
+            raise BackendFailure(
+                f"model {model!r} failed: {type(e).__name__}: {e}", exception=type(e).__name__
+            ) from None
 
     def _run_experts(self, env: Envelope) -> dict[str, Any]:
         """An expert-shard request: run at once (its rows are already one batch per expert)."""
@@ -243,33 +384,51 @@ class CloudWorker:
             raise BadRequest("experts payload: {model, experts: [int], counts: [int], rows: array}")
         backend = self.backends.get(p.get("model", ""))
         run = getattr(backend, "run_experts", None)
-        if run is None:
+        if backend is None or run is None:
             raise UnknownModel(f"no MoE model {p.get('model')!r} here")
+        self._check_size(p["rows"])
+        out = self._backend(backend.name, run, p["experts"], p["counts"], p["rows"])
         self.counters["expert_rows"] += len(p["rows"])
-        return {"rows": run(p["experts"], p["counts"], p["rows"]), "version": backend.version}
+        return {"rows": out, "version": backend.version}
 
-    def _run_batch(self, sock: zmq.Socket, model: str, batch: list[Pending]) -> None:
-        now_ms = now_epoch_ms()
+    def _run_batch(self, model: str, batch: list[Pending]) -> None:
+        now = time.monotonic()
         live = []
         for item in batch:
-            if item.env.expired(now_ms):
+            del self._queued[item.env.id]
+            if item.env.expired(now):
                 self.counters["expired"] += 1
                 err = DeadlineExceeded("deadline passed while queued")
-                self._send(sock, item.route, item.env.error_reply(err))
+                self._reply_all(item, self.codec.encode(item.env.error_reply(err)))
             else:
                 live.append(item)
-        if not live:
-            return
+        if live:
+            self._predict(model, live)
+
+    def _predict(self, model: str, live: list[Pending]) -> None:
+        """Run requests as one backend call and answer each with its rows. If the call fails,
+        a batch of several is re-run one request at a time, so only a failing request gets
+        the error."""
         backend = self.backends[model]
+        x = live[0].inputs if len(live) == 1 else np.concatenate([i.inputs for i in live])
         started = time.monotonic()
         try:
-            x = live[0].inputs if len(live) == 1 else np.concatenate([i.inputs for i in live])
-            out = backend.predict(x)
+            out = self._backend(model, backend.run, x)
+            if not (isinstance(out, np.ndarray) and out.ndim >= 1 and len(out) == len(x)):
+                raise BackendFailure(
+                    f"model {model!r} returned {getattr(out, 'shape', type(out))} for "
+                    f"{len(x)} rows",
+                    exception="ShapeMismatch",
+                )
         except TandemError as e:
-            for item in live:
-                self._send(sock, item.route, item.env.error_reply(e))
+            if len(live) > 1:
+                for item in live:
+                    self._predict(model, [item])
+            else:
+                self._reply_all(live[0], self.codec.encode(live[0].env.error_reply(e)))
             return
-        run_ms = (time.monotonic() - started) * 1e3
+        run_s = time.monotonic() - started
+        self.batcher.record_run(model, len(x), run_s)
         self.counters["batches"] += 1
         self.counters["rows"] += len(x)
         start = 0
@@ -280,19 +439,45 @@ class CloudWorker:
                 "model": model,
                 "version": backend.version,
                 "queue_ms": (started - item.arrived) * 1e3,
-                "run_ms": run_ms,
+                "run_ms": run_s * 1e3,
                 "batch_rows": len(x),
             }
             start += rows
-            self._send(sock, item.route, item.env.reply(Kind.RESULT, payload))
+            self._reply_all(item, self._result_frames(item.env, payload))
 
-    def _send(self, sock: zmq.Socket, route: list[Any], env: Envelope) -> None:
+    # ------------------------------------------------------------------ replies
+    def _result_frames(self, env: Envelope, payload: Any) -> list[Any]:
+        """A result reply, encoded once and remembered for retries of the same request id."""
+        frames = self.codec.encode(env.reply(Kind.RESULT, payload))
+        self.answered.put(env.id, frames, time.monotonic())
+        return frames
+
+    def _reply_all(self, item: Pending, frames: list[Any]) -> None:
+        for route in item.routes:
+            self._send(route, frames)
+
+    def _reply(self, route: list[Any], env: Envelope) -> None:
+        self._send(route, self.codec.encode(env))
+
+    def _send(self, route: list[Any], frames: list[Any]) -> None:
+        """Send without blocking. A reply that cannot go out (the peer left, or its queue is
+        at the high-water mark because it does not read) is counted and logged, never waited
+        for."""
+        sock = self._sock
+        assert sock is not None
+        parts = [*route, *frames]
+        last = len(parts) - 1
         try:
-            send_frames(sock, [*route, *self.codec.encode(env)])
-        except zmq.ZMQError as e:  # the peer is gone: nobody left to answer
-            log.debug("reply to a departed peer dropped: %s", e)
+            for i, f in enumerate(parts):
+                flags = _DONTWAIT | (_SNDMORE if i < last else 0)
+                sock.send(f, flags, copy=not isinstance(f, np.ndarray))
+        except zmq.ZMQError as e:
+            n = self.counters["replies_dropped"] = self.counters["replies_dropped"] + 1
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of these is one story
+                log.warning("%d replies not sent so far (%s): a peer left or does not read", n, e)
 
     def health(self) -> dict[str, Any]:
+        lim = self.config.limits
         return {
             "state": "draining" if self.draining else "serving",
             "protocol": PROTOCOL_VERSION,
@@ -305,6 +490,8 @@ class CloudWorker:
                 for name, b in self.backends.items()
             },
             "queue_depth": self.batcher.depth,
+            "queue_bytes": self.batcher.nbytes,
+            "limits": {"max_rows": lim.max_rows, "max_request_bytes": lim.max_request_bytes},
             "uptime_s": round(time.monotonic() - self._started, 3),
             "counters": dict(self.counters),
         }

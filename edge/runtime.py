@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -24,15 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from tandem.edge.escalation_log import EscalationLog, EscalationRecord
+from tandem.edge.escalation_log import EscalationLog
 from tandem.kernels.confidence import confidence, confidence_row
 from tandem.router.policy import Policy, TaskPolicy, load_policy
 from tandem.router.routing import Decision, TaskRouter
 from tandem.runtime.backends import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, DeadlineExceeded, TandemError
+from tandem.runtime.registry import class_count
 from tandem.runtime.types import Result, Tier
-from tandem.runtime.wire import new_request_id, now_epoch_ms
+from tandem.runtime.wire import new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -82,25 +82,37 @@ class EdgeRuntime:
         if escalation_log is None and policy.escalation_log is not None:
             spec = policy.escalation_log
             escalation_log = EscalationLog(
-                spec.path, synchronous=spec.synchronous, store_inputs=spec.store_inputs
+                spec.path,
+                synchronous=spec.synchronous,
+                store_inputs=spec.store_inputs,
+                queue_rows=spec.queue_rows,
+                queue_bytes=spec.queue_bytes,
+                max_rows=spec.max_rows,
+                max_age_s=spec.max_age_s,
             )
         self.escalation_log = escalation_log
-        clients: dict[str, CloudClient] = {}
+        clients: dict[tuple[Any, ...], CloudClient] = {}
         self._tasks: dict[str, _Task] = {}
         for name, tp in policy.tasks.items():
             backend = OnnxBackend(tp.local.path, version=tp.local.version, threads=tp.local.threads)
             client = None
             if tp.cloud is not None:
-                client = clients.setdefault(tp.cloud.endpoint, CloudClient(tp.cloud.endpoint))
-            n_classes = backend.output_spec.shape[-1] if backend.output_spec.shape else None
-            if tp.local.labels and n_classes and len(tp.local.labels) != n_classes:
+                eps, curve = tuple(tp.cloud.all_endpoints), tp.cloud.curve_keys
+                if (eps, curve) not in clients:
+                    clients[eps, curve] = CloudClient(eps, curve=curve)
+                client = clients[eps, curve]
+            n_classes = class_count(backend)  # runs a zero row if the class axis is dynamic
+            if tp.local.labels and len(tp.local.labels) != n_classes:
                 raise TandemError(
-                    f"task {name!r}: {len(tp.local.labels)} labels for a model with {n_classes} outputs"
+                    f"task {name!r}: {len(tp.local.labels)} labels for a model with "
+                    + (f"{n_classes} classes" if n_classes else "no class axis")
                 )
+            router = TaskRouter(tp)
+            router.gate.check_classes(n_classes or 0, task=name)
             self._tasks[name] = _Task(
                 name=name,
                 policy=tp,
-                router=TaskRouter(tp),
+                router=router,
                 backend=backend,
                 client=client,
                 labels=tp.local.labels,
@@ -269,7 +281,8 @@ class EdgeRuntime:
         edge answers (degraded) on any failure; log every row."""
         n = len(inputs)
         assert t.client is not None and t.policy.cloud is not None
-        request_id = new_request_id().hex()
+        wire_id = new_request_id()  # the request's id on the wire too: one id end to end
+        request_id = wire_id.hex()
         left_s = budget_ms / 1e3 - (time.perf_counter() - t0)
         cloud_out: np.ndarray | None = None
         error: TandemError | None = None
@@ -283,12 +296,14 @@ class EdgeRuntime:
                 task=t.name,
                 tags=tuple(sorted(tags)),
                 timeout_s=left_s,
+                request_id=wire_id,
             )
-            cloud_out = reply["outputs"]
-            if cloud_out.shape != edge_logits.shape:
+            if reply["outputs"].shape != edge_logits.shape:
                 raise BadRequest(
-                    f"cloud answered shape {cloud_out.shape}, the edge model {edge_logits.shape}"
+                    f"cloud answered shape {reply['outputs'].shape}, the edge model "
+                    f"{edge_logits.shape}"
                 )
+            cloud_out = reply["outputs"]
             versions["cloud"] = (
                 f"{reply.get('model', t.policy.cloud.model)}@{reply.get('version', '?')}"
             )
@@ -324,10 +339,10 @@ class EdgeRuntime:
                 )
             )
         if self.escalation_log is not None:
-            try:
-                self._log(t, inputs, edge_logits, top1, scores, results, tags, error)
-            except sqlite3.Error:  # the answer still goes back: a robot must not stall on a log
-                log.exception("task %s: escalation log write failed", t.name)
+            try:  # only queues the rows; storage failures are counted in stats(), never raised
+                self._log(t, inputs, edge_logits, cloud_out, top1, scores, results, tags, error)
+            except Exception:  # the answer still goes back: a robot must not stall on a log
+                log.exception("task %s: escalation log append failed", t.name)
             t4 = time.perf_counter()
             for r in results:
                 r.timings["log"] = (t4 - t3) * 1e3
@@ -339,38 +354,41 @@ class EdgeRuntime:
         t: _Task,
         inputs: np.ndarray,
         edge_logits: np.ndarray,
+        cloud_out: np.ndarray | None,
         top1: list[int],
         scores: list[float],
         results: list[Result],
         tags: Tags,
         error: TandemError | None,
     ) -> None:
+        """Queue the rows for the log's writer thread (copies of the writeable arrays, no
+        per-row objects): this is all an escalated request pays for the log."""
         assert self.escalation_log is not None
-        ts = now_epoch_ms()
-        err = f"{error.code}: {error.message}" if error else None
-        self.escalation_log.append(
-            *(
-                EscalationRecord(
-                    ts_ms=ts,
-                    request_id=r.request_id or "",
-                    task=t.name,
-                    tier=r.tier.value,
-                    reason=r.reason,
-                    tags=sorted(tags),
-                    input=inputs[i],
-                    input_digest="",
-                    edge_output=edge_logits[i],
-                    edge_label=top1[i] if top1[i] >= 0 else None,
-                    edge_confidence=scores[i],
-                    cloud_output=r.output if r.tier is Tier.CLOUD else None,
-                    cloud_label=r.index if r.tier is Tier.CLOUD else None,
-                    error=err,
-                    timings_ms=r.timings,
-                    model_versions=r.model_versions,
-                )
-                for i, r in enumerate(results)
-            )
+        cloud = results[0].tier is Tier.CLOUD
+        self.escalation_log.append_batch(
+            ts_ms=time.time_ns() // 1_000_000,  # wall clock: a log timestamp, not a deadline
+            task=t.name,
+            tier=results[0].tier.value,
+            request_ids=[r.request_id or "" for r in results],
+            reasons=[r.reason for r in results],
+            tags=sorted(tags),
+            inputs=inputs,
+            edge_outputs=edge_logits,
+            edge_labels=[i if i >= 0 else None for i in top1],
+            edge_confidences=scores,
+            cloud_outputs=cloud_out if cloud else None,
+            cloud_labels=[r.index for r in results] if cloud else None,
+            error=f"{error.code}: {error.message}" if error else None,
+            timings_ms=results[0].timings,
+            model_versions=results[0].model_versions,
         )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring: ``escalation_log`` is the log's
+        :meth:`~tandem.edge.escalation_log.EscalationLog.stats` (None without a log)."""
+        return {
+            "escalation_log": None if self.escalation_log is None else self.escalation_log.stats()
+        }
 
     def close(self) -> None:
         for c in self._clients:

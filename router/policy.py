@@ -8,6 +8,7 @@
       digits:
         local: {path: edge-int8.onnx, labels: ["0", "1", ...]}
         cloud: {endpoint: "tcp://127.0.0.1:5555", model: digits-cloud}
+        # with CurveZMQ: cloud: {..., server_key: keys/worker.key, client_key: keys/robot.key_secret}
         gate: {metric: max_prob, threshold: 0.8}   # escalate when max_prob < 0.8
         rules:                                     # first matching tag wins
           - {tag: private, route: local}           # never leaves the device
@@ -25,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from tandem.runtime.config import ConfigPath, StrictModel, load_config, validate_config
 
@@ -82,16 +83,48 @@ class LocalModelSpec(StrictModel):
     threads: int = Field(default=1, ge=0)
 
 
-class CloudTargetSpec(StrictModel):
-    endpoint: str
-    model: str = Field(min_length=1)
+def _zmq_endpoint(v: str) -> str:
+    if not _ENDPOINT.match(v):
+        raise ValueError("must be a ZeroMQ endpoint like tcp://host:port or ipc:///path")
+    return v
 
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, v: str) -> str:
-        if not _ENDPOINT.match(v):
-            raise ValueError("must be a ZeroMQ endpoint like tcp://host:port or ipc:///path")
-        return v
+
+Endpoint = Annotated[str, AfterValidator(_zmq_endpoint)]
+
+
+class CloudTargetSpec(StrictModel):
+    """Where escalations go: one worker (``endpoint``) or several serving the same model
+    (``endpoints``: each request goes to the one with the fewest outstanding requests and
+    fails over to another inside its deadline). With CurveZMQ: ``server_key`` is the workers'
+    public key file (NAME.key) and ``client_key`` this client's secret key file
+    (NAME.key_secret, which holds its public half too); both or neither."""
+
+    endpoint: Endpoint | None = None
+    endpoints: list[Endpoint] | None = Field(default=None, min_length=1, max_length=64)
+    model: str = Field(min_length=1)
+    server_key: ConfigPath | None = None
+    client_key: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> CloudTargetSpec:
+        if (self.endpoint is None) == (self.endpoints is None):
+            raise ValueError("give either 'endpoint' (one worker) or 'endpoints' (a list)")
+        if self.endpoints is not None and len(set(self.endpoints)) != len(self.endpoints):
+            raise ValueError("'endpoints' lists a worker twice")
+        if (self.server_key is None) != (self.client_key is None):
+            raise ValueError("give both 'server_key' and 'client_key' (CurveZMQ), or neither")
+        return self
+
+    @property
+    def curve_keys(self) -> tuple[Path, Path] | None:
+        """``(client secret key file, server public key file)`` for :class:`CloudClient`."""
+        if self.client_key is None or self.server_key is None:
+            return None
+        return self.client_key, self.server_key
+
+    @property
+    def all_endpoints(self) -> list[str]:
+        return [self.endpoint] if self.endpoint is not None else list(self.endpoints or [])
 
 
 class TaskPolicy(StrictModel):
@@ -110,10 +143,20 @@ class TaskPolicy(StrictModel):
 
 
 class EscalationLogSpec(StrictModel):
+    """See :class:`tandem.edge.escalation_log.EscalationLog`: rows are queued in memory and
+    written by a background thread in batches (one commit, one fsync, per batch)."""
+
     path: ConfigPath
-    # "full": fsync at every commit, survives power loss; "normal": survives a process crash.
+    # "full": fsync at every batch commit, committed rows survive power loss; "normal":
+    # committed rows survive a process crash, the last commits may be lost on power loss.
     synchronous: Literal["full", "normal"] = "full"
     store_inputs: bool = True
+    # rows waiting for the writer, at most; more are dropped (counted in EdgeRuntime.stats())
+    queue_rows: int = Field(default=10_000, ge=1, le=10_000_000)
+    # bytes of arrays (inputs and outputs) waiting for the writer, at most
+    queue_bytes: int = Field(default=64 << 20, ge=1 << 10, le=1 << 40)
+    max_rows: int | None = Field(default=None, ge=1)  # keep at most this many, oldest go first
+    max_age_s: float | None = Field(default=None, gt=0)  # delete rows older than this (by ts)
 
 
 class Policy(StrictModel):

@@ -10,26 +10,41 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from tandem.router.policy import GateMetric, GateSpec, Route, TaskPolicy
+from tandem.runtime.errors import ConfigError
 
 
 class ConfidenceGate:
     """Accepts an edge answer when its confidence clears the threshold.
 
     ``max_prob``/``margin``: accept when the value is >= threshold. ``entropy``: the entropy in
-    nats is normalised by log(C) into [0, 1] and accepted when <= threshold.
+    nats is normalised by log(C) into [0, 1] and accepted when <= threshold, so it needs C >= 2
+    (:meth:`check_classes` refuses a smaller model when the task is set up).
     """
 
     def __init__(self, spec: GateSpec) -> None:
         self.metric = spec.metric
         self.threshold = spec.threshold
 
+    def check_classes(self, n_classes: int, *, task: str) -> None:
+        """:class:`ConfigError` if this gate cannot score a model with ``n_classes`` classes
+        (0: the model has no class axis)."""
+        if self.metric is GateMetric.ENTROPY and n_classes < 2:
+            raise ConfigError(
+                f"task {task!r}: gate metric 'entropy' is normalised by log(C) and needs a "
+                f"model with at least 2 classes, this one has {n_classes}"
+            )
+
     def score(self, max_prob: float, margin: float, entropy: float, n_classes: int) -> float:
-        """The value this gate compares with its threshold."""
+        """The value this gate compares with its threshold. ``entropy`` with ``n_classes`` < 2
+        raises :class:`ValueError`: there is nothing to normalise by, and any fixed value
+        would either always or never escalate without saying so."""
         if self.metric is GateMetric.MAX_PROB:
             return max_prob
         if self.metric is GateMetric.MARGIN:
             return margin
-        return entropy / math.log(n_classes) if n_classes > 1 else 0.0
+        if n_classes < 2:
+            raise ValueError(f"the entropy gate needs at least 2 classes, got {n_classes}")
+        return entropy / math.log(n_classes)
 
     def accepts(self, score: float) -> bool:
         """False for NaN (an invalid row is never accepted)."""

@@ -45,7 +45,13 @@ class ModelBackend(Protocol):
         ...
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Run the model on a batch shaped ``(N, *input_spec.shape[1:])``."""
+        """Run the model on a batch shaped ``(N, *input_spec.shape[1:])``: ``check_batch``
+        then ``run``."""
+        ...
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run the model on a batch that ``check_batch`` returned (no second check: the
+        worker checks each request on arrival and runs their concatenation)."""
         ...
 
 
@@ -124,7 +130,9 @@ class OnnxBackend:
         self.predict(np.zeros(shape, self._dtype))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        batch = self.check_batch(batch)
+        return self.run(self.check_batch(batch))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
         try:
             return self._run(self._output_names, {self._input_name: batch}, None)[0]
         except Exception as e:

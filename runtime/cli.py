@@ -23,12 +23,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-models_app = typer.Typer(help="Build the reference models.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Build the reference models, or register your own.", no_args_is_help=True
+)
 cloud_app = typer.Typer(help="Run and query cloud workers.", no_args_is_help=True)
 policy_app = typer.Typer(help="Check routing policy files.", no_args_is_help=True)
+keys_app = typer.Typer(help="CurveZMQ key pairs for workers and clients.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(cloud_app, name="cloud")
 app.add_typer(policy_app, name="policy")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -104,6 +108,65 @@ def models_build(
     console.print(f"models in {d}")
 
 
+@models_app.command("add")
+def models_add(
+    model: Annotated[Path, typer.Argument(help="The ONNX file.")],
+    name: Annotated[str, typer.Option(help="The name clients ask for (a policy's cloud.model).")],
+    models_dir: Annotated[
+        Path, typer.Option(help="The worker's models directory (created if missing).")
+    ],
+    labels: Annotated[
+        str | None, typer.Option(help="Class names in output order, comma-separated.")
+    ] = None,
+    labels_file: Annotated[
+        Path | None, typer.Option(help="Class names in output order, one per line.")
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Default: the first 12 hex digits of the sha256.")
+    ] = None,
+    description: Annotated[str, typer.Option(help="Free text kept in the manifest.")] = "",
+    replace: Annotated[
+        bool, typer.Option(help="Replace a model already registered under this name.")
+    ] = False,
+) -> None:
+    """Register an ONNX model in a models directory's manifest.json (copied in if needed,
+    sha256 and input/output spec read from it), so `tandem cloud serve` serves it."""
+    from tandem.runtime.errors import ConfigError
+    from tandem.runtime.registry import add_onnx_model, read_labels_file
+
+    try:
+        if labels is not None and labels_file is not None:
+            raise ConfigError("give --labels or --labels-file, not both")
+        names = [s.strip() for s in labels.split(",")] if labels is not None else None
+        if labels_file is not None:
+            names = read_labels_file(labels_file)
+        added = add_onnx_model(
+            models_dir,
+            model,
+            name=name,
+            labels=names,
+            version=version,
+            description=description,
+            replace=replace,
+        )
+    except TandemError as e:
+        raise _fail(e) from None
+    entry = added.entry
+    verb = "replaced" if added.replaced else "registered"
+    console.print(f"{verb} {entry.name}@{entry.version} in {added.manifest_path}", highlight=False)
+    source = f" (copied from {added.copied_from})" if added.copied_from else ""
+    console.print(f"  file    {entry.file}{source}, {entry.size_bytes} bytes", highlight=False)
+    console.print(f"  sha256  {entry.sha256}", highlight=False)
+    for key, spec in (("input", entry.input), ("output", entry.output)):
+        shape = ", ".join("?" if d is None else str(d) for d in spec.shape)
+        console.print(f"  {key:<7} {spec.name} {spec.dtype} [{shape}]", highlight=False)
+    shown = "none (answers carry the class index)"
+    if entry.labels:
+        shown = ", ".join(entry.labels[:10]) + (", ..." if len(entry.labels) > 10 else "")
+    classes = "?" if added.n_classes is None else added.n_classes
+    console.print(f"  classes {classes}; labels: {shown}", highlight=False, soft_wrap=True)
+
+
 @cloud_app.command("serve")
 def cloud_serve(
     config: Annotated[Path, typer.Option(help="Worker config YAML.")],
@@ -112,6 +175,10 @@ def cloud_serve(
         Path | None, typer.Option(help="Write the bound endpoint here once serving.")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Log warnings only.")] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option(help="Allow a non-loopback bind without curve (plain text, any client)."),
+    ] = False,
 ) -> None:
     """Serve the models of a models directory on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
     from tandem.cloud.config import load_worker_config
@@ -125,6 +192,8 @@ def cloud_serve(
         cfg = load_worker_config(config)
         if bind:
             cfg = cfg.model_copy(update={"bind": bind})
+        if insecure:
+            cfg = cfg.model_copy(update={"insecure": True})
         worker = CloudWorker(cfg)
     except TandemError as e:
         raise _fail(e) from None
@@ -137,23 +206,69 @@ def cloud_serve(
         if not quiet:
             err_console.print(f"serving {', '.join(worker.backends)} on {endpoint}")
 
-    raise typer.Exit(code=worker.serve(ready))
+    try:
+        code = worker.serve(ready)
+    except TandemError as e:
+        raise _fail(e) from None
+    raise typer.Exit(code=code)
 
 
 @cloud_app.command("health")
 def cloud_health(
     endpoint: Annotated[str, typer.Argument(help="e.g. tcp://127.0.0.1:5555")],
     timeout_ms: Annotated[int, typer.Option(help="How long to wait.")] = 2000,
+    client_key: Annotated[
+        Path | None, typer.Option(help="Curve: this client's NAME.key_secret file.")
+    ] = None,
+    server_key: Annotated[
+        Path | None, typer.Option(help="Curve: the worker's public NAME.key file.")
+    ] = None,
 ) -> None:
     """Ask a worker for its models, versions and queue depth."""
     from tandem.runtime.client import CloudClient
+    from tandem.runtime.errors import ConfigError
 
     try:
-        with CloudClient(endpoint) as client:
+        if (client_key is None) != (server_key is None):
+            raise ConfigError("give both --client-key and --server-key (Curve), or neither")
+        curve = (client_key, server_key) if client_key and server_key else None
+        with CloudClient(endpoint, curve=curve) as client:
             info = client.health(timeout_ms / 1e3)
     except TandemError as e:
         raise _fail(e) from None
     console.print_json(json.dumps(info))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write the pair (created if missing).")
+    ],
+    name: Annotated[
+        str, typer.Option(help="File name stem: NAME.key, NAME.key_secret.")
+    ] = "worker",
+    force: Annotated[bool, typer.Option(help="Replace an existing pair of that name.")] = False,
+) -> None:
+    """Write a CurveZMQ key pair: NAME.key (public, share it) and NAME.key_secret (keep it)."""
+    from tandem.runtime.curve import generate_keypair
+
+    try:
+        public, secret = generate_keypair(directory, name, force=force)
+    except TandemError as e:
+        raise _fail(e) from None
+    console.print(f"public key  {public}", highlight=False, soft_wrap=True)
+    console.print(
+        f"secret key  {secret}  (mode 0600: never share it)", highlight=False, soft_wrap=True
+    )
+    console.print(
+        "a worker's pair: its config gets curve: {secret_key: "
+        f"{secret}, allowed_clients: DIR_OF_CLIENT_KEYS}}; each client's policy gets "
+        f"cloud.server_key: {public}\n"
+        f"a client's pair: copy {public} into the worker's allowed_clients directory; the "
+        f"client's policy gets cloud.client_key: {secret}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @policy_app.command("check")

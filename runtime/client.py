@@ -1,55 +1,100 @@
-"""A connection to a cloud worker: the edge's step 5 of the request path, and what an MoE
-dispatcher uses to reach its expert shards.
+"""A connection to one or several cloud workers: the edge's step 5 of the request path, and
+what an MoE dispatcher uses to reach its expert shards.
 
-ZeroMQ sockets are not thread-safe, so each calling thread gets its own DEALER socket, created on
-first use and owned by that thread alone: no lock and no hand-off to an I/O thread on the hot
-path. Replies are matched by request id; a reply that arrives after its caller gave up is
-dropped by the next call on that socket, so a request is answered at most once.
+ZeroMQ sockets are not thread-safe, so each calling thread gets its own DEALER socket per
+endpoint, created on first use and owned by that thread alone: no lock and no hand-off to an
+I/O thread on the hot path. Replies are matched by request id.
+
+**Several workers** (zguide's "Freelance" pattern, client side): a request goes to the
+connected worker with the fewest requests outstanding from this client. While it waits, the
+client watches the connection: when the worker is lost (ZeroMQ saw the TCP connection close,
+or its heartbeats went unanswered for ``heartbeat_timeout_ms``), the same request — same id —
+is sent to another worker inside what is left of the deadline. ``Overloaded`` and
+``ShuttingDown`` answers fail over too. Request ids are idempotency keys: a worker that
+already answered an id answers a retry from its cache instead of running it again, and the
+client returns exactly one answer per call (a late reply to an earlier try is dropped).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import zmq
 
-from tandem.runtime.errors import DeadlineExceeded, MalformedMessage, Unavailable, WireError
+from tandem.runtime.curve import ClientKeys
+from tandem.runtime.errors import (
+    DeadlineExceeded,
+    MalformedMessage,
+    OverloadedError,
+    ShuttingDown,
+    TandemError,
+    Unavailable,
+    WireError,
+)
 from tandem.runtime.wire import (
     Envelope,
     Kind,
     WireCodec,
     WireLimits,
-    now_epoch_ms,
+    deadline_after,
     recv_frames,
     send_frames,
 )
 
 log = logging.getLogger(__name__)
 
+# plain ints: pyzmq's flag enums cost more than the calls they are passed to
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
+# While waiting for a reply, the connection is checked this often (ms): how soon a dead
+# worker is noticed once ZeroMQ has dropped its connection.
+_WATCH_MS = 10
+_FAILOVER_ERRORS = (OverloadedError, ShuttingDown)
+
 
 class CloudClient:
-    """Requests to one worker endpoint. Safe to call from many threads.
+    """Requests to one worker endpoint, or to several that serve the same models. Safe to
+    call from many threads.
 
-    When a request finds no connection and none comes up before its deadline, the link is
-    taken as down for ``down_backoff_s``: requests in that window that find no connection fail
-    at once with :class:`Unavailable` instead of each waiting out its deadline. ZeroMQ keeps
-    reconnecting meanwhile, and a request that finds the connection back goes through.
+    When a request finds no connection to any worker and none comes up before its deadline,
+    the link is taken as down for ``down_backoff_s``: requests in that window that find no
+    connection fail at once with :class:`Unavailable` instead of each waiting out its
+    deadline. ZeroMQ keeps reconnecting meanwhile, and a request that finds a connection back
+    goes through.
+
+    ``heartbeat_ivl_ms``/``heartbeat_timeout_ms`` set ZeroMQ's ZMTP heartbeats on every
+    socket: a worker that stops answering them (a dead host, a cut cable: no TCP reset) is
+    dropped after the timeout, and its requests fail over.
+
+    ``curve``: CurveZMQ keys, as :class:`~tandem.runtime.curve.ClientKeys` or a pair of paths
+    ``(client secret key file, worker public key file)``, loaded here (a bad file raises
+    :class:`ConfigError` now, not at the first request). A worker that refuses the client's key
+    looks like no connection: requests fail with :class:`Unavailable`.
     """
 
     def __init__(
         self,
-        endpoint: str,
+        endpoints: str | Sequence[str],
         *,
         limits: WireLimits | None = None,
         context: zmq.Context | None = None,
         down_backoff_s: float = 1.0,
+        heartbeat_ivl_ms: int = 500,
+        heartbeat_timeout_ms: int = 1500,
+        curve: ClientKeys | tuple[str | Path, str | Path] | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        self.curve = ClientKeys.load(*curve) if isinstance(curve, tuple) else curve
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not self.endpoints:
+            raise ValueError("CloudClient needs at least one endpoint")
         self.down_backoff_s = down_backoff_s
+        self.heartbeat = (heartbeat_ivl_ms, heartbeat_timeout_ms)
         self._down_until = 0.0  # monotonic time until which the link is taken as down
         self.codec = WireCodec(limits)
         self._ctx = context or zmq.Context.instance()
@@ -57,52 +102,130 @@ class CloudClient:
         self._sockets: list[zmq.Socket] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._outstanding = [0] * len(self.endpoints)  # requests in flight, all threads
+        self._rotate = itertools.count()
+        self.failovers = 0
 
-    def _socket(self) -> zmq.Socket:
-        sock = getattr(self._local, "sock", None)
-        if sock is None or sock.closed:
+    @property
+    def endpoint(self) -> str:
+        """The first endpoint (the only one for a single-worker client)."""
+        return self.endpoints[0]
+
+    def _thread_sockets(self) -> list[zmq.Socket]:
+        socks = getattr(self._local, "socks", None)
+        if socks is None or socks[0].closed:
             with self._lock:
                 if self._closed:
                     raise Unavailable("client is closed")
-                sock = self._ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a peer that is not there
-                sock.setsockopt(zmq.MAXMSGSIZE, self.codec.limits.max_message_bytes)
-                sock.connect(self.endpoint)
-                self._sockets.append(sock)
-            self._local.sock = sock
+                socks = [self._new_socket(ep) for ep in self.endpoints]
+                self._sockets.extend(socks)
+            self._local.socks = socks
+        return socks
+
+    def _new_socket(self, endpoint: str) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a peer that is not there
+        sock.setsockopt(zmq.MAXMSGSIZE, self.codec.limits.max_message_bytes)
+        ivl, timeout = self.heartbeat
+        if ivl:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.curve is not None:
+            self.curve.apply(sock)
+        sock.connect(endpoint)
         return sock
 
     def request(self, env: Envelope, timeout_s: float) -> Envelope:
-        """Send ``env`` and wait up to ``timeout_s`` for its reply.
+        """Send ``env`` and wait up to ``timeout_s`` for its reply (failing over between
+        workers inside that time). The request carries what is left of ``timeout_s`` (or of
+        its own deadline, if sooner) as its budget.
 
         Raises :class:`Unavailable` (no connection), :class:`DeadlineExceeded` (no reply in
         time), a :class:`WireError` (unreadable reply) or whatever error the worker answered.
         """
-        sock = self._socket()
-        deadline = time.monotonic() + timeout_s
-        frames = self.codec.encode(env)
-        # With IMMEDIATE set there is no queue toward an absent peer: wait for a connection
-        # (a fresh socket may still be connecting) at most until the deadline.
-        if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
-            if time.monotonic() < self._down_until:
-                raise Unavailable(f"no connection to {self.endpoint} (link down)")
-            if not sock.poll(_ms_left(deadline), zmq.POLLOUT):
-                self._down_until = time.monotonic() + self.down_backoff_s
-                raise Unavailable(f"no connection to {self.endpoint}")
-        send_frames(sock, frames)
+        socks = self._thread_sockets()
+        deadline = deadline_after(timeout_s)
+        if env.deadline is None or env.deadline > deadline:
+            env.deadline = deadline
+        tried: set[int] = set()
+        lost: TandemError | None = None
+        while True:
+            i = self._pick(socks, tried, deadline)
+            if i is None:
+                assert lost is not None  # only after a try that failed over
+                raise lost
+            tried.add(i)
+            if len(tried) > 1:
+                self.failovers += 1
+            with self._lock:
+                self._outstanding[i] += 1
+            try:
+                return self._exchange(socks[i], self.endpoints[i], env, deadline, timeout_s)
+            except _WorkerLost as e:
+                lost = Unavailable(f"lost the connection to {self.endpoints[i]}: {e}")
+                log.info("%s; failing over", lost.message)
+            except _FAILOVER_ERRORS as e:
+                if len(self.endpoints) == 1:
+                    raise
+                lost = e
+                log.info("%s answered %s; failing over", self.endpoints[i], e.code)
+            finally:
+                with self._lock:
+                    self._outstanding[i] -= 1
+            if len(tried) == len(socks):
+                if not isinstance(lost, Unavailable):
+                    raise lost  # every worker answered Overloaded/ShuttingDown: say so
+                tried.clear()  # every worker lost: retry whichever connects again in time
+
+    def _pick(self, socks: list[zmq.Socket], tried: set[int], deadline: float) -> int | None:
+        """The connected worker not tried yet with the fewest outstanding requests, waiting
+        for a connection until ``deadline``; None when time ran out after an earlier try."""
+        while True:
+            start = next(self._rotate)  # spreads ties
+            best, best_load = None, 0
+            for k in range(len(socks)):
+                i = (start + k) % len(socks)
+                if i in tried or not cast(int, socks[i].getsockopt(_EVENTS)) & _POLLOUT:
+                    continue
+                if best is None or self._outstanding[i] < best_load:
+                    best, best_load = i, self._outstanding[i]
+            if best is not None:
+                return best
+            # With IMMEDIATE set there is no queue toward an absent peer: wait for a
+            # connection (a fresh socket may still be connecting) at most until the deadline.
+            first_try = not tried
+            if first_try and time.monotonic() < self._down_until:
+                raise Unavailable(f"no connection to {', '.join(self.endpoints)} (link down)")
+            left = _ms_left(deadline)
+            if left <= 0:
+                if first_try:
+                    self._down_until = time.monotonic() + self.down_backoff_s
+                    raise Unavailable(f"no connection to {', '.join(self.endpoints)}")
+                return None
+            zmq.zmq_poll([(s, _POLLOUT) for i, s in enumerate(socks) if i not in tried], left)
+
+    def _exchange(
+        self, sock: zmq.Socket, endpoint: str, env: Envelope, deadline: float, timeout_s: float
+    ) -> Envelope:
+        send_frames(sock, self.codec.encode(env))  # encoded per try: the budget shrinks
         while True:
             left = _ms_left(deadline)
-            if left <= 0 or not zmq.zmq_poll([(sock, _POLLIN)], left):
-                raise DeadlineExceeded(
-                    f"no reply from {self.endpoint} within {timeout_s * 1e3:.1f} ms"
-                )
+            if left <= 0:
+                raise DeadlineExceeded(f"no reply from {endpoint} within {timeout_s * 1e3:.1f} ms")
+            if not zmq.zmq_poll([(sock, _POLLIN)], min(left, _WATCH_MS)):
+                if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
+                    raise _WorkerLost("connection closed while waiting for the reply")
+                continue
             try:
                 reply = self.codec.decode(recv_frames(sock, n_copied=1))
             except WireError as e:
                 if e.request_id == env.id:
                     raise
-                log.warning("dropped an unreadable reply from %s: %s", self.endpoint, e)
+                log.warning("dropped an unreadable reply from %s: %s", endpoint, e)
                 continue
             if reply.id == env.id:
                 return reply.raise_if_error()
@@ -116,15 +239,15 @@ class CloudClient:
         task: str = "",
         tags: tuple[str, ...] = (),
         timeout_s: float,
+        request_id: bytes | None = None,
     ) -> dict[str, Any]:
-        """Run ``model`` on the worker; returns the reply payload (``outputs``, ``version``…)."""
+        """Run ``model`` on a worker; returns the reply payload (``outputs``, ``version``…).
+        ``request_id`` (16 bytes, default: random) is the idempotency key."""
         env = Envelope(
-            kind=Kind.INFER,
-            task=task,
-            tags=tags,
-            deadline_ms=now_epoch_ms() + max(1, int(timeout_s * 1000)),
-            payload={"model": model, "inputs": inputs},
+            kind=Kind.INFER, task=task, tags=tags, payload={"model": model, "inputs": inputs}
         )
+        if request_id is not None:
+            env.id = request_id
         payload = self.request(env, timeout_s).payload
         if not isinstance(payload, dict) or not isinstance(payload.get("outputs"), np.ndarray):
             raise MalformedMessage("infer reply has no outputs array")
@@ -137,7 +260,7 @@ class CloudClient:
         return self.request(Envelope(kind=Kind.ECHO, payload=payload), timeout_s).payload
 
     def close(self) -> None:
-        """Close every thread's socket. Call when no request is in flight."""
+        """Close every thread's sockets. Call when no request is in flight."""
         with self._lock:
             self._closed = True
             for s in self._sockets:
@@ -151,8 +274,8 @@ class CloudClient:
         self.close()
 
 
-# plain ints: pyzmq's flag enums cost more than the calls they are passed to
-_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
+class _WorkerLost(Exception):
+    """The connection a request went out on closed before its reply came."""
 
 
 def _ms_left(deadline: float) -> int:

@@ -7,20 +7,30 @@ raised again on the other side as the same class (:func:`error_from_wire`), so a
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class TandemError(Exception):
     """Base class of every error Tandem raises on purpose."""
 
     code: ClassVar[str] = "internal"
+    # Attributes that travel with the error (besides code and message) and are set again on the
+    # other side, e.g. OverloadedError.retry_after_ms. Values must be msgpack-able scalars.
+    wire_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", **fields: Any) -> None:
         super().__init__(message)
         self.message = message
+        for name in self.wire_fields:
+            setattr(self, name, fields.pop(name, getattr(type(self), name, None)))
+        if fields:
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(fields)}")
 
-    def to_wire(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        for name in self.wire_fields:
+            out[name] = getattr(self, name)
+        return out
 
 
 class ConfigError(TandemError):
@@ -76,7 +86,12 @@ class ShuttingDown(TandemError):
 
 
 class OverloadedError(TandemError):
+    """The worker's queues are full: nothing was run. Retry after ``retry_after_ms`` (the
+    worker's estimate of when its queue will have drained), or elsewhere."""
+
     code = "overloaded"
+    wire_fields = ("retry_after_ms",)
+    retry_after_ms: float = 0.0
 
 
 class Unavailable(TandemError):
@@ -89,6 +104,15 @@ class BackendError(TandemError):
     """A model backend failed to load or run."""
 
     code = "backend"
+
+
+class BackendFailure(BackendError):
+    """A backend raised while running a request (``exception``: the class it raised). The
+    worker answered with this and kept serving."""
+
+    code = "backend.error"
+    wire_fields = ("exception",)
+    exception: str = ""
 
 
 class UnknownModel(TandemError):
@@ -119,5 +143,13 @@ def error_class(code: str) -> type[TandemError]:
     return TandemError
 
 
-def error_from_wire(code: str, message: str) -> TandemError:
-    return error_class(code)(message)
+def error_from_wire(payload: dict[str, Any]) -> TandemError:
+    """The error an ``error`` envelope's payload ``{code, message, ...}`` describes. Unknown or
+    mistyped extra fields are ignored: a newer peer may send more."""
+    cls = error_class(str(payload.get("code", "internal")))
+    err = cls(str(payload.get("message", "")))
+    for name in cls.wire_fields:
+        value = payload.get(name)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            setattr(err, name, value)
+    return err

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tandem.runtime.config import StrictModel, load_config
 from tandem.runtime.errors import ConfigError
 
 MANIFEST_NAME = "manifest.json"
+_INSIDE = "must be a path inside the models directory"
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 class TensorSpec(StrictModel):
@@ -27,7 +30,7 @@ class TensorSpec(StrictModel):
 class ModelEntry(StrictModel):
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
-    file: str  # relative to the models directory
+    file: str  # relative to the models directory, and inside it
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
     input: TensorSpec
@@ -37,6 +40,16 @@ class ModelEntry(StrictModel):
     labels: list[str] | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # e.g. test accuracy
     description: str = ""
+
+    @field_validator("file")
+    @classmethod
+    def _relative_inside(cls, v: str) -> str:
+        """Refuse what could name a file outside the models directory without looking at the
+        disk (absolute, ``..``, empty); :func:`verify_entry` checks where symlinks lead."""
+        path = PurePosixPath(v.strip().replace("\\", "/"))  # "" and "." have no parts
+        if not path.parts or path.is_absolute() or ".." in path.parts or _DRIVE.match(v):
+            raise ValueError(_INSIDE)
+        return v
 
 
 class Manifest(StrictModel):
@@ -69,8 +82,15 @@ def load_manifest(models_dir: str | Path) -> Manifest:
 
 
 def verify_entry(models_dir: str | Path, entry: ModelEntry) -> Path:
-    """Path of ``entry``'s file after checking it exists and its sha256 matches."""
-    path = Path(models_dir) / entry.file
+    """Path of ``entry``'s file (symlinks resolved) after checking it lies inside
+    ``models_dir``, exists and its sha256 matches."""
+    root = Path(models_dir).resolve()
+    path = (root / entry.file).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise ConfigError(
+            f"{Path(models_dir) / MANIFEST_NAME}: {_entry_key(models_dir, entry)}.file: "
+            f"{_INSIDE}, got {entry.file!r} (model {entry.name!r}; it resolves to {path})"
+        )
     if not path.is_file():
         raise ConfigError(
             f"{Path(models_dir) / MANIFEST_NAME}: model {entry.name!r}: {path} missing"
@@ -82,6 +102,15 @@ def verify_entry(models_dir: str | Path, entry: ModelEntry) -> Path:
             f"{digest}, manifest says {entry.sha256}"
         )
     return path
+
+
+def _entry_key(models_dir: str | Path, entry: ModelEntry) -> str:
+    """``models.N`` for ``entry`` in the manifest on disk, for an error message."""
+    try:
+        names = [m.name for m in load_manifest(models_dir).models]
+        return f"models.{names.index(entry.name)}"
+    except (ConfigError, ValueError):
+        return f"model {entry.name!r}"
 
 
 def write_manifest(models_dir: str | Path, manifest: Manifest) -> Path:

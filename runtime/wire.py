@@ -3,9 +3,15 @@
 A message is a list of frames::
 
     frame 0   u16 header length (little-endian)
-              header   msgpack [version, kind, id, task, deadline_ms, tags]
+              header   msgpack [version, kind, id, task, budget_us, tags]
               payload  msgpack, any of nil/bool/int/float/str/bin/list/map and arrays
     frame 1+  array buffers too large to inline (one frame per array, raw bytes)
+
+Deadlines travel as **budgets**, as gRPC's ``grpc-timeout`` does: ``budget_us`` is the time the
+request had left when it was sent (nil: no deadline). The receiver adds it to its own
+``time.monotonic()`` on arrival, so no peer's wall clock is ever read or trusted; the time a
+message spends on the network is not subtracted (it cannot be measured without a shared
+clock), so a budget errs on the generous side by one one-way latency.
 
 The header is length-prefixed so it decodes on its own: a bad payload can still be answered by
 request id. Header and payload share a frame because every frame costs a send and a receive
@@ -49,7 +55,7 @@ from tandem.runtime.errors import (
     error_from_wire,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: budgets (µs left) replace absolute epoch deadlines
 EXT_ARRAY_INLINE = 1
 EXT_ARRAY_FRAME = 2
 
@@ -76,6 +82,7 @@ _HLEN = struct.Struct("<H")  # header length prefix
 _ARRAY_HEAD = struct.Struct("<BB")  # dtype code, ndim
 _FRAME_REF = struct.Struct("<I")
 MAX_NDIM = 32
+MAX_BUDGET_US = 24 * 3600 * 10**6  # a day: anything longer is a unit mistake
 _DIMS = [struct.Struct(f"<{n}Q") for n in range(MAX_NDIM + 1)]  # the shape, one u64 per dim
 
 
@@ -113,10 +120,13 @@ class WireLimits:
 
 @dataclass(slots=True)
 class Envelope:
+    """One message. ``deadline`` is a point on *this* process's ``time.monotonic()`` clock
+    (None: no deadline); on the wire it becomes the budget left (see the module docstring)."""
+
     kind: Kind
     id: bytes = field(default_factory=lambda: new_request_id())
     task: str = ""
-    deadline_ms: int = 0  # absolute, ms since the Unix epoch; 0 = no deadline
+    deadline: float | None = None
     tags: tuple[str, ...] = ()
     payload: Any = None
 
@@ -126,14 +136,18 @@ class Envelope:
     def error_reply(self, err: TandemError) -> Envelope:
         return self.reply(Kind.ERROR, err.to_wire())
 
-    def expired(self, now_ms: int | None = None) -> bool:
-        return bool(self.deadline_ms) and (now_ms or now_epoch_ms()) > self.deadline_ms
+    def expired(self, now: float | None = None) -> bool:
+        """True once the deadline has passed (``now``: a ``time.monotonic()`` reading)."""
+        return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+    def budget_s(self, now: float | None = None) -> float | None:
+        """Seconds left before the deadline (may be negative), or None without one."""
+        return None if self.deadline is None else self.deadline - (now or time.monotonic())
 
     def raise_if_error(self) -> Envelope:
         """Return self, or raise the :class:`TandemError` an ``error`` envelope carries."""
         if self.kind is Kind.ERROR:
-            p = self.payload if isinstance(self.payload, dict) else {}
-            raise error_from_wire(str(p.get("code", "internal")), str(p.get("message", "")))
+            raise error_from_wire(self.payload if isinstance(self.payload, dict) else {})
         return self
 
 
@@ -141,8 +155,9 @@ def new_request_id() -> bytes:
     return os.urandom(16)
 
 
-def now_epoch_ms() -> int:
-    return time.time_ns() // 1_000_000
+def deadline_after(timeout_s: float) -> float:
+    """The monotonic deadline ``timeout_s`` from now."""
+    return time.monotonic() + timeout_s
 
 
 def wire_error_with_id(err: WireError, request_id: bytes | None) -> WireError:
@@ -206,8 +221,11 @@ class WireCodec:
                 return list(obj)
             raise TypeError(f"cannot put {type(obj).__name__} on the wire")
 
+        budget = None
+        if env.deadline is not None:
+            budget = max(0, int((env.deadline - time.monotonic()) * 1e6))
         header = msgpack.packb(
-            [PROTOCOL_VERSION, env.kind.value, env.id, env.task, env.deadline_ms, list(env.tags)]
+            [PROTOCOL_VERSION, env.kind.value, env.id, env.task, budget, list(env.tags)]
         )
         if len(header) > 0xFFFF:
             raise TypeError("envelope header over 64 KiB (task name or tags too long)")
@@ -248,12 +266,15 @@ class WireCodec:
             raise MalformedMessage(f"header is not valid msgpack: {e}") from None
         if not isinstance(h, list) or len(h) != 6:
             raise MalformedMessage("header must be a 6-element array")
-        version, kind, rid, task, deadline, tags = h
+        version, kind, rid, task, budget, tags = h
         if not isinstance(rid, bytes) or len(rid) != 16:
             raise MalformedMessage("request id must be 16 bytes")
         if version != PROTOCOL_VERSION:
             raise wire_error_with_id(
-                UnsupportedVersion(f"protocol version {version!r}, expected {PROTOCOL_VERSION}"),
+                UnsupportedVersion(
+                    f"peer speaks Tandem protocol version {version!r}, this side speaks "
+                    f"{PROTOCOL_VERSION}: upgrade the older side (tandem-infer) so both match"
+                ),
                 rid,
             )
         k = _KINDS.get(kind) if isinstance(kind, str) else None
@@ -264,14 +285,14 @@ class WireCodec:
         if not (
             type(task) is str
             and len(task) <= lim.max_task_bytes
-            and type(deadline) is int
-            and deadline >= 0
+            and (budget is None or (type(budget) is int and 0 <= budget <= MAX_BUDGET_US))
             and type(tags) is list
             and len(tags) <= lim.max_tags
             and (not tags or _tags_ok(tags, lim.max_tag_bytes))
         ):
-            raise wire_error_with_id(_header_problem(task, deadline, tags, lim), rid)
-        return Envelope(kind=k, id=rid, task=task, deadline_ms=deadline, tags=tuple(tags))
+            raise wire_error_with_id(_header_problem(task, budget, tags, lim), rid)
+        deadline = None if budget is None else time.monotonic() + budget * 1e-6
+        return Envelope(kind=k, id=rid, task=task, deadline=deadline, tags=tuple(tags))
 
     def _decode_payload(self, raw: Frame, buffers: Sequence[Frame]) -> Any:
         lim = self.limits
@@ -298,14 +319,16 @@ def _tags_ok(tags: list[Any], max_bytes: int) -> bool:
     return all(type(t) is str and len(t) <= max_bytes for t in tags)
 
 
-def _header_problem(task: Any, deadline: Any, tags: Any, lim: WireLimits) -> WireError:
+def _header_problem(task: Any, budget: Any, tags: Any, lim: WireLimits) -> WireError:
     """Which header field is wrong (the slow path, after the one-line check failed)."""
     if not isinstance(task, str):
         return MalformedMessage("task must be a string")
     if len(task) > lim.max_task_bytes:
         return LimitExceeded(f"task name longer than {lim.max_task_bytes}")
-    if type(deadline) is not int or deadline < 0:
-        return MalformedMessage("deadline must be a non-negative integer (ms since epoch)")
+    if budget is not None and (type(budget) is not int or not 0 <= budget <= MAX_BUDGET_US):
+        return MalformedMessage(
+            f"budget must be nil or an integer of µs in [0, {MAX_BUDGET_US}], got {budget!r}"
+        )
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         return MalformedMessage("tags must be an array of strings")
     if len(tags) > lim.max_tags:
@@ -371,9 +394,18 @@ def _decode_array(
     return np.frombuffer(buf, dtype=dtype, count=count, offset=off).reshape(shape)
 
 
-def _check_depth(obj: Any, max_depth: int, depth: int = 1) -> None:
-    if isinstance(obj, list | dict):
+def _check_depth(obj: Any, max_depth: int) -> None:
+    """Level by level, looking only into containers (a flat map of scalars and arrays, the
+    usual payload, costs one pass over its values)."""
+    level = [obj] if type(obj) is list or type(obj) is dict else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > max_depth:
             raise LimitExceeded(f"payload nested deeper than {max_depth}")
-        for v in obj.values() if isinstance(obj, dict) else obj:
-            _check_depth(v, max_depth, depth + 1)
+        deeper = []
+        for c in level:
+            for v in c.values() if type(c) is dict else c:
+                if type(v) is list or type(v) is dict:
+                    deeper.append(v)
+        level = deeper

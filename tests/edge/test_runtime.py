@@ -248,7 +248,8 @@ for i in range(5):
         tags=["a"], input=np.full(3, i, np.float32), input_digest="", edge_output=np.zeros(2),
         edge_label=0, edge_confidence=0.5, cloud_output=np.ones(2), cloud_label=1, error=None,
         timings_ms={{"total": 1.0}}, model_versions={{"edge": "v"}}))
-os._exit(1)  # no close, no flush: a crash
+assert log.flush()  # committed rows survive a crash; rows still queued would not
+os._exit(1)  # no close: a crash
 """
     assert subprocess.run([sys.executable, "-c", code]).returncode == 1
     with EscalationLog(db) as log:
@@ -289,3 +290,63 @@ def test_bring_your_own_model_with_probability_outputs(tmp_path: Path) -> None:
     assert sure.confidence > 0.9  # the margin, computed from log-probabilities
     np.testing.assert_allclose(unsure.confidence, 0.0, atol=1e-6)  # uniform: zero margin
     assert unsure.reason == "no-cloud-target"
+
+
+def _dynamic_classes_model(path: Path, w: np.ndarray) -> Path:
+    """``x @ w`` with its output declared (N, ?) and reshaped to its own shape at run time, so
+    ONNX Runtime reports the class axis as dynamic."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+            helper.make_node("Shape", ["y"], ["s"]),
+            helper.make_node("Reshape", ["y", "s"], ["logits"]),
+        ],
+        "dynamic-classes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "C"])],
+        [helper.make_tensor("w", TensorProto.FLOAT, list(w.shape), w.ravel())],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_dynamic_class_axis_escalates_on_the_entropy_gate(tmp_path: Path) -> None:
+    w = np.zeros((4, 3), np.float32)
+    w[0, 1] = 20.0  # feature 0 votes for class 1; a zero input gives uniform logits
+    model = _dynamic_classes_model(tmp_path / "dyn.onnx", w)
+    assert OnnxBackend(model).output_spec.shape == [None, None]
+    (tmp_path / "p.yaml").write_text(
+        "tasks:\n  t:\n    local: {path: dyn.onnx, labels: [a, b, c]}\n"
+        "    gate: {metric: entropy, threshold: 0.5}\n"
+        f"    cloud: {{endpoint: '{free_port_endpoint()}', model: m}}\n"
+        "    deadline_ms: 50\n"
+    )
+    with EdgeRuntime.from_policy(tmp_path / "p.yaml") as rt:
+        sure = rt.infer(np.array([1.0, 0, 0, 0], np.float32))
+        unsure = rt.infer(np.zeros(4, np.float32))
+    assert sure.tier is Tier.EDGE and sure.reason == "confident" and sure.label == "b"
+    assert unsure.confidence == pytest.approx(1.0)  # uniform over 3 classes: entropy / log 3
+    assert unsure.reason.startswith("low-confidence") and unsure.tier is Tier.EDGE_DEGRADED
+
+
+def test_labels_and_entropy_gate_checked_against_a_dynamic_class_axis(tmp_path: Path) -> None:
+    from tandem.runtime.errors import ConfigError, TandemError
+
+    _dynamic_classes_model(tmp_path / "three.onnx", np.ones((4, 3), np.float32))
+    _dynamic_classes_model(tmp_path / "one.onnx", np.ones((4, 1), np.float32))
+    (tmp_path / "labels.yaml").write_text(
+        "tasks:\n  t:\n    local: {path: three.onnx, labels: [a, b]}\n"
+        "    gate: {metric: max_prob, threshold: 0.5}\n"
+    )
+    with pytest.raises(TandemError, match="2 labels for a model with 3 classes"):
+        EdgeRuntime.from_policy(tmp_path / "labels.yaml")
+    (tmp_path / "one.yaml").write_text(
+        "tasks:\n  t:\n    local: {path: one.onnx}\n    gate: {metric: entropy, threshold: 0.5}\n"
+    )
+    with pytest.raises(ConfigError, match=r"'entropy' .* at least 2 classes, this one has 1"):
+        EdgeRuntime.from_policy(tmp_path / "one.yaml")

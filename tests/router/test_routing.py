@@ -9,6 +9,7 @@ import pytest
 from tandem.router.calibrate import escalation_for_recovery, pick_threshold, routing_curve
 from tandem.router.policy import BudgetSpec, GateSpec, TaskPolicy
 from tandem.router.routing import ConfidenceGate, TaskRouter, TokenBucket
+from tandem.runtime.errors import ConfigError
 
 
 def task(**kw) -> TaskPolicy:
@@ -111,3 +112,15 @@ def test_pick_threshold_and_cpt() -> None:
     assert (routed_lower - edge_ok.mean()) / gap < 0.9
     cpt = escalation_for_recovery(curve, 0.8)
     assert 0 < cpt < np.mean(scores < t)
+
+
+def test_entropy_gate_refuses_fewer_than_two_classes() -> None:
+    entropy = ConfidenceGate(GateSpec(metric="entropy", threshold=0.5))
+    for n in (0, 1):
+        with pytest.raises(ConfigError, match=f"task 't': .*this one has {n}"):
+            entropy.check_classes(n, task="t")
+        with pytest.raises(ValueError, match="at least 2 classes"):
+            entropy.score(1.0, 1.0, 0.0, n)  # never a silent "confident"
+    entropy.check_classes(2, task="t")
+    assert entropy.score(0.5, 0.0, math.log(2), 2) == pytest.approx(1.0)
+    ConfidenceGate(GateSpec(metric="max_prob", threshold=0.5)).check_classes(1, task="t")

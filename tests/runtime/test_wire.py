@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 import msgpack
 import numpy as np
@@ -71,22 +72,43 @@ def assert_same(a, b) -> None:
     payload=payloads,
     kind=st.sampled_from(list(Kind)),
     task=st.text(max_size=20),
-    deadline=st.integers(0, 2**62),
+    budget_s=st.one_of(st.none(), st.floats(0.001, 3600.0)),
     tags=st.lists(st.text(max_size=10), max_size=5),
     threshold=st.sampled_from([0, 16, 1 << 20]),
 )
-def test_roundtrip_random_envelopes(payload, kind, task, deadline, tags, threshold) -> None:
+def test_roundtrip_random_envelopes(payload, kind, task, budget_s, tags, threshold) -> None:
     codec = WireCodec(WireLimits(frame_threshold_bytes=threshold))
-    env = Envelope(kind=kind, task=task, deadline_ms=deadline, tags=tuple(tags), payload=payload)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    env = Envelope(kind=kind, task=task, deadline=deadline, tags=tuple(tags), payload=payload)
+    t0 = time.monotonic()
     out = roundtrip(env, codec)
-    assert (out.kind, out.id, out.task, out.deadline_ms, out.tags) == (
-        kind,
-        env.id,
-        task,
-        deadline,
-        tuple(tags),
-    )
+    in_transit = time.monotonic() - t0
+    assert (out.kind, out.id, out.task, out.tags) == (kind, env.id, task, tuple(tags))
+    if deadline is None:
+        assert out.deadline is None
+    else:  # re-anchored on arrival: later by at most the time in transit, never earlier
+        assert deadline - 1e-6 <= out.deadline <= deadline + in_transit
     assert_same(payload, out.payload)
+
+
+def test_deadline_travels_as_a_budget_not_a_wall_clock_time(monkeypatch) -> None:
+    codec = WireCodec()
+    env = Envelope(kind=Kind.ECHO, deadline=time.monotonic() + 0.25)
+    frames = codec.encode(env)
+    # the receiver's wall clock is an hour off either way: nothing changes
+    for shift in (-3600.0, 3600.0):
+        monkeypatch.setattr(time, "time", lambda s=shift: time.monotonic() + 1e9 + s)
+        out = codec.decode([bytes(f) for f in frames])
+        assert 0.2 < out.budget_s() <= 0.25 and not out.expired()
+    spent = codec.decode(codec.encode(Envelope(kind=Kind.ECHO, deadline=time.monotonic() - 1)))
+    assert spent.expired() and spent.budget_s() <= 0  # a spent budget stays spent
+
+
+def test_old_protocol_version_gets_a_clear_error() -> None:
+    old = msgpack.packb([1, "infer", b"r" * 16, "", 1_700_000_000_000, []])
+    with pytest.raises(errors.UnsupportedVersion, match=r"version 1.*speaks 2.*upgrade") as e:
+        WireCodec().decode(msg(old))
+    assert e.value.request_id == b"r" * 16  # answered by id
 
 
 def test_noncontiguous_zero_d_and_big_endian_arrays() -> None:
@@ -124,8 +146,8 @@ def msg(header: bytes, payload: bytes = b"\xc0", *buffers: bytes) -> list[bytes]
     return [struct.pack("<H", len(header)) + header + payload, *buffers]
 
 
-def header(version=PROTOCOL_VERSION, kind="infer", rid=b"r" * 16, task="t", deadline=0, tags=()):
-    return msgpack.packb([version, kind, rid, task, deadline, list(tags)])
+def header(version=PROTOCOL_VERSION, kind="infer", rid=b"r" * 16, task="t", budget=None, tags=()):
+    return msgpack.packb([version, kind, rid, task, budget, list(tags)])
 
 
 def array_ext(dtype_code: int, shape: tuple[int, ...], data: bytes) -> msgpack.ExtType:
@@ -153,7 +175,9 @@ for _ in range(20):
         (msg(header(rid=b"short")), errors.MalformedMessage),
         (msg(header(version=99)), errors.UnsupportedVersion),
         (msg(header(kind="reboot")), errors.UnknownKind),
-        (msg(header(deadline=-5)), errors.MalformedMessage),
+        (msg(header(budget=-5)), errors.MalformedMessage),
+        (msg(header(budget=1.5)), errors.MalformedMessage),
+        (msg(header(budget=10**15)), errors.MalformedMessage),
         (msg(header(tags=["x"] * 100)), errors.LimitExceeded),
         (msg(header(tags=[7])), errors.MalformedMessage),
         (

@@ -1,0 +1,80 @@
+"""Several workers per task: one is killed with SIGKILL mid-run and the edge fails over inside
+each request's deadline. Real worker processes, real sockets, a real kill."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tandem.bench.reference.models import CLOUD
+from tandem.cloud.process import WorkerProcess
+from tandem.edge import EdgeRuntime, Tier
+from tandem.runtime.client import CloudClient
+
+pytestmark = pytest.mark.integration
+
+
+def test_kill_9_one_of_two_workers_mid_run_every_request_answered_once(
+    make_worker_config, make_policy, digits_x
+) -> None:
+    n_threads, per_thread, rate = 4, 500, 250.0  # 2,000 requests at 250 req/s: 8 s
+    w1 = WorkerProcess(make_worker_config(models=[CLOUD])).start()
+    w2 = WorkerProcess(make_worker_config(models=[CLOUD])).start()
+    try:
+        policy = make_policy(
+            None,
+            log=False,
+            deadline_ms=1000,
+            cloud={"endpoints": [w1.endpoint, w2.endpoint], "model": CLOUD},
+            rules=[{"tag": "critical", "route": "cloud"}],
+        )
+        results: list[tuple[float, str, Tier, float]] = []  # (sent at, id, tier, latency ms)
+        lock = threading.Lock()
+        t_start = time.monotonic()
+        killed_at: list[float] = []
+
+        with EdgeRuntime.from_policy(policy) as rt:
+
+            def client(k: int) -> None:
+                for j in range(per_thread):
+                    due = t_start + (j * n_threads + k) / rate  # paced: 250 req/s in all
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    t0 = time.monotonic()
+                    r = rt.infer(digits_x[j % len(digits_x)], tags={"critical"})
+                    with lock:
+                        results.append(
+                            (t0, r.request_id or "", r.tier, (time.monotonic() - t0) * 1e3)
+                        )
+
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(n_threads)]
+            for t in threads:
+                t.start()
+            time.sleep(0.4 * per_thread * n_threads / rate)
+            w1.kill()  # SIGKILL: no drain, no goodbye
+            killed_at.append(time.monotonic())
+            for t in threads:
+                t.join(60)
+            failovers = next(iter(rt._clients)).failovers
+        with CloudClient(w2.endpoint) as c:
+            assert c.health()["state"] == "serving"
+    finally:
+        w1.kill()
+        w2.stop()
+
+    ids = Counter(rid for _, rid, _, _ in results)
+    assert len(results) == n_threads * per_thread  # every call returned
+    assert len(ids) == len(results) and max(ids.values()) == 1  # each id exactly once
+    after = [r for r in results if r[0] >= killed_at[0]]
+    cloud_after = sum(r[2] is Tier.CLOUD for r in after) / len(after)
+    assert cloud_after >= 0.95, f"only {cloud_after:.1%} answered by the cloud after the kill"
+    window = [ms for t0, _, _, ms in after if t0 < killed_at[0] + 1.0]
+    p99 = float(np.percentile(window, 99))
+    print(
+        f"\nfailover: {failovers} requests failed over; after the kill {cloud_after:.1%} cloud; "
+        f"p99 in the first second after the kill {p99:.1f} ms, overall p99 "
+        f"{np.percentile([r[3] for r in results], 99):.1f} ms"
+    )
