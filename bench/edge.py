@@ -2,14 +2,18 @@
 
 ``python -m tandem.bench.edge``
 
-* **Reference**: ``onnxruntime.InferenceSession.run`` on the reference edge model (int8 MLP),
-  one row, intra-op threads = 1 — what a user without Tandem would call.
+* **Reference**: the same ONNX Runtime call the SDK makes — the bound C++ session's ``run``
+  (``InferenceSession._sess.run``, which skips the Python-side re-validation of the public
+  ``InferenceSession.run``) — on the reference edge model (int8 MLP), one row, intra-op
+  threads = 1 and inter-op threads = 1, as the SDK's session. The public
+  ``InferenceSession.run`` is shown too: what a user without Tandem would call.
 * **Tandem**: :meth:`EdgeRuntime.infer` on the same model and input with a full policy (gate,
   tag rules, budget, cloud target, escalation log) whose gate accepts the answer, so the call
   stays on the device: input checks, the model, the confidence kernel, the rules, the gate, the
   Result. ``route`` is the runtime's own timing of confidence + rules + gate.
 
-Goals: Tandem p50 ≤ 1.5× the bare call; routing overhead p99 < 20 µs.
+Goals: Tandem p50 ≤ 1.5× the same call (``_sess.run``); routing overhead p99 < 20 µs.
+Both sides run in this one thread of this one process.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     opts.inter_op_num_threads = 1
     session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x[None]}
+    out_names = [session.get_outputs()[0].name]
+    bound = session._sess  # what OnnxBackend calls
 
     with tempfile.TemporaryDirectory() as tmp:
         policy = {
@@ -75,19 +81,36 @@ def main(argv: list[str] | None = None) -> None:
             r = rt.infer(x, "digits")
             assert r.tier is Tier.EDGE
             np.testing.assert_allclose(r.output, session.run(None, feed)[0][0], rtol=1e-6)
-            route_us: list[float] = []
-
-            def tandem_call() -> None:
-                route_us.append(rt.infer(x, "digits").timings["route"] * 1e3)
+            route_us = [rt.infer(x, "digits").timings["route"] * 1e3 for _ in range(args.n)]
 
             s = interleaved_us(
-                {"bare": lambda: session.run(None, feed), "tandem": tandem_call}, args.n
+                {
+                    "bound": lambda: bound.run(out_names, feed, None),
+                    "public": lambda: session.run(out_names, feed),
+                    "tandem": lambda: rt.infer(x, "digits"),
+                },
+                args.n,
             )
-    bare, tandem = pct(s["bare"]), pct(s["tandem"])
-    route = pct(np.array(route_us[-len(s["tandem"]) :]))
+    bare, public, tandem = pct(s["bound"]), pct(s["public"]), pct(s["tandem"])
+    route = pct(np.array(route_us))
     ratio = tandem["p50"] / bare["p50"]
     rows = [
-        ["onnxruntime session.run", bare["p50"], bare["p90"], bare["p99"], "", ""],
+        [
+            "onnxruntime session._sess.run (the SDK's call)",
+            bare["p50"],
+            bare["p90"],
+            bare["p99"],
+            "",
+            "",
+        ],
+        [
+            "onnxruntime session.run (public)",
+            public["p50"],
+            public["p90"],
+            public["p99"],
+            f"{public['p50'] / bare['p50']:.2f}×",
+            "",
+        ],
         [
             "EdgeRuntime.infer (edge tier)",
             tandem["p50"],
@@ -107,12 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     emit(
         "edge",
-        f"edge-tier latency, one row, µs (goal: p50 ≤ {GOAL_RATIO}× bare; routing p99 < "
+        f"edge-tier latency, one row, µs (goal: p50 ≤ {GOAL_RATIO}× the same ORT call; routing p99 < "
         f"{GOAL_ROUTE_P99_US:.0f} µs)",
         ["", "p50", "p90", "p99", "ratio p50", "goal"],
         rows,
         {
-            "bare_us": bare,
+            "bound_run_us": bare,
+            "public_run_us": public,
             "tandem_us": tandem,
             "route_us": route,
             "ratio_p50": ratio,

@@ -53,6 +53,7 @@ class _Task:
     n_classes: int
     versions: dict[str, str]
     row_ndim: int
+    probabilities: bool  # the local model emits probabilities (logged to logits here)
 
     def label(self, index: int) -> Any:
         if index < 0:
@@ -62,10 +63,11 @@ class _Task:
     def edge_result(
         self, logits: np.ndarray, top1: int, score: float, reason: str, timings: dict[str, float]
     ) -> Result:
+        labels = self.labels
         return Result(
             output=logits,
             index=top1,
-            label=self.label(top1),
+            label=(labels[top1] if labels else top1) if top1 >= 0 else None,
             tier=Tier.EDGE,
             confidence=score,
             reason=reason,
@@ -119,10 +121,12 @@ class EdgeRuntime:
                 n_classes=n_classes or 0,
                 versions={"edge": backend.version},
                 row_ndim=len(backend.input_spec.shape) - 1,
+                probabilities=tp.local.output == "probabilities",
             )
         self._clients = list(clients.values())
         self._warm_up()
         self._default_task = next(iter(self._tasks)) if len(self._tasks) == 1 else None
+        self._default = self._tasks[self._default_task] if self._default_task else None
 
     def _warm_up(self) -> None:
         """Load the kernels (JIT or on-disk cache) and run each model once now, so the first
@@ -163,23 +167,23 @@ class EdgeRuntime:
         answered by then the edge's own answer comes back as ``edge-degraded``.
         """
         t0 = time.perf_counter()
-        t = self._task(task)
-        x = np.asarray(x)
+        t = self._tasks.get(task) if task is not None else self._default
+        if t is None:
+            t = self._task(task)  # raises, naming the tasks there are
+        if type(x) is not np.ndarray:
+            x = np.asarray(x)
         batch = x[None] if x.ndim == t.row_ndim else x
         if len(batch) != 1:
             raise BadRequest(f"infer takes one input, got a batch of {len(batch)}; use infer_batch")
         logits = self._local(t, batch)[0]
         t1 = time.perf_counter()
         top1, max_prob, margin, entropy = confidence_row(logits)
-        score = t.router.gate.score(max_prob, margin, entropy, t.n_classes)
-        decision = t.router.pre_route(tags) or t.router.decide(score, top1 >= 0)
+        router = t.router
+        score = router.gate.score(max_prob, margin, entropy, t.n_classes)
+        decision = (tags and router.pre_route(tags)) or router.decide(score, top1 >= 0)
         t2 = time.perf_counter()
         if not decision.escalate:
-            timings = {
-                "local": (t1 - t0) * 1e3,
-                "route": (t2 - t1) * 1e3,
-                "total": (time.perf_counter() - t0) * 1e3,
-            }
+            timings = {"local": (t1 - t0) * 1e3, "route": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
             return t.edge_result(logits, top1, score, decision.reason, timings)
         budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
         return self._escalate(
@@ -258,7 +262,7 @@ class EdgeRuntime:
     # ------------------------------------------------------------------ internals
     def _local(self, t: _Task, batch: np.ndarray) -> np.ndarray:
         out = t.backend.predict(batch)
-        if t.policy.local.output == "probabilities":
+        if t.probabilities:
             with np.errstate(divide="ignore"):
                 out = np.log(out)
         return out

@@ -132,6 +132,7 @@ class CloudClient:
             sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
             sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
+        sock.setsockopt(zmq.RCVTIMEO, _WATCH_MS)  # how often a waiting request checks its link
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self.curve is not None:
@@ -216,12 +217,18 @@ class CloudClient:
             left = _ms_left(deadline)
             if left <= 0:
                 raise DeadlineExceeded(f"no reply from {endpoint} within {timeout_s * 1e3:.1f} ms")
-            if not zmq.zmq_poll([(sock, _POLLIN)], min(left, _WATCH_MS)):
+            try:
+                # a blocking receive (RCVTIMEO = _WATCH_MS) is one call; the last few ms before
+                # the deadline are waited for exactly with a poll
+                if not (left >= _WATCH_MS or zmq.zmq_poll([(sock, _POLLIN)], left)):
+                    continue
+                frames = recv_frames(sock, n_copied=1)
+            except zmq.Again:
                 if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
-                    raise _WorkerLost("connection closed while waiting for the reply")
+                    raise _WorkerLost("connection closed while waiting for the reply") from None
                 continue
             try:
-                reply = self.codec.decode(recv_frames(sock, n_copied=1))
+                reply = self.codec.decode(frames)
             except WireError as e:
                 if e.request_id == env.id:
                     raise

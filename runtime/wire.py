@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -196,6 +197,7 @@ class WireCodec:
     def __init__(self, limits: WireLimits | None = None) -> None:
         self.limits = limits or WireLimits()
         lim = self.limits
+        self._encoder = _Encoder(self.limits.frame_threshold_bytes)
         self._unpack_kw = dict(
             raw=False,
             strict_map_key=True,
@@ -209,27 +211,17 @@ class WireCodec:
     # ------------------------------------------------------------------ encode
     def encode(self, env: Envelope) -> list[Any]:
         """Frames for ``env``: bytes, then contiguous arrays (send them with :func:`send_frames`)."""
-        extra: list[Any] = []
-        threshold = self.limits.frame_threshold_bytes
-
-        def default(obj: Any) -> Any:
-            if isinstance(obj, np.ndarray):
-                return _encode_array(obj, extra, threshold)
-            if isinstance(obj, np.generic):
-                return obj.item()
-            if isinstance(obj, tuple | set | frozenset):
-                return list(obj)
-            raise TypeError(f"cannot put {type(obj).__name__} on the wire")
-
+        enc = self._encoder
+        enc.extra = extra = []
         budget = None
         if env.deadline is not None:
             budget = max(0, int((env.deadline - time.monotonic()) * 1e6))
-        header = msgpack.packb(
-            [PROTOCOL_VERSION, env.kind.value, env.id, env.task, budget, list(env.tags)]
+        header = enc.packer.pack(
+            (PROTOCOL_VERSION, env.kind.value, env.id, env.task, budget, env.tags)
         )
         if len(header) > 0xFFFF:
             raise TypeError("envelope header over 64 KiB (task name or tags too long)")
-        payload = msgpack.packb(env.payload, default=default)
+        payload = enc.packer.pack(env.payload)
         return [b"".join((_HLEN.pack(len(header)), header, payload)), *extra]
 
     # ------------------------------------------------------------------ decode
@@ -260,8 +252,8 @@ class WireCodec:
 
     def _decode_header(self, raw: Frame) -> Envelope:
         lim = self.limits
-        try:
-            h = msgpack.unpackb(raw, **self._unpack_kw)
+        try:  # at most 64 KiB (u16 prefix): msgpack's own length checks bound it
+            h = msgpack.unpackb(raw)
         except Exception as e:  # msgpack raises several unrelated types
             raise MalformedMessage(f"header is not valid msgpack: {e}") from None
         if not isinstance(h, list) or len(h) != 6:
@@ -313,6 +305,25 @@ class WireCodec:
             )
         _check_depth(payload, lim.max_depth)
         return payload
+
+
+class _Encoder(threading.local):
+    """One msgpack ``Packer`` per thread (a Packer is not thread-safe; building one per
+    message costs more than packing a small envelope), and where array frames collect."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.extra: list[Any] = []
+        self.packer = msgpack.Packer(default=self._default)
+
+    def _default(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            return _encode_array(obj, self.extra, self.threshold)
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, set | frozenset):
+            return list(obj)
+        raise TypeError(f"cannot put {type(obj).__name__} on the wire")
 
 
 def _tags_ok(tags: list[Any], max_bytes: int) -> bool:
