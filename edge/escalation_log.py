@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
-import hashlib
-import io
-import json
 import logging
 import sqlite3
 import threading
@@ -33,16 +29,30 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from numpy.lib import format as npy_format
+
+from tandem.edge.escalation_rows import (
+    COLUMNS,
+    INSERT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TRIM_ROWS,
+    EscalationRecord,
+    array_to_npy,
+    decode_row,
+    encode_row,
+    frozen,
+    npy_to_array,
+    snapshot,
+)
+
+__all__ = ["EscalationLog", "EscalationRecord", "array_to_npy", "npy_to_array"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 
 DEFAULT_QUEUE_ROWS = 10_000
 DEFAULT_QUEUE_BYTES = 64 << 20  # array bytes held by queued rows
@@ -69,89 +79,6 @@ GIL_SLICE_ROWS = 8
 GIL_YIELD_S = 20e-6
 FAILURE_BACKOFF_S = 0.1  # after a failed batch; rows wait in the queue meanwhile
 WARN_EVERY_S = 10.0  # drop and failure warnings, at most this often
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS escalations (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts_ms INTEGER NOT NULL,
-    request_id TEXT NOT NULL,
-    task TEXT NOT NULL,
-    tier TEXT NOT NULL,               -- cloud | edge-degraded
-    reason TEXT NOT NULL,
-    tags TEXT NOT NULL,               -- JSON list
-    input_digest TEXT NOT NULL,       -- sha256 of the input's .npy bytes
-    input BLOB,                       -- .npy bytes; NULL when store_inputs is off
-    edge_output BLOB NOT NULL,        -- .npy bytes
-    edge_label INTEGER,
-    edge_confidence REAL,
-    cloud_output BLOB,                -- .npy bytes; NULL when the cloud did not answer
-    cloud_label INTEGER,
-    error TEXT,                       -- why the cloud did not answer
-    timings_ms TEXT NOT NULL,         -- JSON object
-    model_versions TEXT NOT NULL      -- JSON object
-);
-"""
-
-
-def array_to_npy(a: np.ndarray) -> bytes:
-    """The bytes ``np.save(f, np.ascontiguousarray(a), allow_pickle=False)`` writes, about 9x
-    faster for small arrays (1.6 vs 14.6 µs for 64 float32): the header is cached per dtype
-    and shape. E.g. ``array_to_npy(np.zeros(2, "<f4"))`` is a 128-byte header (magic
-    ``\\x93NUMPY``, version 1.0, ``{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }``
-    padded with spaces to a multiple of 64) followed by 8 zero bytes."""
-    a = np.ascontiguousarray(a)
-    if a.dtype.hasobject:
-        raise ValueError("object arrays cannot be stored without pickle")
-    try:
-        header = _npy_header(a.dtype, a.shape)
-    except ValueError:  # a header too long for format 1.0: let numpy pick the version
-        buf = io.BytesIO()
-        np.save(buf, a, allow_pickle=False)
-        return buf.getvalue()
-    return header + a.tobytes()
-
-
-@functools.lru_cache(maxsize=1024)
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    buf = io.BytesIO()
-    npy_format.write_array_header_1_0(
-        buf, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    )
-    return buf.getvalue()
-
-
-def npy_to_array(b: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(b), allow_pickle=False)
-
-
-_COLUMNS = (
-    "ts_ms, request_id, task, tier, reason, tags, input_digest, input, edge_output, edge_label,"
-    " edge_confidence, cloud_output, cloud_label, error, timings_ms, model_versions"
-)
-_INSERT = f"INSERT INTO escalations ({_COLUMNS}) VALUES ({', '.join('?' * 16)})"
-_TRIM_ROWS = "DELETE FROM escalations WHERE seq <= (SELECT MAX(seq) FROM escalations) - ?"
-
-
-@dataclass(frozen=True)
-class EscalationRecord:
-    """One escalation. ``input_digest`` is filled in on append when left empty."""
-
-    ts_ms: int
-    request_id: str
-    task: str
-    tier: str
-    reason: str
-    tags: list[str] | frozenset[str]
-    input: np.ndarray | None
-    input_digest: str
-    edge_output: np.ndarray
-    edge_label: int | None
-    edge_confidence: float | None
-    cloud_output: np.ndarray | None
-    cloud_label: int | None
-    error: str | None
-    timings_ms: dict[str, float]
-    model_versions: dict[str, str]
 
 
 class EscalationLog:
@@ -218,7 +145,7 @@ class EscalationLog:
         are copied; read-only ones are kept as they are, so do not write to their buffer later.
         Raises ``TypeError``/``ValueError`` only for records that could never be stored.
         """
-        self._enqueue([_snapshot(r) for r in records])
+        self._enqueue([snapshot(r) for r in records])
 
     def append_batch(
         self,
@@ -243,9 +170,9 @@ class EscalationLog:
         tags, error, timings and versions; arrays are (N, ...). No per-row record is built,
         so this is what :class:`~tandem.edge.EdgeRuntime` calls (about 7 µs for one row)."""
         n = len(request_ids)
-        inp = None if inputs is None else _frozen(inputs)
-        eo = _frozen(edge_outputs)
-        co = None if cloud_outputs is None else _frozen(cloud_outputs)
+        inp = None if inputs is None else frozen(inputs)
+        eo = frozen(edge_outputs)
+        co = None if cloud_outputs is None else frozen(cloud_outputs)
         lengths = {len(reasons), len(edge_labels), len(edge_confidences), len(eo)}
         lengths |= {len(inp)} if inp is not None else set()
         lengths |= {len(co), len(cloud_labels or ())} if co is not None else set()
@@ -379,7 +306,7 @@ class EscalationLog:
         not seen."""
         self.flush()
         q = (
-            f"SELECT {_COLUMNS} FROM escalations"
+            f"SELECT {COLUMNS} FROM escalations"
             + (" WHERE task = ?" if task else "")
             + " ORDER BY seq"
         )
@@ -387,7 +314,7 @@ class EscalationLog:
             cur = db.execute(q, (task,) if task else ())
             while chunk := cur.fetchmany(READ_CHUNK_ROWS):
                 for r in chunk:
-                    yield _record(r)
+                    yield decode_row(r)
 
     def _reader(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=READ_BUSY_TIMEOUT_MS / 1e3, isolation_level=None)
@@ -409,7 +336,7 @@ class EscalationLog:
             if not db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'escalations'"
             ).fetchone():
-                db.executescript(_SCHEMA)
+                db.executescript(SCHEMA)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         except BaseException:
@@ -467,7 +394,7 @@ class EscalationLog:
                 if i and i % GIL_SLICE_ROWS == 0:
                     time.sleep(GIL_YIELD_S)
                 try:
-                    yield self._row(item)
+                    yield encode_row(item, self.store_inputs)
                 except Exception as e:  # one unstorable row must not cost the batch
                     bad += 1
                     self._failed(e, "a row could not be serialised", 0, 1)
@@ -497,9 +424,9 @@ class EscalationLog:
         db.execute("BEGIN IMMEDIATE")
         deleted = 0
         if rows is not None:
-            db.executemany(_INSERT, rows)
+            db.executemany(INSERT, rows)
             if self.max_rows is not None:
-                deleted += db.execute(_TRIM_ROWS, (self.max_rows,)).rowcount
+                deleted += db.execute(TRIM_ROWS, (self.max_rows,)).rowcount
         more = False
         if expire:
             more, n = self._expire_by_age(db)
@@ -566,31 +493,6 @@ class EscalationLog:
                 extra={"failed_rows": rows, "escalation_log": str(self.path)},
             )
 
-    def _row(self, item: tuple[Any, ...]) -> tuple[Any, ...]:
-        ts, rid, task, tier, reason, tags, inp, digest, eo, el, ec, co, cl, err, tm, mv = item
-        for name, v in (("request_id", rid), ("task", task), ("tier", tier), ("reason", reason)):
-            if not isinstance(v, str):
-                raise TypeError(f"{name} must be a str, got {type(v).__name__}")
-        raw_input = array_to_npy(inp) if inp is not None else b""
-        return (
-            int(ts),
-            rid,
-            task,
-            tier,
-            reason,
-            json.dumps(sorted(tags)),
-            digest or hashlib.sha256(raw_input).hexdigest(),
-            raw_input if self.store_inputs and inp is not None else None,
-            array_to_npy(eo),
-            None if el is None else int(el),
-            _finite_or_none(ec),
-            None if co is None else array_to_npy(co),
-            None if cl is None else int(cl),
-            err,
-            json.dumps(tm, default=_json_scalar),
-            json.dumps(mv, default=_json_scalar),
-        )
-
     def __enter__(self) -> EscalationLog:
         return self
 
@@ -612,85 +514,6 @@ class _Throttle:
             return None
         held, self._held, self._next = self._held, 0, now + self.every_s
         return held
-
-
-def _snapshot(r: EscalationRecord) -> tuple[tuple[Any, ...], int]:
-    """The record as the writer will see it, whatever the caller mutates afterwards, and the
-    bytes its arrays hold."""
-    if not isinstance(r, EscalationRecord):
-        raise TypeError(f"append takes EscalationRecord, got {type(r).__name__}")
-    inp = None if r.input is None else _frozen(r.input)
-    eo = _frozen(r.edge_output)
-    co = None if r.cloud_output is None else _frozen(r.cloud_output)
-    nbytes = eo.nbytes + (0 if inp is None else inp.nbytes) + (0 if co is None else co.nbytes)
-    item = (
-        r.ts_ms,
-        r.request_id,
-        r.task,
-        r.tier,
-        r.reason,
-        tuple(r.tags),
-        inp,
-        r.input_digest,
-        eo,
-        r.edge_label,
-        r.edge_confidence,
-        co,
-        r.cloud_label,
-        r.error,
-        dict(r.timings_ms),
-        dict(r.model_versions),
-    )
-    return item, nbytes
-
-
-def _frozen(a: Any) -> np.ndarray:
-    """``a`` itself when nothing can write to it (read-only, and so is every array it views),
-    else a read-only copy."""
-    if isinstance(a, np.ndarray):
-        base = a
-        while not base.flags.writeable:
-            base = base.base
-            if not isinstance(base, np.ndarray):  # owns its data, or views an immutable buffer
-                if a.dtype.hasobject:
-                    raise ValueError("object arrays cannot be stored without pickle")
-                return a
-    c = np.array(a)
-    if c.dtype.hasobject:
-        raise ValueError("object arrays cannot be stored without pickle")
-    c.flags.writeable = False
-    return c
-
-
-def _record(r: tuple[Any, ...]) -> EscalationRecord:
-    return EscalationRecord(
-        ts_ms=r[0],
-        request_id=r[1],
-        task=r[2],
-        tier=r[3],
-        reason=r[4],
-        tags=json.loads(r[5]),
-        input_digest=r[6],
-        input=None if r[7] is None else npy_to_array(r[7]),
-        edge_output=npy_to_array(r[8]),
-        edge_label=r[9],
-        edge_confidence=r[10],
-        cloud_output=None if r[11] is None else npy_to_array(r[11]),
-        cloud_label=r[12],
-        error=r[13],
-        timings_ms=json.loads(r[14]),
-        model_versions=json.loads(r[15]),
-    )
-
-
-def _json_scalar(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
-
-
-def _finite_or_none(v: float | None) -> float | None:
-    return None if v is None or v != v else float(v)
 
 
 _OPEN_LOGS: weakref.WeakSet[EscalationLog] = weakref.WeakSet()

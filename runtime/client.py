@@ -222,7 +222,7 @@ class CloudClient:
                 # the deadline are waited for exactly with a poll
                 if not (left >= _WATCH_MS or zmq.zmq_poll([(sock, _POLLIN)], left)):
                     continue
-                frames = recv_frames(sock, n_copied=1)
+                frames = recv_frames(sock, 1, self.codec.limits.max_frames)
             except zmq.Again:
                 if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
                     raise _WorkerLost("connection closed while waiting for the reply") from None

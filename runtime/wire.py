@@ -181,12 +181,17 @@ def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
         sock.send(f, _SNDMORE if i < last else 0, copy=not isinstance(f, np.ndarray))
 
 
-def recv_frames(sock: zmq.Socket, n_copied: int) -> list[Frame]:
+def recv_frames(sock: zmq.Socket, n_copied: int, max_frames: int = 1 << 20) -> list[Frame]:
     """Receive one multipart message: the first ``n_copied`` frames as bytes (routing and the
     envelope: small, and copying those is cheaper than a frame object), the rest as zero-copy
-    memoryviews (array buffers, each at least ``frame_threshold_bytes``)."""
+    memoryviews (array buffers, each at least ``frame_threshold_bytes``). Frames past
+    ``max_frames`` are read and dropped (the message is consumed, its memory is not kept);
+    one empty frame stands for them, so the codec still sees too many frames."""
     frames: list[Frame] = [sock.recv()]
     while sock.getsockopt(_RCVMORE):
+        if len(frames) > max_frames:
+            sock.recv(copy=False)  # dropped
+            continue
         frames.append(sock.recv() if len(frames) < n_copied else sock.recv(copy=False).buffer)
     return frames
 

@@ -257,3 +257,14 @@ def test_replies_to_a_peer_that_never_reads_do_not_stall_the_worker(make_worker_
             assert c.infer(CLOUD, np.ones((1, 64), np.float32), timeout_s=5)["outputs"].shape
             assert c.health()["counters"]["replies_dropped"] > 0  # counted, not waited for
         lazy.close()
+
+
+def test_a_message_of_thousands_of_frames_is_refused_without_keeping_them(worker) -> None:
+    s = raw_socket(worker.endpoint)
+    s.send_multipart([b"\x00\x00"] + [b"x" * 1000] * 20_000)
+    assert s.poll(10_000)
+    reply = WireCodec().decode(s.recv_multipart())
+    s.close()
+    assert reply.kind is Kind.ERROR and reply.payload["code"] == "wire.limit"
+    with CloudClient(worker.endpoint) as c:
+        assert c.health()["state"] == "serving"
