@@ -5,7 +5,9 @@
 For each model — the CNN (``digits-cloud``: a message costs about as much as its one-row
 compute) and the MoE classifier (``digits-moe``: one row's compute dominates a message) — a
 worker process is started twice: with the default batching (``max_batch: 64``, no queue delay)
-and with ``max_batch: 1``. Load comes from ``--procs`` client **processes**, each a DEALER
+and with ``max_batch: 1``. Both workers run side by side and the two configurations alternate at each load, three
+times (the median run is kept), so drift in machine load hits both alike. Load comes from
+``--procs`` client **processes**, each a DEALER
 socket keeping ``depth`` one-row ``infer`` requests in flight (closed loop: a reply sends the
 next request), so the offered concurrency is ``procs × depth``. Per load: rows/s and p50/p99
 latency; worker and clients share the machine's cores, as they would on one host.
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--seconds", type=float, default=3.0, help="per load point")
+    ap.add_argument("--seconds", type=float, default=2.0, help="per load point and run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per load point (median kept)")
     ap.add_argument("--procs", type=int, default=2, help="client processes")
     ap.add_argument("--depths", default="1,4,16,64", help="requests in flight per process")
     ap.add_argument("--threads", type=int, default=1, help="worker intra-op threads")
@@ -118,23 +121,39 @@ def main(argv: list[str] | None = None) -> None:
     for model in (CLOUD, MOE):
         idle = idle_round_trip(models_dir, model, args.threads)
         data[model] = {"idle": idle}
-        per_cfg: dict[str, list[dict[str, Any]]] = {}
-        for label, max_batch in (("batching", 64), ("max_batch 1", 1)):
-            cfg = WorkerConfig.model_validate(
-                {
-                    "bind": "tcp://127.0.0.1:*",
-                    "models_dir": str(models_dir),
-                    "models": [model],
-                    "threads": args.threads,
-                    "batching": {"max_batch": max_batch},
-                }
-            )
-            with WorkerProcess(cfg) as w:
-                assert w.endpoint is not None
-                run_load(w.endpoint, model, 1, 1, 0.5)  # warm-up
-                per_cfg[label] = [
-                    run_load(w.endpoint, model, args.procs, d, args.seconds) for d in depths
-                ]
+        configs = {"batching": 64, "max_batch 1": 1}
+        workers = {
+            label: WorkerProcess(
+                WorkerConfig.model_validate(
+                    {
+                        "bind": "tcp://127.0.0.1:*",
+                        "models_dir": str(models_dir),
+                        "models": [model],
+                        "threads": args.threads,
+                        "batching": {"max_batch": max_batch},
+                    }
+                )
+            ).start()
+            for label, max_batch in configs.items()
+        }
+        try:
+            for w in workers.values():
+                run_load(w.endpoint or "", model, 1, 1, 0.5)  # warm-up
+            # both configurations alternate at each load, --repeats times; the median run (by
+            # rows/s) is reported, so drift in machine load hits both alike
+            per_cfg: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}
+            for d in depths:
+                runs: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}
+                for _ in range(args.repeats):
+                    for label, w in workers.items():
+                        runs[label].append(
+                            run_load(w.endpoint or "", model, args.procs, d, args.seconds)
+                        )
+                for label, rs in runs.items():
+                    per_cfg[label].append(sorted(rs, key=lambda r: r["rows_per_s"])[len(rs) // 2])
+        finally:
+            for w in workers.values():
+                w.stop()
         data[model]["loads"] = per_cfg
         for d, b, u in zip(depths, per_cfg["batching"], per_cfg["max_batch 1"], strict=True):
             gain = b["rows_per_s"] / u["rows_per_s"]
