@@ -1,0 +1,55 @@
+"""The benchmarks of issue 6 run end to end with tiny arguments and write what they claim.
+Slow (each starts worker processes); the figures themselves are not asserted here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _run(module: str, tmp_path: Path, *args: str) -> dict:
+    import importlib
+
+    out = tmp_path / f"{module}.json"
+    importlib.import_module(f"tandem.bench.{module}").main([*args, "--json", str(out)])
+    return json.loads(out.read_text())["results"]
+
+
+def test_soak_loses_and_duplicates_nothing_across_kills(tmp_path: Path) -> None:
+    r = _run(
+        "soak",
+        tmp_path,
+        "--minutes",
+        "0.25",
+        "--kill-every",
+        "4",
+        "--down",
+        "1",
+        "--window",
+        "5",
+        "--rate",
+        "100",
+    )
+    s = r["summary"]
+    assert s["kills"] >= 2 and s["requests"] > 500
+    assert s["lost"] == 0 and s["duplicated"] == 0
+    assert s["by_kind"].get("cloud", 0) / s["requests"] > 0.9
+
+
+def test_batching_benchmark_reports_both_configurations(tmp_path: Path) -> None:
+    r = _run("batching", tmp_path, "--seconds", "0.3", "--repeats", "1", "--depths", "1,8")
+    for model in ("digits-cloud", "digits-moe"):
+        loads = r[model]["loads"]
+        assert len(loads["batching"]) == len(loads["max_batch 1"]) == 2
+        assert all(x["errors"] == 0 and x["rows_per_s"] > 0 for x in loads["batching"])
+        assert r[model]["idle"]["compute_us"] > 0
+
+
+def test_escalation_log_benchmark_compares_with_and_without(tmp_path: Path) -> None:
+    r = _run("escalation_log", tmp_path, "--n", "200")
+    assert r["writer"]["written"] >= 200 and r["writer"]["failed_rows"] == 0
+    assert r["log_timing_us"]["p50"] > 0
