@@ -90,7 +90,13 @@ class OnnxBackend:
         self.output_spec = _spec(out)
         self._input_name = inp.name
         self._output_names = [out.name]
-        self._dtype = np.dtype(self.input_spec.dtype)
+        try:
+            self._dtype = np.dtype(self.input_spec.dtype)
+        except TypeError:
+            raise BackendError(
+                f"ONNX model {self.path}: input {inp.name!r} has type {inp.type}; Tandem serves "
+                f"numeric inputs ({', '.join(sorted(set(_ORT_DTYPES.values())))})"
+            ) from None
         self._row_shape = tuple(self.input_spec.shape[1:])
         self._fixed_row_shape = None if None in self._row_shape else self._row_shape
         self._floating = self._dtype.kind == "f"

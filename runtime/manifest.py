@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path, PurePosixPath
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tandem.runtime.config import StrictModel, load_config
 from tandem.runtime.errors import ConfigError
@@ -56,6 +56,14 @@ class Manifest(StrictModel):
     models: list[ModelEntry]
     workload: str = ""
     seed: int | None = None
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Manifest:
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; listed more than once: {dup}")
+        return self
 
     def get(self, name: str) -> ModelEntry:
         for m in self.models:

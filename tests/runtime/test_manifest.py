@@ -272,3 +272,11 @@ def test_a_bad_entry_field_writes_nothing(tmp_path: Path, src: Path) -> None:
     with pytest.raises(ConfigError, match=r"model 'mine': version: string should have at least"):
         add_onnx_model(tmp_path / "models", src, name="mine", version="")
     assert not (tmp_path / "models").exists()
+
+
+def test_a_model_name_listed_twice_is_refused(tmp_path: Path) -> None:
+    entry = {"name": "m", "version": "1", "file": "m.onnx", "sha256": "0" * 64, "size_bytes": 1,
+             "input": {"name": "x", "shape": [None, 2]}, "output": {"name": "y", "shape": [None, 2]}}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": [entry, entry]}))
+    with pytest.raises(ConfigError, match=r"listed more than once: \['m'\]"):
+        load_manifest(tmp_path)
