@@ -47,6 +47,8 @@ class LimitsSpec(StrictModel):
     per-request limits (checked before any work: a request over them gets ``BadRequest``)."""
 
     max_message_bytes: int = Field(default=_DEFAULT_LIMITS.max_message_bytes, ge=1024)
+    max_envelope_bytes: int = Field(default=_DEFAULT_LIMITS.max_envelope_bytes, ge=1024)
+    max_containers: int = Field(default=_DEFAULT_LIMITS.max_containers, ge=1)
     max_frames: int = Field(default=_DEFAULT_LIMITS.max_frames, ge=2)
     max_array_elements: int = Field(default=_DEFAULT_LIMITS.max_array_elements, ge=1)
     max_depth: int = Field(default=_DEFAULT_LIMITS.max_depth, ge=1)

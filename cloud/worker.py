@@ -380,19 +380,23 @@ class CloudWorker:
     def _run_experts(self, env: Envelope) -> dict[str, Any]:
         """An expert-shard request: run at once (its rows are already one batch per expert)."""
         p = env.payload
-        ok = (
-            isinstance(p, dict)
-            and isinstance(p.get("experts"), list)
-            and isinstance(p.get("counts"), list)
-            and isinstance(p.get("rows"), np.ndarray)
-            and all(type(v) is int for v in (*p["experts"], *p["counts"]))
-        )
-        if not ok:
-            raise BadRequest("experts payload: {model, experts: [int], counts: [int], rows: array}")
-        backend = self.backends.get(p.get("model", ""))
+        shape = "experts payload: {model, experts: [int], counts: [int], rows: array}"
+        if not isinstance(p, dict):
+            raise BadRequest(shape)
+        backend = self.backends.get(str(p.get("model")))
         run = getattr(backend, "run_experts", None)
         if backend is None or run is None:
             raise UnknownModel(f"no MoE model {p.get('model')!r} here")
+        n_experts = int(getattr(backend, "n_experts", 0))
+        experts, counts = p.get("experts"), p.get("counts")
+        if not (
+            isinstance(experts, list)
+            and isinstance(counts, list)
+            and isinstance(p.get("rows"), np.ndarray)
+            and len(experts) == len(counts) <= n_experts  # bounded before any loop over them
+            and all(type(v) is int for v in (*experts, *counts))
+        ):
+            raise BadRequest(f"{shape}, one count per expert, at most {n_experts}")
         self._check_size(p["rows"])
         out = self._backend(backend.name, run, p["experts"], p["counts"], p["rows"])
         self.counters["expert_rows"] += len(p["rows"])

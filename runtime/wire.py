@@ -108,6 +108,11 @@ class WireLimits:
     """Limits applied to every received message. Sizes are bytes."""
 
     max_message_bytes: int = 64 * 1024 * 1024
+    # Frame 0 (header, msgpack payload, inline arrays). msgpack structure expands in Python (an
+    # empty list is 1 byte on the wire and ~60 in memory), so it is bounded on its own, and so
+    # is the number of lists and maps; big arrays travel in their own frames, not expanded.
+    max_envelope_bytes: int = 4 * 1024 * 1024
+    max_containers: int = 65_536
     max_frames: int = 64
     max_array_elements: int = 16 * 1024 * 1024
     max_depth: int = 16
@@ -202,7 +207,9 @@ class WireCodec:
     def __init__(self, limits: WireLimits | None = None) -> None:
         self.limits = limits or WireLimits()
         lim = self.limits
-        self._encoder = _Encoder(self.limits.frame_threshold_bytes)
+        self._encoder = _Encoder(
+            self.limits.frame_threshold_bytes, self.limits.max_envelope_bytes // 2
+        )
         self._unpack_kw = dict(
             raw=False,
             strict_map_key=True,
@@ -218,6 +225,7 @@ class WireCodec:
         """Frames for ``env``: bytes, then contiguous arrays (send them with :func:`send_frames`)."""
         enc = self._encoder
         enc.extra = extra = []
+        enc.inline = 0
         budget = None
         if env.deadline is not None:
             budget = max(0, int((env.deadline - time.monotonic()) * 1e6))
@@ -245,6 +253,11 @@ class WireCodec:
         if total > lim.max_message_bytes:
             raise LimitExceeded(f"message is {total} bytes, limit is {lim.max_message_bytes}")
         first = memoryview(frames[0])
+        if len(first) > lim.max_envelope_bytes:
+            raise LimitExceeded(
+                f"envelope frame is {len(first)} bytes, limit is {lim.max_envelope_bytes} "
+                "(arrays of 64 KiB and more travel in frames of their own)"
+            )
         end = _HLEN.size + _HLEN.unpack_from(first)[0]
         if end >= len(first):
             raise MalformedMessage("header length prefix runs past the frame (no payload)")
@@ -294,12 +307,21 @@ class WireCodec:
     def _decode_payload(self, raw: Frame, buffers: Sequence[Frame]) -> Any:
         lim = self.limits
         used: set[int] = set()
+        containers = [lim.max_containers]  # left to build
 
         def ext_hook(code: int, data: bytes) -> Any:
             return _decode_array(code, data, buffers, used, lim.max_array_elements)
 
+        def count(container: Any) -> Any:
+            containers[0] -= 1
+            if containers[0] < 0:
+                raise LimitExceeded(f"payload holds more than {lim.max_containers} lists and maps")
+            return container
+
         try:
-            payload = msgpack.unpackb(raw, ext_hook=ext_hook, **self._unpack_kw)
+            payload = msgpack.unpackb(
+                raw, ext_hook=ext_hook, list_hook=count, object_hook=count, **self._unpack_kw
+            )
         except WireError:
             raise
         except Exception as e:
@@ -316,14 +338,18 @@ class _Encoder(threading.local):
     """One msgpack ``Packer`` per thread (a Packer is not thread-safe; building one per
     message costs more than packing a small envelope), and where array frames collect."""
 
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, inline_budget: int) -> None:
         self.threshold = threshold
+        self.inline_budget = inline_budget  # inline array bytes per envelope, at most
+        self.inline = 0
         self.extra: list[Any] = []
         self.packer = msgpack.Packer(default=self._default)
 
     def _default(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
-            return _encode_array(obj, self.extra, self.threshold)
+            inline = obj.nbytes < self.threshold and self.inline + obj.nbytes <= self.inline_budget
+            self.inline += obj.nbytes if inline else 0
+            return _encode_array(obj, self.extra, inline)
         if isinstance(obj, np.generic):
             return obj.item()
         if isinstance(obj, set | frozenset):
@@ -352,7 +378,7 @@ def _header_problem(task: Any, budget: Any, tags: Any, lim: WireLimits) -> WireE
     return LimitExceeded(f"a tag is longer than {lim.max_tag_bytes}")
 
 
-def _encode_array(arr: np.ndarray, extra: list[Any], threshold: int) -> msgpack.ExtType:
+def _encode_array(arr: np.ndarray, extra: list[Any], inline: bool) -> msgpack.ExtType:
     dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     code = _DTYPE_CODE.get(dt)
     if code is None:
@@ -364,7 +390,7 @@ def _encode_array(arr: np.ndarray, extra: list[Any], threshold: int) -> msgpack.
     if arr.dtype is not dt or not arr.flags.c_contiguous:
         arr = np.require(arr, dt, "C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
     head = _ARRAY_HEAD.pack(code, arr.ndim) + _DIMS[arr.ndim].pack(*arr.shape)
-    if arr.nbytes >= threshold:
+    if not inline:
         extra.append(arr)
         return msgpack.ExtType(EXT_ARRAY_FRAME, head + _FRAME_REF.pack(len(extra)))
     return msgpack.ExtType(EXT_ARRAY_INLINE, head + arr.tobytes())

@@ -268,3 +268,20 @@ def test_a_message_of_thousands_of_frames_is_refused_without_keeping_them(worker
     assert reply.kind is Kind.ERROR and reply.payload["code"] == "wire.limit"
     with CloudClient(worker.endpoint) as c:
         assert c.health()["state"] == "serving"
+
+
+def test_an_experts_request_with_millions_of_ids_is_refused_before_any_loop(worker) -> None:
+    n = 1_000_000
+    env = Envelope(
+        kind=Kind.EXPERTS,
+        payload={
+            "model": MOE,
+            "experts": [0] * n,
+            "counts": [0] * (n - 1) + [1],
+            "rows": np.zeros((1, 32), np.float32),
+        },
+    )
+    with CloudClient(worker.endpoint) as c:
+        with pytest.raises(errors.BadRequest, match="at most 8"):  # checked before any loop
+            c.request(env, timeout_s=10)
+        assert c.health()["state"] == "serving"

@@ -264,3 +264,22 @@ def test_send_and_recv_frames_copy_the_envelope_and_not_the_arrays() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_payload_of_millions_of_empty_lists_is_refused_before_it_is_built() -> None:
+    n = 1_000_000  # 1 MB on the wire, ~60 MB as Python lists
+    bomb = b"\xdd" + struct.pack(">I", n) + b"\x90" * n
+    with pytest.raises(errors.LimitExceeded, match="more than 65536 lists and maps"):
+        WireCodec().decode(msg(header(), bomb))
+
+
+def test_envelope_frame_is_bounded_and_the_encoder_stays_under_it() -> None:
+    codec = WireCodec(WireLimits(max_envelope_bytes=256 * 1024))
+    with pytest.raises(errors.LimitExceeded, match="envelope frame"):
+        codec.decode(msg(header(), msgpack.packb(b"x" * 300_000)))
+    many = [np.full(8192, i, np.float32) for i in range(40)]  # 40 × 32 KiB, each under 64 KiB
+    frames = codec.encode(Envelope(kind=Kind.ECHO, payload=many))
+    assert len(frames[0]) <= 256 * 1024 and len(frames) > 1  # the rest moved to frames
+    out = codec.decode([bytes(f) if not isinstance(f, np.ndarray) else f.tobytes() for f in frames])
+    for a, b in zip(many, out.payload, strict=True):
+        np.testing.assert_array_equal(a, b)
