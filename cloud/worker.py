@@ -319,11 +319,13 @@ class CloudWorker:
         # a retry of a request already answered, or still queued: never run twice
         cached = self.answered.get(env.id, time.monotonic())
         if cached is not None:
+            self._check_retry(cached[1], env)
             self.counters["replayed"] += 1
-            self._send(route, cached)
+            self._send(route, cached[0])
             return None
         queued = self._queued.get(env.id)
         if queued is not None:
+            self._check_retry(queued.env, env)
             self.counters["joined"] += 1
             queued.routes.append(route)
             return None
@@ -350,6 +352,16 @@ class CloudWorker:
         self.batcher.admit(backend.name, item)
         self._queued[env.id] = item
         return None
+
+    def _check_retry(self, original: Envelope, retry: Envelope) -> None:
+        """A retry must ask for exactly what its id first asked for: an id alone never fetches
+        someone else's reply."""
+        if not original.same_body(retry):
+            self.counters["id_conflicts"] += 1
+            raise BadRequest(
+                "this request id was used for a different request in the last "
+                f"{self.config.idempotency.ttl_s:g} s; use a fresh id for new work"
+            )
 
     def _check_size(self, rows: np.ndarray) -> None:
         lim = self.config.limits
@@ -460,7 +472,7 @@ class CloudWorker:
     def _result_frames(self, env: Envelope, payload: Any) -> list[Any]:
         """A result reply, encoded once and remembered for retries of the same request id."""
         frames = self.codec.encode(env.reply(Kind.RESULT, payload))
-        self.answered.put(env.id, frames, time.monotonic())
+        self.answered.put(env, frames, time.monotonic())
         return frames
 
     def _reply_all(self, item: Pending, frames: list[Any]) -> None:

@@ -1,9 +1,12 @@
 """A connection to one or several cloud workers: the edge's step 5 of the request path, and
 what an MoE dispatcher uses to reach its expert shards.
 
-ZeroMQ sockets are not thread-safe, so each calling thread gets its own DEALER socket per
-endpoint, created on first use and owned by that thread alone: no lock and no hand-off to an
-I/O thread on the hot path. Replies are matched by request id.
+ZeroMQ sockets are not thread-safe, so a request checks out a set of DEALER sockets (one per
+endpoint) from a small pool for its duration and returns it after: no socket is ever used by
+two threads at once, none is closed under a request in flight, and the number of sockets
+follows the number of concurrent requests, not of threads ever seen (a thread per request
+would otherwise leak a socket and a file descriptor per thread). Replies are matched by
+request id.
 
 **Several workers** (zguide's "Freelance" pattern, client side): a request goes to the
 connected worker with the fewest requests outstanding from this client. While it waits, the
@@ -31,6 +34,7 @@ import zmq
 from tandem.runtime.curve import ClientKeys
 from tandem.runtime.errors import (
     DeadlineExceeded,
+    LimitExceeded,
     MalformedMessage,
     OverloadedError,
     ShuttingDown,
@@ -44,6 +48,7 @@ from tandem.runtime.wire import (
     WireCodec,
     WireLimits,
     deadline_after,
+    frames_nbytes,
     recv_frames,
     send_frames,
 )
@@ -56,6 +61,8 @@ _EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 # worker is noticed once ZeroMQ has dropped its connection.
 _WATCH_MS = 10
 _FAILOVER_ERRORS = (OverloadedError, ShuttingDown)
+_MAX_ROUNDS = 2  # tries per request: at most this many rounds over the endpoints
+_MAX_IDLE_SETS = 64  # socket sets kept for reuse; more concurrent requests make (and close) more
 
 
 class CloudClient:
@@ -98,8 +105,8 @@ class CloudClient:
         self._down_until = 0.0  # monotonic time until which the link is taken as down
         self.codec = WireCodec(limits)
         self._ctx = context or zmq.Context.instance()
-        self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
+        self._idle: list[list[zmq.Socket]] = []  # socket sets not in use (LIFO: warm first)
+        self._in_use = 0
         self._lock = threading.Lock()
         self._closed = False
         self._outstanding = [0] * len(self.endpoints)  # requests in flight, all threads
@@ -111,16 +118,28 @@ class CloudClient:
         """The first endpoint (the only one for a single-worker client)."""
         return self.endpoints[0]
 
-    def _thread_sockets(self) -> list[zmq.Socket]:
-        socks = getattr(self._local, "socks", None)
-        if socks is None or socks[0].closed:
+    def _checkout(self) -> list[zmq.Socket]:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("client is closed")
+            self._in_use += 1
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return [self._new_socket(ep) for ep in self.endpoints]
+        except BaseException:
             with self._lock:
-                if self._closed:
-                    raise Unavailable("client is closed")
-                socks = [self._new_socket(ep) for ep in self.endpoints]
-                self._sockets.extend(socks)
-            self._local.socks = socks
-        return socks
+                self._in_use -= 1
+            raise
+
+    def _checkin(self, socks: list[zmq.Socket]) -> None:
+        with self._lock:
+            self._in_use -= 1
+            if not self._closed and len(self._idle) < _MAX_IDLE_SETS:
+                self._idle.append(socks)
+                return
+        for sock in socks:
+            sock.close(linger=0)
 
     def _new_socket(self, endpoint: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -148,19 +167,24 @@ class CloudClient:
         Raises :class:`Unavailable` (no connection), :class:`DeadlineExceeded` (no reply in
         time), a :class:`WireError` (unreadable reply) or whatever error the worker answered.
         """
-        socks = self._thread_sockets()
+        socks = self._checkout()
+        try:
+            return self._request(socks, env, timeout_s)
+        finally:
+            self._checkin(socks)
+
+    def _request(self, socks: list[zmq.Socket], env: Envelope, timeout_s: float) -> Envelope:
         deadline = deadline_after(timeout_s)
         if env.deadline is None or env.deadline > deadline:
             env.deadline = deadline
         tried: set[int] = set()
         lost: TandemError | None = None
-        while True:
-            i = self._pick(socks, tried, deadline)
+        for attempt in range(_MAX_ROUNDS * len(socks)):
+            i = self._pick(socks, tried, deadline, first_try=attempt == 0)
             if i is None:
-                assert lost is not None  # only after a try that failed over
-                raise lost
+                break
             tried.add(i)
-            if len(tried) > 1:
+            if attempt:
                 self.failovers += 1
             with self._lock:
                 self._outstanding[i] += 1
@@ -181,8 +205,12 @@ class CloudClient:
                 if not isinstance(lost, Unavailable):
                     raise lost  # every worker answered Overloaded/ShuttingDown: say so
                 tried.clear()  # every worker lost: retry whichever connects again in time
+        assert lost is not None  # the loop ends early only after a try that failed over
+        raise lost
 
-    def _pick(self, socks: list[zmq.Socket], tried: set[int], deadline: float) -> int | None:
+    def _pick(
+        self, socks: list[zmq.Socket], tried: set[int], deadline: float, first_try: bool
+    ) -> int | None:
         """The connected worker not tried yet with the fewest outstanding requests, waiting
         for a connection until ``deadline``; None when time ran out after an earlier try."""
         while True:
@@ -198,7 +226,6 @@ class CloudClient:
                 return best
             # With IMMEDIATE set there is no queue toward an absent peer: wait for a
             # connection (a fresh socket may still be connecting) at most until the deadline.
-            first_try = not tried
             if first_try and time.monotonic() < self._down_until:
                 raise Unavailable(f"no connection to {', '.join(self.endpoints)} (link down)")
             left = _ms_left(deadline)
@@ -212,7 +239,14 @@ class CloudClient:
     def _exchange(
         self, sock: zmq.Socket, endpoint: str, env: Envelope, deadline: float, timeout_s: float
     ) -> Envelope:
-        send_frames(sock, self.codec.encode(env))  # encoded per try: the budget shrinks
+        frames = self.codec.encode(env)  # encoded per try: the budget shrinks
+        size = frames_nbytes(frames)
+        if size > self.codec.limits.max_message_bytes:  # ZeroMQ would cut the link, not answer
+            raise LimitExceeded(
+                f"request is {size} bytes, over max_message_bytes "
+                f"({self.codec.limits.max_message_bytes}): split it"
+            )
+        send_frames(sock, frames)
         while True:
             left = _ms_left(deadline)
             if left <= 0:
@@ -267,12 +301,14 @@ class CloudClient:
         return self.request(Envelope(kind=Kind.ECHO, payload=payload), timeout_s).payload
 
     def close(self) -> None:
-        """Close every thread's sockets. Call when no request is in flight."""
+        """Close the client: new requests raise :class:`Unavailable`; requests in flight finish
+        on their own sockets, which close as they return. Safe from any thread."""
         with self._lock:
             self._closed = True
-            for s in self._sockets:
-                s.close(linger=0)
-            self._sockets.clear()
+            idle, self._idle = self._idle, []
+        for socks in idle:
+            for sock in socks:
+                sock.close(linger=0)
 
     def __enter__(self) -> CloudClient:
         return self

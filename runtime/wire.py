@@ -135,6 +135,17 @@ class Envelope:
     deadline: float | None = None
     tags: tuple[str, ...] = ()
     payload: Any = None
+    # Set by decode: the payload's bytes as received (frame 0 past the header, then the array
+    # frames). Two tries of one request have the same body; their budgets differ.
+    body: tuple[Frame, ...] = ()
+
+    def same_body(self, other: Envelope) -> bool:
+        """Whether ``other`` (decoded) asks for exactly what this one (decoded) asked for."""
+        return (
+            self.kind is other.kind
+            and len(self.body) == len(other.body)
+            and all(bytes(a) == bytes(b) for a, b in zip(self.body, other.body, strict=True))
+        )
 
     def reply(self, kind: Kind, payload: Any = None) -> Envelope:
         return Envelope(kind=kind, id=self.id, task=self.task, payload=payload)
@@ -184,6 +195,11 @@ def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
     last = len(frames) - 1
     for i, f in enumerate(frames):
         sock.send(f, _SNDMORE if i < last else 0, copy=not isinstance(f, np.ndarray))
+
+
+def frames_nbytes(frames: Sequence[Any]) -> int:
+    """Bytes of a message's frames (bytes, memoryviews or arrays)."""
+    return sum(f.nbytes if isinstance(f, np.ndarray | memoryview) else len(f) for f in frames)
 
 
 def recv_frames(sock: zmq.Socket, n_copied: int, max_frames: int = 1 << 20) -> list[Frame]:
@@ -245,24 +261,26 @@ class WireCodec:
         n = len(frames)
         if n == 0 or len(frames[0]) < _HLEN.size:
             raise MalformedMessage("empty message")
-        if n > lim.max_frames:
-            raise LimitExceeded(f"{n} frames, limit is {lim.max_frames}")
-        total = 0
-        for f in frames:
-            total += len(f)
-        if total > lim.max_message_bytes:
-            raise LimitExceeded(f"message is {total} bytes, limit is {lim.max_message_bytes}")
         first = memoryview(frames[0])
-        if len(first) > lim.max_envelope_bytes:
-            raise LimitExceeded(
-                f"envelope frame is {len(first)} bytes, limit is {lim.max_envelope_bytes} "
-                "(arrays of 64 KiB and more travel in frames of their own)"
-            )
         end = _HLEN.size + _HLEN.unpack_from(first)[0]
         if end >= len(first):
             raise MalformedMessage("header length prefix runs past the frame (no payload)")
+        # the header first (at most 64 KiB): every later error can then name the request
         env = self._decode_header(first[_HLEN.size : end])
         try:
+            if n > lim.max_frames:
+                raise LimitExceeded(f"more than {lim.max_frames} frames ({n} or more)")
+            total = 0
+            for f in frames:
+                total += len(f)
+            if total > lim.max_message_bytes:
+                raise LimitExceeded(f"message is {total} bytes, limit is {lim.max_message_bytes}")
+            if len(first) > lim.max_envelope_bytes:
+                raise LimitExceeded(
+                    f"envelope frame is {len(first)} bytes, limit is {lim.max_envelope_bytes} "
+                    "(arrays of 64 KiB and more travel in frames of their own)"
+                )
+            env.body = (first[end:], *frames[1:])
             env.payload = self._decode_payload(first[end:], frames[1:])
         except WireError as err:
             raise wire_error_with_id(err, env.id) from None

@@ -6,6 +6,7 @@ import pytest
 from tandem.cloud.batching import MicroBatcher, Pending, QueueBounds
 from tandem.cloud.idempotency import ReplyCache
 from tandem.runtime.errors import OverloadedError
+from tandem.runtime.wire import Envelope, Kind
 
 
 def item(rows: int, t: float, nbytes: int = 100) -> Pending:
@@ -88,16 +89,21 @@ def test_admission_is_bounded_and_overload_carries_a_retry_hint(bounds, admitted
     b.admit("a", item(1, 0.0))  # room again
 
 
+def _req(i: bytes) -> Envelope:
+    return Envelope(kind=Kind.INFER, id=i * 16)
+
+
 def test_reply_cache_bounds_entries_bytes_and_age() -> None:
     c = ReplyCache(max_entries=3, max_bytes=1000, ttl_s=10.0)
     for i in range(5):
-        c.put(bytes([i]) * 16, [b"x" * 100], now=float(i))
+        c.put(_req(bytes([i])), [b"x" * 100], now=float(i))
     assert len(c) == 3 and c.get(bytes([0]) * 16, now=5.0) is None
-    assert c.get(bytes([4]) * 16, now=5.0) == [b"x" * 100]
+    frames, request = c.get(bytes([4]) * 16, now=5.0)
+    assert frames == [b"x" * 100] and request.id == bytes([4]) * 16
     assert c.get(bytes([4]) * 16, now=14.0) is None  # expired
-    c.put(b"b" * 16, [b"y" * 2000], now=5.0)  # bigger than the whole cache: not kept
+    c.put(_req(b"b"), [b"y" * 2000], now=5.0)  # bigger than the whole cache: not kept
     assert c.get(b"b" * 16, now=5.0) is None
-    c.put(b"c" * 16, [b"z" * 900], now=6.0)  # evicts the oldest to fit in bytes
+    c.put(_req(b"c"), [b"z" * 900], now=6.0)  # evicts the oldest to fit in bytes
     assert c.nbytes <= 1000 and c.get(b"c" * 16, now=6.0) is not None
     c.expire(now=100.0)
     assert len(c) == 0 and c.nbytes == 0

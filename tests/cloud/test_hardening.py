@@ -206,11 +206,15 @@ def test_a_retried_request_id_is_answered_from_the_cache_not_run_again(client) -
     env = infer_env(CLOUD, np.ones((2, 64), np.float32))
     first = client.request(env, timeout_s=5)
     before = client.health()["counters"]
-    again = client.request(Envelope(kind=Kind.INFER, id=env.id, payload=None), timeout_s=5)
+    again = client.request(env, timeout_s=5)  # the same request, the same id: a retry
     after = client.health()["counters"]
     np.testing.assert_array_equal(again.payload["outputs"], first.payload["outputs"])
     assert after["replayed"] == before.get("replayed", 0) + 1
     assert after.get("rows") == before.get("rows")  # not run again
+    # another request under that id (another model, other rows) gets no one's reply
+    other = infer_env(MOE, np.zeros((3, 64), np.float32), id=env.id)
+    with pytest.raises(errors.BadRequest, match="used for a different request"):
+        client.request(other, timeout_s=5)
 
 
 def test_a_retry_of_a_queued_request_joins_it(make_worker_config) -> None:
@@ -261,11 +265,13 @@ def test_replies_to_a_peer_that_never_reads_do_not_stall_the_worker(make_worker_
 
 def test_a_message_of_thousands_of_frames_is_refused_without_keeping_them(worker) -> None:
     s = raw_socket(worker.endpoint)
-    s.send_multipart([b"\x00\x00"] + [b"x" * 1000] * 20_000)
+    env = Envelope(kind=Kind.ECHO, payload=None)
+    s.send_multipart([bytes(f) for f in WireCodec().encode(env)] + [b"x" * 1000] * 20_000)
     assert s.poll(10_000)
     reply = WireCodec().decode(s.recv_multipart())
     s.close()
     assert reply.kind is Kind.ERROR and reply.payload["code"] == "wire.limit"
+    assert reply.id == env.id and "more than 64 frames" in reply.payload["message"]
     with CloudClient(worker.endpoint) as c:
         assert c.health()["state"] == "serving"
 

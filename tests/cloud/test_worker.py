@@ -132,9 +132,11 @@ def test_frame_over_maxmsgsize_drops_only_that_peer(make_worker_config) -> None:
         s.send_multipart([b"x" * 10_000, b"y"])
         assert not s.poll(300)  # ZeroMQ cut the connection; nothing to answer
         s.close()
-        # frames each under the limit but together over it: a typed reply
-        reply = raw_exchange(w.endpoint, [b"h" * 3000, b"p" * 3000])
-        assert reply.payload["code"] == "wire.limit"
+        # frames each under the limit but together over it: a typed reply, by request id
+        env = Envelope(kind=Kind.ECHO, payload=b"h" * 3000)
+        frames = [bytes(f) for f in WireCodec().encode(env)]
+        reply = raw_exchange(w.endpoint, [*frames, b"p" * 3000])
+        assert reply.payload["code"] == "wire.limit" and reply.id == env.id
         with CloudClient(w.endpoint) as c:
             assert c.health()["state"] == "serving"
 

@@ -78,3 +78,46 @@ def test_kill_9_one_of_two_workers_mid_run_every_request_answered_once(
         f"p99 in the first second after the kill {p99:.1f} ms, overall p99 "
         f"{np.percentile([r[3] for r in results], 99):.1f} ms"
     )
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_thread_per_request_does_not_leak_sockets(worker) -> None:
+    with CloudClient(worker.endpoint) as c:
+        c.health()
+        before = _open_fds()
+        for _ in range(300):
+            t = threading.Thread(target=c.health)
+            t.start()
+            t.join()
+        assert _open_fds() - before < 20  # one socket set reused, not one per thread
+        assert len(c._idle) == 1 and c._in_use == 0
+
+
+def test_closing_the_runtime_while_threads_are_in_infer_is_safe(make_policy, worker, digits_x):
+    rt = EdgeRuntime.from_policy(make_policy(worker.endpoint, threshold=1.0, log=False))
+    outcomes: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            r = rt.infer(digits_x[0], tags={"critical"})
+            with lock:
+                outcomes[r.tier.value] += 1
+
+    lock = threading.Lock()
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    rt.close()  # in-flight requests finish; later ones answer on the edge, marked degraded
+    time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert outcomes["cloud"] > 0 and outcomes["edge-degraded"] > 0
