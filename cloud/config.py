@@ -8,10 +8,10 @@
     experts: {digits-moe: [0, 1, 2, 3]}  # optional: host only these experts of an MoE model
     threads: 0                       # ONNX Runtime intra-op threads (0 = all cores)
     batching: {max_batch: 64, max_wait_us: 0}
-    limits: {max_message_bytes: 67108864, max_rows: 1024, max_request_bytes: 16777216}
+    limits: {max_message_bytes: 17825792, max_rows: 1024, max_request_bytes: 16777216}
     queue: {max_requests: 4096, max_bytes: 268435456}
     idempotency: {max_entries: 10000, max_bytes: 67108864, ttl_s: 60}
-    socket: {sndhwm: 10000, rcvhwm: 10000, heartbeat_ivl_ms: 1000, heartbeat_timeout_ms: 3000}
+    socket: {sndhwm: 256, rcvhwm: 256, heartbeat_ivl_ms: 1000, heartbeat_timeout_ms: 3000}
     drain: {grace_ms: 200}
     curve: {secret_key: keys/worker.key_secret, allowed_clients: keys/clients}  # default: off
     insecure: false                  # true: allow a non-loopback bind without curve
@@ -56,9 +56,12 @@ class LimitsSpec(StrictModel):
     # One request's rows bound how long it can hold a model; its bytes bound its memory.
     max_rows: int = Field(default=1024, ge=1)
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # An echo's reply is as big as its request: bounded apart, it is only a probe.
+    max_echo_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
 
     def wire_limits(self) -> WireLimits:
-        return WireLimits(**self.model_dump(exclude={"max_rows", "max_request_bytes"}))
+        per_request = {"max_rows", "max_request_bytes", "max_echo_bytes"}
+        return WireLimits(**self.model_dump(exclude=per_request))
 
 
 class QueueSpec(StrictModel):
@@ -84,12 +87,15 @@ class IdempotencySpec(StrictModel):
 
 class SocketSpec(StrictModel):
     """ZeroMQ options of the worker's ROUTER socket. High-water marks bound ZeroMQ's own
-    queues per peer (messages); heartbeats (ZMTP PING/PONG) find dead peers and free their
-    queues. A reply to a peer whose send queue is full is not waited for: it is counted
-    (``replies_dropped`` in health) and logged; the worker never blocks on one peer."""
+    queues per peer, in messages: what libzmq may hold is at most, per connected peer,
+    ``rcvhwm × limits.max_message_bytes`` received and ``sndhwm ×`` the largest reply sent
+    (an echo is at most ``limits.max_echo_bytes``; an infer reply ``limits.max_rows`` output
+    rows). Heartbeats (ZMTP PING/PONG) find dead peers and free their queues. A reply to a
+    peer whose send queue is full is not waited for: it is counted (``replies_dropped`` in
+    health) and logged; the worker never blocks on one peer."""
 
-    sndhwm: int = Field(default=10_000, ge=1)
-    rcvhwm: int = Field(default=10_000, ge=1)
+    sndhwm: int = Field(default=256, ge=1)
+    rcvhwm: int = Field(default=256, ge=1)
     heartbeat_ivl_ms: int = Field(default=1000, ge=0)  # 0: no heartbeats
     heartbeat_timeout_ms: int = Field(default=3000, ge=0)
 

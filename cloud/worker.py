@@ -64,6 +64,7 @@ from tandem.runtime.wire import (
     Frame,
     Kind,
     WireCodec,
+    frames_nbytes,
     recv_frames,
 )
 
@@ -313,6 +314,11 @@ class CloudWorker:
         if env.kind is Kind.HEALTH:
             return env.reply(Kind.RESULT, self.health())
         if env.kind is Kind.ECHO:
+            size = frames_nbytes(env.body)
+            if size > self.config.limits.max_echo_bytes:
+                raise BadRequest(
+                    f"echo of {size} bytes; at most {self.config.limits.max_echo_bytes}"
+                )
             return env.reply(Kind.RESULT, env.payload)
         if env.kind not in _WORK:
             raise BadRequest(f"a worker does not accept {env.kind.value!r} messages")

@@ -78,6 +78,7 @@ AGE_DELETE_MAX_ROWS = 50_000  # per pass, so one pass never holds the write lock
 GIL_SLICE_ROWS = 8
 GIL_YIELD_S = 20e-6
 FAILURE_BACKOFF_S = 0.1  # after a failed batch; rows wait in the queue meanwhile
+BUSY_RETRIES = 5  # a batch meeting a locked database is retried, backing off 0.1, 0.2... s
 WARN_EVERY_S = 10.0  # drop and failure warnings, at most this often
 
 
@@ -256,7 +257,8 @@ class EscalationLog:
             return ok and not any(s < target and e > start for s, e in self._failed_spans)
 
     def close(self, timeout_s: float = 5.0) -> bool:
-        """Flush, stop the writer and close the database; True when every row was written.
+        """Flush, stop the writer and close the database; True when every row ever appended
+        was written (none dropped, none failed).
         Returns within about ``timeout_s`` plus the writer's busy timeout even when the
         database is locked or broken: rows still queued then are dropped (counted)."""
         deadline = time.monotonic() + timeout_s
@@ -278,7 +280,8 @@ class EscalationLog:
         wait_s = max(0.0, deadline - time.monotonic()) + self.busy_timeout_ms / 1e3 + 0.5
         self._thread.join(wait_s)
         _OPEN_LOGS.discard(self)
-        return ok and not left and not self._thread.is_alive()
+        failed = self._counts["failed_rows"] + self._counts["dropped"]
+        return ok and not left and not failed and not self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
         """Counters since this log was opened: ``queued`` (rows waiting now), ``written``,
@@ -384,33 +387,39 @@ class EscalationLog:
         return max(0.0, self._next_age_check - time.monotonic())
 
     def _write_guarded(self, items: list[tuple[Any, ...]]) -> bool:
-        """Write one batch; True when it failed or some of its rows were not written.
-        Never raises."""
+        """Write one batch; True when it failed or some of its rows were not written. A
+        locked or busy database is retried (``BUSY_RETRIES`` times, backing off) before the
+        batch counts as failed. Never raises."""
         bad = 0
-
-        def rows() -> Iterator[tuple[Any, ...]]:
-            nonlocal bad
-            for i, item in enumerate(items):
-                if i and i % GIL_SLICE_ROWS == 0:
-                    time.sleep(GIL_YIELD_S)
-                try:
-                    yield encode_row(item, self.store_inputs)
-                except Exception as e:  # one unstorable row must not cost the batch
-                    bad += 1
-                    self._failed(e, "a row could not be serialised", 0, 1)
-
-        try:
-            self._write(rows() if items else None)
-        except Exception as e:
-            self._rollback()
-            self._failed(e, "batch rolled back", 1, len(items) - bad)
-            return True
+        rows = []
+        for i, item in enumerate(items):
+            if i and i % GIL_SLICE_ROWS == 0:
+                time.sleep(GIL_YIELD_S)
+            try:
+                rows.append(encode_row(item, self.store_inputs))
+            except Exception as e:  # one unstorable row must not cost the batch
+                bad += 1
+                self._failed(e, "a row could not be serialised", 0, 1)
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                self._write(rows if items else None)
+                break
+            except Exception as e:
+                self._rollback()
+                busy = isinstance(e, sqlite3.OperationalError) and (
+                    "locked" in str(e) or "busy" in str(e)
+                )
+                if busy and attempt < BUSY_RETRIES and not self._stopping:
+                    time.sleep(FAILURE_BACKOFF_S * (attempt + 1))
+                    continue
+                self._failed(e, "batch rolled back", 1, len(rows))
+                return True
         with self._lock:
-            self._counts["written"] += len(items) - bad
-            self._counts["batches"] += len(items) > bad
+            self._counts["written"] += len(rows)
+            self._counts["batches"] += bool(rows)
         return bad > 0
 
-    def _write(self, rows: Iterator[tuple[Any, ...]] | None) -> None:
+    def _write(self, rows: list[tuple[Any, ...]] | None) -> None:
         """One transaction: the rows (serialised one at a time as SQLite asks for them),
         then retention, then one commit."""
         expire = self._age_due()

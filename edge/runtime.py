@@ -211,7 +211,8 @@ class EdgeRuntime:
         deadline_ms: float | None = None,
     ) -> list[Result]:
         """Answer a batch (N, ...): one local call, one confidence pass, and the rows that
-        escalate go to the cloud together in one request."""
+        escalate go to the cloud together: one request per ``cloud.max_rows`` rows (the
+        worker's per-request row limit), one after the other within the deadline."""
         t0 = time.perf_counter()
         t = self._task(task)
         batch = np.asarray(xs)
@@ -232,9 +233,11 @@ class EdgeRuntime:
         ]
         t2 = time.perf_counter()
         results: list[Result | None] = [None] * len(batch)
-        esc = [i for i, d in enumerate(decisions) if d.escalate]
-        if esc:
-            budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
+        escalated = [i for i, d in enumerate(decisions) if d.escalate]
+        budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
+        step = t.policy.cloud.max_rows if t.policy.cloud is not None else 1
+        for k in range(0, len(escalated), step):  # requests the worker's row limit accepts
+            esc = escalated[k : k + step]
             answers = self._escalate(
                 t,
                 batch[esc],

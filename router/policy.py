@@ -104,6 +104,8 @@ class CloudTargetSpec(StrictModel):
     model: str = Field(min_length=1)
     server_key: ConfigPath | None = None
     client_key: ConfigPath | None = None
+    # rows per request from infer_batch: at most the workers' limits.max_rows
+    max_rows: int = Field(default=1024, ge=1)
 
     @model_validator(mode="after")
     def _one_of(self) -> CloudTargetSpec:

@@ -107,7 +107,7 @@ _KINDS = {k.value: k for k in Kind}
 class WireLimits:
     """Limits applied to every received message. Sizes are bytes."""
 
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 17 * 1024 * 1024  # a 16 MiB request and its envelope
     # Frame 0 (header, msgpack payload, inline arrays). msgpack structure expands in Python (an
     # empty list is 1 byte on the wire and ~60 in memory), so it is bounded on its own, and so
     # is the number of lists and maps; big arrays travel in their own frames, not expanded.

@@ -494,3 +494,14 @@ def test_a_broken_log_never_reaches_infer(make_policy, tmp_path: Path, digits_x)
         assert rt.escalation_log.flush(10)
         assert rt.stats()["escalation_log"]["written"] == 1 and len(rt.escalation_log) == 1
     assert all(r.timings["log"] < 5 for r in results)  # ms: queued, never written inline
+
+
+def test_a_briefly_locked_database_costs_no_rows(db: Path, locked: sqlite3.Connection) -> None:
+    log = EscalationLog(db, busy_timeout_ms=100)
+    log.append(*(rec(i) for i in range(100)))
+    time.sleep(0.4)  # the writer meets the lock and backs off, rows kept
+    locked.execute("ROLLBACK")
+    assert log.flush(10)
+    stats = log.stats()
+    assert stats["written"] == 100 and stats["failed_rows"] == 0
+    assert log.close()  # every row written

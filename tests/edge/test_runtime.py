@@ -350,3 +350,19 @@ def test_labels_and_entropy_gate_checked_against_a_dynamic_class_axis(tmp_path: 
     )
     with pytest.raises(ConfigError, match=r"'entropy' .* at least 2 classes, this one has 1"):
         EdgeRuntime.from_policy(tmp_path / "one.yaml")
+
+
+@pytest.mark.integration
+def test_infer_batch_splits_escalations_to_the_cloud_row_limit(make_policy, worker) -> None:
+    x = np.random.default_rng(1).uniform(0, 1, (25, 64)).astype(np.float32)
+    policy = make_policy(
+        None,
+        threshold=1.0,
+        log=False,
+        cloud={"endpoint": worker.endpoint, "model": CLOUD, "max_rows": 10},
+    )
+    before = infer_count(worker.endpoint)
+    with EdgeRuntime.from_policy(policy) as rt:
+        results = rt.infer_batch(x)
+    assert [r.tier for r in results] == [Tier.CLOUD] * 25
+    assert infer_count(worker.endpoint) - before == 3  # 10 + 10 + 5 rows
