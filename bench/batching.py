@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(worker threads {args.threads})",
         [
             "model",
-            "in flight",
+            "in flight (procs × depth)",
             "mb1 rows/s",
             "p50 ms",
             "p99 ms",

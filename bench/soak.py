@@ -198,7 +198,13 @@ def main(argv: list[str] | None = None) -> None:
                         win = [r for r in results if w_start <= r[0] < now]
                     windows.append(_window(w_start, now, win, rss))
                     rows.append(_row(windows[-1]))
-                    print(rows[-1], flush=True)
+                    w = windows[-1]
+                    print(
+                        f"{w['t0']:5.0f}-{w['t1']:<5.0f} s  {w['rate']:6.0f} req/s  p50 "
+                        f"{w['p50_ms']:.2f} ms  p99 {w['p99_ms']:.2f} ms  {w['kinds']}  RSS "
+                        f"{rows[-1][6]} MB",
+                        flush=True,
+                    )
                     w_start = now
             stop.set()
             for t in threads:

@@ -261,11 +261,11 @@ def keys_generate(
         f"secret key  {secret}  (mode 0600: never share it)", highlight=False, soft_wrap=True
     )
     console.print(
-        "a worker's pair: its config gets curve: {secret_key: "
-        f"{secret}, allowed_clients: DIR_OF_CLIENT_KEYS}}; each client's policy gets "
+        "if this is a worker's pair: its config gets curve: {secret_key: "
+        f"{secret}, allowed_clients: DIR_OF_CLIENT_KEYS}}, and each client's policy gets "
         f"cloud.server_key: {public}\n"
-        f"a client's pair: copy {public} into the worker's allowed_clients directory; the "
-        f"client's policy gets cloud.client_key: {secret}",
+        f"if this is a robot's (client's) pair: copy {public} into the worker's "
+        f"allowed_clients directory, and the robot's policy gets cloud.client_key: {secret}",
         highlight=False,
         soft_wrap=True,
     )

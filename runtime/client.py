@@ -232,7 +232,11 @@ class CloudClient:
             if left <= 0:
                 if first_try:
                     self._down_until = time.monotonic() + self.down_backoff_s
-                    raise Unavailable(f"no connection to {', '.join(self.endpoints)}")
+                    raise Unavailable(
+                        f"no connection to {', '.join(self.endpoints)} (no worker listening, "
+                        "or a CurveZMQ handshake refused: check cloud.server_key/client_key "
+                        "against the worker's curve settings)"
+                    )
                 return None
             zmq.zmq_poll([(s, _POLLOUT) for i, s in enumerate(socks) if i not in tried], left)
 

@@ -28,7 +28,7 @@ class TensorSpec(StrictModel):
 
 
 class ModelEntry(StrictModel):
-    name: str = Field(min_length=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")  # no paths, spaces or @
     version: str = Field(min_length=1)
     file: str  # relative to the models directory, and inside it
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
