@@ -39,17 +39,16 @@ import zmq
 from tandem.cloud.batching import MicroBatcher, Pending, QueueBounds
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.idempotency import ReplyCache
-from tandem.runtime.backends import ModelBackend, OnnxBackend
+from tandem.cloud.loading import check_security, load_backends
+from tandem.runtime.backends import ModelBackend
 from tandem.runtime.curve import (
     configure_server,
     is_loopback,
-    load_secret_key,
     start_authenticator,
 )
 from tandem.runtime.errors import (
     BackendFailure,
     BadRequest,
-    ConfigError,
     DeadlineExceeded,
     OverloadedError,
     ShuttingDown,
@@ -57,7 +56,6 @@ from tandem.runtime.errors import (
     UnknownModel,
     WireError,
 )
-from tandem.runtime.manifest import load_manifest, verify_entry
 from tandem.runtime.wire import (
     PROTOCOL_VERSION,
     Envelope,
@@ -76,67 +74,6 @@ _SNDMORE, _DONTWAIT = int(zmq.SNDMORE), int(zmq.DONTWAIT)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 256  # messages read before ready batches get a chance to run
 _WORK = (Kind.INFER, Kind.EXPERTS)
-
-
-def _moe_backend(*args: Any, **kwargs: Any) -> ModelBackend:
-    from tandem.cloud.moe_classifier import MoEBackend  # imports torch: only when needed
-
-    return MoEBackend(*args, **kwargs)
-
-
-# Manifest `format` → backend constructor (path, name=, version=, threads=).
-BACKEND_FORMATS: dict[str, Callable[..., ModelBackend]] = {
-    "onnx": OnnxBackend,
-    "tandem-moe": _moe_backend,
-}
-
-
-def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
-    """The manifest's models (or the config's subset), digests checked."""
-    if config.models_dir is None:
-        return {}
-    manifest = load_manifest(config.models_dir)
-    names = config.models if config.models is not None else [m.name for m in manifest.models]
-    backends: dict[str, ModelBackend] = {}
-    for name in names:
-        try:
-            entry = manifest.get(name)
-        except KeyError:
-            raise UnknownModel(
-                f"model {name!r} is not in {config.models_dir}/manifest.json "
-                f"(it has: {', '.join(m.name for m in manifest.models)})"
-            ) from None
-        path = verify_entry(config.models_dir, entry)
-        opener = BACKEND_FORMATS.get(entry.format)
-        if opener is None:
-            raise UnknownModel(
-                f"model {name!r} has format {entry.format!r}; known: {', '.join(BACKEND_FORMATS)}"
-            )
-        hosted = (config.experts or {}).get(name)
-        extra = {"experts": hosted} if hosted is not None else {}
-        backend = opener(path, name=name, version=entry.version, threads=config.threads, **extra)
-        backend.warm_up()
-        backends[name] = backend
-    return backends
-
-
-def check_security(config: WorkerConfig) -> None:
-    """A worker that other hosts can reach must use Curve, or say ``insecure`` on purpose; its
-    Curve keys must load. Raises :class:`ConfigError` saying what to do."""
-    if config.curve is not None:
-        load_secret_key(config.curve.secret_key)
-        if not config.curve.allowed_clients.is_dir():
-            raise ConfigError(
-                f"curve.allowed_clients: {config.curve.allowed_clients} is not a directory "
-                "(it holds the allowed clients' NAME.key files)"
-            )
-    elif not config.insecure and not is_loopback(config.bind):
-        raise ConfigError(
-            f"bind {config.bind} is reachable from other hosts and curve is off: anyone who "
-            "can reach it could use the models and read every request. Set curve "
-            "(secret_key, allowed_clients; keys from `tandem keys generate`), bind a loopback "
-            "address, or pass --insecure (insecure: true) if the network is protected otherwise"
-        )
 
 
 class CloudWorker:
