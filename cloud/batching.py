@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from tandem.cloud.config import QueueSpec
 from tandem.runtime.errors import OverloadedError
 
 _DEFAULT_S_PER_ROW = 1e-4  # the retry-after estimate before a model has run once
@@ -40,14 +41,6 @@ class Pending:
 
 
 @dataclass(slots=True)
-class QueueBounds:
-    max_requests_per_model: int = 1024
-    max_bytes_per_model: int = 64 * 1024 * 1024
-    max_requests: int = 4096
-    max_bytes: int = 256 * 1024 * 1024
-
-
-@dataclass(slots=True)
 class _Queue:
     items: deque[Pending] = field(default_factory=deque)
     rows: int = 0
@@ -59,11 +52,11 @@ class MicroBatcher:
     """Per-model FIFO queues with a row budget per batch and bounded admission."""
 
     def __init__(
-        self, max_batch: int, max_wait_s: float = 0.0, bounds: QueueBounds | None = None
+        self, max_batch: int, max_wait_s: float = 0.0, bounds: QueueSpec | None = None
     ) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.bounds = bounds or QueueBounds()
+        self.bounds = bounds or QueueSpec()
         self._queues: dict[str, _Queue] = {}
         self.depth = 0  # requests queued, all models together
         self.nbytes = 0  # bytes queued, all models together

@@ -36,7 +36,7 @@ from typing import Any, cast
 import numpy as np
 import zmq
 
-from tandem.cloud.batching import MicroBatcher, Pending, QueueBounds
+from tandem.cloud.batching import MicroBatcher, Pending
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.idempotency import ReplyCache
 from tandem.cloud.loading import check_security, load_backends
@@ -89,13 +89,8 @@ class CloudWorker:
         self.backends = backends if backends is not None else load_backends(config)
         self.codec = WireCodec(config.limits.wire_limits())
         self._max_frames = self.codec.limits.max_frames + 2  # and the routing frames
-        q = config.queue
         self.batcher = MicroBatcher(
-            config.batching.max_batch,
-            config.batching.max_wait_us / 1e6,
-            QueueBounds(
-                q.max_requests_per_model, q.max_bytes_per_model, q.max_requests, q.max_bytes
-            ),
+            config.batching.max_batch, config.batching.max_wait_us / 1e6, config.queue
         )
         idem = config.idempotency
         self.answered = ReplyCache(idem.max_entries, idem.max_bytes, idem.ttl_s)

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tandem.cloud.batching import MicroBatcher, Pending, QueueBounds
+from tandem.cloud.batching import MicroBatcher, Pending
+from tandem.cloud.config import QueueSpec
 from tandem.cloud.idempotency import ReplyCache
 from tandem.runtime.errors import OverloadedError
 from tandem.runtime.wire import Envelope, Kind
@@ -68,10 +69,10 @@ def test_models_are_batched_separately_and_flush_drains_each() -> None:
 @pytest.mark.parametrize(
     ("bounds", "admitted"),
     [
-        (QueueBounds(max_requests_per_model=3), 3),
-        (QueueBounds(max_bytes_per_model=250), 2),
-        (QueueBounds(max_requests=4), 4),
-        (QueueBounds(max_bytes=350), 3),
+        (QueueSpec(max_requests_per_model=3), 3),
+        (QueueSpec(max_bytes_per_model=2500), 2),
+        (QueueSpec(max_requests=4), 4),
+        (QueueSpec(max_bytes=3500), 3),
     ],
 )
 def test_admission_is_bounded_and_overload_carries_a_retry_hint(bounds, admitted) -> None:
@@ -80,9 +81,9 @@ def test_admission_is_bounded_and_overload_carries_a_retry_hint(bounds, admitted
     got = 0
     with pytest.raises(OverloadedError) as e:
         for _ in range(10):
-            b.admit("a", item(1, 0.0, nbytes=100))
+            b.admit("a", item(1, 0.0, nbytes=1000))
             got += 1
-    assert got == admitted and b.depth == admitted and b.nbytes == 100 * admitted
+    assert got == admitted and b.depth == admitted and b.nbytes == 1000 * admitted
     assert e.value.retry_after_ms >= 1.0
     b.take_ready(now=0.0)
     assert b.depth == 0 and b.nbytes == 0
