@@ -64,13 +64,14 @@ from tandem.runtime.wire import (
     WireCodec,
     frames_nbytes,
     recv_frames,
+    send_frames,
 )
 
 log = logging.getLogger(__name__)
 
 _NO_ID = bytes(16)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_SNDMORE, _DONTWAIT = int(zmq.SNDMORE), int(zmq.DONTWAIT)
+_DONTWAIT = int(zmq.DONTWAIT)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 256  # messages read before ready batches get a chance to run
 _WORK = (Kind.INFER, Kind.EXPERTS)
@@ -348,7 +349,7 @@ class CloudWorker:
         ):
             raise BadRequest(f"{shape}, one count per expert, at most {n_experts}")
         self._check_size(p["rows"])
-        out = self._backend(backend.name, run, p["experts"], p["counts"], p["rows"])
+        out = self._backend(backend.name, run, experts, counts, p["rows"])
         self.counters["expert_rows"] += len(p["rows"])
         return {"rows": out, "version": backend.version}
 
@@ -424,14 +425,9 @@ class CloudWorker:
         """Send without blocking. A reply that cannot go out (the peer left, or its queue is
         at the high-water mark because it does not read) is counted and logged, never waited
         for."""
-        sock = self._sock
-        assert sock is not None
-        parts = [*route, *frames]
-        last = len(parts) - 1
+        assert self._sock is not None
         try:
-            for i, f in enumerate(parts):
-                flags = _DONTWAIT | (_SNDMORE if i < last else 0)
-                sock.send(f, flags, copy=not isinstance(f, np.ndarray))
+            send_frames(self._sock, [*route, *frames], _DONTWAIT)
         except zmq.ZMQError as e:
             n = self.counters["replies_dropped"] = self.counters["replies_dropped"] + 1
             if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of these is one story

@@ -63,11 +63,10 @@ class _Task:
     def edge_result(
         self, logits: np.ndarray, top1: int, score: float, reason: str, timings: dict[str, float]
     ) -> Result:
-        labels = self.labels
         return Result(
             output=logits,
             index=top1,
-            label=(labels[top1] if labels else top1) if top1 >= 0 else None,
+            label=self.label(top1),
             tier=Tier.EDGE,
             confidence=score,
             reason=reason,
@@ -371,7 +370,6 @@ class EdgeRuntime:
         """Queue the rows for the log's writer thread (copies of the writeable arrays, no
         per-row objects): this is all an escalated request pays for the log."""
         assert self.escalation_log is not None
-        cloud = results[0].tier is Tier.CLOUD
         self.escalation_log.append_batch(
             ts_ms=time.time_ns() // 1_000_000,  # wall clock: a log timestamp, not a deadline
             task=t.name,
@@ -383,8 +381,8 @@ class EdgeRuntime:
             edge_outputs=edge_logits,
             edge_labels=[i if i >= 0 else None for i in top1],
             edge_confidences=scores,
-            cloud_outputs=cloud_out if cloud else None,
-            cloud_labels=[r.index for r in results] if cloud else None,
+            cloud_outputs=cloud_out,  # None unless the cloud answered
+            cloud_labels=None if cloud_out is None else [r.index for r in results],
             error=f"{error.code}: {error.message}" if error else None,
             timings_ms=results[0].timings,
             model_versions=results[0].model_versions,

@@ -123,14 +123,6 @@ class ClientKeys:
         sock.curve_serverkey = self.server_key
 
 
-def configure_client(
-    sock: zmq.Socket, client_secret_key_path: str | Path, server_public_key_path: str | Path
-) -> None:
-    """Make ``sock`` a Curve client of the worker whose public key file is given (before
-    connect)."""
-    ClientKeys.load(client_secret_key_path, server_public_key_path).apply(sock)
-
-
 class ClientAllowList:
     """pyzmq's Curve credentials callback: the public keys of ``DIR/*.key``. The directory is
     read again when its mtime changes, so adding or removing a key file takes effect for the

@@ -190,11 +190,12 @@ _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
-    """Send one multipart message. Arrays go zero-copy; bytes are copied (cheaper when small)."""
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
+    """Send one multipart message (``flags``: e.g. ``zmq.DONTWAIT``, on every frame). Arrays
+    go zero-copy; bytes are copied (cheaper when small)."""
     last = len(frames) - 1
     for i, f in enumerate(frames):
-        sock.send(f, _SNDMORE if i < last else 0, copy=not isinstance(f, np.ndarray))
+        sock.send(f, flags | (_SNDMORE if i < last else 0), copy=not isinstance(f, np.ndarray))
 
 
 def frames_nbytes(frames: Sequence[Any]) -> int:
@@ -207,7 +208,7 @@ def recv_frames(sock: zmq.Socket, n_copied: int, max_frames: int = 1 << 20) -> l
     envelope: small, and copying those is cheaper than a frame object), the rest as zero-copy
     memoryviews (array buffers, each at least ``frame_threshold_bytes``). Frames past
     ``max_frames`` are read and dropped (the message is consumed, its memory is not kept);
-    one empty frame stands for them, so the codec still sees too many frames."""
+    the ``max_frames + 1`` kept still tell the codec there were too many."""
     frames: list[Frame] = [sock.recv()]
     while sock.getsockopt(_RCVMORE):
         if len(frames) > max_frames:
@@ -242,9 +243,8 @@ class WireCodec:
         enc = self._encoder
         enc.extra = extra = []
         enc.inline = 0
-        budget = None
-        if env.deadline is not None:
-            budget = max(0, int((env.deadline - time.monotonic()) * 1e6))
+        left_s = env.budget_s()
+        budget = None if left_s is None else max(0, int(left_s * 1e6))
         header = enc.packer.pack(
             (PROTOCOL_VERSION, env.kind.value, env.id, env.task, budget, env.tags)
         )
@@ -270,9 +270,7 @@ class WireCodec:
         try:
             if n > lim.max_frames:
                 raise LimitExceeded(f"more than {lim.max_frames} frames ({n} or more)")
-            total = 0
-            for f in frames:
-                total += len(f)
+            total = frames_nbytes(frames)
             if total > lim.max_message_bytes:
                 raise LimitExceeded(f"message is {total} bytes, limit is {lim.max_message_bytes}")
             if len(first) > lim.max_envelope_bytes:
