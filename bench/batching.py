@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def idle_round_trip(models_dir: Path, model: str, threads: int, n: int = 2000) -> dict[str, float]:
     """One request at a time: infer (1 row) vs echo (same bytes) vs the model's compute."""
-    from tandem.cloud.loading import BACKEND_FORMATS
+    from tandem.runtime.backends import open_backend
 
     entry = load_manifest(models_dir).get(model)
-    backend = BACKEND_FORMATS[entry.format](models_dir / entry.file, name=model, threads=threads)
+    backend = open_backend(entry.format, models_dir / entry.file, name=model, threads=threads)
     x = np.random.default_rng(0).uniform(0, 1, (1, 64)).astype(np.float32)
     cfg = WorkerConfig.model_validate(
         {

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from tandem.bench.report import best_of_ms, emit
-from tandem.cloud.moe import MoEBlock
 from tandem.kernels import (
     combine,
     combine_reference,
@@ -32,6 +31,7 @@ from tandem.kernels import (
     permute_reference,
     topk_gating,
 )
+from tandem.runtime.moe import MoEBlock
 
 
 def copy_bandwidth_gbs(n_bytes: int = 256 << 20) -> float:

@@ -4,36 +4,22 @@ check that a worker reachable from other hosts uses CurveZMQ."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from tandem.cloud.config import WorkerConfig
-from tandem.runtime.backends import ModelBackend, OnnxBackend
+from tandem.runtime.backends import BACKENDS, open_backend
 from tandem.runtime.curve import is_loopback, load_secret_key
 from tandem.runtime.errors import ConfigError, UnknownModel
 from tandem.runtime.manifest import load_manifest, verify_entry
 
 
-def _moe_backend(*args: Any, **kwargs: Any) -> ModelBackend:
-    from tandem.cloud.moe_classifier import MoEBackend  # imports torch: only when needed
-
-    return MoEBackend(*args, **kwargs)
-
-
-# Manifest `format` → backend constructor (path, name=, version=, threads=).
-BACKEND_FORMATS: dict[str, Callable[..., ModelBackend]] = {
-    "onnx": OnnxBackend,
-    "tandem-moe": _moe_backend,
-}
-
-
-def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
+def load_backends(config: WorkerConfig) -> dict[str, Any]:
     """The manifest's models (or the config's subset), digests checked."""
     if config.models_dir is None:
         return {}
     manifest = load_manifest(config.models_dir)
     names = config.models if config.models is not None else [m.name for m in manifest.models]
-    backends: dict[str, ModelBackend] = {}
+    backends: dict[str, Any] = {}
     for name in names:
         try:
             entry = manifest.get(name)
@@ -43,14 +29,15 @@ def load_backends(config: WorkerConfig) -> dict[str, ModelBackend]:
                 f"(it has: {', '.join(m.name for m in manifest.models)})"
             ) from None
         path = verify_entry(config.models_dir, entry)
-        opener = BACKEND_FORMATS.get(entry.format)
-        if opener is None:
+        if entry.format not in BACKENDS:
             raise UnknownModel(
-                f"model {name!r} has format {entry.format!r}; known: {', '.join(BACKEND_FORMATS)}"
+                f"model {name!r} has format {entry.format!r}; known: {', '.join(BACKENDS)}"
             )
         hosted = (config.experts or {}).get(name)
         extra = {"experts": hosted} if hosted is not None else {}
-        backend = opener(path, name=name, version=entry.version, threads=config.threads, **extra)
+        backend = open_backend(
+            entry.format, path, name=name, version=entry.version, threads=config.threads, **extra
+        )
         backend.warm_up()
         backends[name] = backend
     return backends

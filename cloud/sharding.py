@@ -52,7 +52,7 @@ class ShardedExperts:
     def forward(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Same contract as :func:`tandem.cloud.moe.experts_forward`, experts remote."""
+        """Same contract as :func:`tandem.runtime.moe.experts_forward`, experts remote."""
         plan = moe_align(expert_ids, self.n_experts, self.block_size)
         xp = permute(hidden, plan).numpy()
         yp = np.zeros_like(xp)

@@ -37,6 +37,7 @@ import numpy as np
 from tandem.edge.escalation_rows import (
     COLUMNS,
     INSERT,
+    MIGRATE_1_TO_2,
     SCHEMA,
     SCHEMA_VERSION,
     TRIM_ROWS,
@@ -203,6 +204,7 @@ class EscalationLog:
                         error,
                         tm,
                         mv,
+                        None,
                     ),
                     row_bytes,
                 )
@@ -341,6 +343,9 @@ class EscalationLog:
             ).fetchone():
                 db.executescript(SCHEMA)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif db.execute("PRAGMA user_version").fetchone()[0] < 2:
+                db.execute(MIGRATE_1_TO_2)
+                db.execute("PRAGMA user_version=2")
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         except BaseException:
             db.close()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the `generation` column
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS escalations (
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS escalations (
     cloud_label INTEGER,
     error TEXT,                       -- why the cloud did not answer
     timings_ms TEXT NOT NULL,         -- JSON object
-    model_versions TEXT NOT NULL      -- JSON object
+    model_versions TEXT NOT NULL,     -- JSON object
+    generation TEXT                   -- JSON for generation requests: prompt, answers, log-probs
 );
 """
 
@@ -72,9 +73,11 @@ def npy_to_array(b: bytes) -> np.ndarray:
 
 COLUMNS = (
     "ts_ms, request_id, task, tier, reason, tags, input_digest, input, edge_output, edge_label,"
-    " edge_confidence, cloud_output, cloud_label, error, timings_ms, model_versions"
+    " edge_confidence, cloud_output, cloud_label, error, timings_ms, model_versions, generation"
 )
-INSERT = f"INSERT INTO escalations ({COLUMNS}) VALUES ({', '.join('?' * 16)})"
+INSERT = f"INSERT INTO escalations ({COLUMNS}) VALUES ({', '.join('?' * 17)})"
+# a version-1 log gains the column on open (older rows read it as NULL)
+MIGRATE_1_TO_2 = "ALTER TABLE escalations ADD COLUMN generation TEXT"
 TRIM_ROWS = "DELETE FROM escalations WHERE seq <= (SELECT MAX(seq) FROM escalations) - ?"
 
 
@@ -98,6 +101,9 @@ class EscalationRecord:
     error: str | None
     timings_ms: dict[str, float]
     model_versions: dict[str, str]
+    # generation requests: {"prompt": str, "edge": {"text", "logprobs"}, "cloud": {...} | None,
+    # "answer": str}; the prompt is also the row's input (its UTF-8 bytes, uint8)
+    generation: dict[str, Any] | None = None
 
 
 def snapshot(r: EscalationRecord) -> tuple[tuple[Any, ...], int]:
@@ -126,6 +132,7 @@ def snapshot(r: EscalationRecord) -> tuple[tuple[Any, ...], int]:
         r.error,
         dict(r.timings_ms),
         dict(r.model_versions),
+        r.generation,
     )
     return item, nbytes
 
@@ -166,6 +173,7 @@ def decode_row(r: tuple[Any, ...]) -> EscalationRecord:
         error=r[13],
         timings_ms=json.loads(r[14]),
         model_versions=json.loads(r[15]),
+        generation=None if r[16] is None else json.loads(r[16]),
     )
 
 
@@ -182,7 +190,7 @@ def _finite_or_none(v: float | None) -> float | None:
 def encode_row(item: tuple[Any, ...], store_inputs: bool) -> tuple[Any, ...]:
     """A queued row (see :func:`snapshot`) as the INSERT's parameters: arrays to .npy bytes,
     dicts and tags to JSON, the input digest filled in."""
-    ts, rid, task, tier, reason, tags, inp, digest, eo, el, ec, co, cl, err, tm, mv = item
+    ts, rid, task, tier, reason, tags, inp, digest, eo, el, ec, co, cl, err, tm, mv, gen = item
     for name, v in (("request_id", rid), ("task", task), ("tier", tier), ("reason", reason)):
         if not isinstance(v, str):
             raise TypeError(f"{name} must be a str, got {type(v).__name__}")
@@ -204,4 +212,5 @@ def encode_row(item: tuple[Any, ...], store_inputs: bool) -> tuple[Any, ...]:
         err,
         json.dumps(tm, default=_json_scalar),
         json.dumps(mv, default=_json_scalar),
+        None if gen is None else json.dumps(gen, default=_json_scalar),
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +24,23 @@ from typing import Any
 import numpy as np
 
 from tandem.edge.escalation_log import EscalationLog
+from tandem.edge.generation import (
+    AsyncGeneration,
+    GenerationStream,
+    GenerationTask,
+    _Answer,
+    log_record,
+    open_generation_task,
+)
 from tandem.kernels.confidence import confidence, confidence_row
-from tandem.router.policy import Policy, TaskPolicy, load_policy
+from tandem.router.policy import GenerateTaskPolicy, Policy, TaskPolicy, load_policy
 from tandem.router.routing import Decision, TaskRouter
-from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, DeadlineExceeded, TandemError
+from tandem.runtime.generation import SamplingParams
 from tandem.runtime.registry import class_count
-from tandem.runtime.types import Result, Tier
+from tandem.runtime.types import GenerationResult, Result, Tier
 from tandem.runtime.wire import new_request_id
 
 log = logging.getLogger(__name__)
@@ -94,14 +103,18 @@ class EdgeRuntime:
         self.escalation_log = escalation_log
         clients: dict[tuple[Any, ...], CloudClient] = {}
         self._tasks: dict[str, _Task] = {}
+        self._generators: dict[str, GenerationTask] = {}
         for name, tp in policy.tasks.items():
-            backend = OnnxBackend(tp.local.path, version=tp.local.version, threads=tp.local.threads)
             client = None
             if tp.cloud is not None:
                 eps, curve = tuple(tp.cloud.all_endpoints), tp.cloud.curve_keys
                 if (eps, curve) not in clients:
                     clients[eps, curve] = CloudClient(eps, curve=curve)
                 client = clients[eps, curve]
+            if isinstance(tp, GenerateTaskPolicy):
+                self._generators[name] = open_generation_task(name, tp, client)
+                continue
+            backend = OnnxBackend(tp.local.path, version=tp.local.version, threads=tp.local.threads)
             n_classes = class_count(backend)  # runs a zero row if the class axis is dynamic
             if tp.local.labels and len(tp.local.labels) != n_classes:
                 raise TandemError(
@@ -126,6 +139,9 @@ class EdgeRuntime:
         self._warm_up()
         self._default_task = next(iter(self._tasks)) if len(self._tasks) == 1 else None
         self._default = self._tasks[self._default_task] if self._default_task else None
+        self._default_generator = (
+            next(iter(self._generators)) if len(self._generators) == 1 else None
+        )
 
     def _warm_up(self) -> None:
         """Load the kernels (JIT or on-disk cache) and run each model once now, so the first
@@ -142,14 +158,72 @@ class EdgeRuntime:
 
     @property
     def tasks(self) -> list[str]:
-        return list(self._tasks)
+        return [*self._tasks, *self._generators]
 
     def _task(self, task: str | None) -> _Task:
         name = task if task is not None else self._default_task
         t = self._tasks.get(name) if name is not None else None
         if t is None:
-            raise BadRequest(f"unknown task {task!r}; the policy has: {', '.join(self._tasks)}")
+            raise BadRequest(self._unknown(task, "classify", self._tasks))
         return t
+
+    def _unknown(self, task: str | None, kind: str, known: Collection[str]) -> str:
+        if task is None:
+            return f"name the task: the policy has {len(known)} {kind} tasks ({', '.join(known)})"
+        return f"unknown task {task!r}; the policy's {kind} tasks: {', '.join(known) or 'none'}"
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompt: str,
+        task: str | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        tags: Tags = _NO_TAGS,
+        deadline_ms: float | None = None,
+        stream: bool = False,
+    ) -> GenerationResult | GenerationStream:
+        """Generate a continuation of ``prompt`` under the task's policy: locally, or by the
+        cloud when the local model's token confidence is too low (up front, after a probe or
+        mid-stream, as the policy's ``mode`` says).
+
+        ``stream=False``: the whole :class:`GenerationResult`. ``stream=True``: a
+        :class:`GenerationStream` of :class:`GenerationChunk` (text, token ids, tier,
+        log-probs) whose ``result`` is set once it is exhausted. ``max_tokens`` and ``stop``
+        default to the task's; ``deadline_ms`` (default: the task's) bounds the cloud's part.
+        """
+        name = task if task is not None else self._default_generator
+        t = self._generators.get(name) if name is not None else None
+        if t is None:
+            raise BadRequest(self._unknown(task, "generate", self._generators))
+        params = SamplingParams(
+            max_tokens=t.policy.max_tokens if max_tokens is None else max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(t.policy.stop if stop is None else stop),
+        )
+        budget = t.policy.deadline_ms if deadline_ms is None else deadline_ms
+        answer = _Answer(t, prompt, params, frozenset(tags), budget, new_request_id())
+        chunks = GenerationStream(answer, self._log_generation)
+        if stream:
+            return chunks
+        with chunks:
+            for _ in chunks:
+                pass
+        assert chunks.result is not None
+        return chunks.result
+
+    def agenerate(self, prompt: str, task: str | None = None, **kwargs: Any) -> AsyncGeneration:
+        """:meth:`generate` for asyncio code: ``await rt.agenerate(...)`` gives the
+        :class:`GenerationResult`; ``async for chunk in rt.agenerate(...)`` streams. The
+        generation runs in a worker thread."""
+        kwargs.pop("stream", None)
+        return AsyncGeneration(lambda: self.generate(prompt, task, stream=True, **kwargs))
 
     # ------------------------------------------------------------------ one request
     def infer(
@@ -388,6 +462,16 @@ class EdgeRuntime:
             model_versions=results[0].model_versions,
         )
 
+    def _log_generation(self, answer: _Answer) -> None:
+        if self.escalation_log is None:
+            return
+        try:  # only queues the row; a robot must not stall on a log
+            record = log_record(answer, self.escalation_log.store_inputs)
+            if record is not None:
+                self.escalation_log.append(record)
+        except Exception:
+            log.exception("task %s: escalation log append failed", answer.t.name)
+
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: ``escalation_log`` is the log's
         :meth:`~tandem.edge.escalation_log.EscalationLog.stats` (None without a log)."""
@@ -396,6 +480,8 @@ class EdgeRuntime:
         }
 
     def close(self) -> None:
+        for g in self._generators.values():
+            g.backend.close()
         for c in self._clients:
             c.close()
         if self.escalation_log is not None:

@@ -15,6 +15,14 @@
           - {tag: critical, route: cloud}          # always escalates
         budget: {escalations_per_s: 50, burst: 100}
         deadline_ms: 50
+      sort:                                        # a generation task
+        kind: generate
+        local: {path: edge-q8_0.gguf}              # llama.cpp on the device
+        cloud: {endpoint: "tcp://127.0.0.1:5555", model: sort-moe}
+        gate: {metric: token_min, threshold: 0.5}  # escalate when a token's p < 0.5
+        mode: probe                                # upfront | probe | midstream
+        probe_tokens: 8
+        handoff: continue                          # the cloud continues the edge's text
 
 Relative paths are resolved against the policy file's folder. Unknown keys are errors.
 """
@@ -24,9 +32,9 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
 from tandem.runtime.config import ConfigPath, StrictModel, load_config, validate_config
 
@@ -130,6 +138,9 @@ class CloudTargetSpec(StrictModel):
 
 
 class TaskPolicy(StrictModel):
+    """A classification task: an ONNX model on the device, a gate on its output row."""
+
+    kind: Literal["classify"] = "classify"
     local: LocalModelSpec
     cloud: CloudTargetSpec | None = None  # no cloud: every request answers on the device
     gate: GateSpec
@@ -142,6 +153,107 @@ class TaskPolicy(StrictModel):
         if self.cloud is None and any(r.route is Route.CLOUD for r in self.rules):
             raise ValueError("a rule routes to the cloud but the task has no cloud target")
         return self
+
+
+class TokenGateMetric(StrEnum):
+    """What a generation task's gate compares with its threshold, from the local model's token
+    log-probabilities (as probabilities, so thresholds are in [0, 1]):
+
+    * ``token_mean``: exp(mean token log-prob), the geometric-mean token probability;
+    * ``token_min``: the lowest token probability;
+    * ``token_quantile``: the ``quantile``-quantile of the token probabilities (Gupta et al.,
+      ICLR 2024: a low quantile routes better than the length-biased mean);
+    * ``first_entropy``: the entropy of the first token's distribution, normalised by
+      log(vocabulary size) into [0, 1] — escalates when *above* the threshold.
+
+    The three token metrics escalate when below the threshold.
+    """
+
+    TOKEN_MEAN = "token_mean"
+    TOKEN_MIN = "token_min"
+    TOKEN_QUANTILE = "token_quantile"
+    FIRST_ENTROPY = "first_entropy"
+
+
+class TokenGateSpec(StrictModel):
+    metric: TokenGateMetric = TokenGateMetric.TOKEN_MIN
+    threshold: Probability
+    quantile: Probability = 0.1  # for token_quantile
+
+
+class EscalationMode(StrEnum):
+    """When a generation task decides.
+
+    * ``upfront``: after the prompt, on the first token's distribution, before anything is
+      shown (the cheapest probe: one token);
+    * ``probe``: generate ``probe_tokens`` locally (held back), then finish locally or escalate;
+    * ``midstream``: stream local tokens at once; when the confidence over the last ``window``
+      tokens drops below the threshold, the cloud takes over.
+    """
+
+    UPFRONT = "upfront"
+    PROBE = "probe"
+    MIDSTREAM = "midstream"
+
+
+class Handoff(StrEnum):
+    """What the cloud gets when it takes over: ``continue`` — the prompt plus the answer so
+    far, and it goes on from there; ``restart`` — the prompt alone (in ``midstream`` the
+    stream then says so with a chunk marked ``restart``)."""
+
+    CONTINUE = "continue"
+    RESTART = "restart"
+
+
+class GenerationModelSpec(StrictModel):
+    """The on-device language model: a GGUF file (llama.cpp) or a transformers directory."""
+
+    path: ConfigPath
+    format: Literal["gguf", "transformers"] = "gguf"
+    version: str | None = None  # default: from the file's sha256
+    threads: int = Field(default=2, ge=0)
+    n_ctx: int = Field(default=512, ge=16, le=1 << 17)  # gguf only
+
+
+class GenerateTaskPolicy(StrictModel):
+    """A generation task: a language model on the device, a gate on its token confidence."""
+
+    kind: Literal["generate"]
+    local: GenerationModelSpec
+    cloud: CloudTargetSpec | None = None
+    gate: TokenGateSpec
+    mode: EscalationMode = EscalationMode.PROBE
+    probe_tokens: int = Field(default=8, ge=1, le=4096)
+    window: int = Field(default=8, ge=1, le=4096)  # midstream: tokens the statistic spans
+    handoff: Handoff = Handoff.CONTINUE
+    max_tokens: int = Field(default=64, ge=1, le=1 << 16)  # default per request
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    rules: list[RuleSpec] = Field(default_factory=list)
+    budget: BudgetSpec | None = None
+    # the cloud's part of an answer: whole answer, and until its first token
+    deadline_ms: int = Field(default=30_000, ge=1, le=3_600_000)
+    first_token_ms: int | None = Field(default=5_000, ge=1, le=3_600_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerateTaskPolicy:
+        if self.cloud is None and any(r.route is Route.CLOUD for r in self.rules):
+            raise ValueError("a rule routes to the cloud but the task has no cloud target")
+        if self.gate.metric is TokenGateMetric.FIRST_ENTROPY and self.mode is not (
+            EscalationMode.UPFRONT
+        ):
+            raise ValueError("gate metric 'first_entropy' needs mode 'upfront'")
+        return self
+
+
+def _task_kind(v: Any) -> str:
+    kind = v.get("kind", "classify") if isinstance(v, dict) else getattr(v, "kind", "classify")
+    return kind if isinstance(kind, str) else "classify"
+
+
+AnyTaskPolicy = Annotated[
+    Annotated[TaskPolicy, Tag("classify")] | Annotated[GenerateTaskPolicy, Tag("generate")],
+    Discriminator(_task_kind),
+]
 
 
 class EscalationLogSpec(StrictModel):
@@ -163,7 +275,7 @@ class EscalationLogSpec(StrictModel):
 
 class Policy(StrictModel):
     version: Literal[1] = 1
-    tasks: dict[str, TaskPolicy] = Field(min_length=1)
+    tasks: dict[str, AnyTaskPolicy] = Field(min_length=1)
     escalation_log: EscalationLogSpec | None = None
 
 

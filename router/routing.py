@@ -6,10 +6,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from tandem.router.policy import GateMetric, GateSpec, Route, TaskPolicy
+import numpy as np
+
+from tandem.router.policy import (
+    GateMetric,
+    GateSpec,
+    GenerateTaskPolicy,
+    Route,
+    TaskPolicy,
+    TokenGateMetric,
+    TokenGateSpec,
+)
 from tandem.runtime.errors import ConfigError
 
 
@@ -53,6 +63,42 @@ class ConfidenceGate:
         return score >= self.threshold
 
 
+class TokenGate:
+    """Accepts a generated answer (or its first tokens) when its token confidence clears the
+    threshold; see :class:`~tandem.router.policy.TokenGateMetric`. Token log-probs come from
+    the logits rows through :func:`tandem.kernels.confidence_row` (see
+    :func:`tandem.runtime.generation.token_confidence`)."""
+
+    def __init__(self, spec: TokenGateSpec) -> None:
+        self.metric = spec.metric
+        self.threshold = spec.threshold
+        self.quantile = spec.quantile
+
+    def score(
+        self, logprobs: Sequence[float], first_entropy: float | None = None, n_vocab: int = 0
+    ) -> float:
+        """The gate's value for these token log-probs (NaN when there are none, or when the
+        entropy is unknown: an OpenAI-compatible server does not return it)."""
+        if self.metric is TokenGateMetric.FIRST_ENTROPY:
+            if first_entropy is None or n_vocab < 2:
+                return math.nan
+            return first_entropy / math.log(n_vocab)
+        if not len(logprobs):
+            return math.nan
+        lp = np.asarray(logprobs, dtype=np.float64)
+        if self.metric is TokenGateMetric.TOKEN_MEAN:
+            return math.exp(lp.mean())
+        if self.metric is TokenGateMetric.TOKEN_MIN:
+            return math.exp(lp.min())
+        return math.exp(np.quantile(lp, self.quantile))
+
+    def accepts(self, score: float) -> bool:
+        """False for NaN (unknown confidence is never accepted)."""
+        if self.metric is TokenGateMetric.FIRST_ENTROPY:
+            return score <= self.threshold
+        return score >= self.threshold
+
+
 class TokenBucket:
     """Escalations allowed per second, with a burst. Thread-safe."""
 
@@ -90,9 +136,13 @@ INVALID_OUTPUT = Decision(True, "invalid-edge-output")
 class TaskRouter:
     """Routes one task's requests as its :class:`TaskPolicy` says."""
 
-    def __init__(self, policy: TaskPolicy) -> None:
+    def __init__(self, policy: TaskPolicy | GenerateTaskPolicy) -> None:
         self.policy = policy
-        self.gate = ConfidenceGate(policy.gate)
+        self.gate: ConfidenceGate | TokenGate = (
+            TokenGate(policy.gate)
+            if isinstance(policy, GenerateTaskPolicy)
+            else ConfidenceGate(policy.gate)
+        )
         self.has_cloud = policy.cloud is not None
         self.budget = (
             TokenBucket(policy.budget.escalations_per_s, policy.budget.burst)

@@ -29,7 +29,11 @@ models_app = typer.Typer(
 cloud_app = typer.Typer(help="Run and query cloud workers.", no_args_is_help=True)
 policy_app = typer.Typer(help="Check routing policy files.", no_args_is_help=True)
 keys_app = typer.Typer(help="CurveZMQ key pairs for workers and clients.", no_args_is_help=True)
+quantize_app = typer.Typer(
+    help="Make a model smaller: int8 ONNX, or GGUF for llama.cpp.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
+app.add_typer(quantize_app, name="quantize")
 app.add_typer(cloud_app, name="cloud")
 app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
@@ -93,18 +97,31 @@ def models_build(
     seed: Annotated[int, typer.Option(help="Data split and training seed.")] = 0,
     force: Annotated[bool, typer.Option(help="Rebuild even if already built.")] = False,
     moe: Annotated[bool, typer.Option(help="Also train the MoE classifier (digits-moe).")] = False,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: train the language models (a small Llama for the edge, a Mixtral "
+            "MoE for the cloud) on the sorting task, with GGUF exports. A few minutes."
+        ),
+    ] = False,
 ) -> None:
     """Train the edge MLP (int8 ONNX) and the cloud CNN (fp32 ONNX) on corrupted digits, and
-    with --moe an MoE classifier served on Tandem's MoE kernels."""
-    from tandem.bench.reference.models import build_reference_models
+    with --moe an MoE classifier served on Tandem's MoE kernels; or with --llm the reference
+    language models."""
+    say = lambda m: err_console.print(f"[dim]· {m}[/dim]", highlight=False)  # noqa: E731
+    try:
+        if llm:
+            from tandem.bench.reference.lm_models import build_llm_models
 
-    d = build_reference_models(
-        out,
-        seed=seed,
-        force=force,
-        moe=moe,
-        progress=lambda m: err_console.print(f"[dim]· {m}[/dim]"),
-    )
+            paths = build_llm_models(out, force=force, progress=say)
+            for name, path in paths.items():
+                console.print(f"{name:14} {path}", highlight=False, soft_wrap=True)
+            return
+        from tandem.bench.reference.models import build_reference_models
+
+        d = build_reference_models(out, seed=seed, force=force, moe=moe, progress=say)
+    except TandemError as e:
+        raise _fail(e) from None
     console.print(f"models in {d}")
 
 
@@ -269,6 +286,183 @@ def keys_generate(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _print_quantized(r) -> None:
+    console.print(
+        f"{r.method}: {r.source} ({r.bytes_before / 1e6:.2f} MB) -> {r.output} "
+        f"({r.bytes_after / 1e6:.2f} MB, {r.ratio:.2f}x the size)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if r.accuracy_before is not None and r.accuracy_after is not None:
+        delta = (r.accuracy_after - r.accuracy_before) * 100
+        console.print(
+            f"held-out accuracy ({r.eval_items} items): {r.accuracy_before:.2%} -> "
+            f"{r.accuracy_after:.2%} ({delta:+.1f} points)",
+            highlight=False,
+        )
+    else:
+        console.print("held-out accuracy: not measured (no evaluation data given)")
+
+
+def _load_rows(spec: str, what: str):
+    """``digits`` (the bundled corrupted-digits split) or an .npy/.npz file."""
+    import numpy as np
+
+    from tandem.runtime.errors import ConfigError
+
+    if spec == "digits":
+        from tandem.bench.reference.digits import load_workload
+
+        w = load_workload(0)
+        return (w.calib.x, w.calib.y) if what == "calibration" else (w.test.x, w.test.y)
+    path = Path(spec)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if isinstance(data, np.ndarray):
+                return data, None
+            return data["x"], data["y"] if "y" in data.files else None
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"--{what} {spec}: expected 'digits', an .npy of inputs or an .npz with arrays x "
+            f"(and y: labels): {e}"
+        ) from None
+
+
+@quantize_app.command("onnx")
+def quantize_onnx_cmd(
+    model: Annotated[Path, typer.Argument(help="The fp32 ONNX model.")],
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="Default: MODEL-int8.onnx.")
+    ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (the only type).")] = True,
+    static: Annotated[
+        bool, typer.Option(help="Static (weights and activations) instead of dynamic.")
+    ] = False,
+    calibration: Annotated[
+        str | None,
+        typer.Option(help="Static: calibration inputs: 'digits', X.npy, or an .npz with x."),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval", help="Held-out data: 'digits' or an .npz with x and y (labels)."),
+    ] = None,
+) -> None:
+    """int8 with ONNX Runtime (dynamic, or static with calibration); prints the size before
+    and after and the change in held-out accuracy."""
+    from tandem.runtime.errors import ConfigError
+    from tandem.runtime.quantize import quantize_onnx
+
+    try:
+        if not int8:
+            raise ConfigError("only --int8 is supported for ONNX models")
+        calib = _load_rows(calibration, "calibration")[0] if calibration else None
+        ev = _load_rows(eval_data, "eval") if eval_data else None
+        if ev is not None and ev[1] is None:
+            raise ConfigError(f"--eval {eval_data}: needs labels (an .npz with x and y)")
+        dst = out or model.with_name(f"{model.stem}-int8{'-static' if static else ''}.onnx")
+        report = quantize_onnx(
+            model, dst, method="static" if static else "dynamic", calibration=calib, eval_data=ev
+        )
+    except TandemError as e:
+        raise _fail(e) from None
+    _print_quantized(report)
+
+
+@quantize_app.command("gguf")
+def quantize_gguf_cmd(
+    hf_dir: Annotated[Path, typer.Argument(help="A transformers Llama/Mixtral directory.")],
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="Default: HF_DIR-QTYPE.gguf.")
+    ] = None,
+    q8_0: Annotated[bool, typer.Option("--q8_0", help="8-bit blocks (the default).")] = False,
+    f16: Annotated[bool, typer.Option("--f16", help="16-bit floats.")] = False,
+    eval_items: Annotated[
+        int, typer.Option(help="Held-out sorting-task items to score before and after (0: skip).")
+    ] = 200,
+) -> None:
+    """A transformers model with a Tandem tokenizer to GGUF; prints the size before and after
+    and the change in held-out accuracy (transformers before, llama.cpp after)."""
+    from tandem.runtime.errors import ConfigError
+    from tandem.runtime.quantize import quantize_gguf
+
+    try:
+        if q8_0 and f16:
+            raise ConfigError("give one of --q8_0 and --f16")
+        qtype = "f16" if f16 else "q8_0"
+        dst = out or hf_dir.with_name(f"{hf_dir.name}-{qtype}.gguf")
+        report = quantize_gguf(
+            hf_dir,
+            dst,
+            qtype=qtype,
+            eval_items=eval_items,
+            progress=lambda m: err_console.print(f"[dim]· {m}[/dim]", highlight=False),
+        )
+    except TandemError as e:
+        raise _fail(e) from None
+    _print_quantized(report)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    policy: Annotated[Path, typer.Option(help="Policy YAML with a generation task.")],
+    task: Annotated[str | None, typer.Option(help="The task (default: the only one).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Default: the task's.")] = None,
+    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+    tag: Annotated[list[str] | None, typer.Option(help="Request tags, e.g. private.")] = None,
+) -> None:
+    """Generate through the router and stream the answer, coloured by tier (edge green, cloud
+    blue, edge-degraded yellow); then the tiers, confidence and timings."""
+    from tandem.edge import EdgeRuntime
+
+    colours = {"edge": "green", "cloud": "blue", "edge-degraded": "yellow"}
+    try:
+        with EdgeRuntime.from_policy(policy) as rt:
+            stream = rt.generate(
+                prompt,
+                task,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                tags=tag or (),
+                stream=True,
+            )
+            with stream:
+                for chunk in stream:
+                    if chunk.restart:
+                        console.print("\n[dim](restarted by the cloud)[/dim]")
+                    console.print(
+                        chunk.text, style=colours[chunk.tier.value], end="", highlight=False
+                    )
+            r = stream.result
+    except TandemError as e:
+        raise _fail(e) from None
+    console.print()
+    assert r is not None
+    conf = "n/a" if r.confidence is None else f"{r.confidence:.3f}"
+    timings = ", ".join(f"{k} {v:.1f} ms" for k, v in r.timings.items())
+    err_console.print(
+        f"[dim]tiers {', '.join(t.value for t in r.tiers)}; {r.reason}; confidence {conf}; "
+        f"finish {r.finish_reason}; {timings}[/dim]",
+        highlight=False,
+    )
+
+
+@app.command()
+def gateway(
+    policy: Annotated[Path, typer.Option(help="Policy YAML with generation tasks.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) in
+    front of the router, for processes on the device that do not speak Python."""
+    from tandem.edge.gateway import serve
+
+    try:
+        serve(policy, host=host, port=port)
+    except TandemError as e:
+        raise _fail(e) from None
 
 
 @policy_app.command("check")

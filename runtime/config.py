@@ -71,10 +71,16 @@ def validate_config(data: Any, model: type[M], *, source: str, **context: Any) -
         ) from None
 
 
+# Tags of discriminated unions (pydantic puts them in an error's location; a user's file does
+# not have them): the task kinds of a policy.
+UNION_TAGS = frozenset({"classify", "generate"})
+
+
 def config_problems(err: ValidationError, model: type[BaseModel]) -> list[str]:
     """One ``key.path: what was expected, got X`` line per error."""
     lines = []
     for e in err.errors(include_url=False):
+        e["loc"] = tuple(p for p in e["loc"] if p not in UNION_TAGS)
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         kind = e["type"]
         if kind == "extra_forbidden":
@@ -107,8 +113,11 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         tp = _step(tp, part)
         if tp is None:
             return []
-    models = [t for t in _unwrap(tp) if _is_model(t)]
-    return list(models[0].model_fields) if models else []
+    keys: dict[str, None] = {}  # a union (e.g. task kinds): the keys of any of its models
+    for t in _unwrap(tp):
+        if _is_model(t):
+            keys.update(dict.fromkeys(t.model_fields))
+    return list(keys)
 
 
 def _step(tp: Any, part: Any) -> Any:

@@ -1,7 +1,9 @@
-"""The models directory: ONNX files plus ``manifest.json`` describing each of them.
+"""The models directory: model files plus ``manifest.json`` describing each of them.
 
 A cloud worker loads every model its manifest lists (or the subset its config names) and checks
 each file's sha256 before serving it, so a model's identity is ``name@version`` plus a digest.
+An entry's ``file`` may name a directory (a Hugging Face model, format ``transformers``): its
+digest is :func:`sha256_file` of the directory.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ class ModelEntry(StrictModel):
     file: str  # relative to the models directory, and inside it
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
-    input: TensorSpec
-    output: TensorSpec
-    format: str = "onnx"  # which backend serves the file: "onnx" or "tandem-moe"
+    # array models (onnx, tandem-moe) have an input and an output; language models do not
+    input: TensorSpec | None = None
+    output: TensorSpec | None = None
+    # which backend serves it (tandem.runtime.backends.BACKENDS): "onnx", "tandem-moe", "gguf",
+    # "transformers" (``file`` is then a directory)
+    format: str = "onnx"
     quantization: str = "none"  # "none" (fp32) or e.g. "int8-dynamic"
     labels: list[str] | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # e.g. test accuracy
@@ -73,10 +78,17 @@ class Manifest(StrictModel):
 
 
 def sha256_file(path: str | Path) -> str:
+    """The file's sha256; for a directory (a transformers model), the sha256 of each regular
+    file's relative path and contents, in sorted order."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        if root.is_dir():
+            h.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -90,8 +102,8 @@ def load_manifest(models_dir: str | Path) -> Manifest:
 
 
 def verify_entry(models_dir: str | Path, entry: ModelEntry) -> Path:
-    """Path of ``entry``'s file (symlinks resolved) after checking it lies inside
-    ``models_dir``, exists and its sha256 matches."""
+    """Path of ``entry``'s file or directory (symlinks resolved) after checking it lies inside
+    ``models_dir``, exists and its sha256 (:func:`sha256_file`) matches."""
     root = Path(models_dir).resolve()
     path = (root / entry.file).resolve()
     if path == root or not path.is_relative_to(root):
@@ -99,7 +111,7 @@ def verify_entry(models_dir: str | Path, entry: ModelEntry) -> Path:
             f"{Path(models_dir) / MANIFEST_NAME}: {_entry_key(models_dir, entry)}.file: "
             f"{_INSIDE}, got {entry.file!r} (model {entry.name!r}; it resolves to {path})"
         )
-    if not path.is_file():
+    if not (path.is_file() or (path.is_dir() and entry.format == "transformers")):
         raise ConfigError(
             f"{Path(models_dir) / MANIFEST_NAME}: model {entry.name!r}: {path} missing"
         )

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.runtime.backends import ModelBackend, OnnxBackend
+from tandem.runtime.backends import ModelBackend
+from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.config import validate_config
 from tandem.runtime.errors import BackendError, ConfigError
 from tandem.runtime.manifest import (
@@ -38,7 +39,7 @@ def class_count(backend: ModelBackend) -> int | None:
 
     Read from the output spec when the axis is fixed; when it is dynamic (``[N, ?]``), learnt
     from the model's answer to one all-zeros row (dynamic input axes set to 1, as
-    :meth:`~tandem.runtime.backends.OnnxBackend.warm_up` does).
+    :meth:`~tandem.runtime.backends.onnx.OnnxBackend.warm_up` does).
     """
     shape = backend.output_spec.shape
     if len(shape) >= 2 and shape[-1] is not None:
@@ -87,7 +88,7 @@ def add_onnx_model(
     The file is copied into ``models_dir`` under its own name unless it already lies inside
     it; an existing different file of that name is an error, unless ``replace`` is set and
     the file belongs to the entry being replaced alone. ``version`` defaults to the first 12
-    hex digits of the sha256 (as :class:`~tandem.runtime.backends.OnnxBackend` does).
+    hex digits of the sha256 (as :class:`~tandem.runtime.backends.onnx.OnnxBackend` does).
     ``labels``, if given, must match the class count (see :func:`class_count`).
 
     Everything is checked before anything is written. Raises :class:`ConfigError` (bad

@@ -40,3 +40,45 @@ class Result:
     timings: dict[str, float]
     model_versions: dict[str, str]
     request_id: str | None = None  # set when the request was escalated (escalation log key)
+
+
+@dataclass(slots=True)
+class GenerationChunk:
+    """Part of a streamed answer: the text and token ids one tier produced, with each token's
+    log-probability under the model that produced it (NaN where an OpenAI-compatible server
+    did not say). ``restart``: everything streamed before this chunk is withdrawn and the
+    answer starts over here (a ``midstream`` hand-off with ``handoff: restart``)."""
+
+    text: str
+    tokens: list[int]
+    tier: Tier
+    logprobs: list[float]
+    restart: bool = False
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """A whole answer. Per token: ``tokens``, ``token_tiers`` and ``logprobs`` (same length);
+    ``tiers`` the tiers used in order. ``confidence`` is the gate's score where the routing
+    decision was made (None when a rule decided). ``escalated_at``: the number of answer
+    tokens that were kept from the edge when the cloud took over (None: it never did).
+    ``timings`` (ms): ``ttft`` (call to first token), ``total``, ``local`` and ``cloud``;
+    ``inter_token_ms``: the gap before each token after the first, as the caller saw it."""
+
+    text: str
+    tokens: list[int]
+    token_tiers: list[Tier]
+    logprobs: list[float]
+    tiers: list[Tier]
+    confidence: float | None
+    reason: str
+    finish_reason: str
+    timings: dict[str, float]
+    inter_token_ms: list[float]
+    model_versions: dict[str, str]
+    escalated_at: int | None = None
+    request_id: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return Tier.EDGE_DEGRADED in self.tiers

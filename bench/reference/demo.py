@@ -37,7 +37,7 @@ from tandem.cloud.process import WorkerProcess
 from tandem.edge.runtime import EdgeRuntime
 from tandem.kernels.confidence import confidence
 from tandem.router.calibrate import escalation_for_recovery, pick_threshold, routing_curve
-from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import TandemError
 from tandem.runtime.manifest import load_manifest

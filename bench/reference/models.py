@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tandem.bench.reference.digits import N_CLASSES, DigitsWorkload, load_workload
-from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.manifest import (
     Manifest,
     ModelEntry,
@@ -87,7 +87,7 @@ def _cnn():
 
 
 def _moe():
-    from tandem.cloud.moe_classifier import MoEClassifier
+    from tandem.runtime.moe import MoEClassifier
 
     return MoEClassifier(64, 128, 256, n_experts=8, k=2, n_classes=N_CLASSES)
 
@@ -184,7 +184,7 @@ def manifest_entry(
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     if path.suffix == ".npz":
-        from tandem.cloud.moe_classifier import MoEBackend
+        from tandem.runtime.backends.moe_classifier import MoEBackend
 
         logits = MoEBackend(path).predict(x)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.cloud.moe import MoEBlock, experts_forward, moe_block_reference
+from tandem.runtime.moe import MoEBlock, experts_forward, moe_block_reference
 
 
 @pytest.mark.parametrize("t", [0, 1, 16, 257])
@@ -40,7 +40,7 @@ def test_transposed_weights_give_the_same_numbers() -> None:
 
 def test_tiny_mixtral_same_logits_with_eager_and_tandem() -> None:
     transformers = pytest.importorskip("transformers")
-    import tandem.cloud.moe
+    import tandem.runtime.moe
 
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from tandem.bench.reference.models import MOE
-from tandem.cloud.moe import experts_forward
-from tandem.cloud.moe_classifier import MoEClassifier
 from tandem.cloud.process import WorkerProcess
 from tandem.cloud.sharding import Shard, ShardedExperts
 from tandem.kernels import topk_gating
 from tandem.runtime import errors
 from tandem.runtime.client import CloudClient
+from tandem.runtime.moe import MoEClassifier, experts_forward
 from tandem.runtime.wire import Envelope, Kind
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ import zmq
 from tandem.bench.reference.models import CLOUD, MOE
 from tandem.cloud.process import WorkerProcess
 from tandem.runtime import errors
-from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.manifest import load_manifest
 from tandem.runtime.wire import Envelope, Kind, WireCodec
@@ -44,7 +44,7 @@ def test_infer_matches_the_model_run_locally(
 def test_moe_model_is_served_on_the_moe_kernels(
     client: CloudClient, tiny_models: Path, digits_x
 ) -> None:
-    from tandem.cloud.moe_classifier import MoEClassifier
+    from tandem.runtime.moe import MoEClassifier
 
     reply = client.infer(MOE, digits_x, timeout_s=10)
     with torch.no_grad():

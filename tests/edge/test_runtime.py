@@ -14,7 +14,7 @@ import pytest
 from tandem.bench.reference.models import CLOUD
 from tandem.cloud.process import WorkerProcess
 from tandem.edge import EdgeRuntime, EscalationLog, Tier
-from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest
 

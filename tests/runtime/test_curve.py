@@ -23,7 +23,7 @@ from tandem.cloud.process import WorkerProcess
 from tandem.cloud.worker import CloudWorker
 from tandem.edge import EdgeRuntime, Tier
 from tandem.router.policy import load_policy
-from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.cli import app
 from tandem.runtime.client import CloudClient
 from tandem.runtime.curve import (

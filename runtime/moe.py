@@ -8,6 +8,8 @@
   back with the gate weights.
 * :class:`MoEBlock` — a complete layer (router + experts), weights in transformers' Mixtral
   layout (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)).
+* :class:`MoEClassifier` — a classifier with one MoE layer: what ``tandem models build --moe``
+  trains for the digits task. Weights travel as ``.npz`` (``allow_pickle=False``): never pickle.
 * :func:`register_transformers` — adds ``"tandem"`` to transformers' experts interface, so an
   existing Mixtral/Qwen-MoE model switches with one line:
   ``model.set_experts_implementation("tandem")``.
@@ -17,13 +19,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import combine, moe_align, permute, topk_gating
 from tandem.kernels.linear import SKINNY_MAX_ROWS, skinny_linear
+from tandem.runtime.errors import BackendError
 
 # Tokens per block in the dispatch plan. On CPU the GEMMs run per expert segment and skip the
 # padding, so the block only sets how much padding permute writes; 16 is what GPU kernels use.
@@ -182,6 +187,54 @@ def tandem_experts_forward(
             transposed=getattr(self, "is_transposed", False),
         )
     return out.to(hidden_states.dtype)
+
+
+_CONFIG_KEYS = ("in_features", "hidden", "intermediate", "n_experts", "k", "n_classes")
+
+
+class MoEClassifier(nn.Module):
+    """in → Linear+ReLU → h + MoE(h) → Linear → class logits."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int,
+        intermediate: int,
+        n_experts: int,
+        k: int,
+        n_classes: int,
+    ) -> None:
+        super().__init__()
+        self.config = dict(
+            zip(
+                _CONFIG_KEYS,
+                (in_features, hidden, intermediate, n_experts, k, n_classes),
+                strict=True,
+            )
+        )
+        self.embed = nn.Linear(in_features, hidden)
+        self.moe = MoEBlock(hidden, intermediate, n_experts, k)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.embed(x))
+        return self.head(h + self.moe(h))
+
+    def save(self, path: str | Path) -> None:
+        arrays = {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
+        with open(path, "wb") as f:  # np.savez would append ".npz" to a bare path
+            np.savez(f, config=np.array([self.config[k] for k in _CONFIG_KEYS]), **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MoEClassifier:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                model = cls(*(int(v) for v in z["config"]))
+                state = {k: torch.from_numpy(z[k].copy()) for k in z.files if k != "config"}
+        except (OSError, KeyError, ValueError) as e:
+            raise BackendError(f"cannot load MoE model {path}: {e}") from None
+        model.load_state_dict(state)
+        return model.eval()
 
 
 def register_transformers() -> None:

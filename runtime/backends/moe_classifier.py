@@ -1,9 +1,5 @@
-"""A classifier with a sparse MoE layer, and the backend that serves it (format
-``tandem-moe``): what ``tandem models build --moe`` trains for the digits task, so the edge
-can escalate to "the MoE experts" as well as to the dense cloud model.
-
-Weights travel as ``.npz`` (loaded with ``allow_pickle=False``): never pickle.
-"""
+"""The backend for :class:`~tandem.runtime.moe.MoEClassifier` files (format ``tandem-moe``):
+whole-model requests, and expert shards (``run_experts``)."""
 
 from __future__ import annotations
 
@@ -12,60 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tandem.cloud.moe import MoEBlock, run_segments
 from tandem.kernels import all_finite
 from tandem.runtime.errors import BackendError, BadRequest
 from tandem.runtime.manifest import TensorSpec, sha256_file
-
-_CONFIG_KEYS = ("in_features", "hidden", "intermediate", "n_experts", "k", "n_classes")
-
-
-class MoEClassifier(nn.Module):
-    """in → Linear+ReLU → h + MoE(h) → Linear → class logits."""
-
-    def __init__(
-        self,
-        in_features: int,
-        hidden: int,
-        intermediate: int,
-        n_experts: int,
-        k: int,
-        n_classes: int,
-    ) -> None:
-        super().__init__()
-        self.config = dict(
-            zip(
-                _CONFIG_KEYS,
-                (in_features, hidden, intermediate, n_experts, k, n_classes),
-                strict=True,
-            )
-        )
-        self.embed = nn.Linear(in_features, hidden)
-        self.moe = MoEBlock(hidden, intermediate, n_experts, k)
-        self.head = nn.Linear(hidden, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.embed(x))
-        return self.head(h + self.moe(h))
-
-    def save(self, path: str | Path) -> None:
-        arrays = {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
-        with open(path, "wb") as f:  # np.savez would append ".npz" to a bare path
-            np.savez(f, config=np.array([self.config[k] for k in _CONFIG_KEYS]), **arrays)
-
-    @classmethod
-    def load(cls, path: str | Path) -> MoEClassifier:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                model = cls(*(int(v) for v in z["config"]))
-                state = {k: torch.from_numpy(z[k].copy()) for k in z.files if k != "config"}
-        except (OSError, KeyError, ValueError) as e:
-            raise BackendError(f"cannot load MoE model {path}: {e}") from None
-        model.load_state_dict(state)
-        return model.eval()
+from tandem.runtime.moe import MoEClassifier, run_segments
 
 
 class MoEBackend:

@@ -1,14 +1,9 @@
-"""Model backends: what runs a model, on the edge or in a cloud worker.
-
-A backend is anything that satisfies :class:`ModelBackend`. Today there is
-:class:`OnnxBackend` (ONNX Runtime); llama.cpp, transformers and OpenAI-compatible backends will
-sit beside it and grow ``generate``/``stream``.
-"""
+"""ONNX models in ONNX Runtime (format ``onnx``): the edge's classifiers and dense cloud
+models."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,34 +20,6 @@ _ORT_DTYPES = {
     "tensor(int8)": "int8",
     "tensor(uint8)": "uint8",
 }
-
-
-@runtime_checkable
-class ModelBackend(Protocol):
-    """A loaded model: one batch in, one batch out."""
-
-    name: str
-    version: str
-    input_spec: TensorSpec
-    output_spec: TensorSpec
-
-    def check_batch(self, batch: np.ndarray) -> np.ndarray:
-        """``batch`` converted to the input dtype; :class:`BadRequest` if it cannot fit."""
-        ...
-
-    def warm_up(self) -> None:
-        """Do whatever the first call would do lazily, before the first request."""
-        ...
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Run the model on a batch shaped ``(N, *input_spec.shape[1:])``: ``check_batch``
-        then ``run``."""
-        ...
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Run the model on a batch that ``check_batch`` returned (no second check: the
-        worker checks each request on arrival and runs their concatenation)."""
-        ...
 
 
 class OnnxBackend:

@@ -1,0 +1,254 @@
+"""A GGUF file served with llama.cpp (format ``gguf``), through llama-cpp-python's low-level
+loop: ``Llama.eval(tokens)``, then the last logits row read in place with
+``llama_get_logits_ith(ctx, -1)`` (n_vocab float32, no copy). Sampling, confidence, stop
+strings and cancellation are :func:`tandem.runtime.generation.decode`'s, as for every backend.
+
+Why not ``create_completion``: its log-probs need ``logits_all=True`` (an n_ctx × n_vocab
+float32 array) and a full sort in Python per token; here a token's log-prob and entropy come
+from one pass of the confidence kernel over the row that sampling reads anyway.
+
+Concurrency: ``parallel`` llama.cpp contexts (``Llama`` objects) in a pool. llama.cpp mmaps
+the weights, so the contexts share them through the page cache; each holds its own KV cache
+(about ``n_ctx`` × layers × 2 × kv width × 2 bytes). A stream checks a context out and returns
+it when it ends, is closed or cancelled, or raises; with none free the stream is refused with
+:class:`OverloadedError`. A context keeps its KV cache between streams, and a new prompt that
+starts with the tokens a context already holds reuses them (llama.cpp drops the cells past
+``n_tokens`` at the next ``eval``): a hand-off's ``prompt + answer_so_far`` costs only the new
+tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import logging
+import threading
+from collections.abc import Generator, Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from tandem.runtime.errors import BackendError, BadRequest, OverloadedError
+from tandem.runtime.generation import SamplingParams, TokenStep, TokenStream, decode
+from tandem.runtime.manifest import sha256_file
+
+GGUF_MAGIC = b"GGUF"
+_PIECE_BUF = 64  # bytes; longer pieces are fetched again with the size llama.cpp asks for
+
+
+class _Session:
+    """One llama.cpp context as a :class:`~tandem.runtime.generation.LogitsSession`. Rows are
+    views of llama.cpp's logits buffer, valid until the next ``eval``."""
+
+    def __init__(self, llm: llama_cpp.Llama) -> None:
+        self.llm = llm
+        self.n_vocab = llm.n_vocab()
+        self.rollback = not (
+            llama_cpp.llama_model_is_recurrent(llm.model)
+            or llama_cpp.llama_model_is_hybrid(llm.model)
+        )
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run ``tokens``, reusing the longest prefix this context already evaluated (at least
+        the last token is run again: its logits row is not kept)."""
+        keep = min(_shared_prefix(self.llm, tokens), len(tokens) - 1)
+        if not self.rollback and keep < self.llm.n_tokens:
+            keep = 0  # a recurrent state cannot be rolled back part of the way
+        self.llm.n_tokens = keep
+        return self._eval(tokens[keep:])
+
+    def append(self, token: int) -> np.ndarray:
+        return self._eval((token,))
+
+    def _eval(self, tokens: Sequence[int]) -> np.ndarray:
+        try:
+            self.llm.eval(tokens)
+        except RuntimeError as e:
+            raise BackendError(f"llama.cpp decode failed: {e}") from None
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+
+def _shared_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
+    """How many leading ``tokens`` ``llm`` has evaluated already (its KV cache holds them)."""
+    held = llm.input_ids[: llm.n_tokens]
+    n = min(len(held), len(tokens))
+    differ = np.flatnonzero(held[:n] != np.asarray(tokens[:n], dtype=held.dtype))
+    return int(differ[0]) if differ.size else n
+
+
+class LlamaCppBackend:
+    """``path`` is a GGUF file. ``threads``: llama.cpp threads per context (prompt and decode);
+    ``n_ctx``: tokens of context per stream (prompt + ``max_tokens`` must fit); ``parallel``:
+    contexts in the pool, i.e. concurrent streams. Other keyword ``options`` go to ``Llama``
+    (e.g. ``n_gpu_layers``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        threads: int = 1,
+        n_ctx: int = 512,
+        parallel: int = 1,
+        **options: object,
+    ) -> None:
+        if parallel < 1 or n_ctx < 2 or threads < 1:
+            raise BadRequest(f"parallel, n_ctx, threads: got {parallel}, {n_ctx}, {threads}")
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        kwargs = {
+            "n_ctx": n_ctx,
+            "n_batch": min(n_ctx, 512),
+            "n_threads": threads,
+            "n_threads_batch": threads,
+            "logits_all": False,
+            **options,
+        }
+        self._contexts = [self._load(kwargs) for _ in range(parallel)]
+        self._free = list(self._contexts)
+        self._lock = threading.Lock()
+        self._closed = False
+        first = self._contexts[0]
+        self.version = version or sha256_file(self.path)[:12]
+        self.n_ctx = min(n_ctx, first.n_ctx())  # llama.cpp rounds its own up to 256s
+        self.parallel = parallel
+        self._vocab = llama_cpp.llama_model_get_vocab(first.model)
+        self._pieces: dict[int, bytes] = {}
+        self._eos = frozenset(
+            t for t in (first.token_eos(), llama_cpp.llama_vocab_eot(self._vocab)) if t >= 0
+        )
+
+    def _load(self, kwargs: dict) -> llama_cpp.Llama:
+        try:
+            return llama_cpp.Llama(model_path=str(self.path), verbose=False, **kwargs)
+        except ValueError:
+            reason = _load_failure(self.path, kwargs)
+        raise BackendError(f"cannot load GGUF model {self.path}: {reason}")
+
+    @property
+    def raw(self) -> llama_cpp.Llama:
+        """The pool's first ``Llama``, for references such as ``create_completion``. Do not use
+        it while a stream runs; streams notice the tokens it evaluated and reuse or drop
+        them."""
+        return self._contexts[0]
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's tokens for ``text``, BOS first if the model adds one. :class:`BadRequest`
+        if characters of ``text`` have no token (llama.cpp would drop them silently)."""
+        ids = self._contexts[0].tokenize(text.encode(), add_bos=True, special=False)
+        back = b"".join(map(self._piece, ids)).decode(errors="replace")
+        if back != text and (lost := [c for c in dict.fromkeys(text) if c not in back]):
+            raise BadRequest(
+                f"model {self.name!r}: characters {''.join(lost)!r} are not in its vocabulary"
+            )
+        if not ids:
+            raise BadRequest(f"model {self.name!r}: the prompt is empty")
+        return ids
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes token ``token`` adds to the text (b"" for control tokens); may be part of
+        a UTF-8 character, which the decode loop's incremental decoder completes."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(_PIECE_BUF)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, _PIECE_BUF, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            piece = self._pieces[token] = buf.raw[: max(n, 0)]
+        return piece
+
+    def stream(
+        self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> TokenStream:
+        ids = self.tokenize(prompt)
+        if len(ids) + params.max_tokens > self.n_ctx:
+            raise BadRequest(
+                f"model {self.name!r}: prompt ({len(ids)} tokens) + max_tokens "
+                f"({params.max_tokens}) exceeds its context of {self.n_ctx} tokens"
+            )
+        llm = self._checkout(ids)
+        steps = self._steps(llm, ids, params, cancel)
+        next(steps)  # started, so close() or garbage collection runs its `finally`
+        return TokenStream(steps, prompt_tokens=len(ids))  # type: ignore[arg-type]
+
+    def _checkout(self, ids: Sequence[int]) -> llama_cpp.Llama:
+        """The free context sharing the longest prefix with ``ids``."""
+        with self._lock:
+            if self._closed:
+                raise BackendError(f"model {self.name!r} is closed")
+            if not self._free:
+                raise OverloadedError(
+                    f"model {self.name!r} is serving {self.parallel} streams already "
+                    f"(parallel={self.parallel})"
+                )
+            best = max(range(len(self._free)), key=lambda i: _shared_prefix(self._free[i], ids))
+            return self._free.pop(best)
+
+    def _checkin(self, llm: llama_cpp.Llama) -> None:
+        with self._lock:
+            if self._closed:
+                llm.close()
+            else:
+                self._free.append(llm)
+
+    def _steps(
+        self,
+        llm: llama_cpp.Llama,
+        ids: list[int],
+        params: SamplingParams,
+        cancel: threading.Event | None,
+    ) -> Generator[TokenStep | None, None, str]:
+        try:
+            yield None  # the priming step stream() takes
+            return (
+                yield from decode(
+                    _Session(llm), ids, params, piece=self._piece, eos=self._eos, cancel=cancel
+                )
+            )
+        finally:
+            self._checkin(llm)
+
+    def warm_up(self) -> None:
+        """One short stream on every context (first-call allocations, page faults)."""
+        streams = [self.stream(" ", SamplingParams(max_tokens=2)) for _ in self._contexts]
+        for s in streams:
+            for _ in s:
+                pass
+
+    def close(self) -> None:
+        """Free the contexts; those streams hold are freed when their stream ends."""
+        with self._lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for llm in free:
+            llm.close()
+
+
+def _load_failure(path: Path, kwargs: dict) -> str:
+    """Why ``Llama`` could not load ``path``: checked here, or from llama.cpp's own log (a load
+    run again with ``verbose=True``; llama-cpp-python writes the log to ``sys.stderr``)."""
+    if not path.exists():
+        return "file missing"
+    if not path.is_file():
+        return "not a file"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        return f"not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})"
+    logger = logging.getLogger("llama-cpp-python")
+    level, log = logger.level, io.StringIO()
+    try:
+        with contextlib.redirect_stderr(log):
+            llama_cpp.Llama(model_path=str(path), verbose=True, **kwargs).close()
+    except ValueError as e:
+        lines = [ln.strip() for ln in log.getvalue().splitlines()]
+        why = [ln for ln in lines if "error" in ln.lower() or "fail" in ln.lower()]
+        return "; ".join(why[-3:]) or str(e)
+    finally:
+        logger.setLevel(level)
+    return "loading failed once, then succeeded (out of memory?)"

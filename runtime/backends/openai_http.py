@@ -1,0 +1,180 @@
+"""Any OpenAI-compatible completions server (format ``openai``): llama.cpp's or
+llama-cpp-python's server, vLLM, a hosted API. Requests go through the official ``openai``
+client as streaming ``/v1/completions`` with ``logprobs=1``, so each token arrives with its
+log-probability; entropy is not sent (``TokenStep.entropy`` is None) and token ids are -1
+unless the server adds them (``token_ids`` on a choice, as vLLM does when asked).
+
+Errors become Tandem's: no connection or no reply within ``timeout_s`` → :class:`Unavailable`;
+HTTP 429 → :class:`OverloadedError`; other 4xx → :class:`BadRequest`; anything else →
+:class:`BackendError`. Each message names the URL.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Generator
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import openai
+
+from tandem.runtime.errors import BackendError, BadRequest, OverloadedError, Unavailable
+from tandem.runtime.generation import FinishReason, SamplingParams, TokenStep, TokenStream
+
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+
+
+class OpenAIBackend:
+    """``url``: the server's base URL (``http://host:port`` gets ``/v1`` added). ``model``:
+    the model id to request; ``None`` asks ``/v1/models`` and takes the first. ``version``
+    defaults to the model id. With both given, nothing is sent until the first stream.
+    ``timeout_s``: seconds to connect, and to wait for each chunk. ``extra_body``: fields
+    added to every request, for a server's own options (llama-cpp-python's server applies
+    ``repeat_penalty`` 1.1 unless sent 1.0). ``threads`` is ignored (the server has its own)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        extra_body: dict[str, Any] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.url = _base_url(str(url))
+        self.client = openai.OpenAI(
+            base_url=self.url, api_key=api_key or "none", timeout=timeout_s, max_retries=0
+        )
+        if model is None or version is None:
+            model = model or self._first_model()
+        self.model = model
+        self.version = version or model
+        self.name = name or model
+        self.timeout_s = timeout_s
+        self.extra_body = dict(extra_body or {})
+
+    def _first_model(self) -> str:
+        try:
+            ids = [m.id for m in self.client.models.list().data]
+        except openai.OpenAIError as e:
+            _raise(e, self.url)
+        if not ids:
+            raise BackendError(f"{self.url}/models lists no model")
+        return ids[0]
+
+    def stream(
+        self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> TokenStream:
+        """Send the request now (so a refused one raises here); tokens arrive as the stream is
+        iterated. ``cancel`` is noticed between chunks and closes the HTTP stream."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "logprobs": 1,
+            "stream": True,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        try:
+            response = self.client.completions.create(**body, extra_body=self.extra_body or None)
+        except openai.OpenAIError as e:
+            _raise(e, self.url)
+        holder: list[TokenStream] = []  # the stream, for the prompt size once it is known
+        steps = self._steps(response, holder, cancel)
+        next(steps)  # started, so close() or garbage collection closes the HTTP stream
+        holder.append(TokenStream(steps))  # type: ignore[arg-type]
+        return holder[0]
+
+    def _steps(
+        self, response: Any, holder: list[TokenStream], cancel: threading.Event | None
+    ) -> Generator[TokenStep | None, None, str]:
+        finish: str | None = None
+        try:
+            yield None  # the priming step stream() takes
+            for chunk in response:
+                if cancel is not None and cancel.is_set():
+                    return FinishReason.CANCELLED
+                usage = getattr(chunk, "usage", None)
+                if usage is not None and usage.prompt_tokens:
+                    holder[0].prompt_tokens = usage.prompt_tokens
+                for choice in chunk.choices or ():
+                    yield from _choice_steps(choice)
+                    if choice.finish_reason:
+                        finish = _FINISH.get(choice.finish_reason, choice.finish_reason)
+            if finish is None:  # a server that failed after the response started
+                raise BackendError(f"{self.url}: the stream ended without a finish reason")
+            return finish
+        except openai.OpenAIError as e:
+            _raise(e, self.url)
+        finally:
+            response.close()
+
+    def warm_up(self) -> None:
+        """One token, greedy: the connection is open and the server has the model loaded."""
+        for _ in self.stream(" ", SamplingParams(max_tokens=1)):
+            pass
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _choice_steps(choice: Any) -> list[TokenStep]:
+    """TokenSteps of one streamed choice: one per token when the server lists tokens that add
+    up to the chunk's text, else one step for the whole text (log-prob: their sum)."""
+    text = choice.text or ""
+    lp = choice.logprobs
+    tokens = list(getattr(lp, "tokens", None) or ())
+    logprobs = [
+        math.nan if x is None else float(x) for x in getattr(lp, "token_logprobs", None) or ()
+    ]
+    ids = getattr(choice, "token_ids", None)
+    if not (isinstance(ids, list) and len(ids) == len(tokens)):
+        ids = [-1] * len(tokens)
+    if tokens and len(logprobs) == len(tokens) and "".join(tokens) == text:
+        return [TokenStep(int(i), t, x) for i, t, x in zip(ids, tokens, logprobs, strict=True)]
+    if not text:
+        return []
+    logprob = math.fsum(logprobs) if logprobs else math.nan
+    return [TokenStep(ids[0] if len(ids) == 1 else -1, text, logprob)]
+
+
+def _base_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url + "/v1" if urlsplit(url).path in ("", "/") else url
+
+
+def _raise(e: Exception, url: str) -> NoReturn:
+    """Raise the Tandem error for an ``openai`` client error talking to ``url``."""
+    if isinstance(e, openai.APITimeoutError):
+        raise Unavailable(f"{url}: no reply in time ({type(e).__name__})") from e
+    if isinstance(e, openai.APIConnectionError):
+        cause = e.__cause__ or e
+        raise Unavailable(f"{url}: cannot connect ({type(cause).__name__}: {cause})") from e
+    if isinstance(e, openai.APIStatusError):
+        status, detail = e.status_code, _detail(e)
+        if status == 429:
+            raise OverloadedError(f"{url}: HTTP 429: {detail}") from e
+        if 400 <= status < 500:
+            raise BadRequest(f"{url}: HTTP {status}: {detail}") from e
+        raise BackendError(f"{url}: HTTP {status}: {detail}") from e
+    raise BackendError(f"{url}: {type(e).__name__}: {e}") from e
+
+
+def _detail(e: openai.APIStatusError) -> str:
+    body = e.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(body.get("detail"), str | list):
+            return str(body["detail"])
+    return e.message

@@ -1,0 +1,139 @@
+"""A Hugging Face causal language model directory served with transformers (format
+``transformers``): the cloud's Mixtral MoE, its experts on Tandem's kernels
+(``experts_implementation="tandem"``), or any dense model with a Tandem char tokenizer.
+
+Each stream has its own KV cache (a ``DynamicCache``), so concurrent streams share the weights
+and nothing else. The decode loop is :func:`tandem.runtime.generation.decode`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tandem.runtime.errors import BackendError, BadRequest, OverloadedError
+from tandem.runtime.generation import SamplingParams, TokenStream, decode
+from tandem.runtime.tokenizer import EOS, CharTokenizer
+
+
+class _Session:
+    """One sequence's KV cache in a transformers model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.cache = None
+
+    @torch.inference_mode()
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        out = self.model(
+            input_ids=torch.tensor([list(ids)], dtype=torch.long),
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.cache
+        return out.logits[0, -1].float().numpy()
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        return self._run(tokens)
+
+    def append(self, token: int) -> np.ndarray:
+        return self._run((token,))
+
+
+class TransformersBackend:
+    """``path`` is a directory written by ``save_pretrained`` with a Tandem ``tokenizer.json``.
+
+    ``experts``: transformers' experts implementation for MoE models (``"tandem"``: Tandem's
+    dispatch/combine kernels; ``"eager"``, ``"grouped_mm"``: transformers' own).
+    ``max_streams``: concurrent streams (each holds a KV cache); one more is refused with
+    :class:`OverloadedError`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        threads: int = 0,
+        experts: str = "tandem",
+        max_streams: int = 8,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        import tandem.runtime.moe  # noqa: F401 - registers the "tandem" experts implementation
+
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self.tokenizer = CharTokenizer.load(self.path)
+        self.n_vocab = self.tokenizer.n_vocab
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise BackendError(f"cannot load transformers model {self.path}: {e}") from None
+        if getattr(model.config, "num_local_experts", None):
+            model.set_experts_implementation(experts)
+        self.model = model.eval()
+        self.version = version or _dir_version(self.path)
+        self.n_ctx = int(getattr(model.config, "max_position_embeddings", 2048))
+        self._slots = threading.BoundedSemaphore(max_streams)
+        self.max_streams = max_streams
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def stream(
+        self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> TokenStream:
+        ids = self.tokenize(prompt)
+        if len(ids) + params.max_tokens > self.n_ctx:
+            raise BadRequest(
+                f"model {self.name!r}: prompt ({len(ids)} tokens) + max_tokens "
+                f"({params.max_tokens}) exceeds its context of {self.n_ctx} tokens"
+            )
+        if not self._slots.acquire(blocking=False):
+            raise OverloadedError(
+                f"model {self.name!r} is serving {self.max_streams} streams already"
+            )
+        return TokenStream(self._steps(ids, params, cancel), prompt_tokens=len(ids))
+
+    def _steps(self, ids, params, cancel):
+        try:
+            return (
+                yield from decode(
+                    _Session(self.model),
+                    ids,
+                    params,
+                    piece=lambda t: self.tokenizer.piece(t).encode(),
+                    eos=frozenset({EOS}),
+                    cancel=cancel,
+                )
+            )
+        finally:
+            self._slots.release()
+
+    def warm_up(self) -> None:
+        stream = self.stream(self.tokenizer.decode([3]), SamplingParams(max_tokens=2))
+        for _ in stream:
+            pass
+
+    def close(self) -> None:
+        pass
+
+
+def _dir_version(path: Path) -> str:
+    from tandem.runtime.manifest import sha256_file
+
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weights:
+        raise BackendError(f"{path}: no *.safetensors weights")
+    return sha256_file(weights[0])[:12]

@@ -1,0 +1,259 @@
+"""Generation: what every language-model backend shares.
+
+* :class:`SamplingParams` — max tokens, temperature, top-p, seed, stop strings.
+* :class:`TokenStep` — one generated token: id, the text it adds, its log-probability under the
+  model (temperature 1) and the entropy of the distribution it was drawn from (nats).
+* :class:`GenerationBackend` — the Protocol: ``stream(prompt, params, cancel=)`` returns a
+  :class:`TokenStream` (iterate for steps; afterwards ``finish_reason`` says why it ended).
+* :class:`LogitsSession` and :func:`decode` — the decode loop for backends that expose each
+  step's logits row (llama.cpp, transformers): sampling, token confidence from
+  :func:`tandem.kernels.confidence_row`, EOS, stop strings (held back until they cannot be the
+  start of a stop string, and never shown), cancellation between tokens.
+
+Mid-stream hand-off works on text: a backend asked to continue an answer gets
+``prompt + answer_so_far`` as its prompt, so any two backends can hand over whatever their
+tokenizers.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from tandem.kernels.confidence import confidence_row
+from tandem.runtime.errors import BadRequest
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to generate. ``temperature`` 0 is greedy (argmax); ``seed`` makes sampling
+    repeatable; the ``stop`` strings end the answer and are not part of it."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_tokens <= 1 << 16:
+            raise BadRequest(f"max_tokens: expected 1..65536, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise BadRequest(f"temperature: expected 0..100, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise BadRequest(f"top_p: expected a number in (0, 1], got {self.top_p}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(
+            not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop
+        ):
+            raise BadRequest(
+                f"stop: expected at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_CHARS} characters, got {self.stop!r}"
+            )
+
+
+@dataclass(slots=True)
+class TokenStep:
+    """One generated token. ``logprob`` is log p(token) under the model at temperature 1;
+    ``entropy`` the entropy (nats) of that distribution, None where the backend cannot see it
+    (an OpenAI-compatible server returns log-probs only)."""
+
+    token: int
+    text: str
+    logprob: float
+    entropy: float | None = None
+
+
+class FinishReason:
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"
+
+
+class TokenStream:
+    """An iterator of :class:`TokenStep`; once exhausted, ``finish_reason`` is set and
+    ``prompt_tokens`` says how many tokens the prompt took. ``close()`` stops the generation
+    (the backend's state is released at the next token boundary)."""
+
+    def __init__(self, steps: Iterator[TokenStep], prompt_tokens: int = 0) -> None:
+        self._steps = steps
+        self.prompt_tokens = prompt_tokens
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> TokenStep:
+        try:
+            return next(self._steps)
+        except StopIteration as e:
+            if self.finish_reason is None:
+                self.finish_reason = e.value or FinishReason.STOP
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._steps, "close", None)
+        if close is not None:
+            close()
+        if self.finish_reason is None:
+            self.finish_reason = FinishReason.CANCELLED
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """A loaded language model that streams tokens."""
+
+    name: str
+    version: str
+
+    def stream(
+        self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> TokenStream:
+        """Generate a continuation of ``prompt``. Raises :class:`BadRequest` for a prompt the
+        model cannot take (unknown characters, longer than its context)."""
+        ...
+
+    def warm_up(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LogitsSession(Protocol):
+    """One sequence's state in a model that exposes its logits (a KV cache). Rows are float32
+    (n_vocab,) arrays, valid until the next call."""
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Forget everything, run ``tokens``; the logits row for the next token."""
+        ...
+
+    def append(self, token: int) -> np.ndarray:
+        """Run one more token; the logits row for the one after it."""
+        ...
+
+
+def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:
+    """The next token from a logits row: argmax at temperature 0 (lowest id on ties), else a
+    draw from softmax(row / T) restricted to the top-p nucleus."""
+    if params.temperature == 0.0 or rng is None:
+        return int(np.argmax(row))
+    z = row.astype(np.float64) / params.temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), params.top_p)) + 1]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def token_confidence(row: np.ndarray, token: int) -> tuple[float, float]:
+    """``(log p(token), entropy)`` of ``softmax(row)``, from one pass of the confidence kernel:
+    with m the max logit, log-sum-exp = m − log(max_prob), so log p(t) = row[t] − m +
+    log(max_prob). NaN/inf rows give (−inf, nan)."""
+    top1, max_prob, _, entropy = confidence_row(row)
+    if top1 < 0 or max_prob <= 0.0:
+        return -math.inf, math.nan
+    return float(row[token] - row[top1]) + math.log(max_prob), entropy
+
+
+@dataclass(slots=True)
+class _StopFilter:
+    """Holds generated text back while it could still be the start of a stop string."""
+
+    stops: tuple[str, ...]
+    held: list[TokenStep] = field(default_factory=list)
+    text: str = ""
+
+    def push(self, step: TokenStep) -> tuple[list[TokenStep], bool]:
+        """Steps now safe to emit, and whether a stop string was hit (then the steps are
+        those before it, the last one's text cut where the stop string starts)."""
+        self.held.append(step)
+        self.text += step.text
+        hit = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if hit >= 0:
+            out = self._cut(hit)
+            cut = hit - sum(len(s.text) for s in out)
+            if self.held and cut > 0:  # the token the stop string starts inside
+                first = self.held[0]
+                out.append(TokenStep(first.token, first.text[:cut], first.logprob, first.entropy))
+            self.held, self.text = [], ""
+            return out, True
+        keep = max((_overlap(self.text, s) for s in self.stops), default=0)
+        return self._cut(len(self.text) - keep), False
+
+    def _cut(self, at: int) -> list[TokenStep]:
+        """Emit the held steps whose text ends at or before ``at``."""
+        out: list[TokenStep] = []
+        pos = 0
+        while self.held and pos + len(self.held[0].text) <= at:
+            step = self.held.pop(0)
+            pos += len(step.text)
+            out.append(step)
+        self.text = self.text[pos:]
+        return out
+
+    def flush(self) -> list[TokenStep]:
+        out, self.held, self.text = self.held, [], ""
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def decode(
+    session: LogitsSession,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    *,
+    piece: Callable[[int], bytes],
+    eos: frozenset[int],
+    cancel: threading.Event | None = None,
+) -> Iterator[TokenStep]:
+    """The decode loop over a :class:`LogitsSession`: prefill, then sample → confidence →
+    stop check → append, one token at a time. Returns (as the generator's value) the finish
+    reason. ``piece(token)`` is the token's bytes (UTF-8 is decoded incrementally, so a
+    character split over tokens is shown once complete)."""
+    rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stops = _StopFilter(params.stop) if params.stop else None
+    row = session.prefill(prompt)
+    for i in range(params.max_tokens):
+        if cancel is not None and cancel.is_set():
+            return FinishReason.CANCELLED
+        token = sample(row, params, rng)
+        if token in eos:
+            break
+        logprob, entropy = token_confidence(row, token)
+        step = TokenStep(token, utf8.decode(piece(token)), logprob, entropy)
+        if stops is None:
+            yield step
+        else:
+            ready, hit = stops.push(step)
+            yield from ready
+            if hit:
+                return FinishReason.STOP
+        if i + 1 < params.max_tokens:
+            row = session.append(token)
+    else:
+        if stops is not None:
+            yield from stops.flush()
+        return FinishReason.LENGTH
+    if stops is not None:
+        yield from stops.flush()
+    return FinishReason.STOP
