@@ -194,7 +194,9 @@ class EdgeRuntime:
         ``stream=False``: the whole :class:`GenerationResult`. ``stream=True``: a
         :class:`GenerationStream` of :class:`GenerationChunk` (text, token ids, tier,
         log-probs) whose ``result`` is set once it is exhausted. ``max_tokens`` and ``stop``
-        default to the task's; ``deadline_ms`` (default: the task's) bounds the cloud's part.
+        default to the task's; ``deadline_ms`` (default: the task's) bounds the cloud's part of
+        the answer, counted from when the cloud is asked (its first token is bounded by the
+        task's ``first_token_ms``).
         """
         name = task if task is not None else self._default_generator
         t = self._generators.get(name) if name is not None else None

@@ -54,6 +54,7 @@ class GenerationChunk:
     tier: Tier
     logprobs: list[float]
     restart: bool = False
+    token_texts: list[str] | None = None  # each token's text, where known (the edge's tokens)
 
 
 @dataclass(slots=True)
@@ -63,7 +64,8 @@ class GenerationResult:
     decision was made (None when a rule decided). ``escalated_at``: the number of answer
     tokens that were kept from the edge when the cloud took over (None: it never did).
     ``timings`` (ms): ``ttft`` (call to first token), ``total``, ``local`` and ``cloud``;
-    ``inter_token_ms``: the gap before each token after the first, as the caller saw it."""
+    ``inter_token_ms``: the gap before each token after the first, as the caller saw it.
+    The cloud's part (``deadline_ms``) is counted from when the cloud is asked."""
 
     text: str
     tokens: list[int]
@@ -77,6 +79,7 @@ class GenerationResult:
     inter_token_ms: list[float]
     model_versions: dict[str, str]
     escalated_at: int | None = None
+    prompt_tokens: int | None = None  # the prompt's length in the edge model's tokens
     request_id: str | None = None
 
     @property
