@@ -30,7 +30,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from tandem.runtime.errors import BackendError, BadRequest, OverloadedError
+from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import SamplingParams, TokenStep, TokenStream, decode
 from tandem.runtime.manifest import sha256_file
 
@@ -45,6 +45,8 @@ class _Session:
     def __init__(self, llm: llama_cpp.Llama) -> None:
         self.llm = llm
         self.n_vocab = llm.n_vocab()
+        self._row: np.ndarray = np.empty(0, np.float32)
+        self._addr: int | None = None
         self.rollback = not (
             llama_cpp.llama_model_is_recurrent(llm.model)
             or llama_cpp.llama_model_is_hybrid(llm.model)
@@ -68,7 +70,12 @@ class _Session:
         except RuntimeError as e:
             raise BackendError(f"llama.cpp decode failed: {e}") from None
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if not addr:
+            raise BackendError("llama.cpp returned no logits for the last token")
+        if addr != self._addr:  # a view costs ~10 µs; the buffer rarely moves
+            self._row, self._addr = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)), addr
+        return self._row
 
 
 def _shared_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
@@ -80,10 +87,10 @@ def _shared_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
 
 
 class LlamaCppBackend:
-    """``path`` is a GGUF file. ``threads``: llama.cpp threads per context (prompt and decode);
-    ``n_ctx``: tokens of context per stream (prompt + ``max_tokens`` must fit); ``parallel``:
-    contexts in the pool, i.e. concurrent streams. Other keyword ``options`` go to ``Llama``
-    (e.g. ``n_gpu_layers``)."""
+    """``path`` is a GGUF file. ``threads``: llama.cpp threads per context for prompt and
+    decode (0: llama.cpp's default, half the cores); ``n_ctx``: tokens of context per stream
+    (prompt + ``max_tokens`` must fit); ``parallel``: contexts in the pool, i.e. concurrent
+    streams. Other keyword ``options`` go to ``Llama`` (e.g. ``n_gpu_layers``)."""
 
     def __init__(
         self,
@@ -96,15 +103,18 @@ class LlamaCppBackend:
         parallel: int = 1,
         **options: object,
     ) -> None:
-        if parallel < 1 or n_ctx < 2 or threads < 1:
-            raise BadRequest(f"parallel, n_ctx, threads: got {parallel}, {n_ctx}, {threads}")
+        if parallel < 1 or n_ctx < 2 or threads < 0:
+            raise ConfigError(
+                f"gguf backend: expected parallel >= 1, n_ctx >= 2, threads >= 0; "
+                f"got {parallel}, {n_ctx}, {threads}"
+            )
         self.path = Path(path)
         self.name = name or self.path.stem
         kwargs = {
             "n_ctx": n_ctx,
             "n_batch": min(n_ctx, 512),
-            "n_threads": threads,
-            "n_threads_batch": threads,
+            "n_threads": threads or None,
+            "n_threads_batch": threads or None,
             "logits_all": False,
             **options,
         }
@@ -116,10 +126,11 @@ class LlamaCppBackend:
         self.version = version or sha256_file(self.path)[:12]
         self.n_ctx = min(n_ctx, first.n_ctx())  # llama.cpp rounds its own up to 256s
         self.parallel = parallel
-        self._vocab = llama_cpp.llama_model_get_vocab(first.model)
-        self._pieces: dict[int, bytes] = {}
+        self.n_vocab = first.n_vocab()
+        vocab = llama_cpp.llama_model_get_vocab(first.model)
+        self._pieces = [_token_piece(vocab, t) for t in range(self.n_vocab)]
         self._eos = frozenset(
-            t for t in (first.token_eos(), llama_cpp.llama_vocab_eot(self._vocab)) if t >= 0
+            t for t in (first.token_eos(), llama_cpp.llama_vocab_eot(vocab)) if t >= 0
         )
 
     def _load(self, kwargs: dict) -> llama_cpp.Llama:
@@ -139,8 +150,10 @@ class LlamaCppBackend:
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokens for ``text``, BOS first if the model adds one. :class:`BadRequest`
         if characters of ``text`` have no token (llama.cpp would drop them silently)."""
+        if self._closed:
+            raise BackendError(f"model {self.name!r} is closed")
         ids = self._contexts[0].tokenize(text.encode(), add_bos=True, special=False)
-        back = b"".join(map(self._piece, ids)).decode(errors="replace")
+        back = b"".join(self._pieces[t] for t in ids).decode(errors="replace")
         if back != text and (lost := [c for c in dict.fromkeys(text) if c not in back]):
             raise BadRequest(
                 f"model {self.name!r}: characters {''.join(lost)!r} are not in its vocabulary"
@@ -148,19 +161,6 @@ class LlamaCppBackend:
         if not ids:
             raise BadRequest(f"model {self.name!r}: the prompt is empty")
         return ids
-
-    def _piece(self, token: int) -> bytes:
-        """The bytes token ``token`` adds to the text (b"" for control tokens); may be part of
-        a UTF-8 character, which the decode loop's incremental decoder completes."""
-        piece = self._pieces.get(token)
-        if piece is None:
-            buf = ctypes.create_string_buffer(_PIECE_BUF)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, _PIECE_BUF, 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            piece = self._pieces[token] = buf.raw[: max(n, 0)]
-        return piece
 
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
@@ -207,18 +207,29 @@ class LlamaCppBackend:
             yield None  # the priming step stream() takes
             return (
                 yield from decode(
-                    _Session(llm), ids, params, piece=self._piece, eos=self._eos, cancel=cancel
+                    _Session(llm),
+                    ids,
+                    params,
+                    piece=self._pieces.__getitem__,
+                    eos=self._eos,
+                    cancel=cancel,
                 )
             )
         finally:
             self._checkin(llm)
 
     def warm_up(self) -> None:
-        """One short stream on every context (first-call allocations, page faults)."""
-        streams = [self.stream(" ", SamplingParams(max_tokens=2)) for _ in self._contexts]
-        for s in streams:
-            for _ in s:
-                pass
+        """Run one token on every free context (first-call allocations, weight pages)."""
+        with self._lock:
+            free, self._free = self._free, []
+        try:
+            for llm in free:
+                bos = llm.token_bos()
+                llm.n_tokens = 0
+                llm.eval([bos if bos >= 0 else 0])
+        finally:
+            for llm in free:
+                self._checkin(llm)
 
     def close(self) -> None:
         """Free the contexts; those streams hold are freed when their stream ends."""
@@ -227,6 +238,18 @@ class LlamaCppBackend:
             free, self._free = self._free, []
         for llm in free:
             llm.close()
+
+
+def _token_piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
+    """The bytes ``token`` adds to the text (b"" for control tokens); may be part of a UTF-8
+    character, which the decode loop's incremental decoder completes. Read once per token at
+    load: the table outlives the contexts, which a ``close()`` may free mid-stream."""
+    buf = ctypes.create_string_buffer(_PIECE_BUF)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, _PIECE_BUF, 0, False)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
+    return buf.raw[: max(n, 0)]
 
 
 def _load_failure(path: Path, kwargs: dict) -> str:

@@ -27,8 +27,9 @@ _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
 class OpenAIBackend:
     """``url``: the server's base URL (``http://host:port`` gets ``/v1`` added). ``model``:
-    the model id to request; ``None`` asks ``/v1/models`` and takes the first. ``version``
-    defaults to the model id. With both given, nothing is sent until the first stream.
+    the model id to request; ``None`` asks ``/v1/models`` now and takes the first (so a server
+    that is down raises :class:`Unavailable` here; with ``model`` given, nothing is sent until
+    the first stream). ``version`` defaults to the model id.
     ``timeout_s``: seconds to connect, and to wait for each chunk. ``extra_body``: fields
     added to every request, for a server's own options (llama-cpp-python's server applies
     ``repeat_penalty`` 1.1 unless sent 1.0). ``threads`` is ignored (the server has its own)."""
@@ -49,11 +50,9 @@ class OpenAIBackend:
         self.client = openai.OpenAI(
             base_url=self.url, api_key=api_key or "none", timeout=timeout_s, max_retries=0
         )
-        if model is None or version is None:
-            model = model or self._first_model()
-        self.model = model
-        self.version = version or model
-        self.name = name or model
+        self.model = model or self._first_model()
+        self.version = version or self.model
+        self.name = name or self.model
         self.timeout_s = timeout_s
         self.extra_body = dict(extra_body or {})
 
