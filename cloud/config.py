@@ -13,6 +13,8 @@
     idempotency: {max_entries: 10000, max_bytes: 67108864, ttl_s: 60}
     socket: {sndhwm: 256, rcvhwm: 256, heartbeat_ivl_ms: 1000, heartbeat_timeout_ms: 3000}
     drain: {grace_ms: 200}
+    generation: {max_streams: 8, buffer_tokens: 256, max_prompt_bytes: 65536,
+                 stall_timeout_ms: 30000, max_stream_s: 600}
     curve: {secret_key: keys/worker.key_secret, allowed_clients: keys/clients}  # default: off
     insecure: false                  # true: allow a non-loopback bind without curve
 
@@ -107,6 +109,22 @@ class DrainSpec(StrictModel):
     grace_ms: int = Field(default=200, ge=0)
 
 
+class GenerationSpec(StrictModel):
+    """Streaming generation (``generate`` requests). Each active stream holds a thread and a
+    backend slot (a KV cache), so they are bounded: ``max_streams`` at once (one more is
+    answered ``Overloaded`` with a retry-after hint); a stream's tokens waiting to be sent are
+    at most ``buffer_tokens`` (then the model waits for the reader: backpressure); a prompt is
+    at most ``max_prompt_bytes`` of UTF-8. A stream whose reader takes nothing for
+    ``stall_timeout_ms`` is cancelled, and none runs longer than ``max_stream_s``, whatever
+    budget it was sent with (a stream with no budget still ends)."""
+
+    max_streams: int = Field(default=8, ge=1, le=4096)
+    buffer_tokens: int = Field(default=256, ge=1, le=1 << 16)
+    max_prompt_bytes: int = Field(default=64 * 1024, ge=1, le=16 * 1024 * 1024)
+    stall_timeout_ms: int = Field(default=30_000, ge=1)
+    max_stream_s: float = Field(default=600.0, gt=0)
+
+
 class CurveSpec(StrictModel):
     """CurveZMQ on the worker's socket (see :mod:`tandem.runtime.curve`): every byte after the
     handshake is encrypted, and only clients whose public key is a ``*.key`` file in
@@ -129,6 +147,7 @@ class WorkerConfig(StrictModel):
     idempotency: IdempotencySpec = IdempotencySpec()
     socket: SocketSpec = SocketSpec()
     drain: DrainSpec = DrainSpec()
+    generation: GenerationSpec = GenerationSpec()
     curve: CurveSpec | None = None
     # A bind that other hosts can reach needs curve, or this set (`--insecure`) on purpose.
     insecure: bool = False

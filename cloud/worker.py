@@ -21,6 +21,14 @@ a peer that does not read them cannot stall the worker.
 Every message is answered exactly once, with a result or a typed error. A retry of a request
 id already answered (within ``idempotency.ttl_s``) gets the same reply again without running;
 a retry of one still queued is answered together with it.
+
+**Generation streams** (``generate`` → ``chunk``... → ``end`` or ``error``; ``cancel``) live in
+:class:`~tandem.cloud.streams.StreamTable`: each runs its backend on a thread of its own and
+wakes this loop through a pipe, so while any stream is active the loop polls the socket and
+that pipe together (with none, the idle path stays one blocking receive), and each turn sends
+every stream's ready tokens as one chunk, without blocking. A backend's exception becomes a
+typed reply in :meth:`CloudWorker._backend_failure`, the same place as for ``infer``. Bounds:
+``generation`` in the config; ``health`` reports ``streams``.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from tandem.cloud.batching import MicroBatcher, Pending
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.idempotency import ReplyCache
 from tandem.cloud.loading import check_security, load_backends
+from tandem.cloud.streams import BLOCKED, GONE, SENT, StreamTable, is_generation_backend
 from tandem.runtime.backends import ModelBackend
 from tandem.runtime.curve import (
     configure_server,
@@ -71,6 +80,7 @@ log = logging.getLogger(__name__)
 
 _NO_ID = bytes(16)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_EAGAIN = int(zmq.EAGAIN)
 _DONTWAIT = int(zmq.DONTWAIT)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 256  # messages read before ready batches get a chance to run
@@ -88,6 +98,8 @@ class CloudWorker:
         check_security(config)  # before loading any model: fail fast
         self.config = config
         self.backends = backends if backends is not None else load_backends(config)
+        # language models take generate, not infer (known once: a Protocol check is slow)
+        self._generators = {n for n, b in self.backends.items() if is_generation_backend(b)}
         self.codec = WireCodec(config.limits.wire_limits())
         self._max_frames = self.codec.limits.max_frames + 2  # and the routing frames
         self.batcher = MicroBatcher(
@@ -96,6 +108,7 @@ class CloudWorker:
         idem = config.idempotency
         self.answered = ReplyCache(idem.max_entries, idem.max_bytes, idem.ttl_s)
         self._queued: dict[bytes, Pending] = {}  # request id → its queued entry
+        self.streams: StreamTable | None = None  # made by serve(): it holds a pipe
         self.counters: Counter[str] = Counter()
         self.endpoint: str | None = None
         self._ctx = context or zmq.Context.instance()
@@ -151,6 +164,13 @@ class CloudWorker:
                 auth.stop()
             raise
         self._sock = sock
+        self.streams = StreamTable(
+            self.config.generation,
+            self.backends,
+            self.codec,
+            self._try_send,
+            self._backend_failure,
+        )
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         restore = self._install_signal_handlers()
         log.info(
@@ -167,6 +187,7 @@ class CloudWorker:
         finally:
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
+            self.streams.close()
             sock.close()
             if auth is not None:
                 auth.stop()  # after the socket: it must never be open without its handler
@@ -182,11 +203,17 @@ class CloudWorker:
         return previous
 
     def _loop(self, sock: zmq.Socket) -> None:
+        streams = self.streams
+        assert streams is not None
+        wake_fd = streams.wake_fd
         grace_until: float | None = None
         while True:
             now = time.monotonic()
-            # Draining: every queued request still runs; once none is left, new ones are
-            # answered ShuttingDown for grace_ms, then the loop ends.
+            # Draining: every queued request still runs and every stream ends (ShuttingDown);
+            # once no request is left, new ones are answered ShuttingDown for grace_ms, then
+            # the loop ends.
+            if self.draining and grace_until is None and streams.active:
+                streams.shutdown()
             if self.draining and grace_until is None and self.batcher.depth == 0:
                 log.info("drained; refusing new work for %d ms", self.config.drain.grace_ms)
                 grace_until = now + self.config.drain.grace_ms / 1e3
@@ -198,10 +225,21 @@ class CloudWorker:
                 timeout = max(0, min(timeout, int((due - now) * 1e3 + 0.999)))
             if grace_until is not None:
                 timeout = min(timeout, max(0, int((grace_until - now) * 1e3)))
+            streaming = streams.active > 0
+            if streaming:
+                sdue = streams.next_due(now)
+                if sdue is not None:
+                    timeout = max(0, min(timeout, int((sdue - now) * 1e3 + 0.999)))
             # Idle: one blocking receive (RCVTIMEO = _IDLE_POLL_MS) instead of a poll and a
-            # receive, a syscall less on the idle round trip. Otherwise poll up to when due.
+            # receive, a syscall less on the idle round trip. Otherwise poll up to when due;
+            # with streams active, their wake pipe too.
             try:
-                if timeout == _IDLE_POLL_MS or zmq.zmq_poll([(sock, _POLLIN)], timeout):
+                if streaming:
+                    ready = zmq.zmq_poll([(sock, _POLLIN), (wake_fd, _POLLIN)], timeout)
+                    readable = any(s is sock for s, _ in ready)
+                else:
+                    readable = timeout == _IDLE_POLL_MS or zmq.zmq_poll([(sock, _POLLIN)], timeout)
+                if readable:
                     for _ in range(_MAX_READS_PER_TURN):
                         # peer identity and envelope are copied; array frames arrive zero-copy
                         self._on_message(recv_frames(sock, 2, self._max_frames))
@@ -212,6 +250,9 @@ class CloudWorker:
             now = time.monotonic()
             for model, batch in self.batcher.take_ready(now, flush=self.draining):
                 self._run_batch(model, batch)
+            if streams.active:
+                streams.clear_wake()  # before pump: a producer appending after it wakes again
+                streams.pump(time.monotonic())
             if len(self.answered):
                 self.answered.expire(now)
 
@@ -253,6 +294,18 @@ class CloudWorker:
                     f"echo of {size} bytes; at most {self.config.limits.max_echo_bytes}"
                 )
             return env.reply(Kind.RESULT, env.payload)
+        if env.kind is Kind.CANCEL:  # answered by the stream's end, if it is still running
+            assert self.streams is not None
+            self.streams.cancel(route, env.id)
+            return None
+        if env.kind is Kind.GENERATE:
+            assert self.streams is not None
+            if self.draining:
+                raise ShuttingDown("worker is draining; send new work elsewhere")
+            if env.expired():
+                raise DeadlineExceeded("no time budget left when the request reached the worker")
+            self.streams.start(route, env)
+            return None
         if env.kind not in _WORK:
             raise BadRequest(f"a worker does not accept {env.kind.value!r} messages")
         # a retry of a request already answered, or still queued: never run twice
@@ -282,6 +335,8 @@ class CloudWorker:
         backend = self.backends.get(p["model"])
         if backend is None:
             raise UnknownModel(f"no model {p['model']!r} here; serving: {', '.join(self.backends)}")
+        if p["model"] in self._generators:
+            raise BadRequest(f"model {p['model']!r} is a language model: send it generate")
         inputs = p.get("inputs")
         if not isinstance(inputs, np.ndarray):
             raise BadRequest("infer payload needs an 'inputs' array shaped (N, ...)")
@@ -322,11 +377,16 @@ class CloudWorker:
         except TandemError:
             raise
         except Exception as e:
-            self.counters["backend_errors"] += 1
-            log.warning("model %r raised %s: %s", model, type(e).__name__, e)
-            raise BackendFailure(
-                f"model {model!r} failed: {type(e).__name__}: {e}", exception=type(e).__name__
-            ) from None
+            raise self._backend_failure(model, e) from None
+
+    def _backend_failure(self, model: str, e: Exception) -> BackendFailure:
+        """The typed error for an exception that backend code raised (a batch's ``run``, or a
+        stream's producer thread, reported on the loop's thread); counted and logged."""
+        self.counters["backend_errors"] += 1
+        log.warning("model %r raised %s: %s", model, type(e).__name__, e)
+        return BackendFailure(
+            f"model {model!r} failed: {type(e).__name__}: {e}", exception=type(e).__name__
+        )
 
     def _run_experts(self, env: Envelope) -> dict[str, Any]:
         """An expert-shard request: run at once (its rows are already one batch per expert)."""
@@ -425,30 +485,43 @@ class CloudWorker:
         """Send without blocking. A reply that cannot go out (the peer left, or its queue is
         at the high-water mark because it does not read) is counted and logged, never waited
         for."""
+        if self._try_send(route, frames) != SENT:
+            n = self.counters["replies_dropped"] = self.counters["replies_dropped"] + 1
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of these is one story
+                log.warning("%d replies not sent so far: a peer left or does not read", n)
+
+    def _try_send(self, route: list[Any], frames: list[Any]) -> int:
+        """Send without blocking: ``SENT``, ``BLOCKED`` (the peer's queue is at its high-water
+        mark) or ``GONE`` (no such peer; any other error counts as gone too). Under
+        ROUTER_MANDATORY both errors come on the routing frame, so nothing is half sent."""
         assert self._sock is not None
         try:
             send_frames(self._sock, [*route, *frames], _DONTWAIT)
         except zmq.ZMQError as e:
-            n = self.counters["replies_dropped"] = self.counters["replies_dropped"] + 1
-            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of these is one story
-                log.warning("%d replies not sent so far (%s): a peer left or does not read", n, e)
+            return BLOCKED if e.errno == _EAGAIN else GONE
+        return SENT
 
     def health(self) -> dict[str, Any]:
         lim = self.config.limits
         return {
             "state": "draining" if self.draining else "serving",
             "protocol": PROTOCOL_VERSION,
-            "models": {
-                name: {
-                    "version": b.version,
-                    "input": b.input_spec.model_dump(),
-                    "output": b.output_spec.model_dump(),
-                }
-                for name, b in self.backends.items()
-            },
+            "models": {name: _model_health(b) for name, b in self.backends.items()},
             "queue_depth": self.batcher.depth,
             "queue_bytes": self.batcher.nbytes,
             "limits": {"max_rows": lim.max_rows, "max_request_bytes": lim.max_request_bytes},
             "uptime_s": round(time.monotonic() - self._started, 3),
             "counters": dict(self.counters),
+            "streams": self.streams.health() if self.streams is not None else {"active": 0},
         }
+
+
+def _model_health(b: Any) -> dict[str, Any]:
+    if is_generation_backend(b):
+        return {"version": b.version, "kind": "generation"}
+    return {
+        "version": b.version,
+        "kind": "array",
+        "input": b.input_spec.model_dump(),
+        "output": b.output_spec.model_dump(),
+    }

@@ -125,6 +125,16 @@ class BadRequest(TandemError):
     code = "bad_request"
 
 
+class StreamInterrupted(TandemError):
+    """A generation stream lost its worker after its first chunk: the tokens received so far
+    (``tokens``) are the answer's start. Finish it elsewhere (e.g. another worker, or the edge
+    model, given ``prompt + text so far``); no END will come."""
+
+    code = "stream.interrupted"
+    wire_fields = ("tokens",)
+    tokens: int = 0
+
+
 def _all_subclasses(cls: type[TandemError]) -> list[type[TandemError]]:
     out = [cls]
     for sub in cls.__subclasses__():

@@ -31,6 +31,7 @@ from tandem.runtime.errors import BadRequest
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
+MIN_TEMPERATURE = 1e-2  # below it, softmax(row / T) overflows to NaN in float64 for big logits
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +48,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not 1 <= self.max_tokens <= 1 << 16:
             raise BadRequest(f"max_tokens: expected 1..65536, got {self.max_tokens}")
-        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
-            raise BadRequest(f"temperature: expected 0..100, got {self.temperature}")
+        t = self.temperature
+        if not (math.isfinite(t) and (t == 0.0 or MIN_TEMPERATURE <= t <= 100.0)):
+            raise BadRequest(
+                f"temperature: expected 0 (greedy) or {MIN_TEMPERATURE}..100, got {t}"
+            )
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise BadRequest(f"top_p: expected a number in (0, 1], got {self.top_p}")
         if len(self.stop) > MAX_STOP_STRINGS or any(

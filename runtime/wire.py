@@ -23,6 +23,24 @@ fixed header (dtype code, ndim, shape) and then either the raw buffer (ext type
 Decoding is zero-copy (``np.frombuffer`` over the received buffer), so decoded arrays are
 read-only.
 
+**Streams** (generation). A ``generate`` request is answered by a run of ``chunk`` messages and
+then exactly one ``end`` — or by one ``error`` at any point instead of the ``end``, never both,
+never twice. All of them carry the request's id and arrive in order (one ZeroMQ connection).
+``cancel`` (same id, payload nil) asks the worker to stop: the stream then ends with ``end``
+(``finish_reason`` "cancelled"); a ``cancel`` for a stream already over gets no answer. The
+``generate`` header's budget covers the whole answer; ``first_token_ms`` (the time left for the
+first token, nil: no bound of its own) is a budget too, counted from arrival. Payloads:
+
+* ``generate``: ``{"model": str, "prompt": str, "max_tokens": int, "temperature": float,
+  "top_p": float, "seed": int|nil, "stop": [str], "first_token_ms": int|nil}``
+* ``chunk``: ``{"seq": int, "tokens": [int], "text": str, "logprobs": [float],
+  "entropies": [float|nil]}`` — ``seq`` is the index in the answer of the chunk's first token,
+  so a stream's chunks have contiguous seq ranges; a chunk holds every token the worker had
+  ready when it was sent (one or many)
+* ``end``: ``{"finish_reason": "stop"|"length"|"cancelled", "tokens": int (the answer's
+  length), "prompt_tokens": int, "model": str, "version": str, "timings": {"queue_ms",
+  "ttft_ms", "total_ms"}}`` — timings on the worker's own clock from the request's arrival
+
 Every limit in :class:`WireLimits` is checked before anything is built from the bytes: total
 and per-frame size, number of frames, array elements, nesting depth, tags. A violation raises a
 :class:`~tandem.runtime.errors.WireError` subclass; where the header could be read, the error
@@ -98,6 +116,11 @@ class Kind(StrEnum):
     # run rows through some experts of an MoE model, no batching: payload {"model": str,
     # "experts": [int], "counts": [int], "rows": array (sum(counts), H)}; result {"rows": ...}
     EXPERTS = "experts"
+    # streaming generation (see the module docstring): generate → chunk* → end | error
+    GENERATE = "generate"  # payload {"model", "prompt", sampling params, "first_token_ms"}
+    CHUNK = "chunk"  # payload {"seq", "tokens", "text", "logprobs", "entropies"}
+    END = "end"  # payload {"finish_reason", "tokens", "prompt_tokens", ..., "timings"}
+    CANCEL = "cancel"  # same id as the generate; payload nil; answered by the stream's end
 
 
 _KINDS = {k.value: k for k in Kind}

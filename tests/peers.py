@@ -1,6 +1,10 @@
-"""Bare pyzmq peers for tests: what a misbehaving or non-Tandem client would use."""
+"""Peers for tests: bare pyzmq sockets (what a misbehaving or non-Tandem client would use),
+and a worker serving in a thread with backends the test builds."""
 
 from __future__ import annotations
+
+import threading
+from typing import Any
 
 import zmq
 
@@ -23,3 +27,38 @@ def raw_exchange(endpoint: str, frames: list[bytes], socket_type: int = zmq.DEAL
         return WireCodec().decode(s.recv_multipart())
     finally:
         s.close()
+
+
+class ThreadWorker:
+    """A :class:`~tandem.cloud.worker.CloudWorker` serving in a thread of this process, on a
+    real loopback socket, with backends built by the test (e.g. one that is slow on purpose).
+    ``stop()`` drains it the way SIGTERM would."""
+
+    def __init__(self, config: Any, backends: dict[str, Any]) -> None:
+        from tandem.cloud.worker import CloudWorker
+
+        self.worker = CloudWorker(config, backends)
+        self.endpoint = ""
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="test-worker", daemon=True)
+
+    def _serve(self) -> None:
+        def ready(endpoint: str) -> None:
+            self.endpoint = endpoint
+            self._ready.set()
+
+        self.worker.serve(ready)
+
+    def __enter__(self) -> ThreadWorker:
+        self._thread.start()
+        assert self._ready.wait(10), "worker thread did not start"
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.worker.stop()
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "worker thread did not stop"
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread.is_alive():
+            self.stop()

@@ -1,0 +1,603 @@
+"""The worker's generation streams: one ``generate`` request → ``chunk`` messages → one ``end``
+(or one ``error``). See :mod:`tandem.runtime.wire` for the payloads.
+
+Each active stream runs its backend's ``stream()`` on a thread of its own (the *producer*),
+which appends :class:`TokenStep` s to the stream's buffer and wakes the worker loop through a
+pipe that the loop polls beside its socket. The loop stays the only owner of the socket and
+the clock: each turn, :meth:`StreamTable.pump` sends every stream's pending tokens as one
+``chunk`` (so a chunk carries several tokens whenever the loop or the reader is slower than
+the model), expires streams past their deadlines, and sends the final ``end``/``error``.
+
+Everything is bounded:
+
+* streams: ``generation.max_streams`` at once (one more: ``Overloaded`` with a retry hint);
+* a stream's unsent tokens: ``generation.buffer_tokens``. When the buffer is full, the
+  producer waits on a condition (backpressure: the model stops until the reader catches up);
+  when ZeroMQ's send queue toward the reader is full (a slow reader), the tokens stay in the
+  buffer and go out together once it has room;
+* time: the request's budget (the whole answer), ``first_token_ms`` (the first token),
+  ``generation.max_stream_s`` (any stream), ``generation.stall_timeout_ms`` (a reader that
+  takes nothing).
+
+A stream ends in exactly one of these ways, and its table entry is removed once its final
+message is out (or cannot be) *and* its producer has returned (so a stream's backend slot, e.g.
+a KV cache, is free before the stream stops counting toward ``max_streams``):
+
+==========================  =====================================================
+the producer finished       ``end`` (``stop``/``length``) after the last chunk
+the backend raised          ``error``: its TandemError, or ``backend.error``
+``cancel`` from the client  ``end`` with ``finish_reason`` ``cancelled``
+deadline / first token      ``error`` ``deadline_exceeded``
+reader stalled              ``error`` ``deadline_exceeded`` (it is not reading it)
+the reader's peer is gone   nothing (there is no one to tell)
+worker shutdown             ``error`` ``shutting_down``
+==========================  =====================================================
+
+In every case but the first two the loop sets the stream's cancel event and wakes the
+producer, which closes the backend's :class:`TokenStream` at the next token boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import operator
+import os
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.cloud.config import GenerationSpec
+from tandem.runtime.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    OverloadedError,
+    ShuttingDown,
+    TandemError,
+    UnknownModel,
+)
+from tandem.runtime.generation import (
+    MAX_STOP_STRINGS,
+    FinishReason,
+    GenerationBackend,
+    SamplingParams,
+    TokenStep,
+)
+from tandem.runtime.wire import MAX_BUDGET_US, Envelope, Kind, WireCodec
+
+log = logging.getLogger(__name__)
+
+GENERATE_FIELDS = frozenset(
+    {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "first_token_ms"}
+)
+_MAX_STEP_CHARS = 64 * 1024  # one token's text: more is a backend bug, not a token
+_MAX_CHUNK_CHARS = 1024 * 1024  # text per chunk (a chunk also holds at most buffer_tokens)
+_MAX_CHUNKS_PER_TURN = 4  # per stream: the others' turn comes first
+_SEND_RETRY_S = 0.005  # how often a stream whose reader's queue is full tries again
+_DEFAULT_S_PER_TOKEN = 0.02  # the retry-hint estimate before a stream has finished
+
+# What a send returns: 0, or the errno ZeroMQ raised under ROUTER_MANDATORY + DONTWAIT.
+SENT, BLOCKED, GONE = 0, errno.EAGAIN, errno.EHOSTUNREACH
+SendFn = Callable[[list[Any], list[Any]], int]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A validated ``generate`` payload."""
+
+    model: str
+    prompt: str
+    params: SamplingParams
+    first_token_ms: int | None = None
+
+
+def _number(name: str, value: Any) -> float:
+    if type(value) is not float and type(value) is not int:
+        raise BadRequest(f"generate: {name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def parse_generate(payload: Any, max_prompt_bytes: int) -> GenerateRequest:
+    """Check every field's type and size before building anything from it; a bad one raises
+    :class:`BadRequest` naming the field. ``model`` and ``prompt`` are required; the sampling
+    fields default to :class:`SamplingParams`' defaults."""
+    if type(payload) is not dict:
+        raise BadRequest("generate payload must be a map {model, prompt, max_tokens, ...}")
+    unknown = payload.keys() - GENERATE_FIELDS
+    if unknown:
+        shown = sorted(repr(k) for k in unknown)[:8]
+        raise BadRequest(f"generate: unknown field(s) {', '.join(shown)}")
+    model, prompt = payload.get("model"), payload.get("prompt")
+    if type(model) is not str:
+        raise BadRequest("generate: model must be a string")
+    if type(prompt) is not str:
+        raise BadRequest("generate: prompt must be a string")
+    # a str of n characters is at least n bytes of UTF-8: the cheap check first
+    if len(prompt) > max_prompt_bytes or len(prompt.encode("utf-8", "surrogatepass")) > (
+        max_prompt_bytes
+    ):
+        raise BadRequest(
+            f"generate: prompt over {max_prompt_bytes} bytes of UTF-8 (this worker's "
+            "generation.max_prompt_bytes)"
+        )
+    defaults = SamplingParams()
+    max_tokens = payload.get("max_tokens", defaults.max_tokens)
+    if type(max_tokens) is not int:
+        raise BadRequest("generate: max_tokens must be an integer")
+    seed = payload.get("seed")
+    if seed is not None and (type(seed) is not int or not 0 <= seed < 1 << 64):
+        raise BadRequest("generate: seed must be nil or an integer in [0, 2**64)")
+    stop = payload.get("stop", [])
+    if type(stop) is not list or len(stop) > MAX_STOP_STRINGS:
+        raise BadRequest(f"generate: stop must be a list of at most {MAX_STOP_STRINGS} strings")
+    first = payload.get("first_token_ms")
+    if first is not None and (type(first) is not int or not 0 <= first <= MAX_BUDGET_US // 1000):
+        raise BadRequest("generate: first_token_ms must be nil or an integer of ms >= 0")
+    params = SamplingParams(  # checks ranges and the stop strings; raises BadRequest
+        max_tokens=max_tokens,
+        temperature=_number("temperature", payload.get("temperature", defaults.temperature)),
+        top_p=_number("top_p", payload.get("top_p", defaults.top_p)),
+        seed=seed,
+        stop=tuple(stop),
+    )
+    return GenerateRequest(model, prompt, params, first)
+
+
+def is_generation_backend(backend: Any) -> bool:
+    """Whether a loaded backend streams tokens (a language model) rather than mapping arrays."""
+    return isinstance(backend, GenerationBackend)
+
+
+class Stream:
+    """One active generation. The producer thread writes ``pending``, ``produced``,
+    ``done`` (under ``cond``) and its timestamps; the loop reads them and owns the rest."""
+
+    __slots__ = (
+        "answered",
+        "arrived",
+        "backend",
+        "blocked_since",
+        "cancel",
+        "cond",
+        "deadline",
+        "deadline_why",
+        "done",
+        "env",
+        "failure",
+        "final",
+        "final_until",
+        "finish_reason",
+        "finished_at",
+        "first_deadline",
+        "first_token_at",
+        "id",
+        "pending",
+        "produced",
+        "prompt_tokens",
+        "req",
+        "route",
+        "sent",
+        "started_at",
+        "thread",
+    )
+
+    def __init__(
+        self, route: list[Any], env: Envelope, req: GenerateRequest, backend: Any, now: float
+    ) -> None:
+        self.id = env.id
+        self.route = route
+        self.env = env
+        self.req = req
+        self.backend = backend
+        self.arrived = now
+        self.deadline = now  # set by the table: the budget, or max_stream_s if sooner
+        self.deadline_why = "budget"
+        self.first_deadline: float | None = (
+            None if req.first_token_ms is None else now + req.first_token_ms / 1e3
+        )
+        self.cancel = threading.Event()
+        self.cond = threading.Condition(threading.Lock())
+        self.pending: deque[TokenStep] = deque()
+        self.produced = 0  # tokens appended by the producer
+        self.sent = 0  # tokens sent in chunks
+        self.done = False  # the producer has returned (its TokenStream closed)
+        self.failure: BaseException | None = None
+        self.finish_reason: str | None = None
+        self.prompt_tokens = 0
+        self.started_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.answered = False  # the final message went out, or cannot
+        self.final: list[Any] | None = None  # the final message's frames, not sent yet
+        self.final_until = 0.0
+        self.blocked_since: float | None = None  # the reader's queue has been full since
+        self.thread: threading.Thread | None = None
+
+    def stop_producer(self) -> None:
+        """Ask the producer to stop at the next token boundary; unsent tokens are dropped."""
+        self.cancel.set()
+        with self.cond:
+            self.pending.clear()
+            self.cond.notify_all()
+
+
+class StreamTable:
+    """The worker's active streams (see the module docstring). Only ``_produce`` runs off the
+    worker loop's thread.
+
+    ``send(route, frames)`` sends without blocking and returns :data:`SENT`, :data:`BLOCKED`
+    (the peer's queue is full) or :data:`GONE` (no such peer); ``backend_failure(model, exc)``
+    is the worker's one place that turns an exception from backend code into a typed error.
+    """
+
+    def __init__(
+        self,
+        spec: GenerationSpec,
+        backends: dict[str, Any],
+        codec: WireCodec,
+        send: SendFn,
+        backend_failure: Callable[[str, Exception], TandemError],
+    ) -> None:
+        self.spec = spec
+        self.backends = backends
+        self.codec = codec
+        self._send = send
+        self._backend_failure = backend_failure
+        self._streams: dict[bytes, Stream] = {}
+        self.counters: Counter[str] = Counter()
+        self._s_per_token = _DEFAULT_S_PER_TOKEN
+        self._woken = False
+        self._pipe_lock = threading.Lock()  # a producer never writes to a closed (reused) fd
+        self._closed = False
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+
+    # ------------------------------------------------------------------ the loop's view
+    @property
+    def wake_fd(self) -> int:
+        """Readable when a producer has something for the loop: poll it beside the socket."""
+        return self._rfd
+
+    @property
+    def active(self) -> int:
+        """Streams in the table: running, or finishing (final message or producer pending)."""
+        return len(self._streams)
+
+    def clear_wake(self) -> None:
+        """Empty the wake pipe. Call before :meth:`pump`: a producer that appends after this
+        writes again."""
+        self._woken = False
+        try:
+            while os.read(self._rfd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _wake(self) -> None:  # producer threads
+        if self._woken:
+            return
+        self._woken = True
+        with self._pipe_lock, contextlib.suppress(BlockingIOError):  # full: the loop is awake
+            if not self._closed:
+                os.write(self._wfd, b"\0")
+
+    def next_due(self, now: float) -> float | None:
+        """The earliest time :meth:`pump` has something to do without being woken (a deadline,
+        a blocked send to retry), or None."""
+        due: float | None = None
+        for s in self._streams.values():
+            if s.answered:
+                continue
+            t = s.deadline
+            if s.final is not None:
+                t = min(now + _SEND_RETRY_S, s.final_until)
+            elif s.blocked_since is not None:
+                t = now + _SEND_RETRY_S
+            elif s.pending:  # left over from a turn that sent its most
+                t = now
+            elif s.first_deadline is not None and s.first_token_at is None:
+                t = min(t, s.first_deadline)
+            due = t if due is None else min(due, t)
+        return due
+
+    # ------------------------------------------------------------------ messages
+    def start(self, route: list[Any], env: Envelope) -> None:
+        """Admit a ``generate`` request and start its producer. Raises a :class:`TandemError`
+        (answered at once by the worker) when it cannot start; then nothing was started."""
+        req = parse_generate(env.payload, self.spec.max_prompt_bytes)
+        if env.id in self._streams:
+            raise BadRequest("a stream with this request id is already running on this worker")
+        backend = self.backends.get(req.model)
+        if backend is None:
+            gen = [n for n, b in self.backends.items() if is_generation_backend(b)]
+            raise UnknownModel(
+                f"no model {req.model!r} here; language models: {', '.join(gen) or 'none'}"
+            )
+        if not is_generation_backend(backend):
+            raise BadRequest(f"model {req.model!r} is not a language model: send it infer")
+        if len(self._streams) >= self.spec.max_streams:
+            self.counters["overloaded"] += 1
+            wait_ms = self._retry_after_ms()
+            raise OverloadedError(
+                f"worker is running {len(self._streams)} streams (generation.max_streams); "
+                f"retry in {wait_ms:.0f} ms or elsewhere",
+                retry_after_ms=wait_ms,
+            )
+        now = time.monotonic()
+        s = Stream(route, env, req, backend, now)
+        limit = now + self.spec.max_stream_s
+        if env.deadline is None or limit < env.deadline:
+            s.deadline, s.deadline_why = (
+                limit,
+                f"generation.max_stream_s ({self.spec.max_stream_s:g} s)",
+            )
+        else:
+            s.deadline = env.deadline
+        s.thread = threading.Thread(
+            target=self._produce, args=(s,), name=f"tandem-stream-{env.id.hex()[:8]}", daemon=True
+        )
+        self._streams[env.id] = s
+        self.counters["started"] += 1
+        try:
+            s.thread.start()
+        except BaseException:  # no thread to be had: nothing started
+            del self._streams[env.id]
+            self.counters["started"] -= 1
+            raise
+
+    def cancel(self, route: list[Any], request_id: bytes) -> None:
+        """A ``cancel`` from the client: stop the stream, answer ``end`` (cancelled). A cancel
+        for a stream that is over (or another peer's) is ignored: its one answer went out."""
+        s = self._streams.get(request_id)
+        if s is None or s.answered or s.final is not None or s.route != route:
+            self.counters["cancel_ignored"] += 1
+            return
+        s.stop_producer()
+        self.counters["cancelled"] += 1
+        self._set_final(s, self._end(s, FinishReason.CANCELLED), time.monotonic())
+
+    def shutdown(self) -> None:
+        """The worker is draining: every stream ends now with ``shutting_down``."""
+        now = time.monotonic()
+        for s in list(self._streams.values()):
+            if not s.answered and s.final is None:
+                self.counters["shut_down"] += 1
+                self._fail(s, ShuttingDown("worker is shutting down; continue elsewhere"), now)
+
+    # ------------------------------------------------------------------ the loop's turn
+    def pump(self, now: float) -> None:
+        """Send what each stream has ready, expire what is late, free what is over."""
+        for s in list(self._streams.values()):
+            if not s.answered:
+                self._advance(s, now)
+            if s.answered and s.done:
+                del self._streams[s.id]
+
+    def _advance(self, s: Stream, now: float) -> None:
+        if s.final is not None:
+            self._send_final(s, now)
+            return
+        if now >= s.deadline:
+            self.counters["expired"] += 1
+            msg = f"the stream's {s.deadline_why} ran out on the worker after {s.sent} tokens"
+            self._fail(s, DeadlineExceeded(msg), now)
+            return
+        if s.first_deadline is not None and s.first_token_at is None and now >= s.first_deadline:
+            self.counters["expired"] += 1
+            msg = f"no first token within first_token_ms ({s.req.first_token_ms} ms)"
+            self._fail(s, DeadlineExceeded(msg), now)
+            return
+        if (
+            s.blocked_since is not None
+            and now - s.blocked_since >= self.spec.stall_timeout_ms / 1e3
+        ):
+            self.counters["stalled"] += 1
+            msg = f"the reader took nothing for {self.spec.stall_timeout_ms} ms"
+            self._fail(s, DeadlineExceeded(msg), now)
+            return
+        for _ in range(_MAX_CHUNKS_PER_TURN):  # one, unless a chunk's text bound split them
+            with s.cond:
+                steps = self._ready_steps(s)
+                done = s.done
+            if not steps:
+                break
+            result = self._send(
+                s.route, self.codec.encode(s.env.reply(Kind.CHUNK, _chunk(s, steps)))
+            )
+            if result == BLOCKED:
+                if s.blocked_since is None:
+                    s.blocked_since = now
+                return
+            if result != SENT:
+                self._gone(s)
+                return
+            s.sent += len(steps)
+            s.blocked_since = None
+            with s.cond:
+                for _ in steps:
+                    s.pending.popleft()
+                s.cond.notify_all()
+        else:
+            return  # more is pending: next_due says so
+        if done:
+            if s.failure is not None:
+                self._fail(s, self._as_error(s), now)
+            else:
+                self.counters["completed"] += 1
+                if s.produced > 1 and s.first_token_at is not None and s.finished_at is not None:
+                    per = (s.finished_at - s.first_token_at) / (s.produced - 1)
+                    self._s_per_token += 0.2 * (per - self._s_per_token)
+                reason = s.finish_reason or FinishReason.STOP
+                self._set_final(s, self._end(s, reason), now)
+
+    def _ready_steps(self, s: Stream) -> list[TokenStep]:
+        """The pending steps that fit one chunk (all of them, up to the text bound)."""
+        out: list[TokenStep] = []
+        chars = 0
+        for step in s.pending:
+            chars += len(step.text)
+            if out and chars > _MAX_CHUNK_CHARS:
+                break
+            out.append(step)
+        return out
+
+    def _fail(self, s: Stream, err: TandemError, now: float) -> None:
+        s.stop_producer()
+        self._set_final(s, s.env.error_reply(err), now)
+
+    def _set_final(self, s: Stream, env: Envelope, now: float) -> None:
+        s.final = self.codec.encode(env)
+        s.final_until = now + self.spec.stall_timeout_ms / 1e3
+        self._send_final(s, now)
+
+    def _send_final(self, s: Stream, now: float) -> None:
+        assert s.final is not None
+        result = self._send(s.route, s.final)
+        if result == BLOCKED and now < s.final_until:
+            return
+        if result != SENT:
+            self.counters["final_dropped"] += 1
+        s.answered = True
+        s.final = None
+
+    def _gone(self, s: Stream) -> None:
+        """The reader's peer left (ROUTER_MANDATORY: unroutable): stop, tell no one."""
+        s.stop_producer()
+        s.answered = True
+        self.counters["peer_gone"] += 1
+
+    def _as_error(self, s: Stream) -> TandemError:
+        e = s.failure
+        if isinstance(e, OverloadedError):
+            self.counters["overloaded"] += 1
+            if not e.retry_after_ms:
+                e.retry_after_ms = self._retry_after_ms()
+            return e
+        if isinstance(e, TandemError):
+            if not isinstance(e, BadRequest):
+                self.counters["failed"] += 1
+            return e
+        self.counters["failed"] += 1
+        assert isinstance(e, Exception)
+        return self._backend_failure(s.req.model, e)
+
+    def _end(self, s: Stream, reason: str) -> Envelope:
+        now = time.monotonic()
+
+        def ms(t: float | None) -> float | None:
+            return None if t is None else round((t - s.arrived) * 1e3, 3)
+
+        return s.env.reply(
+            Kind.END,
+            {
+                "finish_reason": reason,
+                "tokens": s.sent,
+                "prompt_tokens": s.prompt_tokens,
+                "model": s.req.model,
+                "version": str(getattr(s.backend, "version", "")),
+                "timings": {
+                    "queue_ms": ms(s.started_at),
+                    "ttft_ms": ms(s.first_token_at),
+                    "total_ms": ms(now),
+                },
+            },
+        )
+
+    def _retry_after_ms(self) -> float:
+        """When the soonest running stream should end: its tokens left × the measured time
+        per token."""
+        left = [
+            max(0, s.req.params.max_tokens - s.produced)
+            for s in self._streams.values()
+            if not s.done
+        ]
+        return round(max(1.0, min(left, default=0) * self._s_per_token * 1e3), 1)
+
+    # ------------------------------------------------------------------ the producer
+    def _produce(self, s: Stream) -> None:
+        """A stream's thread: run the backend, fill the buffer, wait while it is full."""
+        cap = self.spec.buffer_tokens
+        ts = None
+        try:
+            s.started_at = time.monotonic()
+            if s.cancel.is_set():
+                return
+            ts = s.backend.stream(s.req.prompt, s.req.params, cancel=s.cancel)
+            s.prompt_tokens = operator.index(getattr(ts, "prompt_tokens", 0) or 0)
+            for raw in ts:
+                step = _checked(raw)
+                with s.cond:
+                    while len(s.pending) >= cap and not s.cancel.is_set():
+                        s.cond.wait()
+                    if s.cancel.is_set():
+                        break
+                    if s.first_token_at is None:
+                        s.first_token_at = time.monotonic()
+                    s.pending.append(step)
+                    s.produced += 1
+                self._wake()
+            else:
+                s.finish_reason = str(getattr(ts, "finish_reason", None) or FinishReason.STOP)
+        except Exception as e:
+            s.failure = e
+        finally:
+            try:
+                if ts is not None:
+                    ts.close()  # frees the backend's slot (KV cache, context)
+            except Exception as e:
+                if s.failure is None:
+                    s.failure = e
+            s.finished_at = time.monotonic()
+            with s.cond:
+                s.done = True
+            self._wake()
+
+    # ------------------------------------------------------------------ reporting
+    def health(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "active": len(self._streams),
+            "max_streams": self.spec.max_streams,
+            **{
+                k: c.get(k, 0)
+                for k in ("started", "completed", "cancelled", "expired", "failed", "overloaded")
+            },
+            "peer_gone": c.get("peer_gone", 0),
+            "stalled": c.get("stalled", 0),
+            "shut_down": c.get("shut_down", 0),
+        }
+
+    def close(self) -> None:
+        """Stop every producer and close the wake pipe (the worker has stopped serving)."""
+        for s in self._streams.values():
+            s.stop_producer()
+        with self._pipe_lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._rfd)
+            os.close(self._wfd)
+
+
+def _checked(step: Any) -> TokenStep:
+    """A backend's step as plain, bounded values (what a chunk is built from)."""
+    token, text = operator.index(step.token), step.text
+    if type(text) is not str or len(text) > _MAX_STEP_CHARS:
+        raise TypeError(f"a token's text must be a str of at most {_MAX_STEP_CHARS} chars")
+    entropy = None if step.entropy is None else float(step.entropy)
+    return TokenStep(token, text, float(step.logprob), entropy)
+
+
+def _chunk(s: Stream, steps: list[TokenStep]) -> dict[str, Any]:
+    return {
+        "seq": s.sent,
+        "tokens": [t.token for t in steps],
+        "text": "".join(t.text for t in steps),
+        "logprobs": [t.logprob for t in steps],
+        "entropies": [t.entropy for t in steps],
+    }
