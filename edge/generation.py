@@ -163,9 +163,19 @@ class _Answer:
         return gate.score([s.logprob for s in held])
 
     # ------------------------------------------------------------------ the tiers
-    def _local(self, prompt: str):
+    def _room(self, prompt: str) -> int:
+        """Tokens the answer may still grow by: what is left of max_tokens and, once it has
+        begun, of the edge model's context (a long cloud answer handed back can leave less)."""
         left = self.params.max_tokens - len(self.tokens)
-        steps = self.t.backend.stream(prompt, replace(self.params, max_tokens=max(left, 1)))
+        backend = self.t.backend
+        n_ctx, tokenize = getattr(backend, "n_ctx", 0), getattr(backend, "tokenize", None)
+        if self.tokens and n_ctx and tokenize is not None:
+            left = min(left, n_ctx - len(tokenize(prompt)))
+        return left
+
+    def _local(self, prompt: str):
+        left = max(self._room(prompt), 1)
+        steps = self.t.backend.stream(prompt, replace(self.params, max_tokens=left))
         if self.prompt_tokens is None:
             self.prompt_tokens = steps.prompt_tokens
         return steps
@@ -236,7 +246,7 @@ class _Answer:
             return
         # The edge finishes from where the answer stands (if nothing came from the cloud after a
         # restart, the edge's own text still stands: nothing was withdrawn).
-        if self.params.max_tokens - len(self.tokens) <= 0:
+        if self._room(self.prompt + self.text) <= 0:
             self.finish_reason = "length"
             return
         yield from self._local_rest(self._local(self.prompt + self.text), [], Tier.EDGE_DEGRADED)
