@@ -27,9 +27,10 @@ from tandem.cloud.process import WorkerProcess
 from tandem.cloud.streams import BLOCKED, GONE, SENT, StreamTable, parse_generate
 from tandem.runtime import errors
 from tandem.runtime.backends.transformers_lm import TransformersBackend
-from tandem.runtime.client import Chunk, CloudClient, GenerationCall
+from tandem.runtime.client import CloudClient
 from tandem.runtime.generation import SamplingParams, TokenStep, TokenStream
 from tandem.runtime.manifest import Manifest, ModelEntry, load_manifest, sha256_file, write_manifest
+from tandem.runtime.streaming import Chunk, GenerationCall
 from tandem.runtime.tokenizer import CharTokenizer
 from tandem.runtime.wire import Envelope, Kind, WireCodec
 from tests.peers import ThreadWorker, raw_socket
