@@ -78,18 +78,30 @@ class Manifest(StrictModel):
 
 
 def sha256_file(path: str | Path) -> str:
-    """The file's sha256; for a directory (a transformers model), the sha256 of each regular
-    file's relative path and contents, in sorted order."""
+    """The file's sha256; for a directory (a transformers model), the sha256 over its regular
+    files in sorted order, each as (path length, relative path, size, contents), so no two
+    different trees hash alike. A symlink in a model directory is refused: it could point
+    anywhere."""
     h = hashlib.sha256()
     root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    for file in files:
-        if root.is_dir():
-            h.update(file.relative_to(root).as_posix().encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(chunk)
+    if not root.is_dir():
+        _hash_into(h, root)
+        return h.hexdigest()
+    for file in sorted(root.rglob("*")):
+        if file.is_symlink():
+            raise ConfigError(f"{file}: a model directory may not hold symlinks")
+        if file.is_file():
+            rel = file.relative_to(root).as_posix().encode()
+            h.update(len(rel).to_bytes(8, "little") + rel)
+            h.update(file.stat().st_size.to_bytes(8, "little"))
+            _hash_into(h, file)
     return h.hexdigest()
+
+
+def _hash_into(h, file: Path) -> None:
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
 
 
 def load_manifest(models_dir: str | Path) -> Manifest:

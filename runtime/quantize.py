@@ -60,6 +60,21 @@ def _classifier_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == y).mean())
 
 
+def _sorting_accuracy(fmt: str, path: Path, n: int) -> float:
+    """Exact match of greedy answers on ``n`` held-out items of the reference sorting task,
+    spread over its difficulties, through the backend registry."""
+    from tandem.bench.reference.lm_task import DIFFICULTIES, evaluate
+    from tandem.runtime.backends import open_backend
+
+    per = max(1, n // len(DIFFICULTIES))
+    backend = open_backend(fmt, path, threads=2)
+    try:
+        acc = evaluate(backend, DIFFICULTIES, per)
+    finally:
+        backend.close()
+    return sum(acc.values()) / len(acc)
+
+
 class _Rows:
     """ONNX Runtime's CalibrationDataReader over an array, one batch of rows at a time."""
 
@@ -161,11 +176,9 @@ def quantize_gguf(
         shutil.move(tmp_out, dst)
     before = after = None
     if eval_items > 0:
-        from tandem.bench.reference.lm_task import heldout_accuracy
-
-        say(f"scoring both models on {eval_items} held-out items")
-        before = heldout_accuracy("transformers", hf_dir, eval_items)
-        after = heldout_accuracy("gguf", dst, eval_items)
+        say(f"scoring both models on {eval_items} held-out sorting items")
+        before = _sorting_accuracy("transformers", hf_dir, eval_items)
+        after = _sorting_accuracy("gguf", dst, eval_items)
     return QuantizeReport(
         str(hf_dir), str(dst), qtype, size_of(hf_dir), size_of(dst), before, after, eval_items
     )

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
-from tandem.runtime.backends import OnnxBackend
+from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.cli import app
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BackendError, ConfigError
