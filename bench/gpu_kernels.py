@@ -90,6 +90,7 @@ def run(dev: str = "cuda") -> list[dict]:
         w, ids = topk_gating(logits, k)
         rw, rids = _gating_torch(logits, k)
         assert torch.allclose(_t(w), _t(rw), atol=1e-5), "gating weights differ"
+        assert torch.equal(_t(ids).long(), _t(rids).long()), "gating ids differ"
         add(
             "topk_gating",
             f"T={t} E={e} k={k}",
@@ -104,8 +105,8 @@ def run(dev: str = "cuda") -> list[dict]:
         add(
             "align+permute+combine",
             f"T={t} H={h} E={e} k={k}",
-            lambda: _dispatch_tandem(x, ids, w, e),
-            lambda: _dispatch_torch(x, ids, w),
+            lambda x=x, ids=ids, w=w, e=e: _dispatch_tandem(x, ids, w, e),
+            lambda x=x, ids=ids, w=w: _dispatch_torch(x, ids, w),
         )
     return rows
 

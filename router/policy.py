@@ -212,7 +212,8 @@ class GenerationModelSpec(StrictModel):
     format: Literal["gguf", "transformers"] = "gguf"
     version: str | None = None  # default: from the file's sha256
     threads: int = Field(default=2, ge=0)
-    n_ctx: int = Field(default=512, ge=16, le=1 << 17)  # gguf only
+    # gguf only: tokens of context (prompt + answer); 0: the context the model was trained with
+    n_ctx: int = Field(default=0, ge=0, le=1 << 17)
 
 
 class GenerateTaskPolicy(StrictModel):

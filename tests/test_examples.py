@@ -15,3 +15,11 @@ def test_example_policy_and_worker_config_validate() -> None:
     assert policy.tasks["digits"].local.path == EXAMPLES / "models" / "edge-int8.onnx"
     worker = load_worker_config(EXAMPLES / "worker.yaml")
     assert worker.models_dir == EXAMPLES / "models"
+
+
+def test_example_llm_policy_and_worker_config_validate() -> None:
+    policy = load_policy(EXAMPLES / "llm-policy.yaml")
+    task = policy.tasks["sort"]
+    assert task.kind == "generate" and task.local.path == EXAMPLES / "llm-models" / "edge-q8_0.gguf"
+    worker = load_worker_config(EXAMPLES / "llm-worker.yaml")
+    assert worker.models_dir == EXAMPLES / "llm-models" and worker.generation.max_streams == 8

@@ -31,7 +31,13 @@ import llama_cpp
 import numpy as np
 
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
-from tandem.runtime.generation import SamplingParams, TokenStep, TokenStream, decode
+from tandem.runtime.generation import (
+    SamplingParams,
+    TokenStep,
+    TokenStream,
+    decode,
+    token_confidence,
+)
 from tandem.runtime.manifest import sha256_file
 
 GGUF_MAGIC = b"GGUF"
@@ -89,7 +95,7 @@ def _shared_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
 class LlamaCppBackend:
     """``path`` is a GGUF file. ``threads``: llama.cpp threads per context for prompt and
     decode (0: llama.cpp's default, half the cores); ``n_ctx``: tokens of context per stream
-    (prompt + ``max_tokens`` must fit); ``parallel``: contexts in the pool, i.e. concurrent
+    (prompt + ``max_tokens`` must fit; 0: the context the model was trained with); ``parallel``: contexts in the pool, i.e. concurrent
     streams. Other keyword ``options`` go to ``Llama`` (e.g. ``n_gpu_layers``)."""
 
     def __init__(
@@ -99,20 +105,20 @@ class LlamaCppBackend:
         name: str | None = None,
         version: str | None = None,
         threads: int = 1,
-        n_ctx: int = 512,
+        n_ctx: int = 0,
         parallel: int = 1,
         **options: object,
     ) -> None:
-        if parallel < 1 or n_ctx < 2 or threads < 0:
+        if parallel < 1 or n_ctx < 0 or n_ctx == 1 or threads < 0:
             raise ConfigError(
-                f"gguf backend: expected parallel >= 1, n_ctx >= 2, threads >= 0; "
+                f"gguf backend: expected parallel >= 1, n_ctx 0 or >= 2, threads >= 0; "
                 f"got {parallel}, {n_ctx}, {threads}"
             )
         self.path = Path(path)
         self.name = name or self.path.stem
         kwargs = {
             "n_ctx": n_ctx,
-            "n_batch": min(n_ctx, 512),
+            "n_batch": min(n_ctx or 512, 512),
             "n_threads": threads or None,
             "n_threads_batch": threads or None,
             "logits_all": False,
@@ -124,7 +130,8 @@ class LlamaCppBackend:
         self._closed = False
         first = self._contexts[0]
         self.version = version or sha256_file(self.path)[:12]
-        self.n_ctx = min(n_ctx, first.n_ctx())  # llama.cpp rounds its own up to 256s
+        # llama.cpp rounds its own up to 256s
+        self.n_ctx = min(n_ctx, first.n_ctx()) if n_ctx else first.n_ctx()
         self.parallel = parallel
         self.n_vocab = first.n_vocab()
         vocab = llama_cpp.llama_model_get_vocab(first.model)
@@ -219,14 +226,16 @@ class LlamaCppBackend:
             self._checkin(llm)
 
     def warm_up(self) -> None:
-        """Run one token on every free context (first-call allocations, weight pages)."""
+        """Run one token on every free context (first-call allocations, weight pages), and the
+        confidence kernel once (its first call loads compiled code: ~0.3 s)."""
         with self._lock:
             free, self._free = self._free, []
         try:
             for llm in free:
                 bos = llm.token_bos()
                 llm.n_tokens = 0
-                llm.eval([bos if bos >= 0 else 0])
+                row = _Session(llm).prefill([bos if bos >= 0 else 0])
+                token_confidence(row, 0)
         finally:
             for llm in free:
                 self._checkin(llm)

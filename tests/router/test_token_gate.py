@@ -84,5 +84,5 @@ def test_generation_policy_errors_name_the_key(task: dict, message: str) -> None
 
 
 def test_an_unknown_task_kind_is_named() -> None:
-    with pytest.raises(ConfigError, match="'generat'.*'classify', 'generate'"):
+    with pytest.raises(ConfigError, match=r"'generat'.*'classify', 'generate'"):
         policy_from_dict({"tasks": {"t": {"kind": "generat"}}})
