@@ -50,9 +50,7 @@ class SamplingParams:
             raise BadRequest(f"max_tokens: expected 1..65536, got {self.max_tokens}")
         t = self.temperature
         if not (math.isfinite(t) and (t == 0.0 or MIN_TEMPERATURE <= t <= 100.0)):
-            raise BadRequest(
-                f"temperature: expected 0 (greedy) or {MIN_TEMPERATURE}..100, got {t}"
-            )
+            raise BadRequest(f"temperature: expected 0 (greedy) or {MIN_TEMPERATURE}..100, got {t}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise BadRequest(f"top_p: expected a number in (0, 1], got {self.top_p}")
         if len(self.stop) > MAX_STOP_STRINGS or any(
