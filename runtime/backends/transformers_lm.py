@@ -2,26 +2,37 @@
 ``transformers``): the cloud's Mixtral MoE, its experts on Tandem's kernels
 (``experts_implementation="tandem"``), or any dense model with a Tandem char tokenizer.
 
-Each stream has its own KV cache (a ``DynamicCache``), so concurrent streams share the weights
-and nothing else. The decode loop is :func:`tandem.runtime.generation.decode`.
+Each stream has its own KV cache, so concurrent streams share the weights and nothing else.
+Llama and Mixtral models decode on :mod:`tandem.runtime.backends.fast_decode` (plain torch over
+the model's weights, a static KV cache, the experts on Tandem's kernels) unless
+``decode="transformers"``; other architectures run transformers' forward with a
+``DynamicCache``. The decode loop is :func:`tandem.runtime.generation.decode`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from tandem.runtime.errors import BackendError, BadRequest, OverloadedError
-from tandem.runtime.generation import SamplingParams, TokenStream, decode
+from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
+from tandem.runtime.generation import LogitsSession, SamplingParams, TokenStream, decode
 from tandem.runtime.tokenizer import EOS, CharTokenizer
+
+if TYPE_CHECKING:
+    from tandem.runtime.backends.fast_decode import FastDecoder
+
+log = logging.getLogger(__name__)
+DECODE_PATHS = ("fast", "transformers")
 
 
 class _Session:
-    """One sequence's KV cache in a transformers model."""
+    """One sequence's KV cache in a transformers model (its own forward, a DynamicCache)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -54,6 +65,10 @@ class TransformersBackend:
     dispatch/combine kernels; ``"eager"``, ``"grouped_mm"``: transformers' own).
     ``max_streams``: concurrent streams (each holds a KV cache); one more is refused with
     :class:`OverloadedError`.
+    ``decode``: ``"fast"`` (default) runs Llama/Mixtral models on
+    :class:`~tandem.runtime.backends.fast_decode.FastDecoder` — same logits, several times
+    fewer Python operations per token; other architectures fall back to ``"transformers"``
+    (the model's own forward with a ``DynamicCache``). ``self.decode`` says which is in use.
     """
 
     def __init__(
@@ -65,6 +80,7 @@ class TransformersBackend:
         threads: int = 0,
         experts: str = "tandem",
         max_streams: int = 8,
+        decode: str = "fast",
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -85,8 +101,37 @@ class TransformersBackend:
         self.model = model.eval()
         self.version = version or _dir_version(self.path)
         self.n_ctx = int(getattr(model.config, "max_position_embeddings", 2048))
+        self._fast = self._fast_decoder(decode)
+        self.decode = "fast" if self._fast is not None else "transformers"
         self._slots = threading.BoundedSemaphore(max_streams)
         self.max_streams = max_streams
+
+    def _fast_decoder(self, decode: str) -> FastDecoder | None:
+        if decode not in DECODE_PATHS:
+            raise ConfigError(f"decode: expected one of {DECODE_PATHS}, got {decode!r}")
+        if decode == "transformers":
+            return None
+        from tandem.runtime.backends.fast_decode import FastDecoder, unsupported_reason
+
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            log.info(
+                "model %s decodes with transformers' forward: %s",
+                self.name,
+                reason,
+                extra={"model": self.name, "reason": reason},
+            )
+            return None
+        decoder = FastDecoder(self.model)
+        self.n_ctx = decoder.n_ctx
+        return decoder
+
+    def session(self, n_ctx: int | None = None) -> LogitsSession:
+        """A new sequence's state: a static-cache :class:`FastSession` for ``n_ctx`` tokens
+        (default the model's context), or transformers' forward with a DynamicCache."""
+        if self._fast is not None:
+            return self._fast.session(n_ctx)
+        return _Session(self.model)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -104,13 +149,16 @@ class TransformersBackend:
             raise OverloadedError(
                 f"model {self.name!r} is serving {self.max_streams} streams already"
             )
-        return TokenStream(self._steps(ids, params, cancel), prompt_tokens=len(ids))
+        steps = self._steps(ids, params, cancel)
+        next(steps)  # started, so close() or garbage collection runs its `finally`
+        return TokenStream(steps, prompt_tokens=len(ids))
 
     def _steps(self, ids, params, cancel):
         try:
+            yield None  # the priming step stream() takes
             return (
                 yield from decode(
-                    _Session(self.model),
+                    self.session(len(ids) + params.max_tokens),
                     ids,
                     params,
                     piece=lambda t: self.tokenizer.piece(t).encode(),

@@ -1,0 +1,396 @@
+"""A lean decode path for transformers' Llama and Mixtral causal LMs, on the model's own weights.
+
+transformers' forward spends most of a batch-1 decode step in Python: cache objects, mask
+builders, output dataclasses, hooks, one torch dispatch per small op. :class:`FastDecoder` runs
+the same arithmetic over views of the model's parameters (nothing is copied), and
+:class:`FastSession` is a :class:`~tandem.runtime.generation.LogitsSession` with a **static KV
+cache**: two (layers, kv_heads, n_ctx, head_dim) tensors allocated once per session.
+
+Per layer: RMSNorm → q/k/v projections → RoPE (transformers' rotate-half layout, cos/sin tables
+precomputed once by the model's own rotary module) → k/v written into the cache → attention of
+the new tokens against the cache (GQA without repeating k/v) → o projection added to the
+residual → RMSNorm → the MLP (Llama) or the router and experts (Mixtral: softmax → top-k →
+renormalise, as ``MixtralTopKRouter`` does).
+
+* :meth:`FastDecoder.step` — one token, the decode step: numpy around Tandem's
+  :func:`~tandem.kernels.linear.skinny_linear` for every projection and the k selected
+  experts (each weight row streamed once; a numpy op costs a fraction of a torch dispatch at
+  these sizes). This is what decode speed is made of.
+* :meth:`FastDecoder.forward` — T tokens, the prefill: torch ops, ``scaled_dot_product_attention``
+  with a causal (or sliding-window) mask, the experts through
+  :func:`tandem.runtime.moe.experts_forward` (dispatch, one GEMM per expert segment, combine).
+
+Both match transformers' forward to float32 rounding at every step
+(``tests/runtime/test_fast_decode.py``). :func:`unsupported_reason` says why a model cannot
+take this path; the backend then falls back to transformers' forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tandem.kernels.linear import SKINNY_MAX_ROWS, skinny_linear
+from tandem.runtime.errors import BadRequest
+from tandem.runtime.moe import experts_forward
+
+ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM")
+# Caches and RoPE tables are sized for min(max_position_embeddings, this) tokens unless a
+# larger n_ctx is asked for: a long-context config (Mixtral's default is 131072) would
+# otherwise pin hundreds of MB of cos/sin tables.
+DEFAULT_MAX_CTX = 8192
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """None if :class:`FastDecoder` can run ``model``, else why not (for a log line)."""
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        return f"{name} is not one of {', '.join(ARCHITECTURES)}"
+    cfg = model.config
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if "dynamic" in rope_type or rope_type == "longrope":
+        return f"RoPE type {rope_type!r} changes with the sequence length"
+    params = list(model.parameters())
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+        return "the fast path runs float32 weights on the CPU"
+    if name == "MixtralForCausalLM":
+        experts = model.model.layers[0].mlp.experts
+        if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+            return "experts with biases or a transposed layout"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Linear:
+    """``x @ w.T + b`` on views of a linear layer's parameters (no copies). Up to
+    :data:`~tandem.kernels.linear.SKINNY_MAX_ROWS` rows — every decode step — through the skinny
+    kernel (each weight row streamed once, parallel over output features: about 2× torch's
+    GEMM at one row), more through torch's GEMM."""
+
+    w: torch.Tensor
+    w_np: np.ndarray
+    b: torch.Tensor | None = None
+    b_np: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, w: torch.Tensor, b: torch.Tensor | None = None) -> _Linear:
+        w = w.detach()
+        if b is None:
+            return cls(w, w.numpy())
+        b = b.detach()
+        return cls(w, w.numpy(), b, b.numpy())
+
+    def gemv(self, x: np.ndarray) -> np.ndarray:
+        """The one-token path: float32 ``x`` (1, K) → (1, N), numpy in and out."""
+        y = skinny_linear(x, self.w_np)
+        if self.b_np is not None:
+            y += self.b_np
+        return y
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > SKINNY_MAX_ROWS:
+            return F.linear(x, self.w, self.b)
+        y = torch.from_numpy(skinny_linear(x.numpy(), self.w_np))
+        return y if self.b is None else y.add_(self.b)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One decoder layer's parameters, as views that share the model's storage."""
+
+    attn_norm: torch.Tensor
+    q: _Linear
+    k: _Linear
+    v: _Linear
+    o: _Linear
+    mlp_norm: torch.Tensor
+    attn_norm_np: np.ndarray
+    mlp_norm_np: np.ndarray
+    # Llama: the gate, up and down projections
+    mlp: tuple[_Linear, _Linear, _Linear] | None = None
+    # Mixtral: the router, all experts' gate_up_proj (E, 2I, H) and down_proj (E, H, I), and
+    # each expert's two matrices as numpy views for the skinny kernel
+    router: _Linear | None = None
+    gate_up_proj: torch.Tensor | None = None
+    down_proj: torch.Tensor | None = None
+    gate_up_np: tuple[np.ndarray, ...] = ()
+    down_np: tuple[np.ndarray, ...] = ()
+
+
+def _linear(m: torch.nn.Module) -> _Linear:
+    return _Linear.of(m.weight, m.bias)
+
+
+def _layer(block: torch.nn.Module) -> _Layer:
+    attn, mlp = block.self_attn, block.mlp
+    attn_norm = block.input_layernorm.weight.detach()
+    mlp_norm = block.post_attention_layernorm.weight.detach()
+    common = dict(
+        attn_norm=attn_norm,
+        q=_linear(attn.q_proj),
+        k=_linear(attn.k_proj),
+        v=_linear(attn.v_proj),
+        o=_linear(attn.o_proj),
+        mlp_norm=mlp_norm,
+        attn_norm_np=attn_norm.numpy(),
+        mlp_norm_np=mlp_norm.numpy(),
+    )
+    if not hasattr(mlp, "experts"):
+        return _Layer(
+            **common, mlp=(_linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj))
+        )
+    gate_up, down = mlp.experts.gate_up_proj.detach(), mlp.experts.down_proj.detach()
+    return _Layer(
+        **common,
+        router=_Linear.of(mlp.gate.weight),
+        gate_up_proj=gate_up,
+        down_proj=down,
+        gate_up_np=tuple(w.numpy() for w in gate_up),
+        down_np=tuple(w.numpy() for w in down),
+    )
+
+
+class FastDecoder:
+    """A ``LlamaForCausalLM`` / ``MixtralForCausalLM`` without transformers' forward.
+
+    Holds views of the model's weights and the RoPE tables for ``n_ctx`` positions (default
+    min(max_position_embeddings, :data:`DEFAULT_MAX_CTX`)); the model must stay alive and
+    unchanged. Thread-safe: each :class:`FastSession` owns its cache, the weights are only
+    read. Raises ``ValueError`` for a model :func:`unsupported_reason` refuses.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, n_ctx: int | None = None) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"no fast decode path: {reason}")
+        cfg = model.config
+        self.model = model
+        self.arch = type(model).__name__
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.hidden = cfg.hidden_size
+        self.n_vocab = cfg.vocab_size
+        self.eps = float(cfg.rms_norm_eps)
+        self.n_ctx = n_ctx or min(int(cfg.max_position_embeddings), DEFAULT_MAX_CTX)
+        self.window: int | None = getattr(cfg, "sliding_window", None)
+        self.top_k = int(getattr(cfg, "num_experts_per_tok", 0))
+        base = model.model
+        self.layers = [_layer(b) for b in base.layers[: cfg.num_hidden_layers]]
+        self.embed = base.embed_tokens.weight.detach()
+        self.norm = base.norm.weight.detach()
+        self.lm_head = _linear(model.lm_head)
+        self.act = _activation(cfg.hidden_act)
+        with torch.inference_mode():
+            pos = torch.arange(self.n_ctx)[None]
+            cos, sin = base.rotary_emb(self.embed[:1], position_ids=pos)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == swap_halves(x) * [-sin_lo, sin_hi]: one flip, no negation
+        self.cos = cos[0, :, None].contiguous()  # (n_ctx, 1, head_dim)
+        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)[:, None].contiguous()
+        # the one-token path in numpy: tables (n_ctx, 2, head_dim / 2) for x viewed as halves
+        self.cos_np = self.cos.numpy().reshape(self.n_ctx, 2, half)
+        self.sin_np = self.sin.numpy().reshape(self.n_ctx, 2, half)
+        self.embed_np = self.embed.numpy()
+        self.norm_np = self.norm.numpy()
+        self.scale = self.head_dim**-0.5
+
+    def session(self, n_ctx: int | None = None) -> FastSession:
+        """A new sequence with a static cache for ``n_ctx`` tokens (at most the decoder's)."""
+        n = self.n_ctx if n_ctx is None else min(n_ctx, self.n_ctx)
+        return FastSession(self, n)
+
+    def step(self, token: int, pos: int, k_cache: np.ndarray, v_cache: np.ndarray) -> np.ndarray:
+        """Run one token at position ``pos``: the decode step, in numpy around the skinny
+        kernel (a numpy operation costs a fraction of a torch one at these sizes). Same
+        arithmetic and caches as :meth:`forward`; returns the logits (n_vocab,)."""
+        end = pos + 1
+        lo = 0 if self.window is None else max(0, pos - self.window + 1)
+        cos, sin = self.cos_np[pos], self.sin_np[pos]  # (2, head_dim / 2)
+        nkv, hd, eps = self.n_kv_heads, self.head_dim, self.eps
+        group = self.n_heads // nkv
+        x = self.embed_np[token : token + 1].copy()  # (1, H)
+        for i, ly in enumerate(self.layers):
+            h = _rms_np(x, ly.attn_norm_np, eps)
+            q = _rope_np(ly.q.gemv(h), cos, sin).reshape(nkv, group, hd)
+            k_cache[i, :, pos] = _rope_np(ly.k.gemv(h), cos, sin).reshape(nkv, hd)
+            v_cache[i, :, pos] = ly.v.gemv(h).reshape(nkv, hd)
+            s = np.matmul(q, k_cache[i, :, lo:end].transpose(0, 2, 1))  # (nkv, group, L)
+            s *= self.scale
+            s -= s.max(-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(-1, keepdims=True)
+            a = np.matmul(s, v_cache[i, :, lo:end])  # (nkv, group, hd)
+            x += ly.o.gemv(a.reshape(1, -1))
+            h = _rms_np(x, ly.mlp_norm_np, eps)
+            if ly.mlp is not None:
+                gate, up, down = ly.mlp
+                x += down.gemv(self._act_np(gate.gemv(h)) * up.gemv(h))
+            else:
+                self._moe_np(ly, h, x)
+        return self.lm_head.gemv(_rms_np(x, self.norm_np, eps))[0]
+
+    def _act_np(self, x: np.ndarray) -> np.ndarray:
+        return self.act(torch.from_numpy(x)).numpy()
+
+    def _moe_np(self, ly: _Layer, h: np.ndarray, x: np.ndarray) -> None:
+        """One token's experts added to ``x`` (1, H), in place; routing as :meth:`_moe`."""
+        logits = ly.router.gemv(h)[0]
+        ids = np.argsort(-logits, kind="stable")[: self.top_k]
+        w = np.exp(logits[ids] - logits[ids[0]])
+        w /= w.sum()
+        inter = ly.down_np[0].shape[1]
+        for e, we in zip(ids.tolist(), w.tolist(), strict=True):
+            gate_up = skinny_linear(h, ly.gate_up_np[e])
+            a = self._act_np(gate_up[:, :inter]) * gate_up[:, inter:]
+            x += skinny_linear(a, ly.down_np[e]) * we
+
+    @torch.inference_mode()
+    def forward(
+        self, ids: torch.Tensor, start: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Run tokens ``ids`` (T,) at positions ``start..start+T-1`` against the caches
+        (layers, kv_heads, n_ctx, head_dim), writing their keys and values there; the logits
+        (n_vocab,) after the last one."""
+        t = ids.shape[0]
+        end = start + t
+        lo, mask = self._visible(start, t)
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        gqa = nh != nkv
+        x = F.embedding(ids, self.embed)  # (T, H)
+        for i, ly in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), ly.attn_norm, self.eps)
+            q = _rope(ly.q(h).view(t, nh, hd), cos, sin)
+            k_cache[i, :, start:end] = _rope(ly.k(h).view(t, nkv, hd), cos, sin).transpose(0, 1)
+            v_cache[i, :, start:end] = ly.v(h).view(t, nkv, hd).transpose(0, 1)
+            a = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k_cache[i, None, :, lo:end],
+                v_cache[i, None, :, lo:end],
+                attn_mask=mask,
+                enable_gqa=gqa,
+            )  # (1, nh, T, hd)
+            x.add_(ly.o(a[0].transpose(0, 1).reshape(t, nh * hd)))
+            h = F.rms_norm(x, (self.hidden,), ly.mlp_norm, self.eps)
+            if ly.mlp is not None:
+                gate, up, down = ly.mlp
+                x.add_(down(self.act(gate(h)).mul_(up(h))))
+            else:
+                self._moe(ly, h, x)
+        x = F.rms_norm(x[-1:], (self.hidden,), self.norm, self.eps)
+        return self.lm_head(x)[0]
+
+    def _visible(self, start: int, t: int) -> tuple[int, torch.Tensor | None]:
+        """The first cache position any of the T new tokens sees, and the (T, keys) boolean
+        mask (None when every query sees every key from there: one token)."""
+        end = start + t
+        w = self.window
+        lo = 0 if w is None else max(0, start - w + 1)
+        if t == 1:
+            return lo, None
+        qpos = torch.arange(start, end)[:, None]
+        kpos = torch.arange(lo, end)[None]
+        mask = kpos <= qpos
+        if w is not None:
+            mask &= kpos > qpos - w
+        return lo, mask
+
+    def _moe(self, ly: _Layer, h: torch.Tensor, x: torch.Tensor) -> None:
+        """Add the experts' weighted sum for tokens ``h`` (T, H) to ``x``, in place. Routing
+        as Mixtral's: the top-k of softmax(router logits) renormalised to sum to 1, which is
+        the softmax of the top-k logits."""
+        top, ids = torch.topk(ly.router(h), self.top_k, -1)
+        w = torch.softmax(top, -1)
+        act = _gated(self.act)
+        x.add_(experts_forward(h, ids, w, ly.gate_up_proj, ly.down_proj, activation=act))
+
+
+class FastSession:
+    """One sequence on a :class:`FastDecoder`: a static KV cache of ``n_ctx`` positions.
+
+    ``prefill`` keeps the cached prefix it shares with the new prompt and runs only the rest
+    (at least the last token, whose logits it returns): re-prefilling ``prompt + answer`` after
+    a hand-off, or a shorter prompt to roll back, costs only the new tokens. A prompt or an
+    ``append`` past ``n_ctx`` raises :class:`BadRequest`; the cache is never overrun.
+    """
+
+    def __init__(self, decoder: FastDecoder, n_ctx: int) -> None:
+        shape = (len(decoder.layers), decoder.n_kv_heads, n_ctx, decoder.head_dim)
+        self.decoder = decoder
+        self.n_ctx = n_ctx
+        self.k_cache = torch.empty(shape)
+        self.v_cache = torch.empty(shape)
+        self.k_np, self.v_np = self.k_cache.numpy(), self.v_cache.numpy()  # same storage
+        self.tokens: list[int] = []
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise BadRequest("prefill needs at least one token")
+        if len(tokens) > self.n_ctx:
+            raise BadRequest(f"prompt of {len(tokens)} tokens exceeds the context of {self.n_ctx}")
+        keep = 0
+        for a, b in zip(self.tokens, tokens[:-1], strict=False):
+            if a != b:
+                break
+            keep += 1
+        del self.tokens[keep:]
+        return self._run(tokens[keep:])
+
+    def append(self, token: int) -> np.ndarray:
+        return self._run([int(token)])
+
+    def _run(self, new: list[int]) -> np.ndarray:
+        start = len(self.tokens)
+        if start + len(new) > self.n_ctx:
+            raise BadRequest(f"the context of {self.n_ctx} tokens is full")
+        bad = [t for t in new if not 0 <= t < self.decoder.n_vocab]
+        if bad:
+            raise BadRequest(f"token ids must be in 0..{self.decoder.n_vocab - 1}, got {bad[:8]}")
+        if len(new) == 1:
+            row = self.decoder.step(new[0], start, self.k_np, self.v_np)
+        else:
+            ids = torch.tensor(new)
+            row = self.decoder.forward(ids, start, self.k_cache, self.v_cache).numpy()
+        self.tokens.extend(new)
+        return row
+
+
+def _rms_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of one row ``x`` (1, H) with weight ``w`` (H,)."""
+    return x * (w / np.sqrt(np.dot(x[0], x[0]) / x.shape[1] + eps))
+
+
+def _rope_np(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """:func:`_rope` for one token: ``x`` (1, heads * head_dim), tables (2, head_dim / 2)."""
+    halves = x.reshape(-1, 2, cos.shape[1])
+    return halves * cos + halves[:, ::-1] * sin
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for x (T, heads, head_dim); ``sin`` pre-signed."""
+    t, n, d = x.shape
+    swapped = x.view(t, n, 2, d // 2).flip(2).view(t, n, d)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+def _activation(name: str):
+    if name == "silu":
+        return F.silu
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def _gated(act):
+    def gated(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act(gate) * up
+
+    return gated
