@@ -141,6 +141,15 @@ class LogitsSession(Protocol):
         ...
 
 
+def check_fits(model: str, prompt_tokens: int, params: SamplingParams, n_ctx: int) -> None:
+    """:class:`BadRequest` unless the prompt and ``max_tokens`` fit the model's context."""
+    if prompt_tokens + params.max_tokens > n_ctx:
+        raise BadRequest(
+            f"model {model!r}: prompt ({prompt_tokens} tokens) + max_tokens "
+            f"({params.max_tokens}) exceeds its context of {n_ctx} tokens"
+        )
+
+
 def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:
     """The next token from a logits row: argmax at temperature 0 (lowest id on ties), else a
     draw from softmax(row / T) restricted to the top-p nucleus."""

@@ -21,6 +21,9 @@ def tiny_lm(
     chars: str = CHARS,
     hidden: int = 32,
     layers: int = 1,
+    heads: int = 2,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
     n_ctx: int = 512,
     **config: Any,
 ) -> Path:
@@ -33,10 +36,10 @@ def tiny_lm(
     common = dict(
         vocab_size=tok.n_vocab,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=n_ctx,
         bos_token_id=1,
         eos_token_id=2,

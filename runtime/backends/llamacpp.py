@@ -35,6 +35,7 @@ from tandem.runtime.generation import (
     SamplingParams,
     TokenStep,
     TokenStream,
+    check_fits,
     decode,
     token_confidence,
 )
@@ -173,11 +174,7 @@ class LlamaCppBackend:
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> TokenStream:
         ids = self.tokenize(prompt)
-        if len(ids) + params.max_tokens > self.n_ctx:
-            raise BadRequest(
-                f"model {self.name!r}: prompt ({len(ids)} tokens) + max_tokens "
-                f"({params.max_tokens}) exceeds its context of {self.n_ctx} tokens"
-            )
+        check_fits(self.name, len(ids), params, self.n_ctx)
         llm = self._checkout(ids)
         steps = self._steps(llm, ids, params, cancel)
         next(steps)  # started, so close() or garbage collection runs its `finally`

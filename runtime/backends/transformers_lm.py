@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
-from tandem.runtime.generation import LogitsSession, SamplingParams, TokenStream, decode
+from tandem.runtime.errors import BackendError, ConfigError, OverloadedError
+from tandem.runtime.generation import LogitsSession, SamplingParams, TokenStream, check_fits, decode
 from tandem.runtime.tokenizer import EOS, CharTokenizer
 
 if TYPE_CHECKING:
@@ -140,11 +140,7 @@ class TransformersBackend:
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> TokenStream:
         ids = self.tokenize(prompt)
-        if len(ids) + params.max_tokens > self.n_ctx:
-            raise BadRequest(
-                f"model {self.name!r}: prompt ({len(ids)} tokens) + max_tokens "
-                f"({params.max_tokens}) exceeds its context of {self.n_ctx} tokens"
-            )
+        check_fits(self.name, len(ids), params, self.n_ctx)
         if not self._slots.acquire(blocking=False):
             raise OverloadedError(
                 f"model {self.name!r} is serving {self.max_streams} streams already"

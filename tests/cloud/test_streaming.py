@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import shutil
 import statistics
-import string
 import threading
 import time
 from collections.abc import Iterator
@@ -29,10 +28,10 @@ from tandem.runtime import errors
 from tandem.runtime.backends.transformers_lm import TransformersBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.generation import SamplingParams, TokenStep, TokenStream
-from tandem.runtime.manifest import Manifest, ModelEntry, load_manifest, sha256_file, write_manifest
+from tandem.runtime.manifest import Manifest, load_manifest, write_manifest
 from tandem.runtime.streaming import Chunk, GenerationCall
-from tandem.runtime.tokenizer import CharTokenizer
 from tandem.runtime.wire import Envelope, Kind, WireCodec
+from tests.lm import lm_entry, tiny_lm
 from tests.peers import ThreadWorker, raw_socket
 
 pytestmark = pytest.mark.integration
@@ -47,31 +46,10 @@ LONG = SamplingParams(max_tokens=3000)  # ~3 s on the tiny model: long enough to
 def lm_models(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models directory with a tiny random Llama (``tiny-lm``, char tokenizer, 4096 tokens
     of context) and the digits CNN (``digits-cloud``) beside it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out = tmp_path_factory.mktemp("lm-models")
-    tok = CharTokenizer(string.ascii_lowercase + ":= ")
-    torch.manual_seed(2)  # greedy output of this seed runs past 60 tokens without EOS
-    config = LlamaConfig(
-        vocab_size=tok.n_vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    LlamaForCausalLM(config).save_pretrained(out / LM)
-    tok.save(out / LM)
-    lm = ModelEntry(
-        name=LM,
-        version="t-lm",
-        file=LM,
-        sha256=sha256_file(out / LM),
-        size_bytes=0,
-        format="transformers",
-    )
+    # greedy output of this seed runs past 60 tokens without EOS
+    tiny_lm(out / LM, seed=2, n_ctx=4096)
+    lm = lm_entry(out, LM)
     cloud = load_manifest(tiny_models).get(CLOUD)
     shutil.copy(tiny_models / cloud.file, out / cloud.file)
     write_manifest(out, Manifest(models=[lm, cloud]))
@@ -238,7 +216,7 @@ def test_stream_equals_the_in_process_greedy_output(client, backend) -> None:
     end = call.end
     assert end is not None and end["finish_reason"] == reason == "length"
     assert end["tokens"] == 60 and end["prompt_tokens"] == 4  # <bos> a b c
-    assert end["model"] == LM and end["version"] == "t-lm"
+    assert end["model"] == LM and end["version"] == "t-tiny-lm"
     t = end["timings"]
     assert 0 <= t["queue_ms"] <= t["ttft_ms"] <= t["total_ms"]
 

@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import socket
-import string
 import subprocess
 import sys
 import threading
@@ -41,8 +40,8 @@ from tandem.edge import EdgeRuntime  # noqa: E402
 from tandem.edge.gateway import chat_prompt, create_app  # noqa: E402
 from tandem.router.policy import policy_from_dict  # noqa: E402
 from tandem.runtime.errors import BadRequest  # noqa: E402
-from tandem.runtime.tokenizer import CharTokenizer  # noqa: E402
 from tandem.runtime.types import GenerationChunk, Tier  # noqa: E402
+from tests.lm import tiny_lm  # noqa: E402
 
 PROMPT = "sort: cab ="
 LONG = {"model": "sort", "prompt": PROMPT, "max_tokens": 490, "stream": True}  # seconds of tokens
@@ -57,23 +56,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = CharTokenizer(string.ascii_lowercase + ":= ")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=tok.n_vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(d)
-    tok.save(d)
-    return d
+    return tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _policy(model_dir: Path) -> dict:

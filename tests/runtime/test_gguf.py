@@ -15,6 +15,7 @@ from tandem.runtime.errors import ConfigError
 from tandem.runtime.gguf import export_gguf
 from tandem.runtime.tokenizer import CharTokenizer
 from tests.conftest import require
+from tests.lm import tiny_lm
 
 PROMPTS = ["sort:dbca=", "sort:qwertyuiopasdf=", "sort:zz=", "sort:mnbvcxzlkjhgfdsapoiuytrewq="]
 N_NEW = 16  # greedy tokens per prompt
@@ -29,30 +30,18 @@ def _tiny(tmp: Path, arch: str, seed: int = 0) -> Path:
     """A random tiny model with the task's tokenizer, saved to ``tmp/arch``. GQA (4 query, 2
     key/value heads) so the k permutation is checked with its own head count; weights drawn
     wider than the default so that logits are far apart (greedy picks are not near-ties)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
-
-    tok = lm_task.tokenizer()
-    common = dict(
-        vocab_size=tok.n_vocab,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        max_position_embeddings=128,
+    return tiny_lm(
+        tmp / arch,
+        arch=arch,
+        seed=seed,
+        chars=lm_task.CHARS,
+        hidden=64,
+        layers=2,
+        heads=4,
+        intermediate=96,
+        n_ctx=128,
         initializer_range=0.2,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        config = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
-        model = MixtralForCausalLM(config)
-    out = tmp / arch
-    model.save_pretrained(out)
-    tok.save(out)
-    return out
 
 
 @pytest.fixture(scope="module", params=["llama", "mixtral"])

@@ -4,7 +4,6 @@ same weights, and the OpenAI-compatible client against a real llama-cpp-python s
 from __future__ import annotations
 
 import gc
-import os
 import socket
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -27,14 +25,8 @@ from tandem.runtime.errors import (
 from tandem.runtime.generation import FinishReason, SamplingParams, TokenStep, TokenStream
 from tandem.runtime.manifest import sha256_file
 from tandem.runtime.tokenizer import CharTokenizer
-
-
-def require(name: str) -> ModuleType:
-    """Import an optional package: skip without it, but fail under CI (where it must be)."""
-    if os.environ.get("CI"):
-        return __import__(name)
-    return pytest.importorskip(name)
-
+from tests.conftest import require
+from tests.lm import tiny_lm
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,+="
 PROMPTS = ["hello world", "1+2=", "ab", " "]
@@ -45,28 +37,15 @@ GREEDY = SamplingParams(max_tokens=24)
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama (hidden 64) with a Tandem char tokenizer. Weights drawn with std
     0.2 rather than 0.02, so logits are spread out and greedy picks are not near-ties."""
-    torch = require("torch")
-    transformers = require("transformers")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = CharTokenizer(CHARS)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=tok.n_vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+    require("transformers")
+    return tiny_lm(
+        tmp_path_factory.mktemp("tiny-llama"),
+        chars=CHARS,
+        hidden=64,
+        layers=2,
+        heads=4,
         initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
     )
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    tok.save(out)
-    return out
 
 
 @pytest.fixture(scope="module")
