@@ -310,7 +310,10 @@ class StreamTable:
         """Admit a ``generate`` request and start its producer. Raises a :class:`TandemError`
         (answered at once by the worker) when it cannot start; then nothing was started."""
         req = parse_generate(env.payload, self.spec.max_prompt_bytes)
-        if env.id in self._streams:
+        running = self._streams.get(env.id)
+        if running is not None:
+            if running.route == route:  # a resend: the running stream is its one answer
+                return
             raise BadRequest("a stream with this request id is already running on this worker")
         backend = self.backends.get(req.model)
         if backend is None:

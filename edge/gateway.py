@@ -95,6 +95,7 @@ from tandem.runtime.errors import BadRequest, ConfigError, OverloadedError, Tand
 from tandem.runtime.types import GenerationChunk, GenerationResult, Tier
 
 log = logging.getLogger(__name__)
+WRITE_TIMEOUT_S = 30.0  # a stream whose client takes nothing this long is closed
 
 MAX_BODY_BYTES = 1 << 20  # a request body over this is refused (413) before it is parsed
 MAX_DRAIN_BYTES = 64 << 20  # of an oversized body, read (and drop) at most this much, so the
@@ -623,7 +624,9 @@ class _EventStream:
         async def event(data: Any) -> None:
             payload = data if isinstance(data, bytes) else _dumps(data)
             msg = b"data: " + payload + b"\n\n"
-            await send({"type": "http.response.body", "body": msg, "more_body": True})
+            # a client that stops reading must not hold a slot (and the model) for ever
+            with anyio.fail_after(WRITE_TIMEOUT_S):
+                await send({"type": "http.response.body", "body": msg, "more_body": True})
 
         try:
             chunk = self.first

@@ -13,6 +13,7 @@ deadline), the edge finishes the answer from where it stands, marked ``edge-degr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -24,7 +25,7 @@ import numpy as np
 
 from tandem.edge.escalation_rows import EscalationRecord
 from tandem.router.policy import EscalationMode, GenerateTaskPolicy, Handoff, TokenGateMetric
-from tandem.router.routing import TaskRouter, TokenGate
+from tandem.router.routing import Decision, TaskRouter, TokenGate
 from tandem.runtime.backends import open_backend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import TandemError
@@ -32,6 +33,7 @@ from tandem.runtime.generation import GenerationBackend, SamplingParams, TokenSt
 from tandem.runtime.types import GenerationChunk, GenerationResult, Tier
 
 log = logging.getLogger(__name__)
+NO_ROOM = Decision(False, "no-room-to-escalate")  # max_tokens reached before the decision
 
 
 @dataclass
@@ -114,7 +116,11 @@ class _Answer:
             if len(held) >= n_probe:
                 break
         score = self._score(held, steps)
-        decision = t.router.decide(score, not math.isnan(score))
+        keeps = t.policy.handoff is Handoff.CONTINUE and mode is EscalationMode.PROBE
+        if keeps and len(held) >= self.params.max_tokens:  # the probe is the whole answer
+            decision = NO_ROOM
+        else:
+            decision = t.router.decide(score, not math.isnan(score))
         self.confidence, self.reason = score, decision.reason
         if not decision.escalate:
             yield from self._local_rest(steps, held, Tier.EDGE)
@@ -122,7 +128,7 @@ class _Answer:
         steps.close()
         self.edge_text = "".join(s.text for s in held)
         self.edge_logprobs = [s.logprob for s in held]
-        if t.policy.handoff is Handoff.CONTINUE and mode is EscalationMode.PROBE and held:
+        if keeps and held:
             yield self._emit(held, Tier.EDGE)
         yield from self._cloud(self.prompt + self.text, False)
 
@@ -135,7 +141,7 @@ class _Answer:
                 if not watching:
                     continue
                 score = t.gate.score(self.logprobs[-window:])
-                if t.gate.accepts(score):
+                if t.gate.accepts(score) or len(self.tokens) >= self.params.max_tokens:
                     continue
                 decision = t.router.decide(score, not math.isnan(score))
                 self.confidence, self.reason = score, decision.reason
@@ -374,10 +380,18 @@ class AsyncGeneration:
     async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
         s = await asyncio.to_thread(self._start)
         done = object()
+        pending: asyncio.Future | None = None
         try:
-            while (chunk := await asyncio.to_thread(next, s, done)) is not done:
+            while True:
+                pending = asyncio.ensure_future(asyncio.to_thread(next, s, done))
+                chunk = await asyncio.shield(pending)
+                if chunk is done:
+                    break
                 yield chunk  # type: ignore[misc]
         finally:
+            if pending is not None and not pending.done():  # cancelled while next() ran
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait([pending])
             await asyncio.to_thread(s.close)
 
 
@@ -387,7 +401,9 @@ def open_generation_task(
     """Load a generation task's local model (through the backend registry) and warm it up."""
     options: dict = {"version": tp.local.version, "threads": tp.local.threads}
     if tp.local.format == "gguf":
-        options["n_ctx"] = tp.local.n_ctx
+        options.update(n_ctx=tp.local.n_ctx, parallel=tp.local.parallel)
+    else:
+        options["max_streams"] = tp.local.parallel
     backend = open_backend(tp.local.format, tp.local.path, **options)
     backend.warm_up()
     return GenerationTask(

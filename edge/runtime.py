@@ -38,7 +38,7 @@ from tandem.router.routing import Decision, TaskRouter
 from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, DeadlineExceeded, TandemError
-from tandem.runtime.generation import SamplingParams
+from tandem.runtime.generation import SamplingParams, check_prompt
 from tandem.runtime.registry import class_count
 from tandem.runtime.types import GenerationResult, Result, Tier
 from tandem.runtime.wire import new_request_id
@@ -198,6 +198,7 @@ class EdgeRuntime:
         the answer, counted from when the cloud is asked (its first token is bounded by the
         task's ``first_token_ms``).
         """
+        check_prompt(prompt)
         name = task if task is not None else self._default_generator
         t = self._generators.get(name) if name is not None else None
         if t is None:

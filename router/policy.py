@@ -214,6 +214,9 @@ class GenerationModelSpec(StrictModel):
     threads: int = Field(default=2, ge=0)
     # gguf only: tokens of context (prompt + answer); 0: the context the model was trained with
     n_ctx: int = Field(default=0, ge=0, le=1 << 17)
+    # generations at once (gguf: llama.cpp contexts; transformers: KV caches); one more is
+    # refused with Overloaded (the gateway: 429)
+    parallel: int = Field(default=4, ge=1, le=256)
 
 
 class GenerateTaskPolicy(StrictModel):

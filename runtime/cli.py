@@ -375,7 +375,7 @@ def quantize_onnx_cmd(
 def quantize_gguf_cmd(
     hf_dir: Annotated[Path, typer.Argument(help="A transformers Llama/Mixtral directory.")],
     out: Annotated[
-        Path | None, typer.Option("-o", "--out", help="Default: HF_DIR-QTYPE.gguf.")
+        Path | None, typer.Option("-o", "--out", help="Default: HF_DIR.QTYPE.gguf beside it.")
     ] = None,
     q8_0: Annotated[bool, typer.Option("--q8_0", help="8-bit blocks (the default).")] = False,
     f16: Annotated[bool, typer.Option("--f16", help="16-bit floats.")] = False,
@@ -392,7 +392,7 @@ def quantize_gguf_cmd(
         if q8_0 and f16:
             raise ConfigError("give one of --q8_0 and --f16")
         qtype = "f16" if f16 else "q8_0"
-        dst = out or hf_dir.with_name(f"{hf_dir.name}-{qtype}.gguf")
+        dst = out or hf_dir.with_name(f"{hf_dir.name}.{qtype}.gguf")
         report = quantize_gguf(
             hf_dir,
             dst,
@@ -455,13 +455,45 @@ def gateway(
     policy: Annotated[Path, typer.Option(help="Policy YAML with generation tasks.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Generations at once; one more gets 429.")
+    ] = 8,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; more gets 413.")] = (
+        1 << 20
+    ),
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            help="Allow a non-loopback address: the gateway has no authentication, and a "
+            "client's tags drive the policy's rules."
+        ),
+    ] = False,
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) in
     front of the router, for processes on the device that do not speak Python."""
+    import ipaddress
+
     from tandem.edge.gateway import serve
+    from tandem.runtime.errors import ConfigError
 
     try:
-        serve(policy, host=host, port=port)
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    try:
+        if not (loopback or insecure):
+            raise ConfigError(
+                f"--host {host} is reachable from other hosts, and the gateway has no "
+                "authentication (any client could use the models, and its tags drive the "
+                "policy's rules): bind a loopback address, or pass --insecure"
+            )
+        serve(
+            policy,
+            host=host,
+            port=port,
+            max_concurrent=max_concurrent,
+            max_body_bytes=max_body_bytes,
+        )
     except TandemError as e:
         raise _fail(e) from None
 

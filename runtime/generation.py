@@ -54,7 +54,8 @@ class SamplingParams:
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise BadRequest(f"top_p: expected a number in (0, 1], got {self.top_p}")
         if len(self.stop) > MAX_STOP_STRINGS or any(
-            not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop
+            not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS or not _is_utf8(s)
+            for s in self.stop
         ):
             raise BadRequest(
                 f"stop: expected at most {MAX_STOP_STRINGS} non-empty strings of at most "
@@ -139,6 +140,21 @@ class LogitsSession(Protocol):
     def append(self, token: int) -> np.ndarray:
         """Run one more token; the logits row for the one after it."""
         ...
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text that cannot be UTF-8 (lone surrogates, e.g. from a JSON ``\\ud800``)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_prompt(prompt: str) -> None:
+    """:class:`BadRequest` unless ``prompt`` is a string that can travel as UTF-8."""
+    if not isinstance(prompt, str) or not _is_utf8(prompt):
+        raise BadRequest("the prompt must be text that UTF-8 can encode (no lone surrogates)")
 
 
 def check_fits(model: str, prompt_tokens: int, params: SamplingParams, n_ctx: int) -> None:

@@ -362,6 +362,11 @@ def build_llm_models(
     if not force and is_llm_built(out, version):
         say(f"language models already built in {out}")
         return paths
+    cache = default_llm_dir()
+    if not force and out.resolve() != cache.resolve() and is_llm_built(cache, version):
+        say(f"copying the language models built in {cache} (same settings) to {out}")
+        shutil.copytree(cache, out, dirs_exist_ok=True)
+        return paths
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "task": "sort lowercase letters (exact match, greedy)",

@@ -131,8 +131,9 @@ class LlamaCppBackend:
         self._closed = False
         first = self._contexts[0]
         self.version = version or sha256_file(self.path)[:12]
-        # llama.cpp rounds its own up to 256s
-        self.n_ctx = min(n_ctx, first.n_ctx()) if n_ctx else first.n_ctx()
+        # llama.cpp rounds its own up to 256s; past the trained context the output is garbage
+        trained = llama_cpp.llama_model_n_ctx_train(first.model) or first.n_ctx()
+        self.n_ctx = min(n_ctx or trained, first.n_ctx(), trained)
         self.parallel = parallel
         self.n_vocab = first.n_vocab()
         vocab = llama_cpp.llama_model_get_vocab(first.model)

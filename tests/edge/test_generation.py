@@ -144,6 +144,13 @@ def test_probe_then_restart_and_upfront(models, worker, cloud_lm) -> None:
     assert text == want and r.tiers == [Tier.CLOUD] and r.reason == "low-confidence"
 
 
+def test_no_escalation_when_the_probe_is_the_whole_answer(models, worker, edge_lm) -> None:
+    with runtime(models, worker.endpoint, mode="probe", probe_tokens=4, max_tokens=4) as rt:
+        text, r = streamed(rt)
+    assert text == greedy(edge_lm, PROMPT, 4) and r.tiers == [Tier.EDGE]
+    assert r.reason == "no-room-to-escalate" and r.request_id is None
+
+
 def test_a_confident_probe_finishes_on_the_edge(models, worker, edge_lm) -> None:
     gate = {"metric": "token_min", "threshold": 0.0}
     with runtime(models, worker.endpoint, mode="probe", gate=gate) as rt:
@@ -244,5 +251,9 @@ def test_bad_requests(models) -> None:
             rt.generate("SORT!")
         with pytest.raises(BadRequest, match="max_tokens"):
             rt.generate(PROMPT, max_tokens=0)
+        with pytest.raises(BadRequest, match="UTF-8"):
+            rt.generate("sort:\ud800=")  # a lone surrogate (JSON can carry one)
+        with pytest.raises(BadRequest, match="stop"):
+            rt.generate(PROMPT, stop=["\udfff"])
         with pytest.raises(BadRequest, match="classify"):
             rt.infer([0.0], task="sort")
