@@ -23,6 +23,8 @@ from tandem.runtime.tokenizer import EOS
 from tests.conftest import require
 
 
+@pytest.mark.slow  # the whole pipeline (train, evaluate, export four GGUFs): ~40 s idle, minutes loaded
+@pytest.mark.timeout(900)
 def test_a_tiny_build_writes_models_a_report_and_a_manifest(tmp_path: Path) -> None:
     require("gguf")
     lines: list[str] = []
