@@ -14,7 +14,9 @@
     socket: {sndhwm: 256, rcvhwm: 256, heartbeat_ivl_ms: 1000, heartbeat_timeout_ms: 3000}
     drain: {grace_ms: 200}
     generation: {max_streams: 8, buffer_tokens: 256, max_prompt_bytes: 65536,
-                 stall_timeout_ms: 30000, max_stream_s: 600}
+                 stall_timeout_ms: 30000, max_stream_s: 600, parallel: 4}
+    speculative: {max_sessions: 64, max_session_bytes: 1073741824, ttl_s: 30, max_gamma: 16,
+                  max_support: 4096, max_prompt_tokens: 32768}
     curve: {secret_key: keys/worker.key_secret, allowed_clients: keys/clients}  # default: off
     insecure: false                  # true: allow a non-loopback bind without curve
 
@@ -123,6 +125,26 @@ class GenerationSpec(StrictModel):
     max_prompt_bytes: int = Field(default=64 * 1024, ge=1, le=16 * 1024 * 1024)
     stall_timeout_ms: int = Field(default=30_000, ge=1)
     max_stream_s: float = Field(default=600.0, gt=0)
+    # llama.cpp contexts per gguf model (each holds a KV cache): its concurrent streams and
+    # speculative sessions together
+    parallel: int = Field(default=4, ge=1, le=256)
+
+
+class SpeculativeSpec(StrictModel):
+    """Speculative verification (``verify`` requests): each session keeps the cloud model's KV
+    cache for one answer between the edge's rounds. At most ``max_sessions`` sessions holding
+    at most ``max_session_bytes`` of KV cache together; a session idle for ``ttl_s`` is
+    dropped, and when a new one does not fit, the least recently used goes (its edge
+    re-sends the prefix: slower, never wrong). A request drafts at most ``max_gamma`` tokens,
+    each with at most ``max_support`` draft probabilities; its prefix is at most
+    ``max_prompt_tokens`` tokens."""
+
+    max_sessions: int = Field(default=64, ge=1, le=4096)
+    max_session_bytes: int = Field(default=1 << 30, ge=1)
+    ttl_s: float = Field(default=30.0, gt=0)
+    max_gamma: int = Field(default=16, ge=1, le=64)
+    max_support: int = Field(default=4096, ge=1, le=1 << 20)
+    max_prompt_tokens: int = Field(default=32768, ge=1)
 
 
 class CurveSpec(StrictModel):
@@ -148,6 +170,7 @@ class WorkerConfig(StrictModel):
     socket: SocketSpec = SocketSpec()
     drain: DrainSpec = DrainSpec()
     generation: GenerationSpec = GenerationSpec()
+    speculative: SpeculativeSpec = SpeculativeSpec()
     curve: CurveSpec | None = None
     # A bind that other hosts can reach needs curve, or this set (`--insecure`) on purpose.
     insecure: bool = False

@@ -34,7 +34,9 @@ def load_backends(config: WorkerConfig) -> dict[str, Any]:
                 f"model {name!r} has format {entry.format!r}; known: {', '.join(BACKENDS)}"
             )
         hosted = (config.experts or {}).get(name)
-        extra = {"experts": hosted} if hosted is not None else {}
+        extra: dict[str, Any] = {"experts": hosted} if hosted is not None else {}
+        if entry.format == "gguf":
+            extra["parallel"] = config.generation.parallel
         backend = open_backend(
             entry.format, path, name=name, version=entry.version, threads=config.threads, **extra
         )

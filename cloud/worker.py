@@ -48,6 +48,7 @@ from tandem.cloud.batching import MicroBatcher, Pending
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.idempotency import ReplyCache
 from tandem.cloud.loading import check_security, load_backends
+from tandem.cloud.speculation import VerifyTable
 from tandem.cloud.streams import BLOCKED, GONE, SENT, StreamTable, is_generation_backend
 from tandem.runtime.backends import ModelBackend
 from tandem.runtime.curve import (
@@ -84,7 +85,7 @@ _EAGAIN = int(zmq.EAGAIN)
 _DONTWAIT = int(zmq.DONTWAIT)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 256  # messages read before ready batches get a chance to run
-_WORK = (Kind.INFER, Kind.EXPERTS)
+_WORK = (Kind.INFER, Kind.EXPERTS, Kind.VERIFY)
 
 
 class CloudWorker:
@@ -109,6 +110,7 @@ class CloudWorker:
         self.answered = ReplyCache(idem.max_entries, idem.max_bytes, idem.ttl_s)
         self._queued: dict[bytes, Pending] = {}  # request id → its queued entry
         self.streams: StreamTable | None = None  # made by serve(): it holds a pipe
+        self.verifier = VerifyTable(config.speculative, self.backends)
         self.counters: Counter[str] = Counter()
         self.endpoint: str | None = None
         self._ctx = context or zmq.Context.instance()
@@ -188,6 +190,7 @@ class CloudWorker:
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
             self.streams.close()
+            self.verifier.close()
             sock.close()
             if auth is not None:
                 auth.stop()  # after the socket: it must never be open without its handler
@@ -255,6 +258,8 @@ class CloudWorker:
                 streams.pump(time.monotonic())
             if len(self.answered):
                 self.answered.expire(now)
+            if len(self.verifier):
+                self.verifier.expire(now)
 
     # ------------------------------------------------------------------ messages
     def _on_message(self, frames: list[Frame]) -> None:
@@ -328,6 +333,11 @@ class CloudWorker:
             raise DeadlineExceeded("no time budget left when the request reached the worker")
         if env.kind is Kind.EXPERTS:
             self._send(route, self._result_frames(env, self._run_experts(env)))
+            return None
+        if env.kind is Kind.VERIFY:  # at once, on this thread: one forward over the draft
+            p = env.payload
+            model = str(p.get("model")) if isinstance(p, dict) else "?"
+            self._send(route, self._result_frames(env, self._backend(model, self.verifier.run, p)))
             return None
         p = env.payload
         if not isinstance(p, dict) or not isinstance(p.get("model"), str):
@@ -513,6 +523,7 @@ class CloudWorker:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "counters": dict(self.counters),
             "streams": self.streams.health() if self.streams is not None else {"active": 0},
+            "speculative": self.verifier.health(),
         }
 
 

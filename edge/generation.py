@@ -24,12 +24,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from tandem.edge.escalation_rows import EscalationRecord
+from tandem.edge.speculative import controller_for, speculate
 from tandem.router.policy import EscalationMode, GenerateTaskPolicy, Handoff, TokenGateMetric
 from tandem.router.routing import Decision, TaskRouter, TokenGate
 from tandem.runtime.backends import open_backend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import TandemError
 from tandem.runtime.generation import GenerationBackend, SamplingParams, TokenStep
+from tandem.runtime.speculative import GammaController
 from tandem.runtime.types import GenerationChunk, GenerationResult, Tier
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class GenerationTask:
     client: CloudClient | None
     n_vocab: int
     versions: dict[str, str]
+    controller: GammaController | None = None  # mode speculative: γ, shared by the answers
 
     @property
     def gate(self) -> TokenGate:
@@ -88,6 +91,7 @@ class _Answer:
         self.ms = {"local": 0.0, "cloud": 0.0}
         self.t0 = time.perf_counter()
         self.result: GenerationResult | None = None
+        self.speculation: dict | None = None
 
     # ------------------------------------------------------------------ the routing
     def run(self) -> Iterator[GenerationChunk]:
@@ -96,7 +100,7 @@ class _Answer:
         if rule is not None:
             self.reason = rule.reason
             if rule.escalate:
-                yield from self._cloud(self.prompt, False)
+                yield from self._escalate()
             else:
                 yield from self._local_rest(self._local(self.prompt), [], Tier.EDGE)
         else:
@@ -117,6 +121,8 @@ class _Answer:
                 break
         score = self._score(held, steps)
         keeps = t.policy.handoff is Handoff.CONTINUE and mode is EscalationMode.PROBE
+        if mode is EscalationMode.SPECULATIVE:  # the cloud's answer from the start, drafted
+            keeps = False
         if keeps and len(held) >= self.params.max_tokens:  # the probe is the whole answer
             decision = NO_ROOM
         else:
@@ -130,7 +136,15 @@ class _Answer:
         self.edge_logprobs = [s.logprob for s in held]
         if keeps and held:
             yield self._emit(held, Tier.EDGE)
-        yield from self._cloud(self.prompt + self.text, False)
+        yield from self._escalate()
+
+    def _escalate(self) -> Iterator[GenerationChunk]:
+        """The cloud answers from where the answer stands: drafted and verified in mode
+        speculative, else streamed."""
+        if self.t.policy.mode is EscalationMode.SPECULATIVE:
+            yield from speculate(self)
+        else:
+            yield from self.cloud_stream(self.prompt + self.text)
 
     def _midstream(self, steps) -> Iterator[GenerationChunk]:
         t = self.t
@@ -151,7 +165,7 @@ class _Answer:
                 steps.close()
                 self.edge_text, self.edge_logprobs = self.text, list(self.logprobs)
                 restart = t.policy.handoff is Handoff.RESTART
-                yield from self._cloud(self.prompt + ("" if restart else self.text), restart)
+                yield from self.cloud_stream(self.prompt + ("" if restart else self.text), restart)
                 return
             self.finish_reason = steps.finish_reason or "stop"
             if self.confidence is None:
@@ -208,7 +222,7 @@ class _Answer:
         finally:
             steps.close()
 
-    def _cloud(self, prompt: str, restart: bool) -> Iterator[GenerationChunk]:
+    def cloud_stream(self, prompt: str, restart: bool = False) -> Iterator[GenerationChunk]:
         """The cloud answers ``prompt`` (the answer so far included, unless ``restart``: then
         its first chunk withdraws what was streamed)."""
         t = self.t
@@ -243,15 +257,21 @@ class _Answer:
                 end.get("version", "?")
             )
         except TandemError as e:
-            self.cloud_error = e
-            self.reason += f"; cloud-{e.code}"
-            log.info("task %s: cloud failed (%s): the edge finishes the answer", t.name, e.code)
+            self.cloud_failed(e)
         finally:
             self.ms["cloud"] += (time.perf_counter() - t0) * 1e3
-        if self.cloud_error is None:
-            return
-        # The edge finishes from where the answer stands (if nothing came from the cloud after a
-        # restart, the edge's own text still stands: nothing was withdrawn).
+        if self.cloud_error is not None:
+            yield from self.degrade()
+
+    def cloud_failed(self, e: TandemError) -> None:
+        self.cloud_error = e
+        self.reason += f"; cloud-{e.code}"
+        log.info("task %s: cloud failed (%s): the edge finishes the answer", self.t.name, e.code)
+
+    def degrade(self) -> Iterator[GenerationChunk]:
+        """After a cloud failure the edge finishes from where the answer stands (if nothing
+        came from the cloud after a restart, the edge's own text still stands: nothing was
+        withdrawn)."""
         if self._room(self.prompt + self.text) <= 0:
             self.finish_reason = "length"
             return
@@ -312,6 +332,7 @@ class _Answer:
             escalated_at=self.escalated_at,
             prompt_tokens=self.prompt_tokens,
             request_id=self.request_id.hex() if self.escalated_at is not None else None,
+            speculation=self.speculation,
         )
 
 
@@ -406,6 +427,7 @@ def open_generation_task(
         options["max_streams"] = tp.local.parallel
     backend = open_backend(tp.local.format, tp.local.path, **options)
     backend.warm_up()
+    speculative = tp.mode is EscalationMode.SPECULATIVE
     return GenerationTask(
         name=name,
         policy=tp,
@@ -414,6 +436,7 @@ def open_generation_task(
         client=client,
         n_vocab=int(getattr(backend, "n_vocab", 0)),
         versions={"edge": backend.version},
+        controller=controller_for(tp) if speculative else None,
     )
 
 

@@ -34,7 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, field_validator, model_validator
 
 from tandem.runtime.config import ConfigPath, StrictModel, load_config, validate_config
 
@@ -188,12 +188,16 @@ class EscalationMode(StrEnum):
       shown (the cheapest probe: one token);
     * ``probe``: generate ``probe_tokens`` locally (held back), then finish locally or escalate;
     * ``midstream``: stream local tokens at once; when the confidence over the last ``window``
-      tokens drops below the threshold, the cloud takes over.
+      tokens drops below the threshold, the cloud takes over;
+    * ``speculative``: decide as ``probe`` does; an escalated answer is drafted by the local
+      model and verified by the cloud model (speculative decoding: the cloud's answer, fewer
+      cloud passes and round trips; see :class:`SpeculativeSpec`).
     """
 
     UPFRONT = "upfront"
     PROBE = "probe"
     MIDSTREAM = "midstream"
+    SPECULATIVE = "speculative"
 
 
 class Handoff(StrEnum):
@@ -219,6 +223,31 @@ class GenerationModelSpec(StrictModel):
     parallel: int = Field(default=4, ge=1, le=256)
 
 
+class SpeculativeSpec(StrictModel):
+    """Speculative decoding (``mode: speculative``). ``gamma``: draft tokens per verify round,
+    ``auto`` (default) to choose each round from the measured acceptance rate, round trip,
+    draft and verify times (at most ``max_gamma``; see
+    :class:`tandem.runtime.speculative.GammaController`); with ``fallback``, ``auto`` streams the
+    rest of an answer from the cloud, without drafting, when that is expected to be faster (a
+    slow link). ``draft_top_k``: when sampling, the draft distribution sent with each draft
+    token keeps its ``draft_top_k`` most likely tokens (the output distribution stays exactly
+    the cloud model's). ``prior_acceptance``: the acceptance rate assumed before any is
+    measured. Both models must share a vocabulary (the worker checks)."""
+
+    gamma: int | Literal["auto"] = "auto"
+    max_gamma: int = Field(default=8, ge=1, le=16)
+    draft_top_k: int = Field(default=64, ge=1, le=4096)
+    fallback: bool = True
+    prior_acceptance: float = Field(default=0.7, gt=0.0, lt=1.0)
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 16:
+            raise ValueError("expected 'auto' or an integer 1..16")
+        return v
+
+
 class GenerateTaskPolicy(StrictModel):
     """A generation task: a language model on the device, a gate on its token confidence."""
 
@@ -237,6 +266,7 @@ class GenerateTaskPolicy(StrictModel):
     # the cloud's part of an answer: whole answer, and until its first token
     deadline_ms: int = Field(default=30_000, ge=1, le=3_600_000)
     first_token_ms: int | None = Field(default=5_000, ge=1, le=3_600_000)
+    speculative: SpeculativeSpec = SpeculativeSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerateTaskPolicy:

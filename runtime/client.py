@@ -174,20 +174,49 @@ class CloudClient:
         Raises :class:`Unavailable` (no connection), :class:`DeadlineExceeded` (no reply in
         time), a :class:`WireError` (unreadable reply) or whatever error the worker answered.
         """
+        return self.request_via(env, timeout_s)[0]
+
+    def request_via(
+        self, env: Envelope, timeout_s: float, prefer: int | None = None
+    ) -> tuple[Envelope, int]:
+        """:meth:`request`, sent first to endpoint ``prefer`` (an index into ``endpoints``)
+        when it is connected — a worker that holds state for the caller, e.g. a speculative
+        session; returns the reply and the index of the endpoint that gave it."""
         socks = self._checkout()
         try:
-            return self._request(socks, env, timeout_s)
+            return self._request(socks, env, timeout_s, prefer)
         finally:
             self._checkin(socks)
 
-    def _request(self, socks: list[zmq.Socket], env: Envelope, timeout_s: float) -> Envelope:
+    def notify(self, env: Envelope, prefer: int = 0) -> bool:
+        """Send ``env`` to endpoint ``prefer`` without waiting for the reply (it is dropped
+        when it comes): a clean-up such as closing a speculative session. False if that
+        endpoint is not connected or its queue is full."""
+        socks = self._checkout()
+        try:
+            sock = socks[prefer]
+            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
+                return False
+            if env.deadline is None:
+                env.deadline = deadline_after(1.0)
+            try:
+                send_frames(sock, self.codec.encode(env), _DONTWAIT)
+            except zmq.Again:
+                return False
+            return True
+        finally:
+            self._checkin(socks)
+
+    def _request(
+        self, socks: list[zmq.Socket], env: Envelope, timeout_s: float, prefer: int | None = None
+    ) -> tuple[Envelope, int]:
         deadline = deadline_after(timeout_s)
         if env.deadline is None or env.deadline > deadline:
             env.deadline = deadline
         tried: set[int] = set()
         lost: TandemError | None = None
         for attempt in range(_MAX_ROUNDS * len(socks)):
-            i = self._pick(socks, tried, deadline, first_try=attempt == 0)
+            i = self._pick(socks, tried, deadline, first_try=attempt == 0, prefer=prefer)
             if i is None:
                 break
             tried.add(i)
@@ -196,7 +225,7 @@ class CloudClient:
             with self._lock:
                 self._outstanding[i] += 1
             try:
-                return self._exchange(socks[i], self.endpoints[i], env, deadline, timeout_s)
+                return self._exchange(socks[i], self.endpoints[i], env, deadline, timeout_s), i
             except _WorkerLost as e:
                 lost = Unavailable(f"lost the connection to {self.endpoints[i]}: {e}")
                 log.info("%s; failing over", lost.message)
@@ -216,10 +245,23 @@ class CloudClient:
         raise lost
 
     def _pick(
-        self, socks: list[zmq.Socket], tried: set[int], deadline: float, first_try: bool
+        self,
+        socks: list[zmq.Socket],
+        tried: set[int],
+        deadline: float,
+        first_try: bool,
+        prefer: int | None = None,
     ) -> int | None:
-        """The connected worker not tried yet with the fewest outstanding requests, waiting
-        for a connection until ``deadline``; None when time ran out after an earlier try."""
+        """The connected worker not tried yet with the fewest outstanding requests (``prefer``
+        first, if it is connected and not tried), waiting for a connection until ``deadline``;
+        None when time ran out after an earlier try."""
+        if (
+            prefer is not None
+            and prefer not in tried
+            and 0 <= prefer < len(socks)
+            and cast(int, socks[prefer].getsockopt(_EVENTS)) & _POLLOUT
+        ):
+            return prefer
         while True:
             start = next(self._rotate)  # spreads ties
             best, best_load = None, 0

@@ -125,6 +125,13 @@ class BadRequest(TandemError):
     code = "bad_request"
 
 
+class SessionLost(TandemError):
+    """A ``verify`` named a speculative session this worker does not hold (never made, expired,
+    evicted, or ahead of what the edge sent): send the whole prefix again."""
+
+    code = "session_lost"
+
+
 class StreamInterrupted(TandemError):
     """A generation stream lost its worker after its first chunk: the tokens received so far
     (``tokens``) are the answer's start. Finish it elsewhere (e.g. another worker, or the edge

@@ -142,6 +142,31 @@ class LogitsSession(Protocol):
         ...
 
 
+class SessionLease(LogitsSession, Protocol):
+    """A :class:`LogitsSession` a caller holds across requests (a speculative-decoding session
+    on the worker, or the edge's draft): it scores several tokens in one pass, rolls back, and
+    is handed back to its backend with ``close()``."""
+
+    nbytes: int  # memory the session holds (its KV cache)
+
+    @property
+    def held(self) -> Sequence[int]:
+        """The tokens in the cache, in order."""
+        ...
+
+    def extend(self, tokens: Sequence[int], n_rows: int) -> np.ndarray:
+        """Run ``tokens`` after those held; the logits (float32 copy) after each of the last
+        ``n_rows`` of them, shape (n_rows, n_vocab). Token ids outside the vocabulary and a
+        full context raise :class:`BadRequest`."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` held tokens."""
+        ...
+
+    def close(self) -> None: ...
+
+
 def _is_utf8(text: str) -> bool:
     """False for text that cannot be UTF-8 (lone surrogates, e.g. from a JSON ``\\ud800``)."""
     try:
@@ -166,11 +191,14 @@ def check_fits(model: str, prompt_tokens: int, params: SamplingParams, n_ctx: in
         )
 
 
-def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:
-    """The next token from a logits row: argmax at temperature 0 (lowest id on ties), else a
-    draw from softmax(row / T) restricted to the top-p nucleus."""
-    if params.temperature == 0.0 or rng is None:
-        return int(np.argmax(row))
+def distribution(row: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution the next token is drawn from (float64, sums to 1): softmax(row / T)
+    restricted to the top-p nucleus and renormalised; at temperature 0, all mass on the argmax
+    (lowest id on ties). Speculative decoding compares the draft's and the target's."""
+    if params.temperature == 0.0:
+        p = np.zeros(len(row), np.float64)
+        p[int(np.argmax(row))] = 1.0
+        return p
     z = row.astype(np.float64) / params.temperature
     z -= z.max()
     p = np.exp(z)
@@ -181,6 +209,15 @@ def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator | N
         q = np.zeros_like(p)
         q[keep] = p[keep]
         p = q / q.sum()
+    return p
+
+
+def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:
+    """The next token from a logits row: argmax at temperature 0 (lowest id on ties), else a
+    draw from :func:`distribution`."""
+    if params.temperature == 0.0 or rng is None:
+        return int(np.argmax(row))
+    p = distribution(row, params)
     return int(rng.choice(len(p), p=p))
 
 

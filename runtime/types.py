@@ -55,6 +55,8 @@ class GenerationChunk:
     logprobs: list[float]
     restart: bool = False
     token_texts: list[str] | None = None  # each token's text, where known (the edge's tokens)
+    # speculative decoding: per token, whether the edge drafted it (and the cloud accepted it)
+    drafted: list[bool] | None = None
 
 
 @dataclass(slots=True)
@@ -81,6 +83,9 @@ class GenerationResult:
     escalated_at: int | None = None
     prompt_tokens: int | None = None  # the prompt's length in the edge model's tokens
     request_id: str | None = None
+    # speculative decoding (mode speculative, escalated): rounds, drafted, accepted,
+    # acceptance, gammas (γ per round), fallback (the rest streamed), the controller's estimates
+    speculation: dict[str, Any] | None = None
 
     @property
     def degraded(self) -> bool:

@@ -121,6 +121,9 @@ class Kind(StrEnum):
     CHUNK = "chunk"  # payload {"seq", "tokens", "text", "logprobs", "entropies"}
     END = "end"  # payload {"finish_reason", "tokens", "prompt_tokens", ..., "timings"}
     CANCEL = "cancel"  # same id as the generate; payload nil; answered by the stream's end
+    # speculative decoding: score draft tokens in a session's KV cache; answered by a result
+    # (see tandem.cloud.speculation for the payloads)
+    VERIFY = "verify"
 
 
 _KINDS = {k.value: k for k in Kind}

@@ -27,7 +27,7 @@ take this path; the backend then falls back to transformers' forward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,11 +252,18 @@ class FastDecoder:
 
     @torch.inference_mode()
     def forward(
-        self, ids: torch.Tensor, start: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        start: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: int | None = None,
     ) -> torch.Tensor:
         """Run tokens ``ids`` (T,) at positions ``start..start+T-1`` against the caches
         (layers, kv_heads, n_ctx, head_dim), writing their keys and values there; the logits
-        (n_vocab,) after the last one."""
+        (n_vocab,) after the last one, or with ``rows`` those after each of the last ``rows``
+        tokens, (rows, n_vocab) (speculative verification scores every draft token in one
+        pass)."""
         t = ids.shape[0]
         end = start + t
         lo, mask = self._visible(start, t)
@@ -283,8 +290,9 @@ class FastDecoder:
                 x.add_(down(self.act(gate(h)).mul_(up(h))))
             else:
                 self._moe(ly, h, x)
-        x = F.rms_norm(x[-1:], (self.hidden,), self.norm, self.eps)
-        return self.lm_head(x)[0]
+        x = F.rms_norm(x[-(rows or 1) :], (self.hidden,), self.norm, self.eps)
+        logits = self.lm_head(x)
+        return logits if rows else logits[0]
 
     def _visible(self, start: int, t: int) -> tuple[int, torch.Tensor | None]:
         """The first cache position any of the T new tokens sees, and the (T, keys) boolean
@@ -318,6 +326,8 @@ class FastSession:
     (at least the last token, whose logits it returns): re-prefilling ``prompt + answer`` after
     a hand-off, or a shorter prompt to roll back, costs only the new tokens. A prompt or an
     ``append`` past ``n_ctx`` raises :class:`BadRequest`; the cache is never overrun.
+    ``extend``/``truncate`` are the :class:`~tandem.runtime.generation.SessionLease` side
+    (several rows at once, roll back); ``close`` runs the release callback the backend set.
     """
 
     def __init__(self, decoder: FastDecoder, n_ctx: int) -> None:
@@ -328,6 +338,12 @@ class FastSession:
         self.v_cache = torch.empty(shape)
         self.k_np, self.v_np = self.k_cache.numpy(), self.v_cache.numpy()  # same storage
         self.tokens: list[int] = []
+        self.nbytes = self.k_cache.nbytes + self.v_cache.nbytes
+        self.release: Callable[[], None] | None = None
+
+    @property
+    def held(self) -> list[int]:
+        return self.tokens
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         tokens = [int(t) for t in tokens]
@@ -341,25 +357,39 @@ class FastSession:
                 break
             keep += 1
         del self.tokens[keep:]
-        return self._run(tokens[keep:])
+        return self._run(tokens[keep:], 1)[0]
 
     def append(self, token: int) -> np.ndarray:
-        return self._run([int(token)])
+        return self._run([int(token)], 1)[0]
 
-    def _run(self, new: list[int]) -> np.ndarray:
+    def extend(self, tokens: Sequence[int], n_rows: int) -> np.ndarray:
+        return self._run([int(t) for t in tokens], n_rows).copy()
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+
+    def close(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
+    def _run(self, new: list[int], n_rows: int) -> np.ndarray:
+        """Run ``new`` tokens; the logits rows after each of the last ``n_rows``."""
         start = len(self.tokens)
+        if not 1 <= n_rows <= len(new):
+            raise BadRequest(f"asked for {n_rows} logits rows of {len(new)} new tokens")
         if start + len(new) > self.n_ctx:
             raise BadRequest(f"the context of {self.n_ctx} tokens is full")
         bad = [t for t in new if not 0 <= t < self.decoder.n_vocab]
         if bad:
             raise BadRequest(f"token ids must be in 0..{self.decoder.n_vocab - 1}, got {bad[:8]}")
         if len(new) == 1:
-            row = self.decoder.step(new[0], start, self.k_np, self.v_np)
+            rows = self.decoder.step(new[0], start, self.k_np, self.v_np)[None]
         else:
             ids = torch.tensor(new)
-            row = self.decoder.forward(ids, start, self.k_cache, self.v_cache).numpy()
+            rows = self.decoder.forward(ids, start, self.k_cache, self.v_cache, n_rows).numpy()
         self.tokens.extend(new)
-        return row
+        return rows
 
 
 def _rms_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

@@ -24,7 +24,7 @@ import ctypes
 import io
 import logging
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -46,10 +46,11 @@ _PIECE_BUF = 64  # bytes; longer pieces are fetched again with the size llama.cp
 
 
 class _Session:
-    """One llama.cpp context as a :class:`~tandem.runtime.generation.LogitsSession`. Rows are
-    views of llama.cpp's logits buffer, valid until the next ``eval``."""
+    """One llama.cpp context as a :class:`~tandem.runtime.generation.SessionLease`. Rows from
+    ``prefill``/``append`` are views of llama.cpp's logits buffer, valid until the next
+    ``eval``; ``extend`` copies its rows out."""
 
-    def __init__(self, llm: llama_cpp.Llama) -> None:
+    def __init__(self, llm: llama_cpp.Llama, release: Callable[[], None] | None = None) -> None:
         self.llm = llm
         self.n_vocab = llm.n_vocab()
         self._row: np.ndarray = np.empty(0, np.float32)
@@ -58,6 +59,55 @@ class _Session:
             llama_cpp.llama_model_is_recurrent(llm.model)
             or llama_cpp.llama_model_is_hybrid(llm.model)
         )
+        self.release = release
+        self.nbytes = _kv_bytes(llm)
+
+    @property
+    def held(self) -> np.ndarray:
+        return self.llm.input_ids[: self.llm.n_tokens]
+
+    def extend(self, tokens: Sequence[int], n_rows: int) -> np.ndarray:
+        """Run ``tokens``; the rows after each of the last ``n_rows``, from one llama.cpp batch
+        whose last ``n_rows`` tokens ask for logits (the tokens before them run first, as
+        ``eval`` runs a prompt)."""
+        llm, tokens = self.llm, [int(t) for t in tokens]
+        if not 1 <= n_rows <= min(len(tokens), llm.n_batch):
+            raise BadRequest(f"asked for {n_rows} logits rows of {len(tokens)} new tokens")
+        if any(not 0 <= t < self.n_vocab for t in tokens):  # llama.cpp aborts on a bad id
+            raise BadRequest(f"token ids must be in 0..{self.n_vocab - 1}")
+        if llm.n_tokens + len(tokens) > llm.n_ctx():
+            raise BadRequest(f"the context of {llm.n_ctx()} tokens is full")
+        if not self.rollback:
+            raise BackendError("this model's state cannot be rolled back (recurrent)")
+        head, tail = tokens[: len(tokens) - n_rows], tokens[len(tokens) - n_rows :]
+        try:
+            if head:
+                llm.eval(head)
+            # Llama.eval asks for the last row only: the same steps, with every row asked for
+            # (llama-cpp-python's own batch and context objects, as eval uses them)
+            llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+            n_past = llm.n_tokens
+            llm._batch.set_batch(batch=tail, n_past=n_past, logits_all=True)
+            llm._ctx.decode(llm._batch)
+        except RuntimeError as e:
+            raise BackendError(f"llama.cpp decode failed: {e}") from None
+        llm.input_ids[n_past : n_past + n_rows] = tail
+        llm.n_tokens = n_past + n_rows
+        rows = np.empty((n_rows, self.n_vocab), np.float32)
+        for j in range(n_rows):
+            ptr = llama_cpp.llama_get_logits_ith(llm.ctx, j)
+            if not ctypes.cast(ptr, ctypes.c_void_p).value:
+                raise BackendError(f"llama.cpp returned no logits for batch row {j}")
+            rows[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return rows
+
+    def truncate(self, n: int) -> None:
+        self.llm.n_tokens = min(n, self.llm.n_tokens)  # the next eval drops the cells past it
+
+    def close(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Run ``tokens``, reusing the longest prefix this context already evaluated (at least
@@ -83,6 +133,14 @@ class _Session:
         if addr != self._addr:  # a view costs ~10 µs; the buffer rarely moves
             self._row, self._addr = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)), addr
         return self._row
+
+
+def _kv_bytes(llm: llama_cpp.Llama) -> int:
+    """The KV cache a context holds (f16 keys and values for every layer and position)."""
+    model = llm.model
+    heads = max(llama_cpp.llama_model_n_head(model), 1)
+    kv_width = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model) // heads
+    return llm.n_ctx() * llama_cpp.llama_model_n_layer(model) * 2 * kv_width * 2
 
 
 def _shared_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
@@ -170,6 +228,22 @@ class LlamaCppBackend:
         if not ids:
             raise BadRequest(f"model {self.name!r}: the prompt is empty")
         return ids
+
+    def piece(self, token: int) -> bytes:
+        """The bytes ``token`` adds to the text (b"" for control tokens)."""
+        return self._pieces[token]
+
+    @property
+    def eos_tokens(self) -> frozenset[int]:
+        return self._eos
+
+    def lease(self, prompt: Sequence[int] = (), n_ctx: int | None = None) -> _Session:
+        """A context of the pool held until ``close()`` (the free one sharing the longest
+        prefix with ``prompt``; its cache is kept): a speculative-decoding session or a draft.
+        ``n_ctx`` is ignored (contexts are made at load). :class:`OverloadedError` when every
+        context is in use."""
+        llm = self._checkout(prompt)
+        return _Session(llm, lambda: self._checkin(llm))
 
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from tandem.runtime.errors import BackendError, ConfigError, OverloadedError
-from tandem.runtime.generation import LogitsSession, SamplingParams, TokenStream, check_fits, decode
+from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
+from tandem.runtime.generation import (
+    SamplingParams,
+    SessionLease,
+    TokenStream,
+    check_fits,
+    decode,
+)
 from tandem.runtime.tokenizer import EOS, CharTokenizer
 
 if TYPE_CHECKING:
@@ -37,25 +43,49 @@ class _Session:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.cache = None
+        self.held: list[int] = []
+        self.nbytes = 0  # a DynamicCache grows with the sequence; not counted
+        self.release: Callable[[], None] | None = None
 
     @torch.inference_mode()
-    def _run(self, ids: Sequence[int]) -> np.ndarray:
+    def _run(self, ids: Sequence[int], n_rows: int = 1) -> np.ndarray:
+        if self.cache is None:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=torch.tensor([list(ids)], dtype=torch.long),
             cache=self.cache,
             use_cache=True,
         )
         self.cache = out.cache
-        return out.logits[0, -1].float().numpy()
+        self.held.extend(int(t) for t in ids)
+        return out.logits[0, -n_rows:].float().numpy()
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
-        return self._run(tokens)
+        self.cache, self.held = None, []
+        return self._run(tokens)[0]
 
     def append(self, token: int) -> np.ndarray:
-        return self._run((token,))
+        return self._run((token,))[0]
+
+    def extend(self, tokens: Sequence[int], n_rows: int) -> np.ndarray:
+        n_vocab = self.model.config.vocab_size
+        if any(not 0 <= int(t) < n_vocab for t in tokens):
+            raise BadRequest(f"token ids must be in 0..{n_vocab - 1}")
+        if not 1 <= n_rows <= len(tokens):
+            raise BadRequest(f"asked for {n_rows} logits rows of {len(tokens)} new tokens")
+        return self._run(tokens, n_rows).copy()
+
+    def truncate(self, n: int) -> None:
+        if n < len(self.held) and self.cache is not None:
+            self.cache.crop(n)
+        del self.held[n:]
+
+    def close(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 class TransformersBackend:
@@ -103,6 +133,7 @@ class TransformersBackend:
         self.n_ctx = int(getattr(model.config, "max_position_embeddings", 2048))
         self._fast = self._fast_decoder(decode)
         self.decode = "fast" if self._fast is not None else "transformers"
+        self._pieces = [self.tokenizer.piece(t).encode() for t in range(self.n_vocab)]
         self._slots = threading.BoundedSemaphore(max_streams)
         self.max_streams = max_streams
 
@@ -126,7 +157,7 @@ class TransformersBackend:
         self.n_ctx = decoder.n_ctx
         return decoder
 
-    def session(self, n_ctx: int | None = None) -> LogitsSession:
+    def session(self, n_ctx: int | None = None) -> SessionLease:
         """A new sequence's state: a static-cache :class:`FastSession` for ``n_ctx`` tokens
         (default the model's context), or transformers' forward with a DynamicCache."""
         if self._fast is not None:
@@ -135,6 +166,30 @@ class TransformersBackend:
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes ``token`` adds to the text (b"" for the specials)."""
+        return self._pieces[token]
+
+    @property
+    def eos_tokens(self) -> frozenset[int]:
+        return frozenset({EOS})
+
+    def lease(self, prompt: Sequence[int] = (), n_ctx: int | None = None) -> SessionLease:
+        """A new sequence (a KV cache for ``n_ctx`` tokens, default the model's context) held
+        until ``close()``, one of ``max_streams``: a speculative-decoding session or a draft.
+        :class:`OverloadedError` when all are in use."""
+        if not self._slots.acquire(blocking=False):
+            raise OverloadedError(
+                f"model {self.name!r} is serving {self.max_streams} streams already"
+            )
+        try:
+            session = self.session(n_ctx)
+        except BaseException:
+            self._slots.release()
+            raise
+        session.release = self._slots.release
+        return session
 
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
@@ -157,7 +212,7 @@ class TransformersBackend:
                     self.session(len(ids) + params.max_tokens),
                     ids,
                     params,
-                    piece=lambda t: self.tokenizer.piece(t).encode(),
+                    piece=self._pieces.__getitem__,
                     eos=frozenset({EOS}),
                     cancel=cancel,
                 )

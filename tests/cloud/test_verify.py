@@ -1,0 +1,352 @@
+"""Speculative verification on the worker (:mod:`tandem.cloud.speculation`), on real backends:
+a tiny random Llama and Mixtral served with transformers and the Llama as a GGUF served with
+llama.cpp, drafted by a different tiny Llama (so drafts are often rejected) and by the target
+itself (so all are accepted).
+
+* greedy: the speculative output equals the target's own greedy output, token for token, on
+  many prompts, γ = 1..6, on every backend;
+* sampling: the first two tokens are distributed as the target model's (chi-square at
+  significance 0.001 against the target's own probabilities);
+* sessions: resync after a lost session, eviction, TTL, explicit end, bad payloads;
+* over the wire: a real worker process, the reply cache answering a retried request id."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tandem.cloud.config import SpeculativeSpec, WorkerConfig
+from tandem.cloud.process import WorkerProcess
+from tandem.cloud.speculation import VerifyTable
+from tandem.edge.speculative import draft
+from tandem.runtime.client import CloudClient
+from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
+from tandem.runtime.generation import SamplingParams, distribution
+from tandem.runtime.manifest import Manifest, ModelEntry, sha256_file, write_manifest
+from tandem.runtime.speculative import pack_draft_q, vocab_digest
+from tandem.runtime.tokenizer import EOS
+from tandem.runtime.wire import Envelope, Kind
+from tests.conftest import require
+from tests.lm import lm_entry, tiny_lm
+
+PROMPTS = ["sort:dcba=", "ab", "zz:q", "sort:qwerty=", "hello world", "a=b"]
+GREEDY = SamplingParams(max_tokens=16)
+ALPHA = 0.001
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require("transformers")
+    out = tmp_path_factory.mktemp("verify")
+    kw = {"hidden": 64, "layers": 2, "heads": 4, "initializer_range": 0.2}
+    tiny_lm(out / "draft", seed=3, **kw)
+    tiny_lm(out / "cloud-llama", seed=6, **kw)
+    tiny_lm(out / "cloud-moe", arch="mixtral", seed=7, **kw)
+    entries = [lm_entry(out, n) for n in ("cloud-llama", "cloud-moe", "draft")]
+    if _has("llama_cpp") and _has("gguf"):
+        from tandem.runtime.gguf import export_gguf
+
+        path = export_gguf(out / "cloud-llama", out / "cloud-llama.gguf", qtype="f32")
+        entries.append(
+            ModelEntry(
+                name="cloud-gguf",
+                version="g1",
+                file=path.name,
+                sha256=sha256_file(path),
+                size_bytes=path.stat().st_size,
+                format="gguf",
+            )
+        )
+    write_manifest(out, Manifest(models=entries))
+    return out
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def backends(models: Path) -> dict[str, Any]:
+    from tandem.runtime.backends.transformers_lm import TransformersBackend
+
+    out: dict[str, Any] = {
+        "cloud-llama": TransformersBackend(models / "cloud-llama", max_streams=4),
+        "cloud-moe": TransformersBackend(models / "cloud-moe", max_streams=4),
+        "draft": TransformersBackend(models / "draft", max_streams=4),
+    }
+    require("llama_cpp")
+    from tandem.runtime.backends.llamacpp import LlamaCppBackend
+
+    out["cloud-gguf"] = LlamaCppBackend(models / "cloud-llama.gguf", threads=1, parallel=2)
+    return out
+
+
+def digest(backend: Any) -> str:
+    return vocab_digest((backend.piece(t) for t in range(backend.n_vocab)), backend.eos_tokens)
+
+
+def spec_decode(
+    table: VerifyTable,
+    model: str,
+    drafter: Any,
+    prompt: str,
+    params: SamplingParams,
+    gamma: int,
+    rng: np.random.Generator | None = None,
+) -> list[int]:
+    """An answer drafted by ``drafter`` and verified by ``table``, as the edge runs it; the
+    tokens up to ``params.max_tokens``, EOS not included."""
+    seq = drafter.tokenize(prompt)
+    sid, pos, out = os.urandom(16), 0, []
+    lease = drafter.lease(seq)
+    try:
+        while len(out) < params.max_tokens:
+            g = min(gamma, params.max_tokens - len(out) - 1)
+            toks, qs = draft(lease, seq, g, params, rng, drafter.eos_tokens, 64)
+            payload: dict[str, Any] = {
+                "model": model,
+                "session": sid,
+                "pos": pos,
+                "tokens": seq[pos:],
+                "draft": toks,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "seed": params.seed,
+                "max_tokens": params.max_tokens,
+                "vocab": digest(drafter),
+            }
+            if params.temperature > 0 and toks:
+                payload["q_ids"], payload["q_probs"] = pack_draft_q(qs)
+            r = table.run(payload)
+            new = [*toks[: r["accepted"]], r["token"]]
+            assert len(r["logprobs"]) == len(new) and r["pos"] == len(seq) + len(new)
+            seq += new
+            pos = r["pos"]
+            if r["eos"]:
+                return out + new[:-1]
+            out += new
+    finally:
+        lease.close()
+    return out[: params.max_tokens]
+
+
+def own_greedy(backend: Any, prompt: str, n: int) -> list[int]:
+    return [s.token for s in backend.stream(prompt, SamplingParams(max_tokens=n))]
+
+
+CLOUDS = ["cloud-llama", "cloud-moe", "cloud-gguf"]
+
+
+@pytest.mark.parametrize("model", CLOUDS)
+def test_greedy_is_the_targets_own_output(backends, model) -> None:
+    table = VerifyTable(SpeculativeSpec(), backends)
+    target = backends[model]
+    for i, prompt in enumerate(PROMPTS):
+        want = own_greedy(target, prompt, GREEDY.max_tokens)
+        for drafter in ("draft", model if model != "cloud-gguf" else "cloud-llama"):
+            got = spec_decode(table, model, backends[drafter], prompt, GREEDY, 1 + i % 6)
+            assert got == want, (prompt, drafter)
+    drafted, accepted = table.counters["verify_drafted"], table.counters["verify_accepted"]
+    assert 0 < accepted < drafted  # some drafts rejected, some accepted
+    table.close()
+
+
+def test_the_gguf_and_transformers_vocabularies_agree(backends) -> None:
+    assert (
+        digest(backends["cloud-gguf"])
+        == digest(backends["cloud-llama"])
+        == digest(backends["draft"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "params"),
+    [
+        ("cloud-moe", SamplingParams(max_tokens=2, temperature=1.0)),
+        ("cloud-gguf", SamplingParams(max_tokens=2, temperature=0.8, top_p=0.9)),
+    ],
+)
+def test_sampling_matches_the_targets_distribution(backends, model, params) -> None:
+    """Two-token answers drafted (γ = 1) by another model: the first token's frequencies match
+    the target's distribution after the prompt, and the second's match its distribution
+    after the most frequent first token."""
+    table = VerifyTable(SpeculativeSpec(), backends)
+    target, prompt, n = backends[model], "sort:ab=", 3000
+    rng = np.random.default_rng(5)
+    answers = []  # an answer shorter than 2 tokens ended with EOS
+    for _ in range(n):
+        a = spec_decode(table, model, backends["draft"], prompt, params, 1, rng)
+        answers.append((*a, EOS) if len(a) < 2 else tuple(a))
+    ids = target.tokenize(prompt)
+    lease = target.lease(ids)
+    lease.truncate(0)  # a llama.cpp context comes with what it last held
+    try:
+        p1 = distribution(lease.extend(ids, 1)[0], params)
+        top = int(np.argmax(np.bincount([a[0] for a in answers], minlength=len(p1))))
+        lease.truncate(0)
+        p2 = distribution(lease.extend([*ids, top], 1)[0], params)
+    finally:
+        lease.close()
+    _fits(np.bincount([a[0] for a in answers], minlength=len(p1)), p1)
+    second = [a[1] for a in answers if a[0] == top]
+    assert len(second) > 100
+    _fits(np.bincount(second, minlength=len(p2)), p2)
+
+
+def _fits(counts: np.ndarray, p: np.ndarray) -> None:
+    n = counts.sum()
+    assert counts[p == 0].sum() == 0
+    big = p * n >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(p[big] * n, p[~big].sum() * n)
+    keep = exp > 0
+    assert stats.chisquare(obs[keep], exp[keep]).pvalue > ALPHA
+
+
+def _payload(**kw: Any) -> dict[str, Any]:
+    base = {
+        "model": "cloud-llama",
+        "session": b"s" * 16,
+        "pos": 0,
+        "tokens": [1, 5, 6],
+        "max_tokens": 32,
+    }
+    return {**base, "draft": [7], "vocab": kw.pop("vocab", None), **kw}
+
+
+def test_sessions_lost_evicted_expired_and_ended(backends) -> None:
+    d = digest(backends["cloud-llama"])
+    table = VerifyTable(SpeculativeSpec(max_sessions=2, ttl_s=0.3), backends)
+    r = table.run(_payload(vocab=d))
+    assert r["prefilled"] == 2 and r["pos"] == 3 + r["accepted"] + 1
+    again = table.run(_payload(pos=r["pos"], tokens=[], draft=[5, 6]))
+    assert again["prefilled"] == 0 and again["pos"] == r["pos"] + again["accepted"] + 1
+    with pytest.raises(SessionLost):  # behind what the worker holds
+        table.run(_payload(pos=r["pos"], tokens=[], draft=[5]))
+    with pytest.raises(SessionLost):  # the failed request dropped it
+        table.run(_payload(pos=again["pos"], tokens=[], draft=[5]))
+    for i in range(3):  # the third evicts the first (max_sessions 2)
+        table.run(_payload(session=bytes([i]) * 16, vocab=d))
+    assert len(table) == 2 and table.counters["verify_evicted"] == 1
+    with pytest.raises(SessionLost):
+        table.run(_payload(session=bytes([0]) * 16, pos=5, tokens=[], draft=[]))
+    time.sleep(0.35)
+    table.expire(time.monotonic())
+    assert len(table) == 0 and table.counters["verify_expired"] == 2
+    table.run(_payload(vocab=d))
+    assert table.run({"model": "cloud-llama", "session": b"s" * 16, "end": True}) == {
+        "closed": True
+    }
+    assert len(table) == 0
+    last = table.run(_payload(vocab=d, max_tokens=1, draft=[]))
+    assert last["done"] and last["pos"] == 4 and len(table) == 0  # it made max_tokens
+
+
+def test_a_llama_cpp_session_takes_a_context_and_gives_it_back(backends) -> None:
+    d = digest(backends["cloud-gguf"])
+    table = VerifyTable(SpeculativeSpec(), backends)
+    for i in range(5):  # parallel=2 contexts: older sessions are evicted for newer ones
+        table.run(_payload(model="cloud-gguf", session=bytes([i]) * 16, vocab=d))
+    assert len(table) == 2 and table.counters["verify_evicted"] == 3
+    table.close()
+    leases = [backends["cloud-gguf"].lease(), backends["cloud-gguf"].lease()]
+    with pytest.raises(OverloadedError):
+        backends["cloud-gguf"].lease()
+    for lease in leases:
+        lease.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"extra": 1}, "unknown field"),
+        ({"session": b"short"}, "16 bytes"),
+        ({"tokens": "abc"}, "tokens must be a list"),
+        ({"draft": list(range(17))}, "at most 16"),
+        ({"draft": [10_000]}, "token ids must be in"),
+        ({"tokens": [1, -3]}, "token ids must be in"),
+        ({"temperature": 1.0}, "q_ids"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"vocab": "nope"}, "vocabulary differs"),
+        ({"tokens": []}, "needs its prompt"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"end": 1}, "boolean"),
+        ({"model": "draft2"}, "no model"),
+    ],
+)
+def test_bad_payloads_are_refused(backends, change, match) -> None:
+    table = VerifyTable(SpeculativeSpec(), backends)
+    payload = {**_payload(vocab=digest(backends["cloud-llama"])), **change}
+    with pytest.raises((BadRequest, UnknownModel), match=match):
+        table.run(payload)
+    assert len(table) == 0
+
+
+def test_a_bad_draft_distribution_is_refused(backends) -> None:
+    table = VerifyTable(SpeculativeSpec(), backends)
+    good = _payload(vocab=digest(backends["cloud-llama"]), temperature=1.0)
+    ids = np.array([[7, 8]], np.int32)
+    for probs, match in [
+        (np.array([[0.5, 0.6]]), "sum to 1"),
+        (np.array([[0.0, 1.0]]), "positive probability"),
+        (np.array([[np.nan, 1.0]]), "finite"),
+        (np.array([[0.5, 0.5]], np.float32), "float64"),
+    ]:
+        with pytest.raises(BadRequest, match=match):
+            table.run({**good, "q_ids": ids, "q_probs": probs})
+    r = table.run({**good, "q_ids": ids, "q_probs": np.array([[0.5, 0.5]])})
+    assert 0 <= r["accepted"] <= 1
+
+
+@pytest.fixture(scope="module")
+def worker(models: Path):
+    cfg = WorkerConfig.model_validate(
+        {
+            "bind": "tcp://127.0.0.1:*",
+            "models_dir": str(models),
+            "models": ["cloud-llama"],
+            "speculative": {"max_sessions": 4},
+        }
+    )
+    with WorkerProcess(cfg) as w:
+        yield w
+
+
+def test_over_the_wire_retries_replay_and_the_worker_stays_up(worker, backends) -> None:
+    d = digest(backends["cloud-llama"])
+    with CloudClient(worker.endpoint) as client:
+        env = Envelope(kind=Kind.VERIFY, payload=_payload(vocab=d))
+        first, i = client.request_via(env, 5.0)
+        assert i == 0 and first.kind is Kind.RESULT
+        retry = Envelope(kind=Kind.VERIFY, payload=_payload(vocab=d))
+        retry.id = env.id
+        again, _ = client.request_via(retry, 5.0)
+        assert again.payload == first.payload  # answered from the reply cache, not run again
+        nxt = Envelope(
+            kind=Kind.VERIFY, payload=_payload(pos=first.payload["pos"], tokens=[], draft=[])
+        )
+        assert client.request(nxt, 5.0).payload["pos"] == first.payload["pos"] + 1
+        for bad in ({"model": 3}, "junk", {"model": "cloud-llama", "session": 5}):
+            with pytest.raises(BadRequest):
+                client.request(Envelope(kind=Kind.VERIFY, payload=bad), 5.0)
+        health = client.health()
+        assert health["speculative"]["sessions"] == 1
+        assert health["speculative"]["verify_rounds"] == 2
+        end = Envelope(
+            kind=Kind.VERIFY, payload={"model": "cloud-llama", "session": b"s" * 16, "end": True}
+        )
+        assert client.notify(end, 0)
+        deadline = time.monotonic() + 5
+        while client.health()["speculative"]["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.health()["speculative"]["sessions"] == 0
