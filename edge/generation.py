@@ -228,7 +228,8 @@ class _Answer:
         t = self.t
         assert t.client is not None and t.policy.cloud is not None
         kept = 0 if restart else len(self.tokens)
-        self.escalated_at = kept
+        if self.escalated_at is None:  # a speculative answer falling back keeps its own
+            self.escalated_at = kept
         left_ms = self.deadline_ms  # the cloud's part: counted from when it is asked
         t0 = time.perf_counter()
         first = True

@@ -306,10 +306,12 @@ def _stream_rest(a: _Answer, ctl: GammaController, stats: _Stats) -> Iterator[Ge
     n = 0
     for chunk in a.cloud_stream(a.prompt + a.text):
         now = time.perf_counter()
-        if chunk.tier is Tier.CLOUD and chunk.tokens:
-            first = now if first is None else first
-            last = now
-            n += len(chunk.tokens)
+        if chunk.tier is Tier.CLOUD:
+            chunk.drafted = [False] * len(chunk.tokens)
+            if chunk.tokens:
+                first = now if first is None else first
+                last = now
+                n += len(chunk.tokens)
         yield chunk
     if first is not None and last is not None:
         per_token = (last - first) / (n - 1) if n > 1 else float("nan")

@@ -17,8 +17,13 @@ import numpy as np
 SKINNY_MAX_ROWS = 16
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
-def _skinny(x, w, out):  # pragma: no cover - jitted
+# Below this many multiply-adds (m · n · k) one thread is faster: a parallel region costs a
+# wake-up of the pool's threads (microseconds when they are idle, a scheduler time slice —
+# milliseconds — when another process keeps the cores busy), more than a small product takes.
+SERIAL_MAX_MACS = 1 << 17
+
+
+def _skinny_py(x, w, out):  # pragma: no cover - jitted
     m_rows, k = x.shape
     for n in numba.prange(w.shape[0]):
         for m in range(m_rows):
@@ -26,6 +31,11 @@ def _skinny(x, w, out):  # pragma: no cover - jitted
             for kk in range(k):
                 acc += x[m, kk] * w[n, kk]
             out[m, n] = acc
+
+
+_FLAGS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+_skinny = numba.njit(parallel=True, **_FLAGS)(_skinny_py)
+_skinny_serial = numba.njit(parallel=False, **_FLAGS)(_skinny_py)  # prange runs as range
 
 
 def skinny_linear(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -41,7 +51,8 @@ def skinny_linear(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -
     if out is None:
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
     if x.shape[0]:
-        _skinny(np.ascontiguousarray(x), np.ascontiguousarray(w), out)
+        kernel = _skinny if x.shape[0] * w.size > SERIAL_MAX_MACS else _skinny_serial
+        kernel(np.ascontiguousarray(x), np.ascontiguousarray(w), out)
     return out
 
 

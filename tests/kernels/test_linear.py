@@ -7,7 +7,9 @@ from tandem.kernels.linear import skinny_linear, skinny_linear_reference
 
 
 @pytest.mark.parametrize(
-    ("m", "k", "n"), [(0, 8, 4), (1, 1, 1), (1, 512, 2048), (4, 33, 7), (16, 128, 64)]
+    ("m", "k", "n"),
+    # both kernels: serial below SERIAL_MAX_MACS multiply-adds, parallel above
+    [(0, 8, 4), (1, 1, 1), (1, 512, 2048), (4, 33, 7), (16, 128, 64), (1, 64, 256), (3, 256, 512)],
 )
 def test_skinny_linear_matches_torch(m, k, n) -> None:
     rng = np.random.default_rng(m * k + n)
