@@ -148,7 +148,10 @@ class _Verifier:
                 payload.update(pos=self.pos, tokens=sequence[self.pos :])
             left = self.deadline - time.monotonic()
             env = Envelope(
-                kind=Kind.VERIFY, task=self.a.t.name, tags=tuple(sorted(self.a.tags)), payload=payload
+                kind=Kind.VERIFY,
+                task=self.a.t.name,
+                tags=tuple(sorted(self.a.tags)),
+                payload=payload,
             )
             try:
                 self.open = True

@@ -31,10 +31,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tandem.bench.reference import lm_task
-from tandem.bench.reference.lm_task import DIFFICULTIES, SortItem, evaluate, generate_answers
+from tandem.bench.reference.lm_task import DIFFICULTIES, evaluate, generate_answers
 from tandem.bench.reference.models import Progress, default_models_dir
 from tandem.bench.report import machine
 from tandem.runtime.manifest import (
@@ -145,6 +145,13 @@ def make_model(recipe: Recipe, n_vocab: int, seed: int) -> Any:
     return model
 
 
+class ItemSource(Protocol):
+    """Where training batches come from: items with ``prompt``, ``answer`` and ``difficulty``
+    (:class:`~tandem.bench.reference.lm_task.SortItem` or alike)."""
+
+    def batch(self, n: int) -> list[Any]: ...
+
+
 @dataclass
 class TrainStats:
     steps: int
@@ -163,19 +170,20 @@ def train_lm(
     name: str = "model",
     progress: Progress | None = None,
     report_every_s: float = 15.0,
+    stream: ItemSource | None = None,
 ) -> TrainStats:
-    """Train on :class:`~tandem.bench.reference.lm_task.TrainingStream` items until
-    ``seconds`` of wall clock have passed, or for ``steps`` optimiser steps (one of the two:
-    a step budget gives the same weights on a busy machine as on an idle one): loss on answer
-    tokens (and EOS) only, AdamW (0.9, 0.98), linear warm-up for ``recipe.warmup`` of the
-    budget, then cosine to zero."""
+    """Train on ``stream``'s items (default :class:`~tandem.bench.reference.lm_task.TrainingStream`
+    of ``seed``) until ``seconds`` of wall clock have passed, or for ``steps`` optimiser steps
+    (one of the two: a step budget gives the same weights on a busy machine as on an idle
+    one): loss on answer tokens (and EOS) only, AdamW (0.9, 0.98), linear warm-up for
+    ``recipe.warmup`` of the budget, then cosine to zero."""
     import torch
 
     if (seconds is None) == (steps is None):
         raise ValueError("give a budget in seconds or in steps, not both")
 
     say = progress or log.info
-    stream = lm_task.TrainingStream(seed)
+    stream = lm_task.TrainingStream(seed) if stream is None else stream
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
     extra = {"output_router_logits": True} if recipe.arch == "mixtral" else {}
     model.train()
@@ -214,7 +222,7 @@ def train_lm(
     return TrainStats(step, time.perf_counter() - start, sum(tail) / len(tail))
 
 
-def _accumulate(model: Any, tok: CharTokenizer, items: list[SortItem], extra: dict) -> float:
+def _accumulate(model: Any, tok: CharTokenizer, items: list[Any], extra: dict) -> float:
     """Backpropagate the mean answer-token loss of ``items`` as :data:`MICRO_BATCHES` passes
     over length-sorted slices (the same gradient as one padded batch, with little padding);
     return the loss (nats per answer token)."""
@@ -389,12 +397,50 @@ def build_llm_models(
     return paths
 
 
+def save_lm(model: Any, tok: CharTokenizer, hf_dir: Path) -> None:
+    """``model`` and its tokenizer into ``hf_dir``, emptied first (no stale files from an
+    earlier build in the directory's digest)."""
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    model.save_pretrained(hf_dir)
+    tok.save(hf_dir)
+
+
+def describe(recipe: Recipe) -> str:
+    """A manifest description of ``recipe``'s architecture."""
+    desc = f"{recipe.arch}, hidden {recipe.hidden}, {recipe.layers} layers"
+    if recipe.experts:
+        desc += f", {recipe.experts} experts top-{recipe.top_k}"
+    return desc
+
+
+def _export_ggufs(
+    out: Path,
+    role: str,
+    name: str,
+    qtypes: tuple[str, ...],
+    desc: str,
+    version: str,
+    say: Progress,
+) -> list[ModelEntry]:
+    """Export ``out/role`` (a saved model directory) as ``out/{role}-{q}.gguf`` for each of
+    ``qtypes``; their manifest entries, named ``{name}-{q}``."""
+    from tandem.runtime.gguf import export_gguf
+
+    entries = []
+    for q in qtypes:
+        file = f"{role}-{q}.gguf"
+        export_gguf(out / role, out / file, qtype=q)  # type: ignore[arg-type]
+        say(f"{role}: wrote {file}")
+        entries.append(
+            _entry(out, f"{name}-{q}", file, "gguf", q, version, description=f"{desc}, {q}")
+        )
+    return entries
+
+
 def _build_one(
     out: Path, role: str, budget: Budget, *, seed: int, eval_n: int, version: str, say: Progress
 ) -> tuple[dict[str, Any], list[ModelEntry]]:
     """Train, save, evaluate and export one model; its report section and manifest entries."""
-    from tandem.runtime.gguf import export_gguf
-
     recipe, tok = ROLES[role], lm_task.tokenizer()
     model = make_model(recipe, tok.n_vocab, seed)
     total, active = _params(model, recipe)
@@ -406,28 +452,18 @@ def _build_one(
         seed=seed, name=role, progress=say,
     )  # fmt: skip
     hf = out / role
-    shutil.rmtree(hf, ignore_errors=True)  # no stale files from an earlier build in the digest
-    model.save_pretrained(hf)
-    tok.save(hf)
+    save_lm(model, tok, hf)
     del model
     say(f"{role}: {stats.steps} steps, loss {stats.final_loss:.3f}; evaluating")
     acc = evaluate(load_lm(hf), DIFFICULTIES, eval_n, tokenizer=tok)
     say(f"{role}: exact match " + ", ".join(f"{d}: {a:.2f}" for d, a in acc.items()))
-    desc = f"{recipe.arch}, hidden {recipe.hidden}, {recipe.layers} layers"
-    if recipe.experts:
-        desc += f", {recipe.experts} experts top-{recipe.top_k}"
+    desc = describe(recipe)
     metrics = {f"exact_match_len{d}": a for d, a in acc.items()}
     entries = [
         _entry(out, f"sort-{role}", role, "transformers", "none", version, metrics=metrics,
                description=desc)
     ]  # fmt: skip
-    for q in GGUF_QTYPES:
-        file = f"{role}-{q}.gguf"
-        export_gguf(hf, out / file, qtype=q)
-        say(f"{role}: wrote {file}")
-        entries.append(
-            _entry(out, f"sort-{role}-{q}", file, "gguf", q, version, description=f"{desc}, {q}")
-        )
+    entries += _export_ggufs(out, role, f"sort-{role}", GGUF_QTYPES, desc, version, say)
     section = {
         "recipe": asdict(recipe),
         "params": total,
