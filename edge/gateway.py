@@ -40,8 +40,10 @@ cloud was wanted but failed, else the tier that produced the answer's last token
 all tiers used, in order; ``confidence`` the gate's score (null when a rule decided);
 ``request_id`` the escalation log's key (null when never escalated); ``timings_ms`` the
 runtime's ``ttft``, ``total``, ``local`` and ``cloud`` (ms). Each stream chunk carries
-``{"tier": the tier of that chunk's text, "restart": bool}``, and the last (the one with
-``finish_reason``) the whole answer's fields. A chunk with ``restart: true`` withdraws all
+``{"tier": the tier of that chunk's text, "restart": bool}`` (and in ``mode: speculative``
+``"drafted"``: per token, whether the edge drafted it), and the last (the one with
+``finish_reason``) the whole answer's fields (``speculation``: rounds, drafted and accepted
+tokens, γ per round; null outside speculative decoding). A chunk with ``restart: true`` withdraws all
 text streamed before it (a ``midstream`` hand-off with ``handoff: restart``); a plain OpenAI
 client that concatenates deltas shows both.
 
@@ -562,9 +564,10 @@ class Gateway:
         lp = None
         if call.logprobs is not None:
             lp = self._logprobs(call, self._pieces(call.task, chunk), chunk.logprobs)
-        body = self._chunk(
-            call, chunk.text, lp, None, {"tier": chunk.tier.value, "restart": chunk.restart}
-        )
+        ext: dict[str, Any] = {"tier": chunk.tier.value, "restart": chunk.restart}
+        if chunk.drafted is not None:
+            ext["drafted"] = chunk.drafted
+        body = self._chunk(call, chunk.text, lp, None, ext)
         call.offset += len(chunk.text)
         return body
 
@@ -691,6 +694,7 @@ def _extension(result: GenerationResult) -> dict[str, Any]:
         "timings_ms": dict(result.timings),
         "model_versions": dict(result.model_versions),
         "finish_reason": result.finish_reason,
+        "speculation": result.speculation,
     }
 
 

@@ -105,12 +105,25 @@ def models_build(
             "MoE for the cloud) on the sorting task, with GGUF exports. A few minutes."
         ),
     ] = False,
+    speculative: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: train the speculative-decoding pair (spec-edge, spec-cloud and "
+            "spec-edge-distilled) on the long sorting task (answers of 32-40 tokens), with GGUF "
+            "exports. About ten minutes."
+        ),
+    ] = False,
 ) -> None:
     """Train the edge MLP (int8 ONNX) and the cloud CNN (fp32 ONNX) on corrupted digits, and
     with --moe an MoE classifier served on Tandem's MoE kernels; or with --llm the reference
-    language models."""
+    language models, with --speculative the speculative-decoding ones."""
     say = lambda m: err_console.print(f"[dim]· {m}[/dim]", highlight=False)  # noqa: E731
     try:
+        if speculative:
+            from tandem.bench.reference.spec_models import build_spec_models
+
+            console.print(f"models in {build_spec_models(out, force=force, say=say)}")
+            return
         if llm:
             from tandem.bench.reference.lm_models import build_llm_models
 
@@ -433,21 +446,34 @@ def generate(
                 for chunk in stream:
                     if chunk.restart:
                         console.print("\n[dim](restarted by the cloud)[/dim]")
-                    console.print(
-                        chunk.text, style=colours[chunk.tier.value], end="", highlight=False
-                    )
+                    style = colours[chunk.tier.value]
+                    if chunk.drafted and chunk.token_texts:  # drafted and accepted: underlined
+                        for text, drafted in zip(chunk.token_texts, chunk.drafted, strict=True):
+                            s = f"{style} underline" if drafted else style
+                            console.print(text, style=s, end="", highlight=False)
+                        continue
+                    console.print(chunk.text, style=style, end="", highlight=False)
             r = stream.result
     except TandemError as e:
         raise _fail(e) from None
     console.print()
     assert r is not None
     conf = "n/a" if r.confidence is None else f"{r.confidence:.3f}"
-    timings = ", ".join(f"{k} {v:.1f} ms" for k, v in r.timings.items())
+    timings = ", ".join(f"{k} {v:.1f} ms" for k, v in r.timings.items() if k != "gamma")
     err_console.print(
         f"[dim]tiers {', '.join(t.value for t in r.tiers)}; {r.reason}; confidence {conf}; "
         f"finish {r.finish_reason}; {timings}[/dim]",
         highlight=False,
     )
+    if r.speculation is not None:
+        s = r.speculation
+        rate = "n/a" if s["acceptance"] is None else f"{s['acceptance']:.0%}"
+        err_console.print(
+            f"[dim]speculative: {s['rounds']} verify rounds, {s['accepted']}/{s['drafted']} "
+            f"drafted tokens accepted ({rate}, underlined), mean γ {r.timings['gamma']:.1f}"
+            f"{', then streamed' if s['fallback'] else ''}[/dim]",
+            highlight=False,
+        )
 
 
 @app.command()
