@@ -16,7 +16,7 @@
     generation: {max_streams: 8, buffer_tokens: 256, max_prompt_bytes: 65536,
                  stall_timeout_ms: 30000, max_stream_s: 600, parallel: 4}
     speculative: {max_sessions: 64, max_session_bytes: 1073741824, ttl_s: 30, max_gamma: 16,
-                  max_support: 4096, max_prompt_tokens: 32768}
+                  max_support: 4096, max_prompt_tokens: 2048}
     curve: {secret_key: keys/worker.key_secret, allowed_clients: keys/clients}  # default: off
     insecure: false                  # true: allow a non-loopback bind without curve
 
@@ -136,15 +136,17 @@ class SpeculativeSpec(StrictModel):
     at most ``max_session_bytes`` of KV cache together; a session idle for ``ttl_s`` is
     dropped, and when a new one does not fit, the least recently used goes (its edge
     re-sends the prefix: slower, never wrong). A request drafts at most ``max_gamma`` tokens,
-    each with at most ``max_support`` draft probabilities; its prefix is at most
-    ``max_prompt_tokens`` tokens."""
+    each with at most ``max_support`` draft probabilities. A verify runs on the worker loop's
+    thread, so ``max_prompt_tokens`` — the most tokens one request may run besides its draft (a
+    new session's prompt) — bounds how long one request holds the loop; a longer prompt is
+    refused (the edge then streams the answer with ``generate`` instead)."""
 
     max_sessions: int = Field(default=64, ge=1, le=4096)
     max_session_bytes: int = Field(default=1 << 30, ge=1)
     ttl_s: float = Field(default=30.0, gt=0)
     max_gamma: int = Field(default=16, ge=1, le=64)
     max_support: int = Field(default=4096, ge=1, le=1 << 20)
-    max_prompt_tokens: int = Field(default=32768, ge=1)
+    max_prompt_tokens: int = Field(default=2048, ge=1, le=1 << 20)
 
 
 class CurveSpec(StrictModel):

@@ -18,6 +18,7 @@ a worker lost mid-answer), the edge finishes the answer from where it stands, ma
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -26,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tandem.runtime.errors import MalformedMessage, OverloadedError, SessionLost, TandemError
+from tandem.runtime.errors import (
+    BadRequest,
+    MalformedMessage,
+    OverloadedError,
+    SessionLost,
+    TandemError,
+)
 from tandem.runtime.generation import SamplingParams, SessionLease, TokenStep, _StopFilter
 from tandem.runtime.speculative import (
     STREAM,
@@ -40,6 +47,8 @@ from tandem.runtime.wire import Envelope, Kind
 
 if TYPE_CHECKING:
     from tandem.edge.generation import _Answer
+
+log = logging.getLogger(__name__)
 
 
 def controller_for(policy: Any) -> GammaController:
@@ -240,7 +249,17 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
             tokens, qs = draft(lease, sequence, gamma, params, rng, eos, top_k)
             draft_s = time.perf_counter() - t0
             a.ms["local"] += draft_s * 1e3
-            out, wall = worker.round(sequence, tokens, qs, stats)
+            try:
+                out, wall = worker.round(sequence, tokens, qs, stats)
+            except BadRequest as e:
+                if stats.rounds:
+                    raise
+                # refused before anything was verified (a prompt over the worker's limit, a
+                # different vocabulary): the cloud streams the answer instead
+                log.warning("task %s: the worker refused to verify (%s); streaming", t.name, e)
+                worker.close()
+                yield from _stream_rest(a, ctl, stats, learn=False)
+                return
             a.ms["cloud"] += wall * 1e3
             n = out["accepted"]
             ctl.observe_round(
@@ -301,8 +320,10 @@ def _chunk(a: _Answer, steps: list[TokenStep], drafted: set[int]) -> GenerationC
     return a._record(chunk)
 
 
-def _stream_rest(a: _Answer, ctl: GammaController, stats: _Stats) -> Iterator[GenerationChunk]:
-    """The rest of the answer as a plain cloud stream, timed for the controller."""
+def _stream_rest(
+    a: _Answer, ctl: GammaController, stats: _Stats, learn: bool = True
+) -> Iterator[GenerationChunk]:
+    """The rest of the answer as a plain cloud stream, timed for the controller (``learn``)."""
     stats.fallback = True
     t0 = time.perf_counter()
     first = last = None
@@ -316,6 +337,6 @@ def _stream_rest(a: _Answer, ctl: GammaController, stats: _Stats) -> Iterator[Ge
                 last = now
                 n += len(chunk.tokens)
         yield chunk
-    if first is not None and last is not None:
+    if learn and first is not None and last is not None:
         per_token = (last - first) / (n - 1) if n > 1 else float("nan")
         ctl.observe_stream(first - t0, per_token)

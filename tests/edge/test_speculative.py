@@ -27,7 +27,7 @@ from tandem.runtime.manifest import Manifest, ModelEntry, sha256_file, write_man
 from tandem.runtime.speculative import STREAM
 from tandem.runtime.types import GenerationResult, Tier
 from tests.conftest import require
-from tests.lm import lm_entry, tiny_lm
+from tests.lm import CHARS, lm_entry, tiny_lm
 
 pytestmark = pytest.mark.integration
 
@@ -188,6 +188,17 @@ def test_the_controller_falls_back_to_a_plain_stream_on_a_slow_link(models, work
     assert r.text == own("cloud-lm", PROMPTS[1])
     assert r.speculation is not None and r.speculation["fallback"]
     assert r.speculation["rounds"] == 0 and set(r.token_tiers) == {Tier.CLOUD}
+
+
+def test_a_draft_model_with_another_vocabulary_streams_instead(models, worker, own) -> None:
+    """Drafts are token ids: the worker refuses a different vocabulary, the edge streams."""
+    other = tiny_lm(models.parent / "reversed-vocab", seed=3, chars=CHARS[::-1])
+    local = {"path": str(other), "format": "transformers"}
+    with runtime(models, worker.endpoint, local=local) as rt:
+        r = streamed(rt, PROMPTS[0])
+    assert r.text == own("cloud-lm", PROMPTS[0]) and not r.degraded
+    assert r.speculation is not None and r.speculation["fallback"]
+    assert r.speculation["rounds"] == 0
 
 
 def test_private_stays_local_and_a_dead_cloud_degrades(models, own) -> None:
