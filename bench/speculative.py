@@ -123,17 +123,23 @@ def link(endpoint: str, rtt_ms: float) -> Iterator[str]:
         yield relay.endpoint
 
 
-CONFIGS: list[tuple[str, str, int | str | None]] = [
-    ("cloud only (stream)", "spec-edge-q8_0", None),
-    *((f"speculative γ={g}", "spec-edge-q8_0", g) for g in GAMMAS),
-    ("speculative adaptive", "spec-edge-q8_0", "auto"),
-    ("adaptive, distilled edge", "spec-edge-distilled-q8_0", "auto"),
-]
+CLOUD_ONLY = "cloud only (stream)"
+
+
+def configs(edge: str, distilled: str | None) -> list[tuple[str, str, int | str | None]]:
+    """(row, draft model, γ) of each row; γ None: the cloud streams the answer."""
+    rows: list[tuple[str, str, int | str | None]] = [(CLOUD_ONLY, edge, None)]
+    rows += [(f"speculative γ={g}", edge, g) for g in GAMMAS]
+    rows.append(("speculative adaptive", edge, "auto"))
+    if distilled:
+        rows.append(("adaptive, distilled edge", distilled, "auto"))
+    return rows
 
 
 def network(
     models: Path,
     cloud: str,
+    rows_wanted: list[tuple[str, str, int | str | None]],
     prompts: list[str],
     warm: list[str],
     rtts: Sequence[float],
@@ -156,7 +162,7 @@ def network(
                     name: EdgeRuntime(
                         policy_from_dict(policy(models, endpoint, cloud, draft, gamma))
                     )
-                    for name, draft, gamma in CONFIGS
+                    for name, draft, gamma in rows_wanted
                 }
                 try:
                     for rt in runtimes.values():  # warm-up; the adaptive ones learn here
@@ -168,7 +174,7 @@ def network(
                 finally:
                     for rt in runtimes.values():
                         rt.close()
-            ref = runs[CONFIGS[0][0]]
+            ref = runs[CLOUD_ONLY]
             base = statistics.median(r["tok_s"] for r in ref)
             for name, got in runs.items():
                 tok_s = statistics.median(r["tok_s"] for r in got)
@@ -195,10 +201,10 @@ def _fmt(v: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
-def print_network(rows: list[dict[str, Any]], n: int, repeat: int) -> None:
+def print_network(rows: list[dict[str, Any]], edge: str, n: int, repeat: int) -> None:
     for cloud in dict.fromkeys(r["cloud"] for r in rows):
         print_table(
-            f"speculative decoding across the network: cloud {cloud}, edge spec-edge-q8_0",
+            f"speculative decoding across the network: cloud {cloud}, edge {edge}",
             [
                 "RTT added",
                 "row",
@@ -233,7 +239,7 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     for cloud in dict.fromkeys(r["cloud"] for r in rows):
         mine = [r for r in rows if r["cloud"] == cloud]
         best0 = max(
-            (r for r in mine if r["rtt_ms"] == 0 and r["row"] != CONFIGS[0][0]),
+            (r for r in mine if r["rtt_ms"] == 0 and r["row"] != CLOUD_ONLY),
             key=lambda r: r["ratio"],
             default=None,
         )
@@ -253,16 +259,21 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def same_host(models: Path, prompts: list[str], repeat: int) -> list[dict[str, Any]]:
+def same_host(
+    models: Path, target: str, drafts: list[str], prompts: list[str], repeat: int
+) -> list[dict[str, Any]]:
     from tandem.bench import spec_local
     from tandem.runtime.manifest import load_manifest
 
     m = load_manifest(models)
-    target = models / m.get("spec-cloud-f16").file
-    rows = []
-    for draft in ("spec-edge-q8_0", "spec-edge-distilled-q8_0"):
+    rows: list[dict[str, Any]] = []
+    for draft in drafts:
         got = spec_local.same_host(
-            target, models / m.get(draft).file, prompts, max_tokens=MAX_TOKENS, repeat=repeat
+            models / m.get(target).file,
+            models / m.get(draft).file,
+            prompts,
+            max_tokens=MAX_TOKENS,
+            repeat=repeat,
         )
         for r in got:
             r["draft_model"] = draft
@@ -278,15 +289,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rtts", default=",".join(f"{r:g}" for r in RTTS), help="ms, e.g. 0,5,20")
     ap.add_argument(
         "--clouds",
-        default="spec-cloud,spec-cloud-f16",
-        help="cloud models (transformers MoE, llama.cpp GGUF)",
+        default=None,
+        help="cloud models, comma-separated (default: spec-cloud,spec-cloud-f16 — the "
+        "transformers MoE and the llama.cpp GGUF; --quick: spec-cloud)",
     )
+    ap.add_argument("--edge", default="spec-edge-q8_0", help="the draft model (GGUF)")
+    ap.add_argument(
+        "--distilled", default="spec-edge-distilled-q8_0", help="a second draft model ('' for none)"
+    )
+    ap.add_argument("--same-host-target", default="spec-cloud-f16", help="a GGUF model")
     ap.add_argument("--no-same-host", action="store_true")
     ap.add_argument("--quick", action="store_true", help="6 answers, 1 run, 0 and 20 ms, one cloud")
     ap.add_argument("--json", type=Path, default=Path("bench-speculative.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.n, args.repeat, args.rtts, args.clouds = 6, 1, "0,20", "spec-cloud"
+        args.n, args.repeat, args.rtts = 6, 1, "0,20"
+    if args.clouds is None:
+        args.clouds = "spec-cloud" if args.quick else "spec-cloud,spec-cloud-f16"
     from tandem.bench.reference.spec_models import spec_items
 
     models = resolve_models(args.models_dir)
@@ -296,16 +315,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for cloud in args.clouds.split(","):
-        rows += network(models, cloud, prompts, warm, rtts, args.repeat)
-    print_network(rows, len(prompts), args.repeat)
+        wanted = configs(args.edge, args.distilled or None)
+        rows += network(models, cloud, wanted, prompts, warm, rtts, args.repeat)
+    print_network(rows, args.edge, len(prompts), args.repeat)
     verdicts = goals(rows)
     for v in verdicts:
         print(v)
     local: list[dict[str, Any]] = []
     if not args.no_same_host:
-        local = same_host(models, prompts, args.repeat)
+        drafts = [d for d in (args.edge, args.distilled) if d]
+        local = same_host(models, args.same_host_target, drafts, prompts, args.repeat)
         print_table(
-            "speculative decoding on one host (llama-cpp-python): target spec-cloud-f16",
+            f"speculative decoding on one host (llama-cpp-python): target {args.same_host_target}",
             ["row", "draft model", "tok/s", "× target alone", "accepted", "identical"],
             [
                 [

@@ -127,6 +127,7 @@ class _Verifier:
         self.a, self.client, self.model = a, t.client, t.policy.cloud.model
         self.session = os.urandom(16)
         self.digest = digest
+        self.n_vocab = int(t.backend.n_vocab)
         self.pos = 0  # tokens the worker's session holds (0: none)
         self.prefer: int | None = None
         self.open = False
@@ -170,7 +171,7 @@ class _Verifier:
                 if attempt:
                     raise
                 continue
-            out = _check_reply(reply.payload, len(tokens))
+            out = _check_reply(reply.payload, len(tokens), len(sequence), self.n_vocab)
             self.pos = out["pos"]
             if out["done"]:
                 self.open = False
@@ -188,13 +189,15 @@ class _Verifier:
         self.open = False
 
 
-def _check_reply(p: Any, gamma: int) -> dict[str, Any]:
+def _check_reply(p: Any, gamma: int, length: int, n_vocab: int) -> dict[str, Any]:
+    """The reply to a round of ``gamma`` drafts after ``length`` tokens, checked before use."""
     if not (
         isinstance(p, dict)
         and type(p.get("accepted")) is int
         and 0 <= p["accepted"] <= gamma
         and type(p.get("token")) is int
-        and type(p.get("pos")) is int
+        and 0 <= p["token"] < n_vocab
+        and p.get("pos") == length + p["accepted"] + 1
         and isinstance(p.get("logprobs"), list)
         and len(p["logprobs"]) == p["accepted"] + 1
         and type(p.get("eos")) is bool
