@@ -71,6 +71,21 @@ def lm_entry(models_dir: Path, name: str) -> ModelEntry:
     )
 
 
+def gguf_entry(models_dir: Path, name: str, hf_name: str, qtype: str = "f32") -> ModelEntry:
+    """Export ``models_dir / hf_name`` as ``models_dir / {hf_name}.gguf``; its manifest entry."""
+    from tandem.runtime.gguf import export_gguf
+
+    path = export_gguf(models_dir / hf_name, models_dir / f"{hf_name}.gguf", qtype=qtype)
+    return ModelEntry(
+        name=name,
+        version=f"g-{name}",
+        file=path.name,
+        sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+        format="gguf",
+    )
+
+
 def lm_models_dir(out: Path, models: dict[str, dict[str, Any]]) -> Path:
     """``models``: name → :func:`tiny_lm` options; writes each and a manifest into ``out``."""
     for name, options in models.items():

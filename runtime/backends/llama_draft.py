@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp.llama_speculative import LlamaDraftModel
 
-from tandem.runtime.backends.llamacpp import _load_failure, _Session
+from tandem.runtime.backends.llamacpp import _Session, llama_kwargs, load_llama, usable_ctx
 from tandem.runtime.errors import BackendError, ConfigError
 
 __all__ = ["GGUFDraftModel"]
@@ -71,24 +71,11 @@ class GGUFDraftModel(LlamaDraftModel):
             )
         self.path = Path(path)
         self.num_pred_tokens = num_pred_tokens
-        kwargs = {
-            "n_ctx": n_ctx,
-            "n_batch": min(n_ctx or 512, 512),
-            "n_threads": threads or None,
-            "n_threads_batch": threads or None,
-            "logits_all": False,
-            **options,
-        }
-        try:
-            llm = llama_cpp.Llama(model_path=str(self.path), verbose=False, **kwargs)
-        except ValueError:
-            reason = _load_failure(self.path, kwargs)
-            raise BackendError(f"cannot load GGUF model {self.path}: {reason}") from None
+        llm = load_llama(self.path, llama_kwargs(n_ctx, threads, options))
         self._llm: llama_cpp.Llama | None = llm
         self._session = _Session(llm)
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        trained = llama_cpp.llama_model_n_ctx_train(llm.model) or llm.n_ctx()
-        self.n_ctx = min(n_ctx or trained, llm.n_ctx(), trained)
+        self.n_ctx = usable_ctx(llm, n_ctx)
         self.n_vocab = llm.n_vocab()
 
     @property

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -135,6 +136,36 @@ class _Session:
         return self._row
 
 
+def llama_kwargs(n_ctx: int, threads: int, options: dict[str, Any]) -> dict[str, Any]:
+    """``Llama`` keyword arguments: ``n_ctx`` 0 for the trained context, ``threads`` 0 for
+    llama.cpp's default, only the last row's logits kept by ``eval``; ``options`` win."""
+    return {
+        "n_ctx": n_ctx,
+        "n_batch": min(n_ctx or 512, 512),
+        "n_threads": threads or None,
+        "n_threads_batch": threads or None,
+        "logits_all": False,
+        **options,
+    }
+
+
+def load_llama(path: Path, kwargs: dict[str, Any]) -> llama_cpp.Llama:
+    """A ``Llama`` for ``path``, or :class:`BackendError` saying why it cannot load."""
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    except ValueError:
+        reason = _load_failure(path, kwargs)
+    raise BackendError(f"cannot load GGUF model {path}: {reason}")
+
+
+def usable_ctx(llm: llama_cpp.Llama, n_ctx: int) -> int:
+    """The context a stream may use: ``n_ctx`` (0: the trained one), never past the trained
+    context (llama.cpp rounds its own up to 256s; past the trained one the output is
+    garbage)."""
+    trained = llama_cpp.llama_model_n_ctx_train(llm.model) or llm.n_ctx()
+    return min(n_ctx or trained, llm.n_ctx(), trained)
+
+
 def _kv_bytes(llm: llama_cpp.Llama) -> int:
     """The KV cache a context holds (f16 keys and values for every layer and position)."""
     model = llm.model
@@ -175,23 +206,14 @@ class LlamaCppBackend:
             )
         self.path = Path(path)
         self.name = name or self.path.stem
-        kwargs = {
-            "n_ctx": n_ctx,
-            "n_batch": min(n_ctx or 512, 512),
-            "n_threads": threads or None,
-            "n_threads_batch": threads or None,
-            "logits_all": False,
-            **options,
-        }
-        self._contexts = [self._load(kwargs) for _ in range(parallel)]
+        kwargs = llama_kwargs(n_ctx, threads, options)
+        self._contexts = [load_llama(self.path, kwargs) for _ in range(parallel)]
         self._free = list(self._contexts)
         self._lock = threading.Lock()
         self._closed = False
         first = self._contexts[0]
         self.version = version or sha256_file(self.path)[:12]
-        # llama.cpp rounds its own up to 256s; past the trained context the output is garbage
-        trained = llama_cpp.llama_model_n_ctx_train(first.model) or first.n_ctx()
-        self.n_ctx = min(n_ctx or trained, first.n_ctx(), trained)
+        self.n_ctx = usable_ctx(first, n_ctx)
         self.parallel = parallel
         self.n_vocab = first.n_vocab()
         vocab = llama_cpp.llama_model_get_vocab(first.model)
@@ -199,13 +221,6 @@ class LlamaCppBackend:
         self._eos = frozenset(
             t for t in (first.token_eos(), llama_cpp.llama_vocab_eot(vocab)) if t >= 0
         )
-
-    def _load(self, kwargs: dict) -> llama_cpp.Llama:
-        try:
-            return llama_cpp.Llama(model_path=str(self.path), verbose=False, **kwargs)
-        except ValueError:
-            reason = _load_failure(self.path, kwargs)
-        raise BackendError(f"cannot load GGUF model {self.path}: {reason}")
 
     @property
     def raw(self) -> llama_cpp.Llama:

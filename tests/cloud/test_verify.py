@@ -28,12 +28,12 @@ from tandem.edge.speculative import draft
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
 from tandem.runtime.generation import SamplingParams, distribution
-from tandem.runtime.manifest import Manifest, ModelEntry, sha256_file, write_manifest
+from tandem.runtime.manifest import Manifest, write_manifest
 from tandem.runtime.speculative import pack_draft_q, vocab_digest
 from tandem.runtime.tokenizer import EOS
 from tandem.runtime.wire import Envelope, Kind
 from tests.conftest import require
-from tests.lm import lm_entry, tiny_lm
+from tests.lm import gguf_entry, lm_entry, tiny_lm
 
 PROMPTS = ["sort:dcba=", "ab", "zz:q", "sort:qwerty=", "hello world", "a=b"]
 GREEDY = SamplingParams(max_tokens=16)
@@ -50,19 +50,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_lm(out / "cloud-moe", arch="mixtral", seed=7, **kw)
     entries = [lm_entry(out, n) for n in ("cloud-llama", "cloud-moe", "draft")]
     if _has("llama_cpp") and _has("gguf"):
-        from tandem.runtime.gguf import export_gguf
-
-        path = export_gguf(out / "cloud-llama", out / "cloud-llama.gguf", qtype="f32")
-        entries.append(
-            ModelEntry(
-                name="cloud-gguf",
-                version="g1",
-                file=path.name,
-                sha256=sha256_file(path),
-                size_bytes=path.stat().st_size,
-                format="gguf",
-            )
-        )
+        entries.append(gguf_entry(out, "cloud-gguf", "cloud-llama"))
     write_manifest(out, Manifest(models=entries))
     return out
 

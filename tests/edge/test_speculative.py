@@ -23,11 +23,11 @@ from tandem.edge import EdgeRuntime
 from tandem.router.policy import policy_from_dict
 from tandem.runtime.errors import ConfigError
 from tandem.runtime.generation import SamplingParams
-from tandem.runtime.manifest import Manifest, ModelEntry, sha256_file, write_manifest
+from tandem.runtime.manifest import Manifest, write_manifest
 from tandem.runtime.speculative import STREAM
 from tandem.runtime.types import GenerationResult, Tier
 from tests.conftest import require
-from tests.lm import CHARS, lm_entry, tiny_lm
+from tests.lm import CHARS, gguf_entry, lm_entry, tiny_lm
 
 pytestmark = pytest.mark.integration
 
@@ -41,26 +41,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require("transformers")
     require("llama_cpp")
     require("gguf")
-    from tandem.runtime.gguf import export_gguf
-
     out = tmp_path_factory.mktemp("spec")
     kw = {"hidden": 64, "layers": 2, "heads": 4, "initializer_range": 0.2}
     tiny_lm(out / "edge-lm", seed=3, **kw)
     tiny_lm(out / "cloud-lm", seed=6, **kw)
     tiny_lm(out / "cloud-moe", arch="mixtral", seed=7, **kw)
     entries = [lm_entry(out, n) for n in ("edge-lm", "cloud-lm", "cloud-moe")]
-    for name in ("edge-lm", "cloud-lm"):
-        path = export_gguf(out / name, out / f"{name}.gguf", qtype="f32")
-        entries.append(
-            ModelEntry(
-                name=f"{name}-gguf",
-                version="g",
-                file=path.name,
-                sha256=sha256_file(path),
-                size_bytes=path.stat().st_size,
-                format="gguf",
-            )
-        )
+    entries += [gguf_entry(out, f"{name}-gguf", name) for name in ("edge-lm", "cloud-lm")]
     write_manifest(out, Manifest(models=entries))
     return out
 
