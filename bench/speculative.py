@@ -25,6 +25,12 @@ cores, which on a robot and a server they would not.
 
 from __future__ import annotations
 
+import os
+
+# before torch or Numba start OpenMP (imported lazily below): idle OpenMP threads of this
+# process must not spin on the cores the worker needs (the worker's CLI does the same)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import statistics

@@ -50,6 +50,7 @@ class GenerationTask:
     n_vocab: int
     versions: dict[str, str]
     controller: GammaController | None = None  # mode speculative: γ, shared by the answers
+    vocab: str | None = None  # mode speculative: the local model's vocabulary digest, once
 
     @property
     def gate(self) -> TokenGate:

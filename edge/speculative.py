@@ -229,8 +229,9 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
         yield from _stream_rest(a, ctl, stats)
         a.speculation = stats.as_dict(ctl)
         return
-    digest = vocab_digest((backend.piece(i) for i in range(backend.n_vocab)), eos)
-    worker = _Verifier(a, digest)
+    if t.vocab is None:
+        t.vocab = vocab_digest((backend.piece(i) for i in range(backend.n_vocab)), eos)
+    worker = _Verifier(a, t.vocab)
     ctl.begin_answer()
     ended = False  # EOS or a stop string
     try:

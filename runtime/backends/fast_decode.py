@@ -206,49 +206,83 @@ class FastDecoder:
         return FastSession(self, n)
 
     def step(self, token: int, pos: int, k_cache: np.ndarray, v_cache: np.ndarray) -> np.ndarray:
-        """Run one token at position ``pos``: the decode step, in numpy around the skinny
-        kernel (a numpy operation costs a fraction of a torch one at these sizes). Same
-        arithmetic and caches as :meth:`forward`; returns the logits (n_vocab,)."""
-        end = pos + 1
+        """Run one token at position ``pos``: the decode step. Returns the logits (n_vocab,)."""
+        return self.steps([token], pos, k_cache, v_cache)[0]
+
+    def steps(
+        self, tokens: Sequence[int], pos: int, k_cache: np.ndarray, v_cache: np.ndarray
+    ) -> np.ndarray:
+        """Run a few tokens (up to :data:`~tandem.kernels.linear.SKINNY_MAX_ROWS`: a decode
+        step, or a speculative draft to verify) at positions ``pos, pos + 1, ...``, in numpy
+        around the skinny kernel (a numpy operation costs a fraction of a torch one at these
+        sizes; every weight row is streamed once for all T tokens). Same arithmetic and caches
+        as :meth:`forward`; returns the logits after each token, (T, n_vocab)."""
+        t = len(tokens)
+        end = pos + t
         lo = 0 if self.window is None else max(0, pos - self.window + 1)
-        cos, sin = self.cos_np[pos], self.sin_np[pos]  # (2, head_dim / 2)
+        cos, sin = self.cos_np[pos:end, None], self.sin_np[pos:end, None]  # (T, 1, 2, hd / 2)
         nkv, hd, eps = self.n_kv_heads, self.head_dim, self.eps
         group = self.n_heads // nkv
-        x = self.embed_np[token : token + 1].copy()  # (1, H)
+        x = self.embed_np[list(tokens)]  # (T, H), a copy
+        mask = None if t == 1 else self._visible_np(pos, t, lo)
         for i, ly in enumerate(self.layers):
             h = _rms_np(x, ly.attn_norm_np, eps)
-            q = _rope_np(ly.q.gemv(h), cos, sin).reshape(nkv, group, hd)
-            k_cache[i, :, pos] = _rope_np(ly.k.gemv(h), cos, sin).reshape(nkv, hd)
-            v_cache[i, :, pos] = ly.v.gemv(h).reshape(nkv, hd)
-            s = np.matmul(q, k_cache[i, :, lo:end].transpose(0, 2, 1))  # (nkv, group, L)
+            q = _rope_np(ly.q.gemv(h), cos, sin).reshape(t, nkv, group * hd)
+            k_cache[i, :, pos:end] = (
+                _rope_np(ly.k.gemv(h), cos, sin).reshape(t, nkv, hd).swapaxes(0, 1)
+            )
+            v_cache[i, :, pos:end] = ly.v.gemv(h).reshape(t, nkv, hd).swapaxes(0, 1)
+            q = q.swapaxes(0, 1).reshape(nkv, t * group, hd)
+            s = np.matmul(q, k_cache[i, :, lo:end].transpose(0, 2, 1))  # (nkv, T·group, L)
             s *= self.scale
+            if mask is not None:
+                s.reshape(nkv, t, group, -1)[...] += mask
             s -= s.max(-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(-1, keepdims=True)
-            a = np.matmul(s, v_cache[i, :, lo:end])  # (nkv, group, hd)
-            x += ly.o.gemv(a.reshape(1, -1))
+            a = np.matmul(s, v_cache[i, :, lo:end])  # (nkv, T·group, hd)
+            x += ly.o.gemv(a.reshape(nkv, t, group * hd).swapaxes(0, 1).reshape(t, -1))
             h = _rms_np(x, ly.mlp_norm_np, eps)
             if ly.mlp is not None:
                 gate, up, down = ly.mlp
                 x += down.gemv(self._act_np(gate.gemv(h)) * up.gemv(h))
             else:
                 self._moe_np(ly, h, x)
-        return self.lm_head.gemv(_rms_np(x, self.norm_np, eps))[0]
+        return self.lm_head.gemv(_rms_np(x, self.norm_np, eps))
+
+    def _visible_np(self, pos: int, t: int, lo: int) -> np.ndarray:
+        """(T, 1, keys): 0 where each of T new tokens sees a cached key from ``lo``, −inf where
+        it does not (causal, and the sliding window)."""
+        qpos = np.arange(pos, pos + t)[:, None]
+        kpos = np.arange(lo, pos + t)[None]
+        mask = kpos <= qpos
+        if self.window is not None:
+            mask &= kpos > qpos - self.window
+        return np.where(mask, np.float32(0), np.float32(-np.inf))[:, None]
 
     def _act_np(self, x: np.ndarray) -> np.ndarray:
         return self.act(torch.from_numpy(x)).numpy()
 
     def _moe_np(self, ly: _Layer, h: np.ndarray, x: np.ndarray) -> None:
-        """One token's experts added to ``x`` (1, H), in place; routing as :meth:`_moe`."""
-        logits = ly.router.gemv(h)[0]
-        ids = np.argsort(-logits, kind="stable")[: self.top_k]
-        w = np.exp(logits[ids] - logits[ids[0]])
-        w /= w.sum()
+        """T tokens' experts added to ``x`` (T, H), in place; routing as :meth:`_moe`. Each
+        selected expert runs once, on the rows that chose it."""
+        logits = ly.router.gemv(h)  # (T, E)
+        ids = np.argsort(-logits, axis=1, kind="stable")[:, : self.top_k]
+        top = np.take_along_axis(logits, ids, 1)
+        w = np.exp(top - top[:, :1])
+        w /= w.sum(1, keepdims=True)
         inter = ly.down_np[0].shape[1]
-        for e, we in zip(ids.tolist(), w.tolist(), strict=True):
-            gate_up = skinny_linear(h, ly.gate_up_np[e])
+        if len(h) == 1:  # the decode step: no grouping
+            for e, we in zip(ids[0].tolist(), w[0].tolist(), strict=True):
+                gate_up = skinny_linear(h, ly.gate_up_np[e])
+                a = self._act_np(gate_up[:, :inter]) * gate_up[:, inter:]
+                x += skinny_linear(a, ly.down_np[e]) * we
+            return
+        for e in np.unique(ids).tolist():
+            rows, slots = np.nonzero(ids == e)
+            gate_up = skinny_linear(h[rows], ly.gate_up_np[e])
             a = self._act_np(gate_up[:, :inter]) * gate_up[:, inter:]
-            x += skinny_linear(a, ly.down_np[e]) * we
+            x[rows] += skinny_linear(a, ly.down_np[e]) * w[rows, slots][:, None]
 
     @torch.inference_mode()
     def forward(
@@ -383,8 +417,8 @@ class FastSession:
         bad = [t for t in new if not 0 <= t < self.decoder.n_vocab]
         if bad:
             raise BadRequest(f"token ids must be in 0..{self.decoder.n_vocab - 1}, got {bad[:8]}")
-        if len(new) == 1:
-            rows = self.decoder.step(new[0], start, self.k_np, self.v_np)[None]
+        if len(new) <= SKINNY_MAX_ROWS:
+            rows = self.decoder.steps(new, start, self.k_np, self.v_np)[-n_rows:]
         else:
             ids = torch.tensor(new)
             rows = self.decoder.forward(ids, start, self.k_cache, self.v_cache, n_rows).numpy()
@@ -393,14 +427,17 @@ class FastSession:
 
 
 def _rms_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm of one row ``x`` (1, H) with weight ``w`` (H,)."""
-    return x * (w / np.sqrt(np.dot(x[0], x[0]) / x.shape[1] + eps))
+    """RMSNorm of the rows of ``x`` (T, H) with weight ``w`` (H,)."""
+    if len(x) == 1:
+        return x * (w / np.sqrt(np.dot(x[0], x[0]) / x.shape[1] + eps))
+    return x * (w / np.sqrt(np.einsum("th,th->t", x, x)[:, None] / x.shape[1] + eps))
 
 
 def _rope_np(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """:func:`_rope` for one token: ``x`` (1, heads * head_dim), tables (2, head_dim / 2)."""
-    halves = x.reshape(-1, 2, cos.shape[1])
-    return halves * cos + halves[:, ::-1] * sin
+    """:func:`_rope` in numpy: ``x`` (T, heads * head_dim), tables (T, 1, 2, head_dim / 2);
+    returns (T, heads, 2, head_dim / 2)."""
+    halves = x.reshape(len(x), -1, 2, cos.shape[-1])
+    return halves * cos + halves[:, :, ::-1] * sin
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -253,3 +253,37 @@ def test_backend_rejects_an_unknown_decode_path(model_dirs):
 
     with pytest.raises(ConfigError, match="decode"):
         TransformersBackend(model_dirs["llama"], decode="turbo")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_several_tokens_at_once_match_torch_and_one_at_a_time(name):
+    """steps (T ≤ 16 tokens in numpy: a verify pass) gives every row that forward (torch, all
+    rows) and T single steps give, after a cached prefix; and leaves the same cache."""
+    decoder = FastDecoder(MODELS[name]())
+    draft = [7, 3, 3, 21, 9]
+    rows = {}
+    caches = {}
+    for how in ("steps", "forward", "single"):
+        session = decoder.session()
+        session.prefill(PROMPT[:4])
+        start, new = len(session.tokens), PROMPT[4:] + draft  # 12 tokens, past the window of 7
+        if how == "steps":
+            got = decoder.steps(new, start, session.k_np, session.v_np)
+        elif how == "forward":
+            got = decoder.forward(
+                torch.tensor(new), start, session.k_cache, session.v_cache, rows=len(new)
+            ).numpy()
+        else:
+            got = np.stack(
+                [decoder.step(t, start + i, session.k_np, session.v_np) for i, t in enumerate(new)]
+            )
+        rows[how], caches[how] = got, session.k_cache[:, :, : start + len(new)].clone()
+    for how in ("forward", "single"):
+        np.testing.assert_allclose(rows["steps"], rows[how], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(caches["steps"], caches[how], atol=ATOL, rtol=0)
+    session = decoder.session()
+    session.prefill(PROMPT)
+    np.testing.assert_allclose(session.extend(draft, 3), rows["steps"][-3:], atol=ATOL, rtol=0)
+    assert session.tokens == PROMPT + draft
+    session.truncate(len(PROMPT) + 1)
+    np.testing.assert_allclose(session.append(draft[1]), rows["steps"][-4], atol=ATOL, rtol=0)
