@@ -204,7 +204,7 @@ def network(
 
 
 def _fmt(v: Any, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
+    return "—" if v is None or v != v else format(v, spec)  # None and NaN
 
 
 def print_network(rows: list[dict[str, Any]], edge: str, n: int, repeat: int) -> None:
@@ -282,8 +282,8 @@ def same_host(
             repeat=repeat,
         )
         for r in got:
-            r["draft_model"] = draft
-        rows += got if not rows else [r for r in got if r.get("draft") != "none"]
+            r["draft_model"] = draft if r.get("draft") == "gguf" else None
+        rows += got if not rows else [r for r in got if r.get("draft") == "gguf"]
     return rows
 
 
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             [
                 [
                     r["row"],
-                    r["draft_model"] if r.get("draft") != "none" else "—",
+                    r["draft_model"] or "—",
                     _fmt(r["tokens_per_s"], ".0f"),
                     _fmt(r["ratio"], ".2f") + "×",
                     _fmt(r["acceptance"], ".0%"),

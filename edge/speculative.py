@@ -240,7 +240,7 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
             if remaining <= 0:
                 a.finish_reason = "length"
                 break
-            gamma = ctl.choose(remaining)
+            gamma = ctl.choose(remaining, first=not stats.rounds)
             if gamma != STREAM:  # the draft must fit the local model's context too
                 gamma = min(gamma, n_ctx - len(sequence) - 1)
             if gamma < 0:
@@ -266,14 +266,6 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
                 return
             a.ms["cloud"] += wall * 1e3
             n = out["accepted"]
-            ctl.observe_round(
-                len(tokens),
-                n,
-                draft_s=draft_s,
-                wall_s=wall,
-                compute_s=max(int(out.get("compute_us", 0)), 0) / 1e6,
-                prefilled=int(out.get("prefilled", 0)),
-            )
             stats.add(len(tokens), n)
             new = [*tokens[:n], out["token"]][:remaining]
             sequence.extend(new)
@@ -295,6 +287,15 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
                     ended = True
                     stops = None  # what it held is cut off
                     break
+            ctl.observe_round(
+                len(tokens),
+                n,
+                draft_s=draft_s,
+                wall_s=wall,
+                compute_s=max(int(out.get("compute_us", 0)), 0) / 1e6,
+                prefilled=int(out.get("prefilled", 0)),
+                round_s=time.perf_counter() - t0,
+            )
             if steps:
                 yield _chunk(a, steps, drafted)
         if stops is not None and (held := stops.flush()):

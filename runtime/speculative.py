@@ -140,17 +140,19 @@ class GammaController:
     accepted count and whether the round ended on a rejection), the edge's draft time per
     token, the round trip (wall time of a verify request minus the worker's own compute time,
     which the reply carries: no two clocks compared), the worker's verify time per number of
-    rows, and — once it has fallen back — the time per token and first-token time of a plain
-    cloud stream. Its choice maximises tokens per second:
+    rows, the edge's own time per round besides those (bookkeeping, emitting the tokens), and
+    a plain cloud stream's time per token and to its first token. Its choice maximises tokens
+    per second:
 
-        rate(γ) = E[tokens | α, γ] / (γ · t_draft + t_rtt + t_verify(γ + 1))
+        rate(γ) = E[tokens | α, γ] / (γ · t_draft + t_rtt + t_verify(γ + 1) + t_edge)
 
-    With ``fallback`` it returns :data:`STREAM` (stream the rest from the cloud) when a
-    stream is expected to finish the remaining tokens sooner: L · t_stream + t_first < L /
-    rate(γ*), where t_stream, before a stream was measured, is the worker's one-row verify time
-    (an optimistic guess for streaming, so drafting has to earn its keep). While it prefers
-    streaming, every ``reprobe_every``-th answer drafts anyway, so a link or a draft model that
-    got better is noticed. ``gamma`` fixes γ (no adaptation, no fallback).
+    With ``fallback`` it returns :data:`STREAM` (stream the rest from the cloud) when a stream
+    is expected to finish the L tokens left sooner (L: the answer's tokens left, at most the
+    average answer): L · t_stream (+ t_first mid-answer, where a stream means a new prompt) <
+    L / rate(γ*). Its first rounds try γ = 4, 2, 8 (to fit the verify times), then one answer
+    is streamed to measure t_stream; while it prefers streaming, every ``reprobe_every``-th
+    answer drafts one round, so a link or a draft model that got better is noticed. ``gamma``
+    fixes γ (no adaptation, no fallback).
     """
 
     gamma: int | None = None
@@ -163,11 +165,13 @@ class GammaController:
     _rounds: int = field(default=0, init=False)
     _draft_s: float | None = field(default=None, init=False)
     _rtt_s: float | None = field(default=None, init=False)
+    _edge_s: float = field(default=0.0, init=False)
     _verify_s: dict[int, float] = field(default_factory=dict, init=False)
     _stream_s: float | None = field(default=None, init=False)
     _first_s: float | None = field(default=None, init=False)
     _length: float | None = field(default=None, init=False)
     _answers: int = field(default=0, init=False)
+    _probed: int = field(default=-1, init=False)  # the answer whose re-probe round was given
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -203,7 +207,7 @@ class GammaController:
         tv = self.verify_time(gamma + 1)
         if tv is None or self._rtt_s is None or self._draft_s is None:
             return None
-        cost = gamma * self._draft_s + self._rtt_s + tv
+        cost = gamma * self._draft_s + self._rtt_s + tv + self._edge_s
         return expected_tokens(self.acceptance, gamma) / cost
 
     def snapshot(self) -> dict[str, float | None]:
@@ -214,6 +218,7 @@ class GammaController:
             "rtt_ms": ms(self._rtt_s),
             "draft_ms": ms(self._draft_s),
             "verify1_ms": ms(self.verify_time(1)),
+            "edge_ms": ms(self._edge_s),
             "stream_ms": ms(self._stream_s),
         }
 
@@ -222,9 +227,10 @@ class GammaController:
         with self._lock:
             self._answers += 1
 
-    def choose(self, remaining: int) -> int:
+    def choose(self, remaining: int, first: bool = False) -> int:
         """γ for the next round (at most ``remaining`` − 1: the cloud adds one token; 0 with one
-        token left), or :data:`STREAM`: stream the rest without drafting."""
+        token left), or :data:`STREAM`: stream the rest without drafting. ``first``: the
+        answer's first round (a stream then costs no extra prompt)."""
         cap = min(self.max_gamma, remaining - 1)
         if cap < 1:
             return 0
@@ -233,19 +239,21 @@ class GammaController:
         with self._lock:
             if self._rounds < len(EXPLORE):
                 return min(EXPLORE[self._rounds], cap)
+            if self.fallback and self._stream_s is None and first:
+                return STREAM  # measure a stream once
             rates = {g: self.rate(g) or 0.0 for g in range(1, cap + 1)}
             best = max(rates, key=rates.__getitem__)
-            if not self.fallback or rates[best] <= 0.0:
+            if not self.fallback or rates[best] <= 0.0 or self._stream_s is None:
                 return best
             length = min(float(remaining), self._length or float(remaining))
-            t_stream = self._stream_s if self._stream_s is not None else self.verify_time(1)
-            t_first = self._first_s if self._first_s is not None else (self._rtt_s or 0.0)
-            assert t_stream is not None
-            if length * t_stream + t_first < length / rates[best]:
-                n = self._answers
-                probe = self.reprobe_every and n and n % self.reprobe_every == 0
-                return best if probe else STREAM
-            return best
+            stream = length * self._stream_s + (0.0 if first else self._first_s or 0.0)
+            if stream >= length / rates[best]:
+                return best
+            n = self._answers
+            if first and self.reprobe_every and n % self.reprobe_every == 0 and n != self._probed:
+                self._probed = n  # one round of drafting, then decide again
+                return best
+            return STREAM
 
     # ------------------------------------------------------------------ measuring
     def observe_round(
@@ -257,12 +265,16 @@ class GammaController:
         wall_s: float,
         compute_s: float,
         prefilled: int,
+        round_s: float | None = None,
     ) -> None:
         """One verify round: γ drafted, ``accepted`` kept; ``draft_s`` the edge's drafting
         time, ``wall_s`` the request's round trip as the edge timed it, ``compute_s`` the
         worker's time for it, ``prefilled`` the prompt tokens it had to run first (a new or
-        evicted session: its compute time is not a verify time)."""
+        evicted session: its compute time is not a verify time); ``round_s`` the whole round
+        on the edge (the rest is the edge's own overhead)."""
         with self._lock:
+            if round_s is not None:
+                self._edge_s = _ewma(self._edge_s, max(round_s - draft_s - wall_s, 0.0))
             self._rounds += 1
             if gamma:
                 self._hits += accepted

@@ -207,15 +207,25 @@ def test_controller_drafts_more_when_acceptance_is_high_and_streams_on_a_slow_li
     assert snap["rtt_ms"] == pytest.approx(2.0) and math.isfinite(snap["verify1_ms"])
 
 
-def test_controller_reprobes_a_fallback_every_n_answers() -> None:
+def test_controller_reprobes_a_fallback_every_n_answers_for_one_round() -> None:
     ctl = GammaController(max_gamma=8, reprobe_every=4)
     _train(ctl, 0.6, rtt=0.05, draft=0.001, verify_base=0.001)
     ctl.observe_stream(0.05, 0.001)
     choices = []
     for _ in range(8):
         ctl.begin_answer()
-        choices.append(ctl.choose(100))
+        choices.append(ctl.choose(100, first=True))
+        assert ctl.choose(90) == STREAM  # a probe is one round: then it decides again
     assert choices.count(STREAM) == 6 and all(c >= 1 for c in choices if c != STREAM)
+
+
+def test_controller_measures_a_stream_once_before_it_compares() -> None:
+    ctl = GammaController(max_gamma=8)
+    _train(ctl, 0.9, rtt=0.001, draft=0.0002, verify_base=0.001)
+    assert ctl.choose(100) >= 1  # mid-answer: it keeps drafting
+    assert ctl.choose(100, first=True) == STREAM  # a new answer: one stream, to measure it
+    ctl.observe_stream(0.01, 0.01)  # a slow stream: 10 ms per token
+    assert ctl.choose(100, first=True) >= 1
 
 
 def test_vocab_digest() -> None:
