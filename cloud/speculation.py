@@ -10,7 +10,8 @@ Request payload (every field checked before use; unknown fields refused)::
     session     16 bytes, chosen by the edge (random)
     pos         how many tokens of the sequence the edge believes this session holds (0: new)
     tokens      [int], the sequence from ``pos`` on (a new session: the whole prompt)
-    draft       [int], γ draft tokens (0 ≤ γ ≤ speculative.max_gamma)
+    draft       [int], γ draft tokens (at most 64; only the first speculative.max_gamma
+                are verified)
     q_ids       int32 (γ, k) array    } the draft's distribution at each drafted position,
     q_probs     float64 (γ, k) array  } sparse (probability 0 pads); sampling only
     temperature, top_p, seed           the sampling parameters, as ``generate``'s
@@ -47,7 +48,7 @@ import numpy as np
 from tandem.cloud.config import SpeculativeSpec
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
 from tandem.runtime.generation import SamplingParams, SessionLease, token_confidence
-from tandem.runtime.speculative import verify, vocab_digest
+from tandem.runtime.speculative import cut_at_end, verify, verify_rng, vocab_digest
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ VERIFY_FIELDS = frozenset(
     }
 )
 SESSION_ID_BYTES = 16
+MAX_DRAFT = 64  # draft tokens a request may carry; those past speculative.max_gamma are ignored
 _Q_TOLERANCE = 1e-6  # how far a draft distribution's sum may be from 1
 
 
@@ -120,7 +122,7 @@ def parse_verify(p: Any, spec: SpeculativeSpec) -> VerifyRequest:
     if type(pos) is not int or not 0 <= pos <= spec.max_prompt_tokens + (1 << 16):
         raise BadRequest("verify: pos must be a non-negative integer")
     tokens = _int_list(p, "tokens", spec.max_prompt_tokens)
-    draft = _int_list(p, "draft", spec.max_gamma)
+    draft = _int_list(p, "draft", MAX_DRAFT)
     max_tokens = p.get("max_tokens", 1)
     if type(max_tokens) is not int or not 1 <= max_tokens <= 1 << 16:
         raise BadRequest("verify: max_tokens must be an integer in 1..65536")
@@ -144,6 +146,10 @@ def parse_verify(p: Any, spec: SpeculativeSpec) -> VerifyRequest:
         _check_q(q_ids, q_probs, draft, spec.max_support)
     else:
         q_ids = q_probs = None
+    if len(draft) > spec.max_gamma:  # verify a prefix: fewer accepted, never a wrong token
+        draft = draft[: spec.max_gamma]
+        if q_ids is not None and q_probs is not None:
+            q_ids, q_probs = q_ids[: spec.max_gamma], q_probs[: spec.max_gamma]
     return VerifyRequest(
         model, session, pos, tokens, draft, q_ids, q_probs, params, max_tokens, vocab, end
     )
@@ -197,7 +203,7 @@ class Session:
         self.lease = lease
         self.sequence = sequence
         self.held = _shared_prefix(lease.held, sequence[:-1])  # tokens its cache holds
-        self.rng = np.random.default_rng(req.params.seed)
+        self.rng = verify_rng(req.params.seed, len(sequence))
         self.limit = len(sequence) + req.max_tokens  # the sequence's length when it is done
         self.used = time.monotonic()
 
@@ -228,9 +234,10 @@ class VerifyTable:
             if sess is not None:
                 self._drop(sess)
             return {"closed": sess is not None}
-        if sess is not None and (sess.model != req.model or len(sess.sequence) != req.pos):
-            if req.pos:
-                self._drop(sess)
+        if sess is not None and (
+            sess.model != req.model or req.pos == 0 or len(sess.sequence) != req.pos
+        ):
+            self._drop(sess)  # out of step, or the edge starts over under the same id
             sess = None
         if sess is None and req.pos:
             self.counters["verify_lost"] += 1
@@ -238,9 +245,6 @@ class VerifyTable:
                 "no speculative session with that id holds the sequence up to pos "
                 f"{req.pos} (expired, evicted or never made): send the whole sequence, pos 0"
             )
-        if sess is not None and req.pos == 0:  # the edge starts over under the same id
-            self._drop(sess)
-            sess = None
         prefilled = 0
         if sess is None:
             sess = self._open(req, backend)
@@ -275,10 +279,14 @@ class VerifyTable:
             not 0 <= t < n_vocab for t in req.tokens
         ):
             raise BadRequest(f"verify: token ids must be in 0..{n_vocab - 1}")
+        if req.q_ids is not None and ((req.q_ids < 0) | (req.q_ids >= n_vocab)).any():
+            raise BadRequest(f"verify: q_ids must be in 0..{n_vocab - 1}")
         lease = sess.lease
         lease.truncate(sess.held)
         rows = lease.extend(seq[sess.held :] + draft, len(draft) + 1)
         accepted, token = verify(rows, draft, req.q_ids, req.q_probs, req.params, sess.rng)
+        eos = backend.eos_tokens
+        accepted, token = cut_at_end(draft, accepted, token, eos)
         lease.truncate(len(seq) + accepted)
         new = [*draft[:accepted], token]
         seq.extend(new)
@@ -287,7 +295,7 @@ class VerifyTable:
             "accepted": accepted,
             "token": token,
             "logprobs": [token_confidence(rows[i], t)[0] for i, t in enumerate(new)],
-            "eos": token in backend.eos_tokens,
+            "eos": token in eos,
             "pos": len(seq),
         }
 
@@ -308,6 +316,8 @@ class VerifyTable:
     def _open(self, req: VerifyRequest, backend: Any) -> Session:
         if not req.tokens:
             raise BadRequest("verify: a new session needs its prompt tokens (pos 0, tokens)")
+        if req.vocab is None:
+            raise BadRequest("verify: a new session (pos 0) needs vocab, the draft model's digest")
         if req.vocab != self._digest(req.model, backend):
             raise BadRequest(
                 f"verify: the draft model's vocabulary differs from {req.model!r}'s (digest "
@@ -334,12 +344,22 @@ class VerifyTable:
                 f"speculative.max_session_bytes ({self.spec.max_session_bytes})"
             )
         while self.nbytes + lease.nbytes > self.spec.max_session_bytes:
-            self._evict()
+            if not self._evict():  # the accounting is off: never loop on it
+                lease.close()
+                raise OverloadedError("no room for a speculative session")
         sess = Session(req.session, req.model, lease, list(req.tokens), req)
         self.sessions[sess.id] = sess
         self.nbytes += lease.nbytes
         self.counters["verify_sessions"] += 1
         return sess
+
+    def make_room(self, model: str, backend: Any) -> None:
+        """A stream of ``model`` is starting: if speculative sessions hold all of the model's
+        slots (llama.cpp contexts, transformers streams), the least recently used gives its
+        slot up (it resyncs; a stream could not)."""
+        free = getattr(backend, "free_slots", None)
+        if free is not None and free() == 0 and self._evict(model):
+            self.counters["verify_yielded"] += 1
 
     def _evict(self, model: str | None = None) -> bool:
         """Drop the least recently used session (of ``model``, if given); False if none."""

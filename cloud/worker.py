@@ -309,6 +309,10 @@ class CloudWorker:
                 raise ShuttingDown("worker is draining; send new work elsewhere")
             if env.expired():
                 raise DeadlineExceeded("no time budget left when the request reached the worker")
+            p = env.payload
+            model = p.get("model") if isinstance(p, dict) else None
+            if isinstance(model, str) and model in self._generators:
+                self.verifier.make_room(model, self.backends[model])
             self.streams.start(route, env)
             return None
         if env.kind not in _WORK:

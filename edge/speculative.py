@@ -39,6 +39,7 @@ from tandem.runtime.speculative import (
     STREAM,
     GammaController,
     draft_distribution,
+    draft_rng,
     pack_draft_q,
     vocab_digest,
 )
@@ -98,6 +99,7 @@ class _Stats:
     resyncs: int = 0
     gammas: list[int] = field(default_factory=list)
     fallback: bool = False
+    fallback_reason: str | None = None
 
     def add(self, gamma: int, accepted: int) -> None:
         self.rounds += 1
@@ -114,6 +116,7 @@ class _Stats:
             "gammas": self.gammas,
             "resyncs": self.resyncs,
             "fallback": self.fallback,
+            "fallback_reason": self.fallback_reason,
             "estimates": ctl.snapshot(),
         }
 
@@ -217,7 +220,7 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
     stats = _Stats()
     eos = backend.eos_tokens
     params = a.params
-    rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
+    rng = draft_rng(params.seed) if params.temperature > 0 else None
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = _StopFilter(params.stop) if params.stop else None
     top_k = t.policy.speculative.draft_top_k
@@ -226,7 +229,7 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
         sequence = backend.tokenize(a.prompt + a.text)
         lease = backend.lease(sequence)
     except OverloadedError:  # every local context drafting already: the cloud streams it
-        yield from _stream_rest(a, ctl, stats)
+        yield from _stream_rest(a, ctl, stats, "every local context is drafting")
         a.speculation = stats.as_dict(ctl)
         return
     if t.vocab is None:
@@ -247,7 +250,8 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
                 worker.close()
                 if stops is not None and (held := stops.flush()):
                     yield _chunk(a, held, set())
-                yield from _stream_rest(a, ctl, stats)
+                why = "faster (controller)" if n_ctx > len(sequence) + 1 else "local context full"
+                yield from _stream_rest(a, ctl, stats, why)
                 return
             t0 = time.perf_counter()
             tokens, qs = draft(lease, sequence, gamma, params, rng, eos, top_k)
@@ -262,7 +266,7 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
                 # different vocabulary): the cloud streams the answer instead
                 log.warning("task %s: the worker refused to verify (%s); streaming", t.name, e)
                 worker.close()
-                yield from _stream_rest(a, ctl, stats, learn=False)
+                yield from _stream_rest(a, ctl, stats, f"refused: {e.message}", learn=False)
                 return
             a.ms["cloud"] += wall * 1e3
             n = out["accepted"]
@@ -326,10 +330,10 @@ def _chunk(a: _Answer, steps: list[TokenStep], drafted: set[int]) -> GenerationC
 
 
 def _stream_rest(
-    a: _Answer, ctl: GammaController, stats: _Stats, learn: bool = True
+    a: _Answer, ctl: GammaController, stats: _Stats, why: str, learn: bool = True
 ) -> Iterator[GenerationChunk]:
     """The rest of the answer as a plain cloud stream, timed for the controller (``learn``)."""
-    stats.fallback = True
+    stats.fallback, stats.fallback_reason = True, why
     t0 = time.perf_counter()
     first = last = None
     n = 0

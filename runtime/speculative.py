@@ -80,6 +80,17 @@ def verify(
     return g, int(rng.choice(n_vocab, p=p))
 
 
+def cut_at_end(
+    draft: Sequence[int], accepted: int, token: int, eos: frozenset[int]
+) -> tuple[int, int]:
+    """``(accepted, token)`` with the answer ended at the first accepted draft token that is an
+    end token (the edge never drafts one, but a request may)."""
+    for i, t in enumerate(draft[:accepted]):
+        if t in eos:
+            return i, t
+    return accepted, token
+
+
 def draft_distribution(
     row: np.ndarray, params: SamplingParams, top_k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +115,19 @@ def pack_draft_q(qs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
     for i, (a, b) in enumerate(qs):
         ids[i, : len(a)], probs[i, : len(b)] = a, b
     return ids, probs
+
+
+def draft_rng(seed: int | None) -> np.random.Generator:
+    """The edge's generator for drawing draft tokens. With a seed, its stream is independent of
+    :func:`verify_rng`'s (the same uniforms on both sides would correlate a draft with its own
+    acceptance test and bias the output)."""
+    return np.random.default_rng(None if seed is None else [seed, 1])
+
+
+def verify_rng(seed: int | None, position: int) -> np.random.Generator:
+    """The worker's generator for a session that starts at ``position`` tokens (a resync after
+    an eviction starts a new stream, not the old one again)."""
+    return np.random.default_rng(None if seed is None else [seed, 2, position])
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:

@@ -252,6 +252,11 @@ class LlamaCppBackend:
     def eos_tokens(self) -> frozenset[int]:
         return self._eos
 
+    def free_slots(self) -> int:
+        """Contexts not in use (by a stream or a lease)."""
+        with self._lock:
+            return len(self._free)
+
     def lease(self, prompt: Sequence[int] = (), n_ctx: int | None = None) -> _Session:
         """A context of the pool held until ``close()`` (the free one sharing the longest
         prefix with ``prompt``; its cache is kept): a speculative-decoding session or a draft.
@@ -277,8 +282,8 @@ class LlamaCppBackend:
                 raise BackendError(f"model {self.name!r} is closed")
             if not self._free:
                 raise OverloadedError(
-                    f"model {self.name!r} is serving {self.parallel} streams already "
-                    f"(parallel={self.parallel})"
+                    f"model {self.name!r} has all its {self.parallel} contexts in use by streams "
+                    f"and speculative sessions (parallel={self.parallel})"
                 )
             best = max(range(len(self._free)), key=lambda i: _shared_prefix(self._free[i], ids))
             return self._free.pop(best)

@@ -40,11 +40,16 @@ DECODE_PATHS = ("fast", "transformers")
 class _Session:
     """One sequence's KV cache in a transformers model (its own forward, a DynamicCache)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, n_ctx: int) -> None:
         self.model = model
         self.cache = None
         self.held: list[int] = []
-        self.nbytes = 0  # a DynamicCache grows with the sequence; not counted
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+        # what its DynamicCache holds when full (float32 keys and values, every layer)
+        self.nbytes = n_ctx * cfg.num_hidden_layers * 2 * kv * 4
         self.release: Callable[[], None] | None = None
 
     @torch.inference_mode()
@@ -162,7 +167,7 @@ class TransformersBackend:
         (default the model's context), or transformers' forward with a DynamicCache."""
         if self._fast is not None:
             return self._fast.session(n_ctx)
-        return _Session(self.model)
+        return _Session(self.model, min(n_ctx or self.n_ctx, self.n_ctx))
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -175,13 +180,18 @@ class TransformersBackend:
     def eos_tokens(self) -> frozenset[int]:
         return frozenset({EOS})
 
+    def free_slots(self) -> int:
+        """Sequences that can still start (streams and leases share ``max_streams``)."""
+        return self._slots._value  # a BoundedSemaphore keeps no public count
+
     def lease(self, prompt: Sequence[int] = (), n_ctx: int | None = None) -> SessionLease:
         """A new sequence (a KV cache for ``n_ctx`` tokens, default the model's context) held
         until ``close()``, one of ``max_streams``: a speculative-decoding session or a draft.
         :class:`OverloadedError` when all are in use."""
         if not self._slots.acquire(blocking=False):
             raise OverloadedError(
-                f"model {self.name!r} is serving {self.max_streams} streams already"
+                f"model {self.name!r} has all its {self.max_streams} sequences in use by streams "
+                "and speculative sessions (max_streams)"
             )
         try:
             session = self.session(n_ctx)

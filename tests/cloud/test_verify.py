@@ -30,7 +30,7 @@ from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
 from tandem.runtime.generation import SamplingParams, distribution
 from tandem.runtime.manifest import Manifest, write_manifest
-from tandem.runtime.speculative import pack_draft_q, vocab_digest
+from tandem.runtime.speculative import draft_rng, pack_draft_q, vocab_digest
 from tandem.runtime.tokenizer import EOS
 from tandem.runtime.wire import Envelope, Kind
 from tests.conftest import require
@@ -167,21 +167,26 @@ def test_the_gguf_and_transformers_vocabularies_agree(backends) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "params"),
+    ("model", "params", "seeded"),
     [
-        ("cloud-moe", SamplingParams(max_tokens=2, temperature=1.0)),
-        ("cloud-gguf", SamplingParams(max_tokens=2, temperature=0.8, top_p=0.9)),
+        ("cloud-moe", SamplingParams(max_tokens=2, temperature=1.0), False),
+        ("cloud-gguf", SamplingParams(max_tokens=2, temperature=0.8, top_p=0.9), False),
+        ("cloud-gguf", SamplingParams(max_tokens=2, temperature=1.0), True),
     ],
 )
-def test_sampling_matches_the_targets_distribution(backends, model, params) -> None:
+def test_sampling_matches_the_targets_distribution(backends, model, params, seeded) -> None:
     """Two-token answers drafted (γ = 1) by another model: the first token's frequencies match
     the target's distribution after the prompt, and the second's match its distribution
-    after the most frequent first token."""
+    after the most frequent first token. ``seeded``: each answer has its own seed, and the
+    edge and the worker draw from it as they do (separate streams)."""
     table = VerifyTable(SpeculativeSpec(), backends)
     target, prompt, n = backends[model], "sort:ab=", 2000
     rng = np.random.default_rng(5)
     answers = []  # an answer shorter than 2 tokens ended with EOS
-    for _ in range(n):
+    for i in range(n):
+        if seeded:
+            params = SamplingParams(max_tokens=2, temperature=params.temperature, seed=i)
+            rng = draft_rng(i)
         a = spec_decode(table, model, backends["draft"], prompt, params, 1, rng)
         answers.append((*a, EOS) if len(a) < 2 else tuple(a))
     ids = target.tokenize(prompt)
@@ -249,6 +254,43 @@ def test_sessions_lost_evicted_expired_and_ended(backends) -> None:
     assert last["done"] and last["pos"] == 4 and len(table) == 0  # it made max_tokens
 
 
+@pytest.mark.parametrize("model", ["cloud-llama", "cloud-gguf"])
+def test_starting_over_under_one_id_never_leaks_a_slot(backends, model) -> None:
+    d = digest(backends[model])
+    table = VerifyTable(SpeculativeSpec(), backends)
+    free = backends[model].free_slots()
+    for _ in range(12):  # pos 0 again and again: one session, its old slot given back
+        table.run(_payload(model=model, vocab=d))
+    assert len(table) == 1 and table.nbytes == next(iter(table.sessions.values())).lease.nbytes
+    assert backends[model].free_slots() == free - 1
+    table.close()
+    assert backends[model].free_slots() == free and table.nbytes == 0
+
+
+def test_a_draft_longer_than_max_gamma_is_verified_in_part_and_q_ids_are_checked(backends):
+    d = digest(backends["cloud-llama"])
+    table = VerifyTable(SpeculativeSpec(max_gamma=2), backends)
+    r = table.run(_payload(vocab=d, draft=[7, 8, 9, 10, 11]))
+    assert r["accepted"] <= 2 and r["pos"] == 3 + r["accepted"] + 1
+    bad = np.array([[7, -1]], np.int32)
+    with pytest.raises(BadRequest, match="q_ids"):
+        table.run(_payload(vocab=d, temperature=1.0, q_ids=bad, q_probs=np.array([[0.5, 0.5]])))
+    with pytest.raises(BadRequest, match="needs vocab"):
+        table.run(_payload(session=b"n" * 16))
+
+
+def test_a_stream_takes_a_context_from_an_idle_session(backends) -> None:
+    gguf = backends["cloud-gguf"]
+    table = VerifyTable(SpeculativeSpec(), backends)
+    for i in range(2):  # parallel=2: both contexts held by sessions
+        table.run(_payload(model="cloud-gguf", session=bytes([i]) * 16, vocab=digest(gguf)))
+    assert gguf.free_slots() == 0
+    table.make_room("cloud-gguf", gguf)
+    assert gguf.free_slots() == 1 and len(table) == 1
+    assert len(list(gguf.stream("ab", SamplingParams(max_tokens=3)))) <= 3
+    table.close()
+
+
 def test_a_llama_cpp_session_takes_a_context_and_gives_it_back(backends) -> None:
     d = digest(backends["cloud-gguf"])
     table = VerifyTable(SpeculativeSpec(), backends)
@@ -269,7 +311,7 @@ def test_a_llama_cpp_session_takes_a_context_and_gives_it_back(backends) -> None
         ({"extra": 1}, "unknown field"),
         ({"session": b"short"}, "16 bytes"),
         ({"tokens": "abc"}, "tokens must be a list"),
-        ({"draft": list(range(17))}, "at most 16"),
+        ({"draft": list(range(65))}, "at most 64"),
         ({"draft": [10_000]}, "token ids must be in"),
         ({"tokens": [1, -3]}, "token ids must be in"),
         ({"temperature": 1.0}, "q_ids"),

@@ -185,7 +185,7 @@ def test_a_draft_model_with_another_vocabulary_streams_instead(models, worker, o
         r = streamed(rt, PROMPTS[0])
     assert r.text == own("cloud-lm", PROMPTS[0]) and not r.degraded
     assert r.speculation is not None and r.speculation["fallback"]
-    assert r.speculation["rounds"] == 0
+    assert r.speculation["rounds"] == 0 and r.speculation["fallback_reason"].startswith("refused")
 
 
 def test_private_stays_local_and_a_dead_cloud_degrades(models, own) -> None:

@@ -20,6 +20,7 @@ from tandem.runtime.generation import SamplingParams, distribution
 from tandem.runtime.speculative import (
     STREAM,
     GammaController,
+    cut_at_end,
     draft_distribution,
     expected_tokens,
     pack_draft_q,
@@ -45,6 +46,13 @@ def test_greedy_ties_go_to_the_lowest_id_as_in_plain_decoding() -> None:
     rows = np.ones((2, 4), np.float32)
     assert verify(rows, [0], None, None, GREEDY, np.random.default_rng(0)) == (1, 0)
     assert verify(rows, [3], None, None, GREEDY, np.random.default_rng(0)) == (0, 0)
+
+
+def test_an_accepted_end_token_ends_the_answer() -> None:
+    eos = frozenset({2})
+    assert cut_at_end([5, 2, 7], 3, 9, eos) == (1, 2)  # the end token is the last one
+    assert cut_at_end([5, 2, 7], 1, 9, eos) == (1, 9)  # not accepted: nothing changes
+    assert cut_at_end([5, 6], 2, 2, eos) == (2, 2)
 
 
 def test_non_finite_logits_are_a_backend_error() -> None:
