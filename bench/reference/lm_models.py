@@ -328,9 +328,15 @@ def _paths(out: Path) -> dict[str, Path]:
 
 def is_llm_built(out: Path, version: str) -> bool:
     """True if ``out`` holds every model of this recipe/seed/budgets, intact."""
+    return manifest_holds(out, version, len(ROLES) * (1 + len(GGUF_QTYPES)))
+
+
+def manifest_holds(out: Path, version: str, n_models: int) -> bool:
+    """True if ``out``'s manifest lists ``n_models`` models of build ``version``, every file
+    intact (its sha256)."""
     try:
         entries = load_manifest(out).models
-        return len(entries) == len(ROLES) * (1 + len(GGUF_QTYPES)) and all(
+        return len(entries) == n_models and all(
             e.version.startswith(version + "-") and sha256_file(out / e.file) == e.sha256
             for e in entries
         )
