@@ -200,10 +200,11 @@ def test_cloud_killed_mid_stream(models, edge_lm, tmp_path) -> None:
     assert r is not None and r.tiers == [Tier.CLOUD, Tier.EDGE_DEGRADED]
     assert r.text == texts[Tier.CLOUD] + texts[Tier.EDGE_DEGRADED]
     assert 20 <= r.token_tiers.index(Tier.EDGE_DEGRADED) < n
-    # the edge picks up exactly where the cloud's text stops
-    rest = greedy(edge_lm, PROMPT + texts[Tier.CLOUD], 30)
-    assert texts[Tier.EDGE_DEGRADED].startswith(rest)
-    assert len(r.tokens) == n and "stream.interrupted" in r.reason
+    # the edge picks up exactly where the cloud's text stops, and finishes the answer (how
+    # far the cloud got depends on when the kill lands: the edge may then reach EOS early)
+    n_cloud = r.token_tiers.count(Tier.CLOUD)
+    assert texts[Tier.EDGE_DEGRADED] == greedy(edge_lm, PROMPT + texts[Tier.CLOUD], n - n_cloud)
+    assert "stream.interrupted" in r.reason
 
 
 def test_escalations_are_logged_with_both_answers(models, worker, tmp_path) -> None:
