@@ -28,7 +28,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -331,6 +331,26 @@ def is_llm_built(out: Path, version: str) -> bool:
     return manifest_holds(out, version, len(ROLES) * (1 + len(GGUF_QTYPES)))
 
 
+def reuse_build(
+    out: Path,
+    cache: Path,
+    version: str,
+    is_built: Callable[[Path, str], bool],
+    what: str,
+    say: Callable[[str], None],
+) -> bool:
+    """True if ``out`` holds build ``version`` already, or now does, copied from the cache
+    directory that holds it (then nothing needs training)."""
+    if is_built(out, version):
+        say(f"{what} models already built in {out}")
+        return True
+    if out.resolve() != cache.resolve() and is_built(cache, version):
+        say(f"copying the {what} models built in {cache} (same settings) to {out}")
+        shutil.copytree(cache, out, dirs_exist_ok=True)
+        return True
+    return False
+
+
 def manifest_holds(out: Path, version: str, n_models: int) -> bool:
     """True if ``out``'s manifest lists ``n_models`` models of build ``version``, every file
     intact (its sha256)."""
@@ -373,13 +393,7 @@ def build_llm_models(
     }
     version = _version(seed, threads, budgets)
     paths = _paths(out)
-    if not force and is_llm_built(out, version):
-        say(f"language models already built in {out}")
-        return paths
-    cache = default_llm_dir()
-    if not force and out.resolve() != cache.resolve() and is_llm_built(cache, version):
-        say(f"copying the language models built in {cache} (same settings) to {out}")
-        shutil.copytree(cache, out, dirs_exist_ok=True)
+    if not force and reuse_build(out, default_llm_dir(), version, is_llm_built, "language", say):
         return paths
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {

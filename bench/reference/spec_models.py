@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -52,6 +51,7 @@ from tandem.bench.reference.lm_models import (
     load_lm,
     make_model,
     manifest_holds,
+    reuse_build,
     save_lm,
     train_lm,
 )
@@ -261,13 +261,8 @@ def build_spec_models(
     out = Path(out) if out else default_spec_dir()
     steps = (edge_steps, cloud_steps, distill_steps)
     version = _version(seed, threads, steps, distill_prompts)
-    if not force and is_spec_built(out, version):
-        say(f"speculative-decoding models already built in {out}")
-        return out
     cache = default_spec_dir()
-    if not force and out.resolve() != cache.resolve() and is_spec_built(cache, version):
-        say(f"copying the speculative-decoding models built in {cache} (same settings) to {out}")
-        shutil.copytree(cache, out, dirs_exist_ok=True)
+    if not force and reuse_build(out, cache, version, is_spec_built, "speculative-decoding", say):
         return out
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_NAME).unlink(missing_ok=True)
