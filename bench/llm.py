@@ -564,14 +564,26 @@ def _get_json(url: str) -> Any:
 
 
 @contextlib.contextmanager
-def llama_server(model: Path, threads: int, log: Path) -> Iterator[str]:
-    """``python -m llama_cpp.server`` on a free loopback port; yields its ``/v1`` URL."""
+def llama_server(
+    model: Path,
+    threads: int,
+    log: Path,
+    *,
+    n_ctx: int = N_CTX,
+    logits_all: bool = False,
+    interrupt: bool = False,
+) -> Iterator[str]:
+    """``python -m llama_cpp.server`` on a free loopback port, its output in ``log`` (a pipe
+    nobody reads would fill up and block it); yields its ``/v1`` URL. ``logits_all``: log-probs
+    over HTTP; ``interrupt``: a new request interrupts the current stream (the server's
+    default)."""
     port = _free_port()
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(port),
-        "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(N_CTX),
-        "--interrupt_requests", "false", "--logits_all", "false", "--verbose", "false",
+        "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
+        "--interrupt_requests", str(interrupt).lower(), "--logits_all", str(logits_all).lower(),
+        "--verbose", "false",
     ]  # fmt: skip
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import gc
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -246,38 +242,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(gguf_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m llama_cpp.server`` on a free loopback port; its base URL. Its log goes to a
-    file (a pipe nobody reads would fill up and block it)."""
+    """``python -m llama_cpp.server`` on a free loopback port (the benchmark's launcher, with
+    the server's own defaults for log-probs and interruption); its base URL."""
     require("openai")
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_f32)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "128", "--n_threads", "1"]
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    raise RuntimeError(
-                        f"llama_cpp.server did not start: {log_path.read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    from tandem.bench.llm import llama_server
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with llama_server(gguf_f32, 1, log, n_ctx=128, logits_all=True, interrupt=True) as url:
+        yield url.removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")
