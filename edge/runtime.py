@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -370,6 +371,7 @@ class EdgeRuntime:
         cloud_out: np.ndarray | None = None
         error: TandemError | None = None
         versions = dict(t.versions)
+        worker_ms: dict[str, float] = {}  # the worker's own clock: its queue and its model run
         try:
             if left_s <= 0:
                 raise DeadlineExceeded("deadline spent before the cloud could be asked")
@@ -387,6 +389,10 @@ class EdgeRuntime:
                     f"{edge_logits.shape}"
                 )
             cloud_out = reply["outputs"]
+            for ours, theirs in (("cloud_queue", "queue_ms"), ("cloud_compute", "run_ms")):
+                v = reply.get(theirs)
+                if isinstance(v, int | float) and math.isfinite(v) and v >= 0:
+                    worker_ms[ours] = float(v)
             versions["cloud"] = (
                 f"{reply.get('model', t.policy.cloud.model)}@{reply.get('version', '?')}"
             )
@@ -398,6 +404,7 @@ class EdgeRuntime:
             "local": (t1 - t0) * 1e3,
             "route": (t2 - t1) * 1e3,
             "cloud": (t3 - t2) * 1e3,
+            **worker_ms,
             "total": (t3 - t0) * 1e3,
         }
         results = []

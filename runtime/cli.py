@@ -38,6 +38,11 @@ app.add_typer(quantize_app, name="quantize")
 app.add_typer(cloud_app, name="cloud")
 app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
+bench_app = typer.Typer(
+    help="Measure a deployment: latency per tier, accuracy, escalations, over emulated links.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -539,6 +544,119 @@ def policy_check(files: Annotated[list[Path], typer.Argument(help="Policy YAML f
         else:
             typer.echo(f"{f}: OK")
     raise typer.Exit(code=1 if bad else 0)
+
+
+@bench_app.command("run")
+def bench_run(
+    scenario: Annotated[
+        str, typer.Argument(help="A scenario YAML file, or a bundled one's name (see `scenarios`).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Results folder (default: the scenario's, or bench-results/NAME)."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results JSON here.")
+    ] = None,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots and the HTML report.")] = True,
+) -> None:
+    """Run a scenario: start what it needs, measure every level until stable, print the
+    summary, write results.json, PNG plots and report.html."""
+    from tandem.bench.scenario import find_scenario, load_scenario
+
+    try:
+        path = find_scenario(scenario)
+        sc = load_scenario(path)
+    except TandemError as e:
+        raise _fail(e) from None
+    _bench(sc, str(path), out, json_out, plots)
+
+
+def _bench(sc, file: str, out: Path | None, json_out: Path | None, plots: bool) -> None:
+    from tandem.bench.runner import run_scenario
+    from tandem.bench.summary import print_summary
+
+    out = out or sc.output.dir or Path("bench-results") / str(sc.name)
+    say = lambda m: err_console.print(f"[dim]· {m}[/dim]", highlight=False)  # noqa: E731
+    with err_console.status("starting") as status:
+
+        def tick(label: str):
+            def show(t: dict) -> None:
+                p99 = "–" if t["p99_ms"] is None else f"{t['p99_ms']:.3g} ms"
+                status.update(
+                    f"{label} · {t['phase']} · {t['requests']} answers · {t['rate']:.0f}/s · "
+                    f"p99 {p99}"
+                )
+
+            return show
+
+        try:
+            results = run_scenario(sc, out, file=file, say=say, tick=tick)
+        except TandemError as e:
+            raise _fail(e) from None
+    import sys
+
+    print_summary(results, console if sys.stdout.isatty() else Console(width=160))
+    text = json.dumps(results, indent=1) + "\n"
+    (out / "results.json").write_text(text)
+    written = [out / "results.json"]
+    if json_out:
+        json_out.write_text(text)
+        written.append(json_out)
+    if plots and sc.output.plots:
+        from tandem.bench.html_report import write_html
+        from tandem.bench.plots import write_plots
+
+        pngs = write_plots(results, out)
+        written += list(pngs.values())
+        if sc.output.html:
+            written.append(write_html(results, pngs, out / "report.html"))
+    for p in written:
+        console.print(f"wrote {p}", highlight=False, soft_wrap=True)
+
+
+@bench_app.command("scenarios")
+def bench_scenarios() -> None:
+    """List the bundled scenarios (run one with `tandem bench run NAME`)."""
+    from tandem.bench.scenario import bundled_scenarios, load_scenario
+
+    for name, path in bundled_scenarios().items():
+        sc = load_scenario(path)
+        console.print(f"[bold]{name:14}[/bold] {sc.description}", highlight=False)
+        console.print(f"{'':14} [dim]{path}[/dim]", highlight=False, soft_wrap=True)
+
+
+@bench_app.command("compare")
+def bench_compare(
+    a: Annotated[Path, typer.Argument(help="Baseline results JSON.")],
+    b: Annotated[Path, typer.Argument(help="New results JSON.")],
+    noise_pct: Annotated[
+        float, typer.Option(help="Smallest change flagged, whatever the windows' own spread.")
+    ] = 10.0,
+) -> None:
+    """Compare two results files: every figure as a ratio B/A, flagged where the change is
+    beyond run-to-run noise."""
+    from tandem.bench.compare import compare, print_compare
+    from tandem.runtime.config import read_config_file
+
+    try:
+        rows = compare(read_config_file(a), read_config_file(b), noise_pct=noise_pct)
+    except TandemError as e:
+        raise _fail(e) from None
+    print_compare(rows, console)
+
+
+@bench_app.command(
+    "netem",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench_netem(ctx: typer.Context) -> None:
+    """A loopback relay that adds delay, jitter, a bandwidth limit and outages between clients
+    and a worker (no privileges). `tandem bench netem --help` for its options."""
+    from tandem.bench.netem import main as netem_main
+
+    netem_main(ctx.args)
 
 
 def main() -> None:

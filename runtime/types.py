@@ -28,7 +28,10 @@ class Result:
     cloud did not answer) and ``label`` the matching label (the index when the policy names no
     labels; None when index is -1). ``confidence`` is the edge model's score under the task's
     gate metric — what the routing decision was made on. ``timings`` are milliseconds:
-    ``local``, ``route``, ``cloud`` and ``log`` (when escalated), and ``total``.
+    ``local``, ``route``, ``cloud`` and ``log`` (when escalated), and ``total``; when the cloud
+    answered, also ``cloud_queue`` and ``cloud_compute``, the worker's own measures of the time
+    the request waited there and of the model run that answered it (its batch's run), so
+    ``cloud - cloud_queue - cloud_compute`` is the network and the wire's share.
     """
 
     output: np.ndarray
