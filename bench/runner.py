@@ -229,7 +229,7 @@ def _cloud_top1(
 
 
 def _sort_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) -> Setup:
-    from tandem.bench.llm import CLOUD, EDGE_GGUF, N_CTX
+    from tandem.bench.llm import CLOUD, EDGE_GGUF
     from tandem.bench.reference import lm_task
     from tandem.bench.reference.lm_models import build_llm_models
     from tandem.cloud.config import WorkerConfig
@@ -255,12 +255,13 @@ def _sort_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
         raise ConfigError("the sort task needs a cloud: set cloud.start or cloud.endpoint")
     task = {
         "kind": "generate",
-        "local": {"path": str(models / manifest.get(EDGE_GGUF).file), "threads": 1, "n_ctx": N_CTX},
+        "local": {"path": str(models / manifest.get(EDGE_GGUF).file), "threads": 1},
         "cloud": {"endpoints": endpoints, "model": CLOUD},
-        "gate": {"metric": "token_min", "threshold": sc.policy.threshold or 0.5},
+        # a wrong start rarely ends right: escalated answers start over from the prompt
+        "gate": {"metric": "token_min", "threshold": sc.policy.threshold or 0.9},
         "mode": "probe",
         "probe_tokens": 8,
-        "handoff": "continue",
+        "handoff": "restart",
         "deadline_ms": sc.policy.deadline_ms or 30_000,
     }
     return Setup(items, {"version": 1, "tasks": {"sort": task}}, "sort", endpoints, None, CLOUD)

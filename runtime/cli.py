@@ -636,11 +636,10 @@ def bench_compare(
 ) -> None:
     """Compare two results files: every figure as a ratio B/A, flagged where the change is
     beyond run-to-run noise."""
-    from tandem.bench.compare import compare, print_compare
-    from tandem.runtime.config import read_config_file
+    from tandem.bench.compare import compare, load_results, print_compare
 
     try:
-        rows = compare(read_config_file(a), read_config_file(b), noise_pct=noise_pct)
+        rows = compare(load_results(a), load_results(b), noise_pct=noise_pct)
     except TandemError as e:
         raise _fail(e) from None
     print_compare(rows, console)
