@@ -30,7 +30,7 @@ import queue
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +88,8 @@ class Stats:
     """Everything measured over some span: histograms per tier, counts, errors."""
 
     def __init__(self) -> None:
-        self.lat: dict[str, HdrHistogram] = {"all": histogram()}
+        self.lat: dict[str, HdrHistogram] = {}  # per tier; all answers: all_latency()
+        self._all: HdrHistogram | None = None  # all_latency()'s cache, until the next add
         self.count: Counter[str] = Counter()
         self.correct: Counter[str] = Counter()  # per tier, answers with a label that were right
         self.labelled: Counter[str] = Counter()
@@ -104,19 +105,22 @@ class Stats:
         self.span_s = 0.0  # wall time this covers
 
     def add(self, o: Outcome, latency_ms: float, queued_ms: float) -> None:
-        if o.tier is None:
+        tier = o.tier
+        if tier is None:
             self.errors[o.error or "error"] += 1
             return
-        for key in ("all", o.tier):
-            h = self.lat.get(key)
-            if h is None:
-                h = self.lat[key] = histogram()
-            record_ms(h, latency_ms)
-        self.count[o.tier] += 1
-        self.escalated += o.escalated
+        lat = self.lat
+        h = lat.get(tier)
+        if h is None:
+            h = lat[tier] = histogram()
+        record_ms(h, latency_ms)
+        self._all = None
+        self.count[tier] += 1
+        if o.escalated:
+            self.escalated += 1
         if o.correct is not None:
-            self.labelled[o.tier] += 1
-            self.correct[o.tier] += o.correct
+            self.labelled[tier] += 1
+            self.correct[tier] += o.correct
         if o.split:
             for k, v in o.split.items():
                 h = self.split.get(k)
@@ -143,6 +147,7 @@ class Stats:
     def merge(self, other: Stats) -> None:
         for k, h in other.lat.items():
             self.lat.setdefault(k, histogram()).add(h)
+        self._all = None
         for k, h in other.split.items():
             self.split.setdefault(k, histogram()).add(h)
         for name in ("count", "correct", "labelled", "errors", "split_sum", "gen"):
@@ -163,8 +168,17 @@ class Stats:
         return sum(self.count.values())
 
     def p99_ms(self) -> float | None:
-        h = self.lat["all"]
+        h = self.all_latency()
         return h.get_value_at_percentile(99.0) / 1e3 if h.get_total_count() else None
+
+    def all_latency(self) -> HdrHistogram:
+        """Every answer's latency: the tiers' histograms added (recording each answer once
+        per tier, not twice, keeps the per-request cost down)."""
+        if self._all is None:
+            self._all = histogram()
+            for h in self.lat.values():
+                self._all.add(h)
+        return self._all
 
     def throughput(self) -> float:
         return self.answers / self.span_s if self.span_s > 0 else 0.0
@@ -206,35 +220,52 @@ def stable(windows: list[Window], k: int, pct: float) -> bool:
 
 
 class _Box:
-    """Where completed calls are recorded: the current window (None during warm-up)."""
+    """Where calls are recorded. The calling threads only append ``(time, outcome, latency,
+    queued)`` to a deque (atomic, no lock: a lock shared by the clients cost more than the
+    histograms); the measuring thread drains it every tick and sorts each entry into the open
+    window, or counts it as warm-up (before the measurement started) or drained (after the
+    level stopped). ``outcome`` None marks a request sent."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.current: Stats | None = None
+        self.q: deque[tuple[float, Outcome | None, float, float]] = deque()
+        self.current: Stats | None = None  # the open window; None: warming up, or stopped
+        self.measuring = False
+        self.carry: list[tuple[float, Outcome | None, float, float]] = []
         self.warmup = 0
         self.drained = 0
-        self.done = False
 
-    def record(self, o: Outcome, latency_ms: float, queued_ms: float) -> None:
-        with self.lock:
-            if self.done:
-                self.drained += 1
-            elif self.current is None:
-                self.warmup += 1
-            else:
-                self.current.add(o, latency_ms, queued_ms)
+    def drain(self, before: float = math.inf) -> None:
+        """Sort what the threads queued: entries from ``before`` on wait for the next window."""
+        pop, cur = self.q.popleft, self.current
+        while self.q:
+            e = pop()
+            if e[0] >= before:
+                self.carry.append(e)
+            elif cur is not None:
+                if e[1] is None:
+                    cur.sent += 1
+                else:
+                    cur.add(e[1], e[2], e[3])
+            elif e[1] is not None:
+                if self.measuring:
+                    self.drained += 1
+                else:
+                    self.warmup += 1
 
-    def sent(self) -> None:
-        with self.lock:
-            if self.current is not None:
-                self.current.sent += 1
+    def open(self, at: float) -> None:
+        """Start a window at ``at`` (the first one ends the warm-up)."""
+        self.drain(before=at)
+        self.measuring = True
+        self.current = Stats()
+        carry, self.carry = self.carry, []
+        self.q.extendleft(reversed(carry))
 
-    def swap(self, new: Stats | None) -> Stats | None:
-        with self.lock:
-            old, self.current = self.current, new
-            if new is None:
-                self.done = True
-            return old
+    def close(self, at: float) -> Stats:
+        """End the open window at ``at`` and return it."""
+        self.drain(before=at)
+        s, self.current = self.current, None
+        assert s is not None
+        return s
 
 
 def _safe(call: Call, i: int) -> Outcome:
@@ -284,11 +315,15 @@ def run_level(
     if mode == "closed":
 
         def client() -> None:
+            clock, put = time.perf_counter, box.q.append  # the hot loop: no lock, no lookups
             while (i := take()) is not None:
-                box.sent()
-                t0 = time.perf_counter()
-                o = _safe(call, i % n_items)
-                box.record(o, (time.perf_counter() - t0) * 1e3, 0.0)
+                t0 = clock()
+                try:
+                    o = call(i % n_items)
+                except Exception as e:  # as _safe
+                    o = Outcome(error=type(e).__name__)
+                t1 = clock()
+                put((t1, o, (t1 - t0) * 1e3, 0.0))
 
         threads = [threading.Thread(target=client, daemon=True) for _ in range(int(point))]
     else:
@@ -299,7 +334,8 @@ def run_level(
                 i, intended = job
                 t0 = time.perf_counter()
                 o = _safe(call, i % n_items)
-                box.record(o, (time.perf_counter() - intended) * 1e3, (t0 - intended) * 1e3)
+                t1 = time.perf_counter()
+                box.q.append((t1, o, (t1 - intended) * 1e3, (t0 - intended) * 1e3))
 
         def arrivals() -> None:
             rng = random.Random(seed)
@@ -308,20 +344,21 @@ def run_level(
                 t += rng.expovariate(point)
                 if (wait := t - time.perf_counter()) > 0 and stop.wait(wait):
                     break
-                box.sent()
+                now = time.perf_counter()
+                box.q.append((now, None, 0.0, 0.0))
                 try:
                     pending.put_nowait((i, t))
                 except queue.Full:  # the tool cannot keep up: counted, never hidden
-                    box.record(Outcome(error="BenchQueueFull"), 0.0, 0.0)
+                    box.q.append((now, Outcome(error="BenchQueueFull"), 0.0, 0.0))
             for _ in range(max_in_flight):
                 pending.put(None)
 
         threads = [threading.Thread(target=runner, daemon=True) for _ in range(max_in_flight)]
         threads.append(threading.Thread(target=arrivals, daemon=True))
 
-    if warmup_s <= 0:
-        box.swap(Stats())
     t_start = time.perf_counter()
+    if warmup_s <= 0:
+        box.open(t_start)
     for th in threads:
         th.start()
     windows: list[Window] = []
@@ -331,18 +368,19 @@ def run_level(
         def done() -> bool:
             return not any(th.is_alive() for th in threads)
 
+        t_measure = t_start
         if warmup_s > 0:
             _sleep_ticking(t_start + warmup_s, "warm-up", box, None, t_start, on_tick, tick_s, done)
-            box.swap(Stats())
-        t_win = t_measure = time.perf_counter() if warmup_s > 0 else t_start
+            t_measure = time.perf_counter()
+            box.open(t_measure)
+        t_win = t_measure
         while len(windows) < max_windows:
             end = t_win + window_s
             _sleep_ticking(
                 end, f"window {len(windows) + 1}", box, windows, t_win, on_tick, tick_s, done
             )
             now = time.perf_counter()
-            s = box.swap(Stats())
-            assert s is not None
+            s = box.close(now)
             s.span_s = now - t_win
             windows.append(Window(now - t_measure, s))
             t_win = now
@@ -351,12 +389,16 @@ def run_level(
                 break
             if done():  # max_requests reached
                 break
+            box.open(now)
     finally:
         stop.set()
-        box.swap(None)
         deadline = time.perf_counter() + _JOIN_S
         for th in threads:
             th.join(max(0.0, deadline - time.perf_counter()))
+        box.current = None
+        box.q.extendleft(reversed(box.carry))
+        box.carry.clear()
+        box.drain()  # what finished after the last window: drained, not counted
     used = (
         list(range(len(windows) - stable_windows, len(windows)))
         if is_stable
@@ -380,12 +422,12 @@ def _sleep_ticking(
 ) -> None:
     while (left := until - time.perf_counter()) > 0 and not done():
         time.sleep(min(left, tick_s))
+        box.drain(before=time.perf_counter())
         if on_tick is None:
             continue
-        with box.lock:
-            cur = box.current
-            n = cur.answers if cur is not None else box.warmup
-            p99 = cur.p99_ms() if cur is not None and n else None
+        cur = box.current
+        n = cur.answers if cur is not None else box.warmup
+        p99 = cur.p99_ms() if cur is not None and n else None
         elapsed = max(time.perf_counter() - since, 1e-9)
         on_tick(
             {
@@ -444,7 +486,7 @@ def level_json(run: LevelRun, **head: Any) -> dict[str, Any]:
     span = s.span_s
 
     def tier(key: str) -> dict[str, Any]:
-        h = s.lat[key]
+        h = s.all_latency() if key == "all" else s.lat[key]
         c = h.get_total_count()
         lab = sum(s.labelled.values()) if key == "all" else s.labelled[key]
         ok = sum(s.correct.values()) if key == "all" else s.correct[key]
@@ -472,7 +514,7 @@ def level_json(run: LevelRun, **head: Any) -> dict[str, Any]:
         used_windows=run.used,
         duration_s=span,
         requests=n + sum(s.errors.values()),
-        sent=s.sent,
+        sent=s.sent or n + sum(s.errors.values()),  # closed loop: each request sent is answered
         throughput=s.throughput(),
         escalation_rate=s.escalated / n if n else None,
         accuracy=tier("all")["accuracy"],
