@@ -278,14 +278,17 @@ def accuracy_escalation(results: dict[str, Any]) -> Figure | None:
     avoid += _polyline_px(ax, [(x[i], y[i]) for i in pareto], 6)
     box = {"boxstyle": "round,pad=0.4", "fc": "white", "ec": "0.55", "lw": 0.8}
     arrow = {"arrowstyle": "-|>", "color": "0.25", "lw": 1.0, "shrinkB": 10, "shrinkA": 2}
+    placed: list[Bbox] = []
     if chosen_i is not None:
         head = "chosen = current" if chosen_i == current_i else "chosen"
         text = f"{head}: τ = {_thr(raw[chosen_i]['threshold'])}\n{_point_text(raw[chosen_i])}"
         ann = _place(ax, renderer, text, (x[chosen_i], y[chosen_i]), avoid, box, arrow)
-        avoid.append(_ann_box(ann, renderer))
+        placed.append(_ann_box(ann, renderer))
     if current_i is not None and current_i != chosen_i:
         text = f"current: τ = {_thr(sweep['current'])}\n{_point_text(raw[current_i])}"
-        ann = _place(ax, renderer, text, (x[current_i], y[current_i]), avoid, box, arrow)
+        ann = _place(
+            ax, renderer, text, (x[current_i], y[current_i]), avoid, box, arrow, hard=placed
+        )
     return fig
 
 
@@ -539,10 +542,12 @@ def _place(
     arrow: dict[str, Any] | None,
     distances: Sequence[float] = (40, 70, 105, 145),
     fontsize: float = SMALL + 0.5,
+    hard: Sequence[Bbox] = (),
     **kw: Any,
 ) -> Annotation:
     """Annotate ``xy`` (data) with ``text`` where its box stays inside the axes and overlaps
-    the fewest ``avoid`` boxes (display px); nearer and diagonal positions win ties."""
+    the fewest ``avoid`` boxes (display px) and none of the ``hard`` ones (other labels) if it
+    can; nearer and diagonal positions win ties."""
     from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
@@ -577,7 +582,8 @@ def _place(
                 frame.x0 - box.x0, box.x1 - frame.x1, frame.y0 - box.y0, box.y1 - frame.y1, 0
             )
             hits = sum(box.overlaps(b) for b in avoid)
-            cost = outside * 100 + hits * 10 + d / 40 + rank * 0.02
+            clash = sum(box.overlaps(b) for b in hard)
+            cost = outside * 100 + clash * 1000 + hits * 10 + d / 40 + rank * 0.02
             if best is None or cost < best[0]:
                 best = (cost, cx - px, cy - py)
     assert best is not None
@@ -586,11 +592,9 @@ def _place(
 
 
 def _ann_box(ann: Annotation, renderer: Any) -> Bbox:
-    patch = ann.get_bbox_patch()
-    if patch is not None:
-        ann.update_positions(renderer)
-        return patch.get_window_extent(renderer)
-    return ann.get_window_extent(renderer)
+    """Where an annotation's text box landed (display px; its patch's own extent is in unit
+    coordinates until drawn), padded as the box is."""
+    return ann.get_window_extent(renderer).padded(6)
 
 
 # -- small helpers -------------------------------------------------------------------------
