@@ -96,6 +96,7 @@ class Stats:
         self.errors: Counter[str] = Counter()
         self.escalated = 0
         self.sent = 0  # requests started (open loop: arrivals)
+        self.lag: HdrHistogram | None = None  # open loop: intended send time -> call started
         self.split: dict[str, HdrHistogram] = {}
         self.split_sum: Counter[str] = Counter()
         self.gen_ttft: HdrHistogram | None = None
@@ -105,6 +106,10 @@ class Stats:
         self.span_s = 0.0  # wall time this covers
 
     def add(self, o: Outcome, latency_ms: float, queued_ms: float) -> None:
+        if queued_ms > 0:
+            if self.lag is None:
+                self.lag = histogram()
+            record_ms(self.lag, queued_ms)
         tier = o.tier
         if tier is None:
             self.errors[o.error or "error"] += 1
@@ -292,12 +297,14 @@ def run_level(
     stability_pct: float = 10.0,
     max_requests: int = 1_000_000,
     max_in_flight: int = 64,
+    min_window_answers: int = 100,
     seed: int = 0,
     on_tick: Tick | None = None,
     tick_s: float = 0.25,
 ) -> LevelRun:
     """Drive ``call`` over items ``0 .. n_items-1`` (cycled) at one load point: ``mode``
     ``closed`` with ``point`` clients, or ``open`` with ``point`` arrivals per second.
+    A window lasts ``window_s``, longer (up to 5×) until it holds ``min_window_answers``.
     ``on_tick`` gets ``{"phase", "window", "requests", "rate", "p99_ms"}`` every ``tick_s``."""
     if n_items < 1:
         raise ValueError("no items to send")
@@ -375,10 +382,19 @@ def run_level(
             box.open(t_measure)
         t_win = t_measure
         while len(windows) < max_windows:
-            end = t_win + window_s
-            _sleep_ticking(
-                end, f"window {len(windows) + 1}", box, windows, t_win, on_tick, tick_s, done
-            )
+            end, longest = t_win + window_s, t_win + 5 * window_s
+            phase = f"window {len(windows) + 1}"
+            _sleep_ticking(end, phase, box, windows, t_win, on_tick, tick_s, done)
+            # too few answers for a p99 to mean anything: the window grows (up to 5x)
+            while (
+                box.current is not None
+                and box.current.answers < min_window_answers
+                and time.perf_counter() < longest
+                and not done()
+            ):
+                _sleep_ticking(
+                    time.perf_counter() + tick_s, phase, box, windows, t_win, on_tick, tick_s, done
+                )
             now = time.perf_counter()
             s = box.close(now)
             s.span_s = now - t_win
@@ -526,6 +542,9 @@ def level_json(run: LevelRun, **head: Any) -> dict[str, Any]:
             if s.split
             else None
         ),
+        # open loop: how late the tool started calls after their intended send time (its own
+        # timer and thread hand-off; queueing behind busy calls counts here too)
+        send_lag_ms=None if s.lag is None else latency_json(s.lag),
         warmup_answers=run.warmup_answers,
         drained=run.drained,
         llm=None,

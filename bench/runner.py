@@ -492,6 +492,7 @@ def run_levels(
                         stability_pct=ld.stability_pct,
                         max_requests=ld.max_requests,
                         max_in_flight=ld.max_in_flight,
+                        min_window_answers=ld.min_window_answers,
                         seed=ld.seed,
                         on_tick=tick(label),
                     )

@@ -176,7 +176,8 @@ class LoadSpec(StrictModel):
     when its answer arrives. ``open``: Poisson arrivals at ``rate`` per second, latency counted
     from each request's *intended* send time (so queueing in the tool is not hidden), at most
     ``max_in_flight`` at once. A list is a sweep. Each level warms up for ``warmup_s``, then
-    measures ``window_s`` windows until the last ``stable_windows`` agree on throughput and
+    measures ``window_s`` windows (longer, up to 5×, until each holds ``min_window_answers``:
+    a p99 needs samples) until the last ``stable_windows`` agree on throughput and
     p99 within ``stability_pct`` percent (perf_analyzer's rule), at least ``min_windows`` and
     at most ``max_windows``; at most ``max_requests`` requests a level."""
 
@@ -186,6 +187,7 @@ class LoadSpec(StrictModel):
     max_in_flight: int = Field(default=64, ge=1, le=1024)
     warmup_s: float = Field(default=1.0, ge=0.0, le=600.0)
     window_s: float = Field(default=2.0, gt=0.0, le=600.0)
+    min_window_answers: int = Field(default=100, ge=1, le=1_000_000)
     min_windows: int = Field(default=3, ge=1, le=1000)
     max_windows: int = Field(default=10, ge=1, le=1000)
     stable_windows: int = Field(default=3, ge=2, le=100)

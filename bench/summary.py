@@ -31,6 +31,9 @@ def level_table(lv: dict[str, Any]) -> Table:
     )
     if lv["load"]["mode"] == "open":
         caption += f" · offered {lv['load']['rate']:g}/s, sent {lv['load']['achieved_rate']:.1f}/s"
+        lag = lv.get("send_lag_ms")
+        if lag:
+            caption += f" · sent late by p50 {_ms(lag['p50'])} / p99 {_ms(lag['p99'])} ms"
     if lv["errors"]:
         caption += " · errors " + ", ".join(f"{k} {v}" for k, v in sorted(lv["errors"].items()))
     t = Table(title=f"{lv['label']}", caption=caption, title_justify="left")
