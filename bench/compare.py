@@ -79,10 +79,20 @@ def compare(a: dict[str, Any], b: dict[str, Any], noise_pct: float = 10.0) -> li
     check_results(b, "B")
     rows = _warnings(a, b)
     levels_b = {str(lv.get("label")): lv for lv in b["levels"]}
-    for lv in a["levels"]:
-        label = str(lv.get("label"))
-        if label in levels_b:
-            rows += _compare_level(label, lv, levels_b[label], noise_pct)
+    pairs = [
+        (str(lv.get("label")), lv, levels_b[str(lv.get("label"))])
+        for lv in a["levels"]
+        if str(lv.get("label")) in levels_b
+    ]
+    if not pairs and len(a["levels"]) == len(b["levels"]):
+        # e.g. one scenario over two links: no label in common, the same levels in order
+        rows.append(_warn(None, "no level labels in common: levels compared in order"))
+        pairs = [
+            (f"{la.get('label')} → {lb.get('label')}", la, lb)
+            for la, lb in zip(a["levels"], b["levels"], strict=True)
+        ]
+    for label, la, lb in pairs:
+        rows += _compare_level(label, la, lb, noise_pct)
     return rows
 
 

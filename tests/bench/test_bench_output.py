@@ -478,3 +478,17 @@ def test_print_compare_renders_a_table(results: dict[str, Any]) -> None:
     lan = out.split("lan c=4", 1)[1].split("4g c=4", 1)[0]
     line = next(ln for ln in lan.splitlines() if "cloud p99" in ln)
     assert "worse" in line and "2.00" in line and "56.0 ms" in line
+
+
+def test_compare_pairs_levels_in_order_when_no_label_matches(results: dict[str, Any]) -> None:
+    """One scenario over two links (labels name the link): levels are compared in order."""
+    b = copy.deepcopy(results)
+    for lv in b["levels"]:
+        lv["label"] = "other " + lv["label"]
+    b["levels"][0]["tiers"]["cloud"]["latency_ms"]["p99"] *= 3.0
+    rows = compare(results, b)
+    assert any("compared in order" in r.note for r in rows if r.flag == "warning")
+    row = _row(rows, "lan c=4 → other lan c=4", "cloud p99")
+    assert row.ratio == pytest.approx(3.0) and row.flag == "worse"
+    b["levels"].pop()  # a different number of levels: nothing is paired
+    assert not [r for r in compare(results, b) if r.flag != "warning"]
