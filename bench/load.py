@@ -161,12 +161,12 @@ class Stats:
         self.sent += other.sent
         self.gen_rate_sum += other.gen_rate_sum
         self.span_s += other.span_s
-        if other.gen_ttft is not None:
-            if self.gen_ttft is None:
-                self.gen_ttft, self.gen_itl = histogram(), histogram()
-            assert self.gen_itl is not None and other.gen_itl is not None
-            self.gen_ttft.add(other.gen_ttft)
-            self.gen_itl.add(other.gen_itl)
+        for name in ("lag", "gen_ttft", "gen_itl"):  # the histograms a run may not have
+            theirs = getattr(other, name)
+            if theirs is not None:
+                if getattr(self, name) is None:
+                    setattr(self, name, histogram())
+                getattr(self, name).add(theirs)
 
     @property
     def answers(self) -> int:

@@ -248,6 +248,20 @@ def test_outage_answers_edge_degraded_within_deadline(user_scenario, tmp_path: P
 
 
 @pytest.mark.integration
+def test_open_loop_on_real_processes_keeps_the_requested_rate(user_scenario, tmp_path) -> None:
+    sc = user_scenario(
+        network={"profile": "lan"},
+        load={"mode": "open", "rate": 150, "warmup_s": 0.5, "window_s": 1.0,
+              "min_windows": 3, "max_windows": 3},
+    )  # fmt: skip
+    lv = run_scenario(sc, tmp_path / "out")["levels"][0]
+    assert lv["load"]["achieved_rate"] == pytest.approx(150, rel=0.10)
+    assert lv["throughput"] == pytest.approx(150, rel=0.10)
+    assert lv["send_lag_ms"]["p50"] is not None
+    assert not lv["errors"]
+
+
+@pytest.mark.integration
 def test_report_holds_its_plots(user_scenario, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from tandem.bench.html_report import write_html
