@@ -306,3 +306,28 @@ def test_cli_runs_a_scenario_file(user_scenario, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 1 and "load" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.integration
+def test_curve_worker_is_measured_with_the_scenarios_keys(user_scenario, tmp_path, tiny_models):
+    from tandem.runtime.curve import generate_keypair
+
+    worker_public, worker_secret = generate_keypair(tmp_path / "keys", "worker")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    robot_public, robot_secret = generate_keypair(tmp_path / "keys", "robot")
+    (allowed / robot_public.name).write_bytes(robot_public.read_bytes())
+    (tmp_path / "curve-worker.yaml").write_text(
+        yaml.safe_dump(
+            {"bind": "tcp://127.0.0.1:*", "models_dir": str(tiny_models),
+             "models": ["digits-cloud"], "threads": 1,
+             "curve": {"secret_key": str(worker_secret), "allowed_clients": str(allowed)}}
+        )
+    )  # fmt: skip
+    cloud = {"worker": "curve-worker.yaml", "server_key": str(worker_public),
+             "client_key": str(robot_secret)}  # fmt: skip
+    lv = run_scenario(user_scenario(cloud=cloud), tmp_path / "out")["levels"][0]
+    assert lv["tiers"]["cloud"]["count"] > 0
+    assert "edge-degraded" not in lv["tiers"] and not lv["errors"]
+    with pytest.raises(ConfigError, match="CurveZMQ"):
+        user_scenario(cloud=cloud, network={"profile": "lan"})
