@@ -168,10 +168,26 @@ def _start_worker(cfg: Any, stack: contextlib.ExitStack, log: Path, say: Say) ->
     return w.endpoint
 
 
+def _reference_cloud(
+    sc: Scenario, stack: contextlib.ExitStack, out: Path, models: Path, model: str, say: Say
+) -> list[str]:
+    """A bundled task's cloud: a worker started here serving ``model`` (one thread), or the
+    scenario's endpoints."""
+    from tandem.cloud.config import WorkerConfig
+
+    if sc.starts_workers:
+        cfg = WorkerConfig(bind="tcp://127.0.0.1:*", models_dir=models, models=[model], threads=1)
+        return [_start_worker(cfg, stack, out / "worker.log", say)]
+    if not sc.cloud.targets:
+        raise ConfigError(
+            f"the {sc.task.source} task needs a cloud: set cloud.start or cloud.endpoint"
+        )
+    return list(sc.cloud.targets)
+
+
 def _digits_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) -> Setup:
     from tandem.bench.reference.digits import load_workload
     from tandem.bench.reference.models import CLOUD, EDGE, LABELS, build_reference_models
-    from tandem.cloud.config import WorkerConfig
     from tandem.runtime.manifest import load_manifest
 
     models = build_reference_models(progress=say)
@@ -181,12 +197,7 @@ def _digits_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say
     # items a short level reaches, the sweep's items) is a fair sample
     order = np.random.default_rng(0).permutation(len(data.test))[: sc.task.limit]
     items = Items("classify", x=data.test.x[order], y=data.test.y[order])
-    endpoints = sc.cloud.targets or []
-    if sc.starts_workers:
-        cfg = WorkerConfig(bind="tcp://127.0.0.1:*", models_dir=models, models=[CLOUD], threads=1)
-        endpoints = [_start_worker(cfg, stack, out / "worker.log", say)]
-    if not endpoints:
-        raise ConfigError("the digits task needs a cloud: set cloud.start or cloud.endpoint")
+    endpoints = _reference_cloud(sc, stack, out, models, CLOUD, say)
     threshold = sc.policy.threshold
     edge_path = models / manifest.get(EDGE).file
     if threshold is None:
@@ -232,7 +243,6 @@ def _sort_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
     from tandem.bench.llm import CLOUD, EDGE_GGUF
     from tandem.bench.reference import lm_task
     from tandem.bench.reference.lm_models import build_llm_models
-    from tandem.cloud.config import WorkerConfig
     from tandem.runtime.manifest import load_manifest
 
     models = build_llm_models(progress=say)["dir"]
@@ -247,12 +257,7 @@ def _sort_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
         answers=[it.answer for it in sort_items],
         max_tokens=[sc.task.max_tokens or it.difficulty + 1 for it in sort_items],
     )
-    endpoints = sc.cloud.targets or []
-    if sc.starts_workers:
-        cfg = WorkerConfig(bind="tcp://127.0.0.1:*", models_dir=models, models=[CLOUD], threads=1)
-        endpoints = [_start_worker(cfg, stack, out / "worker.log", say)]
-    if not endpoints:
-        raise ConfigError("the sort task needs a cloud: set cloud.start or cloud.endpoint")
+    endpoints = _reference_cloud(sc, stack, out, models, CLOUD, say)
     task = {
         "kind": "generate",
         "local": {"path": str(models / manifest.get(EDGE_GGUF).file), "threads": 1},
