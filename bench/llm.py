@@ -102,7 +102,7 @@ import numpy as np
 
 from tandem.bench.reference import lm_task
 from tandem.bench.reference.lm_task import SortItem
-from tandem.bench.report import machine
+from tandem.bench.report import json_safe, machine
 
 SECTIONS = ("edge", "moe", "concurrency", "cascade", "streaming")
 GOAL_EDGE_SMALL = 1.00  # × create_completion, where Python overhead dominates
@@ -1229,19 +1229,6 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]], note: str
     Console(width=None if sys.stdout.isatty() else 170).print(table)
 
 
-def _finite(obj: Any) -> Any:
-    """JSON-safe: NaN and ±inf become None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _finite(obj.item())
-    return obj
-
-
 def resolve_models(models_dir: Path | None) -> tuple[Path, Path, Path]:
     """(models dir, edge q8_0 GGUF, cloud transformers dir): ``models_dir`` as it is, or the
     default reference build (built now if it is not cached)."""
@@ -1326,7 +1313,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    out.write_text(json.dumps(_finite(doc), indent=2) + "\n")
+    out.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
     Console().print(f"results written to {out}")
     return 1 if failed else 0
 

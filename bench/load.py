@@ -75,6 +75,7 @@ class Outcome:
 
     tier: str | None = None
     error: str | None = None
+    detail: str | None = None  # the error's message
     correct: bool | None = None
     escalated: bool = False
     split: dict[str, float] | None = None
@@ -94,6 +95,7 @@ class Stats:
         self.correct: Counter[str] = Counter()  # per tier, answers with a label that were right
         self.labelled: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.error_examples: dict[str, str] = {}  # one message per error type
         self.escalated = 0
         self.sent = 0  # requests started (open loop: arrivals)
         self.lag: HdrHistogram | None = None  # open loop: intended send time -> call started
@@ -112,7 +114,10 @@ class Stats:
             record_ms(self.lag, queued_ms)
         tier = o.tier
         if tier is None:
-            self.errors[o.error or "error"] += 1
+            kind = o.error or "error"
+            self.errors[kind] += 1
+            if o.detail and len(self.error_examples) < 32:
+                self.error_examples.setdefault(kind, o.detail)
             return
         lat = self.lat
         h = lat.get(tier)
@@ -157,6 +162,8 @@ class Stats:
             self.split.setdefault(k, histogram()).add(h)
         for name in ("count", "correct", "labelled", "errors", "split_sum", "gen"):
             getattr(self, name).update(getattr(other, name))
+        for k, v in other.error_examples.items():
+            self.error_examples.setdefault(k, v)
         self.escalated += other.escalated
         self.sent += other.sent
         self.gen_rate_sum += other.gen_rate_sum
@@ -240,9 +247,10 @@ class _Box:
         self.drained = 0
 
     def drain(self, before: float = math.inf) -> None:
-        """Sort what the threads queued: entries from ``before`` on wait for the next window."""
+        """Sort what the threads have queued so far (no more: the callers may outpace this):
+        entries from ``before`` on are set aside for the next window."""
         pop, cur = self.q.popleft, self.current
-        while self.q:
+        for _ in range(len(self.q)):
             e = pop()
             if e[0] >= before:
                 self.carry.append(e)
@@ -257,13 +265,17 @@ class _Box:
                 else:
                     self.warmup += 1
 
-    def open(self, at: float) -> None:
-        """Start a window at ``at`` (the first one ends the warm-up)."""
-        self.drain(before=at)
-        self.measuring = True
-        self.current = Stats()
+    def _requeue(self) -> None:
         carry, self.carry = self.carry, []
         self.q.extendleft(reversed(carry))
+
+    def open(self, at: float) -> None:
+        """Start a window at ``at`` (the first one ends the warm-up)."""
+        self._requeue()
+        self.drain(before=at)  # what finished before ``at``: warm-up (or drained)
+        self.measuring = True
+        self.current = Stats()
+        self._requeue()
 
     def close(self, at: float) -> Stats:
         """End the open window at ``at`` and return it."""
@@ -272,12 +284,22 @@ class _Box:
         assert s is not None
         return s
 
+    def finish(self) -> None:
+        """The level is over: whatever is left was answered too late to count."""
+        self.current = None
+        self._requeue()
+        self.drain()
+
 
 def _safe(call: Call, i: int) -> Outcome:
     try:
         return call(i)
     except Exception as e:  # a failed request is a measurement, not a crash of the tool
-        return Outcome(error=type(e).__name__)
+        return failed(e)
+
+
+def failed(e: Exception) -> Outcome:
+    return Outcome(error=type(e).__name__, detail=str(e)[:300])
 
 
 Tick = Callable[[dict[str, Any]], None]
@@ -308,6 +330,8 @@ def run_level(
     ``on_tick`` gets ``{"phase", "window", "requests", "rate", "p99_ms"}`` every ``tick_s``."""
     if n_items < 1:
         raise ValueError("no items to send")
+    if not (math.isfinite(point) and 0 < point <= 1e6) or (mode == "closed" and point < 1):
+        raise ValueError(f"load point must be a finite rate or client count, got {point}")
     if mode not in ("closed", "open"):
         raise ValueError(f"mode must be 'closed' or 'open', got {mode!r}")
     box = _Box()
@@ -328,7 +352,7 @@ def run_level(
                 try:
                     o = call(i % n_items)
                 except Exception as e:  # as _safe
-                    o = Outcome(error=type(e).__name__)
+                    o = failed(e)
                 t1 = clock()
                 put((t1, o, (t1 - t0) * 1e3, 0.0))
 
@@ -338,6 +362,9 @@ def run_level(
 
         def runner() -> None:
             while (job := pending.get()) is not None:
+                if stop.is_set():  # the level is over: the backlog is not run
+                    box.q.append((math.inf, Outcome(error="NotRun"), 0.0, 0.0))
+                    continue
                 i, intended = job
                 t0 = time.perf_counter()
                 o = _safe(call, i % n_items)
@@ -411,10 +438,7 @@ def run_level(
         deadline = time.perf_counter() + _JOIN_S
         for th in threads:
             th.join(max(0.0, deadline - time.perf_counter()))
-        box.current = None
-        box.q.extendleft(reversed(box.carry))
-        box.carry.clear()
-        box.drain()  # what finished after the last window: drained, not counted
+        box.finish()
     used = (
         list(range(len(windows) - stable_windows, len(windows)))
         if is_stable
@@ -438,7 +462,7 @@ def _sleep_ticking(
 ) -> None:
     while (left := until - time.perf_counter()) > 0 and not done():
         time.sleep(min(left, tick_s))
-        box.drain(before=time.perf_counter())
+        box.drain()
         if on_tick is None:
             continue
         cur = box.current
@@ -535,6 +559,7 @@ def level_json(run: LevelRun, **head: Any) -> dict[str, Any]:
         escalation_rate=s.escalated / n if n else None,
         accuracy=tier("all")["accuracy"],
         errors=dict(s.errors),
+        error_examples=dict(s.error_examples),
         all=tier("all"),
         tiers={t: tier(t) for t in TIERS if s.count[t]},
         split_ms=(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -39,6 +40,19 @@ def machine() -> dict[str, Any]:
     except Exception:
         pass
     return info
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-safe: NaN and ±inf become None, numpy scalars Python ones."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
 
 
 def sample_us(fn: Callable[[], Any], n: int, warmup: int = 50) -> np.ndarray:

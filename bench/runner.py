@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from tandem.bench.load import TIERS, GenSample, LevelRun, Outcome, Tick, level_json, run_level
-from tandem.bench.report import machine
+from tandem.bench.report import json_safe, machine
 from tandem.bench.scenario import LinkSpec, Scenario
 from tandem.runtime.errors import ConfigError, TandemError
 
@@ -64,24 +64,32 @@ class Items:
         return len(self.x) if self.x is not None else len(self.prompts or [])
 
 
+_MAX_LINE = 1 << 20  # one jsonl item, bytes
+
+
 def _jsonl(path: Path, limit: int) -> list[dict[str, Any]]:
-    rows = []
+    """The first ``limit`` items, read line by line (never the whole file)."""
+    rows: list[dict[str, Any]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with path.open("rb") as f:
+            for n, raw in enumerate(iter(lambda: f.readline(_MAX_LINE + 1), b""), 1):
+                if len(raw) > _MAX_LINE:
+                    raise ConfigError(f"{path}:{n}: a line over {_MAX_LINE} bytes")
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise ConfigError(f"{path}:{n}: not a UTF-8 JSON object: {e}") from None
+                if not isinstance(row, dict):
+                    raise ConfigError(
+                        f"{path}:{n}: expected a JSON object, got {type(row).__name__}"
+                    )
+                rows.append(row)
+                if len(rows) >= limit:
+                    break
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-        if len(rows) >= limit:
-            break
     if not rows:
         raise ConfigError(f"{path}: no items")
     return rows
@@ -110,8 +118,10 @@ def user_items(sc: Scenario, kind: str) -> Items:
                     f"{t.labels}: expected {len(x)} integer class indices, got {y.dtype} "
                     f"shape {y.shape}"
                 )
-        if len(x) == 0:
-            raise ConfigError(f"{t.inputs}: no rows")
+        if x.ndim < 2 or len(x) == 0:
+            raise ConfigError(f"{t.inputs}: expected (N, ...) input rows, got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+            raise ConfigError(f"{t.inputs}: expected real numbers, got dtype {x.dtype}")
         return Items("classify", x=x.astype(np.float32, copy=False), y=y)
     assert t.path is not None
     rows = _jsonl(t.path, limit)
@@ -153,6 +163,25 @@ class Setup:
     cloud_model: str | None
 
 
+def check_cloud(
+    endpoints: list[str], curve: tuple[Path, Path] | None, timeout_s: float = 5.0
+) -> None:
+    """Fail now, clearly, when a worker does not answer (rather than measure a dead cloud as
+    100% edge-degraded)."""
+    from tandem.runtime.client import CloudClient
+
+    for ep in endpoints:
+        try:
+            with CloudClient(ep, curve=curve) as c:
+                c.health(timeout_s)
+        except TandemError as e:
+            raise TandemError(
+                f"the worker at {ep} did not answer a health check in {timeout_s:g} s "
+                f"({e.message}): is it running"
+                + (", and are the CurveZMQ keys right?" if curve else "?")
+            ) from None
+
+
 def _start_worker(cfg: Any, stack: contextlib.ExitStack, log: Path, say: Say) -> str:
     from tandem.cloud.process import WorkerProcess
 
@@ -182,6 +211,7 @@ def _reference_cloud(
         raise ConfigError(
             f"the {sc.task.source} task needs a cloud: set cloud.start or cloud.endpoint"
         )
+    check_cloud(sc.cloud.targets, None)
     return list(sc.cloud.targets)
 
 
@@ -233,7 +263,7 @@ def _cloud_top1(
 
     with CloudClient(endpoints, curve=curve) as client:
         parts = [
-            client.infer(model, x[i : i + 256], timeout_s=60.0)["outputs"]
+            client.infer(model, x[i : i + 256], timeout_s=10.0)["outputs"]
             for i in range(0, len(x), 256)
         ]
     return np.concatenate(parts).argmax(axis=1)
@@ -263,7 +293,10 @@ def _sort_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
         "local": {"path": str(models / manifest.get(EDGE_GGUF).file), "threads": 1},
         "cloud": {"endpoints": endpoints, "model": CLOUD},
         # a wrong start rarely ends right: escalated answers start over from the prompt
-        "gate": {"metric": "token_min", "threshold": sc.policy.threshold or 0.9},
+        "gate": {
+            "metric": "token_min",
+            "threshold": 0.9 if sc.policy.threshold is None else sc.policy.threshold,
+        },
         "mode": "probe",
         "probe_tokens": 8,
         "handoff": "restart",
@@ -308,6 +341,13 @@ def _user_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
             raise ConfigError(f"{sc.cloud.worker}: the worker uses CurveZMQ; give cloud keys")
     if tp.cloud is None and endpoints:
         raise ConfigError(f"{sc.policy.path}: task {name!r} has no cloud target to send to")
+    if curve is not None and any(p is not None for p in sc.network.profiles):
+        raise ConfigError(
+            f"{sc.policy.path}: task {name!r} uses CurveZMQ, which the network emulator cannot "
+            "relay: drop the scenario's 'network', or measure against the workers directly"
+        )
+    if endpoints:
+        check_cloud(endpoints, curve)
     if tp.cloud is not None:
         task["cloud"]["endpoints"] = endpoints
         task["cloud"].pop("endpoint", None)
@@ -319,8 +359,11 @@ def _user_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
         task["deadline_ms"] = sc.policy.deadline_ms
     model = tp.cloud.model if tp.cloud else None
     policy = {"version": 1, "tasks": {name: task}}
-    if "escalation_log" in data:
-        policy["escalation_log"] = data["escalation_log"]
+    if "escalation_log" in data:  # logged as the robot would, but not into the robot's log
+        policy["escalation_log"] = {
+            **data["escalation_log"],
+            "path": str(out / "escalations.sqlite"),
+        }
     return Setup(items, policy, name, endpoints, curve, model)
 
 
@@ -484,8 +527,18 @@ def run_levels(
                     data["tasks"][st.task]["cloud"]["endpoints"] = eps
                 with EdgeRuntime(policy_from_dict(data, source=f"<{sc.name} policy>")) as rt:
                     start()
+                    call = make(rt, st.task, st.items)
+                    try:  # one request first, outside the load: a broken set-up says why
+                        call(0)
+                    except Exception as e:
+                        why = (
+                            e.message if isinstance(e, TandemError) else f"{type(e).__name__}: {e}"
+                        )
+                        raise TandemError(
+                            f"level {label}: the first request failed: {why}"
+                        ) from None
                     run = run_level(
-                        make(rt, st.task, st.items),
+                        call,
                         len(st.items),
                         mode=ld.mode,
                         point=point,
@@ -512,7 +565,8 @@ def run_levels(
             lvl = level_json(run, label=label, network=network_json(link, outages), load=load)
             lvl["stability_pct"] = ld.stability_pct
             levels.append(lvl)
-            runs.append(run)
+            if not runs:  # the threshold sweep's latencies; the others' windows can go
+                runs.append(run)
     return levels, runs
 
 
@@ -590,7 +644,11 @@ def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[
     else:
         score = c.entropy / np.log(logits.shape[1])
     edge_ok = c.top1 == y
-    cloud_ok = _cloud_top1(st.endpoints, st.curve, st.cloud_model, x) == y
+    try:
+        cloud_ok = _cloud_top1(st.endpoints, st.curve, st.cloud_model, x) == y
+    except TandemError as e:
+        say(f"threshold sweep skipped: the cloud did not answer ({e.message})")
+        return None
     if isinstance(spec.threshold, list):
         grid = sorted(set(spec.threshold))
     else:
@@ -730,6 +788,8 @@ def run_scenario(
 ) -> dict[str, Any]:
     """Run ``sc`` and return its results (schema ``tandem-bench/1``); logs go to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    for log in ("worker.log", "netem.log"):  # this run's logs only
+        (out / log).unlink(missing_ok=True)
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -755,3 +815,31 @@ def run_scenario(
         "rtt_sweep": rtt_sweep(levels),
         "load_sweep": load_sweep(sc, levels),
     }
+
+
+def write_outputs(
+    results: dict[str, Any],
+    out: Path,
+    json_out: Path | None = None,
+    *,
+    plots: bool = True,
+    html: bool = True,
+) -> list[Path]:
+    """``out/results.json`` (and ``json_out``), then the PNG plots and ``report.html``; returns
+    the files written. The JSON goes first: a failure drawing cannot lose the measurements."""
+    text = json.dumps(json_safe(results), indent=1, allow_nan=False) + "\n"
+    written = [out / "results.json"]
+    written[0].write_text(text)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text)
+        written.append(json_out)
+    if plots:
+        from tandem.bench.html_report import write_html
+        from tandem.bench.plots import write_plots
+
+        pngs = write_plots(results, out)
+        written += list(pngs.values())
+        if html:
+            written.append(write_html(results, pngs, out / "report.html"))
+    return written

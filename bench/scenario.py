@@ -31,12 +31,13 @@ every error names the file, the key and what was expected.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, StrictInt, model_validator
 
-from tandem.router.policy import Endpoint
+from tandem.router.policy import Endpoint, Probability
 from tandem.runtime.config import ConfigPath, StrictModel, load_config, validate_config
 from tandem.runtime.errors import ConfigError
 
@@ -154,6 +155,11 @@ class NetworkSpec(StrictModel):
                 raise ValueError(f"outage [{t1}, {t2}]: expected 0 <= start < end (seconds)")
         if self.sweep is not None and self.profile != "none":
             raise ValueError("give 'profile' (one link) or 'sweep' (several), not both")
+        if self.outages and self.sweep is None and self.profile == "none":
+            raise ValueError("'outages' cut the emulated link: give a 'profile' too")
+        names = [p if isinstance(p, str) else p.name for p in self.sweep or []]
+        if len(set(names)) != len(names):
+            raise ValueError("'sweep' lists a link twice (give user-defined links a 'name')")
         return self
 
     @property
@@ -164,10 +170,12 @@ class NetworkSpec(StrictModel):
         return [None if self.profile == "none" else self.profile]
 
 
-def _positive_list(v: float | list[float]) -> list[float]:
+def _rates(v: float | list[float]) -> list[float]:
     vals = v if isinstance(v, list) else [v]
-    if not vals or any(x <= 0 for x in vals):
-        raise ValueError("expected a positive number or a non-empty list of them")
+    if not vals or any(not (math.isfinite(x) and 1e-3 <= x <= 1e6) for x in vals):
+        raise ValueError("expected a rate in 0.001 .. 1e6 per second, or a list of them")
+    if len(set(vals)) != len(vals):
+        raise ValueError("a rate is listed twice")
     return vals
 
 
@@ -182,14 +190,14 @@ class LoadSpec(StrictModel):
     at most ``max_windows``; at most ``max_requests`` requests a level."""
 
     mode: Literal["closed", "open"] = "closed"
-    concurrency: Annotated[int | list[int], Field(union_mode="left_to_right")] = 1
+    concurrency: Annotated[StrictInt | list[StrictInt], Field(union_mode="left_to_right")] = 1
     rate: float | list[float] | None = None
     max_in_flight: int = Field(default=64, ge=1, le=1024)
     warmup_s: float = Field(default=1.0, ge=0.0, le=600.0)
     window_s: float = Field(default=2.0, gt=0.0, le=600.0)
     min_window_answers: int = Field(default=100, ge=1, le=1_000_000)
     min_windows: int = Field(default=3, ge=1, le=1000)
-    max_windows: int = Field(default=10, ge=1, le=1000)
+    max_windows: int = Field(default=10, ge=1, le=100)
     stable_windows: int = Field(default=3, ge=2, le=100)
     stability_pct: float = Field(default=10.0, gt=0.0, le=100.0)
     max_requests: int = Field(default=1_000_000, ge=1, le=100_000_000)
@@ -200,14 +208,16 @@ class LoadSpec(StrictModel):
         c = self.concurrency if isinstance(self.concurrency, list) else [self.concurrency]
         if not c or any(not 1 <= x <= 1024 for x in c):
             raise ValueError("'concurrency': expected an integer 1..1024 or a list of them")
+        if len(set(c)) != len(c):
+            raise ValueError("'concurrency' lists a value twice")
         if self.mode == "open":
             if self.rate is None:
                 raise ValueError("mode 'open' needs 'rate' (requests per second, or a list)")
-            _positive_list(self.rate)
+            _rates(self.rate)
         elif self.rate is not None:
             raise ValueError("'rate' is for mode 'open'; mode 'closed' uses 'concurrency'")
-        if self.max_windows < self.min_windows:
-            raise ValueError("'max_windows' must be at least 'min_windows'")
+        if self.max_windows < max(self.min_windows, self.stable_windows):
+            raise ValueError("'max_windows' must be at least 'min_windows' and 'stable_windows'")
         return self
 
     @property
@@ -215,7 +225,7 @@ class LoadSpec(StrictModel):
         """The load levels: concurrencies (closed) or rates (open)."""
         if self.mode == "open":
             assert self.rate is not None
-            return _positive_list(self.rate)
+            return _rates(self.rate)
         return [float(x) for x in (self.concurrency if isinstance(self.concurrency, list)
                                    else [self.concurrency])]  # fmt: skip
 
@@ -242,7 +252,9 @@ class SweepSpec(StrictModel):
     list, or an evenly spaced range) — accuracy, escalation rate and p95 per threshold, the
     Pareto front, and the threshold that meets ``target``. ``items``: how many items."""
 
-    threshold: list[float] | ThresholdRange | None = None
+    threshold: Annotated[list[Probability], Field(min_length=1, max_length=1001)] | (
+        ThresholdRange | None
+    ) = None
     target: TargetSpec | None = None
     items: int = Field(default=1000, ge=10, le=1_000_000)
 
@@ -269,6 +281,13 @@ class Scenario(StrictModel):
     def _consistent(self) -> Scenario:
         if not self.task.bundled and self.policy.path is None:
             raise ValueError("your own inputs need your policy: give 'policy.path'")
+        if self.task.bundled and (self.policy.path or self.policy.task or self.cloud.worker):
+            raise ValueError(
+                f"the bundled '{self.task.source}' task brings its reference policy and worker: "
+                "'policy.path', 'policy.task' and 'cloud.worker' are for your own inputs"
+            )
+        if self.cloud.worker is not None and self.cloud.targets:
+            raise ValueError("'cloud.worker' starts a worker; it cannot go with 'endpoint(s)'")
         if self.cloud.start and not self.task.bundled and self.cloud.worker is None:
             raise ValueError("'cloud.start' with your own policy needs 'cloud.worker'")
         curve = self.cloud.server_key is not None

@@ -56,9 +56,9 @@ import numpy.typing as npt
 from llama_cpp import Llama, llama_model_n_ctx_train
 from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
 
-from tandem.bench.llm import _finite, print_table
+from tandem.bench.llm import print_table
 from tandem.bench.reference import lm_task
-from tandem.bench.report import machine
+from tandem.bench.report import json_safe, machine
 from tandem.runtime.backends.llama_draft import GGUFDraftModel
 
 GAMMAS = (2, 4, 8)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": rows,
     }
-    out.write_text(json.dumps(_finite(doc), indent=2) + "\n")
+    out.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
     print(f"results written to {out}")
     if bad := [r["row"] for r in rows if not r["identical"]]:
         print(f"outputs differ from the target alone: {', '.join(bad)}", file=sys.stderr)

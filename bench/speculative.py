@@ -40,8 +40,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tandem.bench.llm import _finite, print_table
-from tandem.bench.report import machine
+from tandem.bench.llm import print_table
+from tandem.bench.report import json_safe, machine
 
 GOAL_0MS = 1.5
 RTTS = (0.0, 5.0, 20.0)
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "goals": verdicts,
         "same_host": local,
     }
-    args.json.write_text(json.dumps(_finite(result), indent=1))
+    args.json.write_text(json.dumps(json_safe(result), indent=1))
     say(f"results in {args.json} ({time.perf_counter() - t0:.0f} s)")
 
 

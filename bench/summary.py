@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tandem.bench.load import PERCENTILES, SPLIT, TIERS
@@ -36,7 +37,7 @@ def level_table(lv: dict[str, Any]) -> Table:
             caption += f" · sent late by p50 {_ms(lag['p50'])} / p99 {_ms(lag['p99'])} ms"
     if lv["errors"]:
         caption += " · errors " + ", ".join(f"{k} {v}" for k, v in sorted(lv["errors"].items()))
-    t = Table(title=f"{lv['label']}", caption=caption, title_justify="left")
+    t = Table(title=escape(str(lv["label"])), caption=escape(caption), title_justify="left")
     for c in ("tier", "count", "share", *PERCENTILES, "max", "answers/s", "accuracy"):
         t.add_column(c, justify="left" if c == "tier" else "right")
     rows = [(k, lv["tiers"][k]) for k in TIERS if k in lv["tiers"]] + [("all", lv["all"])]
@@ -54,16 +55,35 @@ def level_table(lv: dict[str, Any]) -> Table:
     return t
 
 
+def warnings(lv: dict[str, Any]) -> list[str]:
+    """What in a level says the set-up, not the system, is what was measured."""
+    out = []
+    n = lv["all"]["count"]
+    if not n:
+        out.append("no answers at all: every request failed (see errors)")
+    elif lv["escalation_rate"] and "cloud" not in lv["tiers"]:
+        out.append(
+            "escalations happened but the cloud answered none: every one came back "
+            "edge-degraded (is the link down, the deadline too short for it, or the worker "
+            "refusing?)"
+        )
+    for kind, msg in lv.get("error_examples", {}).items():
+        out.append(f"{kind}: {msg}")
+    return out
+
+
 def print_summary(results: dict[str, Any], console: Console) -> None:
     sc, m = results["scenario"], results["machine"]
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
     console.print(
-        f"[bold]{sc['name']}[/bold] — {sc['description'] or sc['task']} "
-        f"[dim]({m['cpu']}, {m['cores']} cores{gpu}; latency ms)[/dim]",
+        f"[bold]{escape(str(sc['name']))}[/bold] — {escape(sc['description'] or sc['task'])} "
+        f"[dim]({escape(str(m['cpu']))}, {m['cores']} cores{gpu}; latency ms)[/dim]",
         highlight=False,
     )
     for lv in results["levels"]:
         console.print(level_table(lv))
+        for w in warnings(lv):
+            console.print(f"  [yellow]warning:[/yellow] {escape(w)}", highlight=False)
         if lv["split_ms"]:
             parts = "  ".join(
                 f"{k} {_ms(lv['split_ms'][k]['p50'])}" for k in SPLIT if k in lv["split_ms"]

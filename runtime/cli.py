@@ -10,13 +10,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from tandem import __version__
 from tandem.runtime.errors import TandemError
+
+if TYPE_CHECKING:
+    from tandem.bench.scenario import Scenario
 
 app = typer.Typer(
     help="Tandem: edge-cloud collaborative inference.",
@@ -572,20 +575,40 @@ def bench_run(
     _bench(sc, str(path), out, json_out, plots)
 
 
-def _bench(sc, file: str, out: Path | None, json_out: Path | None, plots: bool) -> None:
-    from tandem.bench.runner import run_scenario
+def _bench(sc: Scenario, file: str, out: Path | None, json_out: Path | None, plots: bool) -> None:
+    import signal
+    import sys
+
+    from rich.markup import escape
+
+    from tandem.bench.runner import run_scenario, write_outputs
     from tandem.bench.summary import print_summary
 
+    if plots and sc.output.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise _fail(
+                TandemError(
+                    "plots need matplotlib: pip install 'tandem-infer[bench]', or pass --no-plots"
+                )
+            ) from None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds: the workers and relays this run started are stopped
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
     out = out or sc.output.dir or Path("bench-results") / str(sc.name)
-    say = lambda m: err_console.print(f"[dim]· {m}[/dim]", highlight=False)  # noqa: E731
+    say = lambda m: err_console.print(f"[dim]· {escape(m)}[/dim]", highlight=False)  # noqa: E731
     with err_console.status("starting") as status:
 
         def tick(label: str):
             def show(t: dict) -> None:
                 p99 = "–" if t["p99_ms"] is None else f"{t['p99_ms']:.3g} ms"
                 status.update(
-                    f"{label} · {t['phase']} · {t['requests']} answers · {t['rate']:.0f}/s · "
-                    f"p99 {p99}"
+                    f"{escape(label)} · {t['phase']} · {t['requests']} answers · "
+                    f"{t['rate']:.0f}/s · p99 {p99}"
                 )
 
             return show
@@ -594,23 +617,9 @@ def _bench(sc, file: str, out: Path | None, json_out: Path | None, plots: bool) 
             results = run_scenario(sc, out, file=file, say=say, tick=tick)
         except TandemError as e:
             raise _fail(e) from None
-    import sys
-
+    written = write_outputs(results, out, json_out, plots=plots and sc.output.plots,
+                            html=sc.output.html)  # fmt: skip
     print_summary(results, console if sys.stdout.isatty() else Console(width=160))
-    text = json.dumps(results, indent=1) + "\n"
-    (out / "results.json").write_text(text)
-    written = [out / "results.json"]
-    if json_out:
-        json_out.write_text(text)
-        written.append(json_out)
-    if plots and sc.output.plots:
-        from tandem.bench.html_report import write_html
-        from tandem.bench.plots import write_plots
-
-        pngs = write_plots(results, out)
-        written += list(pngs.values())
-        if sc.output.html:
-            written.append(write_html(results, pngs, out / "report.html"))
     for p in written:
         console.print(f"wrote {p}", highlight=False, soft_wrap=True)
 

@@ -3,6 +3,7 @@ and a real netem relay."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -118,6 +119,27 @@ def test_open_loop_rate_matches_and_latency_counts_from_intended_send() -> None:
     assert p99 is not None and p99 > 200.0
 
 
+def test_every_answer_is_counted_once_in_the_window_it_finished_in() -> None:
+    """Thousands of answers a second: warm-up answers stay out of window 1, nothing is lost or
+    counted twice (warm-up + windows + drained = calls made)."""
+    calls = itertools.count()
+
+    def call(i: int) -> Outcome:
+        next(calls)
+        time.sleep(0.0001)  # a call waits on something (a socket), as real ones do
+        return Outcome(tier="edge")
+
+    run = run_level(call, 5, mode="closed", point=2, warmup_s=0.3, window_s=0.3,
+                    min_windows=3, max_windows=3)  # fmt: skip
+    made = next(calls)
+    counted = sum(w.stats.answers for w in run.windows)
+    assert run.warmup_answers + counted + run.drained == made
+    rates = [w.stats.throughput() for w in run.windows]
+    assert max(rates) < 1.6 * min(rates), rates  # window 1 holds no warm-up answers
+    spans = [w.stats.span_s for w in run.windows]
+    assert max(spans) < 0.3 * 1.5  # the drain keeps up: windows end on time
+
+
 def test_failed_calls_are_counted_by_type() -> None:
     def call(i: int) -> Outcome:
         if i % 3 == 0:
@@ -128,6 +150,7 @@ def test_failed_calls_are_counted_by_type() -> None:
                     min_windows=1, max_windows=2, max_requests=300)  # fmt: skip
     lv = level_json(run, label="x")
     assert lv["errors"].get("TimeoutError", 0) > 0
+    assert lv["error_examples"]["TimeoutError"] == "slow"  # what went wrong, not just its type
     assert lv["escalation_rate"] == 1.0
     assert lv["requests"] <= 300
 
@@ -216,7 +239,7 @@ def test_delay_shows_in_cloud_tier_not_edge(user_scenario, tmp_path: Path) -> No
     sc = user_scenario(
         network={"profile": link},
         load={"mode": "closed", "concurrency": 2, "warmup_s": 0.5, "window_s": 1.0,
-              "min_windows": 2, "max_windows": 2},
+              "min_windows": 2, "max_windows": 2, "stable_windows": 2},
     )  # fmt: skip
     r = run_scenario(sc, tmp_path / "out")
     lv = r["levels"][0]
@@ -285,7 +308,7 @@ def test_report_holds_its_plots(user_scenario, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_cli_runs_a_scenario_file(user_scenario, tmp_path: Path) -> None:
-    sc = user_scenario()
+    sc = user_scenario(description="arm [/] [bold]test")  # rich markup: printed as it is
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(sc.model_dump(mode="json", by_alias=True, exclude_none=True)))
     out = tmp_path / "cli-out"
@@ -295,12 +318,12 @@ def test_cli_runs_a_scenario_file(user_scenario, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert "answers/s" in p.stdout
+    assert "answers/s" in p.stdout and "arm [/] [bold]test" in p.stdout
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["schema"] == "tandem-bench/1" and r["machine"]["cores"] >= 1
     assert (out / "results.json").exists()
     bad = tmp_path / "bad.yaml"
-    bad.write_text("task: {source: digits}\nload: {concurrency: 0}\n")
+    bad.write_text("description: 'arm [/] test'\ntask: {source: digits}\nload: {concurrency: 0}\n")
     p = subprocess.run(
         [sys.executable, "-m", "tandem.runtime.cli", "bench", "run", str(bad)],
         capture_output=True, text=True, timeout=60,
@@ -331,3 +354,34 @@ def test_curve_worker_is_measured_with_the_scenarios_keys(user_scenario, tmp_pat
     assert "edge-degraded" not in lv["tiers"] and not lv["errors"]
     with pytest.raises(ConfigError, match="CurveZMQ"):
         user_scenario(cloud=cloud, network={"profile": "lan"})
+
+
+@pytest.mark.integration
+def test_broken_set_ups_fail_clearly_instead_of_measuring(user_scenario, tmp_path) -> None:
+    from tandem.runtime.errors import TandemError
+
+    t0 = time.perf_counter()
+    with pytest.raises(TandemError, match="did not answer a health check"):
+        run_scenario(user_scenario(cloud={"endpoint": "tcp://127.0.0.1:9"}), tmp_path / "a")
+    assert time.perf_counter() - t0 < 30
+    np.save(tmp_path / "x.npy", np.zeros((20, 63), np.float32))  # the model takes 64 inputs
+    np.save(tmp_path / "y.npy", np.zeros(20, np.int64))
+    with pytest.raises(TandemError, match="first request failed"):
+        run_scenario(user_scenario(), tmp_path / "b")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"input": [1, 2]}\n\xff\xfe\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: not a UTF-8 JSON object"):
+        run_scenario(
+            user_scenario(task={"source": "jsonl", "path": "bad.jsonl", "limit": 5}),
+            tmp_path / "c",
+        )
+
+
+@pytest.mark.integration
+def test_the_robots_escalation_log_is_not_written(user_scenario, tmp_path, tiny_models) -> None:
+
+    policy = yaml.safe_load((tmp_path / "policy.yaml").read_text())
+    policy["escalation_log"] = {"path": str(tmp_path / "robot.sqlite"), "synchronous": "normal"}
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    run_scenario(user_scenario(), tmp_path / "out")
+    assert not (tmp_path / "robot.sqlite").exists()
+    assert (tmp_path / "out" / "escalations.sqlite").exists()
