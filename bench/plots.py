@@ -143,7 +143,7 @@ def accuracy_escalation(results: dict[str, Any]) -> Figure | None:
     the Pareto front, the current and chosen thresholds, target and single-tier references.
     None without a sweep."""
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     sweep = results.get("threshold_sweep") or {}
     raw = sweep.get("points") or []
@@ -244,6 +244,7 @@ def accuracy_escalation(results: dict[str, Any]) -> Figure | None:
     pad = (hi - lo) * 0.08 or 1.0
     ax.set_ylim(lo - pad, hi + pad)
     ax.xaxis.set_major_formatter(PercentFormatter(100, decimals=0))
+    ax.yaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10]))  # whole or half points
     ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0 if hi - lo > 8 else 1))
     ax.set_xlabel("escalation rate (share of inputs sent to the cloud)", fontsize=LABEL_SIZE)
     ax.set_ylabel("accuracy", fontsize=LABEL_SIZE)

@@ -31,7 +31,9 @@ def level_table(lv: dict[str, Any]) -> Table:
         f"accuracy {_pct(lv['accuracy'])}"
     )
     if lv["load"]["mode"] == "open":
-        caption += f" · offered {lv['load']['rate']:g}/s, sent {lv['load']['achieved_rate']:.1f}/s"
+        caption += (
+            f" · offered {lv['load']['rate']:g}/s, arrivals {lv['load']['achieved_rate']:.1f}/s"
+        )
         lag = lv.get("send_lag_ms")
         if lag:
             caption += f" · sent late by p50 {_ms(lag['p50'])} / p99 {_ms(lag['p99'])} ms"

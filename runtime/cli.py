@@ -648,7 +648,12 @@ def bench_compare(
     from tandem.bench.compare import compare, load_results, print_compare
 
     try:
-        rows = compare(load_results(a), load_results(b), noise_pct=noise_pct)
+        try:
+            rows = compare(load_results(a), load_results(b), noise_pct=noise_pct)
+        except (TypeError, AttributeError, KeyError, ValueError) as e:  # the right schema name,
+            raise TandemError(  # but not what `tandem bench run` writes
+                f"{a} or {b}: not a valid tandem-bench/1 results file ({type(e).__name__}: {e})"
+            ) from None
     except TandemError as e:
         raise _fail(e) from None
     print_compare(rows, console)
