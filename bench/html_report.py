@@ -438,7 +438,9 @@ def _threshold_sweep(sweep: dict[str, Any]) -> str:
     head = _head(["threshold", "accuracy", "escalated", "p95 ms", ""])
     return (
         '<h2>Threshold sweep</h2><p class="facts">' + " · ".join(facts) + "</p>"
-        '<p class="muted">Each item's edge and cloud outcome replayed at each threshold; p95 is the mixture of the first level's measured edge and cloud latencies at that escalation rate. '
+        '<p class="muted">Each item\'s edge and cloud outcome replayed at each threshold; p95 is '
+        "the mixture of the first level's measured edge and cloud latencies at that escalation "
+        "rate. "
         "● on the Pareto front (no other threshold is as accurate with fewer escalations and a "
         f"lower p95); ★ {_e(_chosen_rule(target))}; ◆ nearest the policy's current threshold.</p>"
         f"<table>{head}<tbody>{''.join(rows)}</tbody></table>"

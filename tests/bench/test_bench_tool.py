@@ -16,13 +16,14 @@ import yaml
 from hdrh.histogram import HdrHistogram
 
 from tandem.bench.load import Outcome, level_json, record_ms, run_level
-from tandem.bench.runner import knee, mixture_quantile, pareto, run_scenario
+from tandem.bench.runner import run_scenario
 from tandem.bench.scenario import (
     bundled_scenarios,
     find_scenario,
     load_scenario,
     scenario_from_dict,
 )
+from tandem.bench.sweeps import knee, mixture_quantile, pareto
 from tandem.runtime.errors import ConfigError
 from tests.conftest import write_policy
 
