@@ -97,14 +97,13 @@ def relays(
     from tandem.bench.netem import start_relay
 
     listens = [f"tcp://127.0.0.1:{_free_port()}" for _ in endpoints]
-    handles: list[Any] = []
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(log.open("ab"))
 
-        def start() -> None:
+        def start() -> None:  # each relay is stopped when the level's block ends
             for target, listen in zip(endpoints, listens, strict=True):
                 h = start_relay(target, link, listen, outages=outages, seed=seed, stderr=f)
-                handles.append(stack.enter_context(h))
+                stack.enter_context(h)
 
         yield listens, start
 
