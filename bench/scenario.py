@@ -302,9 +302,7 @@ class Scenario(StrictModel):
     def starts_workers(self) -> bool:
         if self.cloud.start is not None:
             return self.cloud.start
-        return self.cloud.worker is not None or (
-            self.task.bundled and self.policy.path is None and not self.cloud.targets
-        )
+        return self.cloud.worker is not None or (self.task.bundled and not self.cloud.targets)
 
 
 def load_scenario(path: str | Path) -> Scenario:
