@@ -16,7 +16,7 @@ from tandem.runtime.errors import TandemError
 
 def _cdf(h: Any) -> tuple[np.ndarray, np.ndarray]:
     """(values ms, cumulative fraction) of an HDR histogram's recorded values."""
-    n = h.get_total_count()
+    n = 0 if h is None else h.get_total_count()
     if not n:
         return np.array([]), np.array([])
     # the iterator hands back one object, updated in place: read it as it goes
@@ -27,7 +27,7 @@ def _cdf(h: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def mixture_quantile(parts: list[tuple[float, Any]], q: float) -> float | None:
     """The ``q`` quantile of a mixture of HDR histograms with weights (weights sum to 1;
-    a part with weight 0 may be empty). None when a weighted part has no data."""
+    a part with weight 0 may be empty or None). None when a weighted part has no data."""
     cdfs = [(w, *_cdf(h)) for w, h in parts if w > 0]
     if not cdfs or any(len(v) == 0 for _, v, _ in cdfs):
         return None
@@ -61,6 +61,7 @@ def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[
     """Classifiers with labels: accuracy, escalation rate and p95 at every threshold."""
     from tandem.kernels.confidence import confidence
     from tandem.router.policy import policy_from_dict
+    from tandem.router.routing import ConfidenceGate
     from tandem.runtime.backends.onnx import OnnxBackend
 
     spec = sc.sweep
@@ -80,12 +81,11 @@ def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[
             logits = np.log(logits)
     c = confidence(logits)
     metric = tp.gate.metric.value
-    if metric == "max_prob":
-        score = c.max_prob
-    elif metric == "margin":
-        score = c.margin
-    else:
-        score = c.entropy / np.log(logits.shape[1])
+    n_classes, live = logits.shape[1], ConfidenceGate(tp.gate)
+    scores = [  # the live gate's score and rule (ConfidenceGate), item by item
+        live.score(p, m, h, n_classes)
+        for p, m, h in zip(c.max_prob, c.margin, c.entropy, strict=True)
+    ]
     edge_ok = c.top1 == y
     try:
         cloud_ok = cloud_top1(st.endpoints, st.curve, st.cloud_model, x) == y
@@ -101,16 +101,10 @@ def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[
     h_edge, h_cloud = first.stats.lat.get("edge"), first.stats.lat.get("cloud")
     points = []
     for t in grid:
-        # ConfidenceGate.accepts, vectorised: NaN is never accepted
-        accepted = score <= t if metric == "entropy" else score >= t
-        esc = ~accepted
+        gate = ConfidenceGate(tp.gate.model_copy(update={"threshold": t}))
+        esc = np.array([not gate.accepts(v) for v in scores])
         e = float(esc.mean())
-        parts = [(1 - e, h_edge), (e, h_cloud)]
-        p95 = (
-            None
-            if any(w > 0 and h is None for w, h in parts)
-            else mixture_quantile([(w, h) for w, h in parts if h is not None or w == 0], 0.95)
-        )
+        p95 = mixture_quantile([(1 - e, h_edge), (e, h_cloud)], 0.95)
         points.append(
             {
                 "threshold": float(t),
@@ -132,9 +126,6 @@ def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[
                        default=None)  # fmt: skip
         chosen = best
 
-    def q95(h: Any) -> float | None:
-        return None if h is None else mixture_quantile([(1.0, h)], 0.95)
-
     return {
         "metric": metric,
         "method": "trace",
@@ -144,8 +135,14 @@ def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[
         "pareto": pareto(points),
         "target": None if tgt is None else tgt.model_dump(exclude_none=True),
         "chosen": chosen,
-        "edge_only": {"accuracy": float(edge_ok.mean()), "p95_ms": q95(h_edge)},
-        "cloud_only": {"accuracy": float(cloud_ok.mean()), "p95_ms": q95(h_cloud)},
+        "edge_only": {
+            "accuracy": float(edge_ok.mean()),
+            "p95_ms": mixture_quantile([(1.0, h_edge)], 0.95),
+        },
+        "cloud_only": {
+            "accuracy": float(cloud_ok.mean()),
+            "p95_ms": mixture_quantile([(1.0, h_cloud)], 0.95),
+        },
     }
 
 
