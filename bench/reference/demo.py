@@ -67,9 +67,12 @@ class DemoReport:
         return asdict(self)
 
 
-def _cloud_logits(client: CloudClient, model: str, x: np.ndarray, chunk: int = 512) -> np.ndarray:
+def cloud_logits(
+    client: CloudClient, model: str, x: np.ndarray, chunk: int = 512, timeout_s: float = 30.0
+) -> np.ndarray:
+    """``model``'s outputs for every row of ``x``, ``chunk`` rows a request."""
     parts = [
-        client.infer(model, x[i : i + chunk], timeout_s=30.0)["outputs"]
+        client.infer(model, x[i : i + chunk], timeout_s=timeout_s)["outputs"]
         for i in range(0, len(x), chunk)
     ]
     return np.concatenate(parts)
@@ -102,7 +105,7 @@ def run_demo(
         with CloudClient(worker.endpoint) as client:
             progress("calibrating the gate threshold on the calibration split")
             calib_edge = confidence(edge_model.predict(data.calib.x))
-            calib_cloud = _cloud_logits(client, cloud_model, data.calib.x).argmax(axis=1)
+            calib_cloud = cloud_logits(client, cloud_model, data.calib.x).argmax(axis=1)
             curve = routing_curve(
                 calib_edge.max_prob,
                 calib_edge.top1 == data.calib.y,
@@ -110,7 +113,7 @@ def run_demo(
             )
             threshold = pick_threshold(curve, target_recovery)
             calib_esc = float(np.mean(np.nan_to_num(calib_edge.max_prob, nan=-1) < threshold))
-            test_cloud = _cloud_logits(client, cloud_model, data.test.x).argmax(axis=1)
+            test_cloud = cloud_logits(client, cloud_model, data.test.x).argmax(axis=1)
 
         policy = {
             "version": 1,
