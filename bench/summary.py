@@ -38,8 +38,10 @@ def level_table(lv: dict[str, Any]) -> Table:
         if lag:
             caption += f" · sent late by p50 {_ms(lag['p50'])} / p99 {_ms(lag['p99'])} ms"
     if lv["errors"]:
-        caption += " · errors " + ", ".join(f"{k} {v}" for k, v in sorted(lv["errors"].items()))
-    t = Table(title=escape(str(lv["label"])), caption=escape(caption), title_justify="left")
+        caption += " · errors " + escape(
+            ", ".join(f"{k} {v}" for k, v in sorted(lv["errors"].items()))
+        )
+    t = Table(title=escape(str(lv["label"])), caption=caption, title_justify="left")
     for c in ("tier", "count", "share", *PERCENTILES, "max", "answers/s", "accuracy"):
         t.add_column(c, justify="left" if c == "tier" else "right")
     rows = [(k, lv["tiers"][k]) for k in TIERS if k in lv["tiers"]] + [("all", lv["all"])]
@@ -61,8 +63,14 @@ def warnings(lv: dict[str, Any]) -> list[str]:
     """What in a level says the set-up, not the system, is what was measured."""
     out = []
     n = lv["all"]["count"]
-    if not n:
+    if not n and lv["errors"]:
         out.append("no answers at all: every request failed (see errors)")
+    elif not n:
+        out.append(
+            f"no answers in the measured windows ({lv.get('warmup_answers', 0)} in the warm-up): "
+            "max_requests ran out first, or the warm-up overran because the tool's threads "
+            "kept its timer from running (fewer clients, or a larger max_requests)"
+        )
     elif lv["escalation_rate"] and "cloud" not in lv["tiers"]:
         out.append(
             "escalations happened but the cloud answered none: every one came back "
