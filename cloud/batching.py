@@ -12,6 +12,11 @@ Per model, a FIFO of admitted requests. A queue is *ready* when its model may ru
 Admission is bounded in requests and bytes, per model and in total; a request that would cross
 a bound raises :class:`OverloadedError` with a retry-after estimate from the model's measured
 cost per row, and is not queued.
+
+A batch is whole requests in arrival order, whatever their row shapes: a model with a dynamic
+axis (a sequence length) gets requests of several shapes in one batch, and the worker runs
+each shape as its own backend call (``CloudWorker._run_batch``), so the bounds above hold for
+the batch as a whole and no request waits behind later ones of another shape.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """What a worker serves and under which protection: its models, loaded from a models
 directory (backend chosen by the manifest's ``format``, digests checked, warmed up), and the
-check that a worker reachable from other hosts uses CurveZMQ."""
+check that a worker reachable from other hosts uses CurveZMQ.
+
+An ``openai`` entry is a server, not a file: no digest to check; its API key is read from the
+environment variable the entry names (``api_key_env``), and an unset variable means no key
+(logged as a warning), for servers without authentication such as a local llama.cpp or vLLM."""
 
 from __future__ import annotations
 
@@ -10,7 +14,13 @@ from tandem.cloud.config import WorkerConfig
 from tandem.runtime.backends import BACKENDS, open_backend
 from tandem.runtime.curve import is_loopback, load_secret_key
 from tandem.runtime.errors import ConfigError, UnknownModel
-from tandem.runtime.manifest import load_manifest, verify_entry
+from tandem.runtime.manifest import (
+    MANIFEST_NAME,
+    OPENAI,
+    api_key_from_env,
+    load_manifest,
+    verify_entry,
+)
 
 
 def load_backends(config: WorkerConfig) -> dict[str, Any]:
@@ -28,13 +38,21 @@ def load_backends(config: WorkerConfig) -> dict[str, Any]:
                 f"model {name!r} is not in {config.models_dir}/manifest.json "
                 f"(it has: {', '.join(m.name for m in manifest.models)})"
             ) from None
-        path = verify_entry(config.models_dir, entry)
         if entry.format not in BACKENDS:
             raise UnknownModel(
                 f"model {name!r} has format {entry.format!r}; known: {', '.join(BACKENDS)}"
             )
         hosted = (config.experts or {}).get(name)
         extra: dict[str, Any] = {"experts": hosted} if hosted is not None else {}
+        if entry.format == OPENAI:  # a server: nothing on disk to verify
+            where = f"{config.models_dir / MANIFEST_NAME}: model {name!r}: api_key_env"
+            extra |= {
+                "model": entry.model,
+                "api_key": api_key_from_env(entry.api_key_env, where=where),
+            }
+            path: Any = entry.url
+        else:
+            path = verify_entry(config.models_dir, entry)
         if entry.format == "gguf":
             extra["parallel"] = config.generation.parallel
         backend = open_backend(

@@ -310,7 +310,7 @@ class VerifyTable:
     def _digest(self, model: str, backend: Any) -> str:
         if model not in self._digests:
             pieces = (backend.piece(t) for t in range(int(backend.n_vocab)))
-            self._digests[model] = vocab_digest(pieces, backend.eos_tokens)
+            self._digests[model] = vocab_digest(pieces)
         return self._digests[model]
 
     def _open(self, req: VerifyRequest, backend: Any) -> Session:

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem.cloud.config import GenerationSpec
+from tandem.runtime.chat import Message, check_messages
 from tandem.runtime.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -72,7 +73,18 @@ from tandem.runtime.wire import MAX_BUDGET_US, Envelope, Kind, WireCodec
 log = logging.getLogger(__name__)
 
 GENERATE_FIELDS = frozenset(
-    {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "first_token_ms"}
+    {
+        "model",
+        "prompt",
+        "messages",
+        "prefix",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "first_token_ms",
+    }
 )
 _MAX_STEP_CHARS = 64 * 1024  # one token's text: more is a backend bug, not a token
 _MAX_CHUNK_CHARS = 1024 * 1024  # text per chunk (a chunk also holds at most buffer_tokens)
@@ -87,12 +99,24 @@ SendFn = Callable[[list[Any], list[Any]], int]
 
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
-    """A validated ``generate`` payload."""
+    """A validated ``generate`` payload: a raw ``prompt``, or chat ``messages`` that the
+    model renders with its own template, continued after ``prefix`` (the assistant's text so
+    far, when the edge hands an answer over)."""
 
     model: str
     prompt: str
     params: SamplingParams
     first_token_ms: int | None = None
+    messages: list[Message] | None = None
+
+    def start(self, backend: Any, cancel: threading.Event) -> Any:
+        """The backend's token stream for this request."""
+        if self.messages is None:
+            return backend.stream(self.prompt, self.params, cancel=cancel)
+        chat = getattr(backend, "stream_chat", None)
+        if chat is None:
+            raise BadRequest(f"model {self.model!r} does not take chat messages; send a prompt")
+        return chat(self.messages, self.params, prefix=self.prompt, cancel=cancel)
 
 
 def _number(name: str, value: Any) -> float:
@@ -111,14 +135,29 @@ def parse_generate(payload: Any, max_prompt_bytes: int) -> GenerateRequest:
     if unknown:
         shown = sorted(repr(k) for k in unknown)[:8]
         raise BadRequest(f"generate: unknown field(s) {', '.join(shown)}")
-    model, prompt = payload.get("model"), payload.get("prompt")
+    model = payload.get("model")
     if type(model) is not str:
         raise BadRequest("generate: model must be a string")
-    if type(prompt) is not str:
-        raise BadRequest("generate: prompt must be a string")
+    messages = None
+    if "messages" in payload:
+        if "prompt" in payload:
+            raise BadRequest("generate: send a prompt or messages, not both")
+        messages = check_messages(payload["messages"])
+        prompt = payload.get("prefix", "")
+        if type(prompt) is not str:
+            raise BadRequest("generate: prefix must be a string")
+        texts = [prompt, *(v for m in messages for v in m.values())]
+    else:
+        if "prefix" in payload:
+            raise BadRequest("generate: prefix goes with messages")
+        prompt = payload.get("prompt")
+        if type(prompt) is not str:
+            raise BadRequest("generate: prompt must be a string")
+        texts = [prompt]
     # a str of n characters is at least n bytes of UTF-8: the cheap check first
-    if len(prompt) > max_prompt_bytes or len(prompt.encode("utf-8", "surrogatepass")) > (
-        max_prompt_bytes
+    if (
+        sum(map(len, texts)) > max_prompt_bytes
+        or sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) > max_prompt_bytes
     ):
         raise BadRequest(
             f"generate: prompt over {max_prompt_bytes} bytes of UTF-8 (this worker's "
@@ -144,7 +183,7 @@ def parse_generate(payload: Any, max_prompt_bytes: int) -> GenerateRequest:
         seed=seed,
         stop=tuple(stop),
     )
-    return GenerateRequest(model, prompt, params, first)
+    return GenerateRequest(model, prompt, params, first, messages)
 
 
 def is_generation_backend(backend: Any) -> bool:
@@ -530,7 +569,7 @@ class StreamTable:
             s.started_at = time.monotonic()
             if s.cancel.is_set():
                 return
-            ts = s.backend.stream(s.req.prompt, s.req.params, cancel=s.cancel)
+            ts = s.req.start(s.backend, s.cancel)
             s.prompt_tokens = operator.index(getattr(ts, "prompt_tokens", 0) or 0)
             for raw in ts:
                 step = _checked(raw)

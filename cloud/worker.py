@@ -7,12 +7,16 @@ An idle model runs a request the moment it arrives; requests that arrive while i
 in the queue and form the next batch.
 
 **Nothing a client sends ends or stalls the loop.** Backend code (``check_batch``,
-``run``, ``run_experts``) is only ever called through :meth:`CloudWorker._backend`, the one
-place that turns any exception it raises into a typed :class:`BackendFailure` reply
-(``backend.error``, with the exception's class and message) and counts it in ``health``; a
-failing batch of several requests is re-run one request at a time so only the request that
-fails gets the error. Everything else that can go wrong on a message is caught once in
-:meth:`CloudWorker._on_message` and answered as a typed error. What a request can cost is
+``run``, ``run_experts``), and everything that touches a request's rows on the way to and from
+it (joining requests into one batch, checking what ``run`` returned, cutting it into each
+request's rows), is only ever called through :meth:`CloudWorker._backend`, the one place that
+turns any exception it raises into a typed :class:`BackendFailure` reply (``backend.error``,
+with the exception's class and message) and counts it in ``health``. What ``run`` returns must
+be one array of as many rows as it was given, of a wire dtype, without NaN or inf; anything
+else is :class:`BadOutput`. A failing batch of several requests is re-run one request at a time
+so only the request that fails gets the error. Everything else that can go wrong on a message
+is caught once in :meth:`CloudWorker._on_message`, and on a batch once in
+:meth:`CloudWorker._run_batch`, and answered as a typed error. What a request can cost is
 bounded before it runs: rows and bytes per request (``limits``), queued requests and bytes per
 model and in total (``queue``; over them: ``Overloaded`` with a retry-after hint), ZeroMQ's
 high-water marks, and the reply cache (``idempotency``). Replies are sent without blocking:
@@ -20,7 +24,14 @@ a peer that does not read them cannot stall the worker.
 
 Every message is answered exactly once, with a result or a typed error. A retry of a request
 id already answered (within ``idempotency.ttl_s``) gets the same reply again without running;
-a retry of one still queued is answered together with it.
+a retry of one still queued is answered together with it. A queued request's routes are
+forgotten as it is answered, so nothing can answer it twice.
+
+**Only like rows are joined.** A ready batch is split by row shape (``shape[1:]``) and dtype,
+in order of arrival, and each group is one backend call: a sequence model with a dynamic
+length axis gets requests of several lengths, and rows of different shapes cannot be
+concatenated (nor different dtypes without changing them). The batcher's bounds hold for the
+whole batch; ``health`` counts ``mixed_batches``.
 
 **Generation streams** (``generate`` → ``chunk``... → ``end`` or ``error``; ``cancel``) live in
 :class:`~tandem.cloud.streams.StreamTable`: each runs its backend on a thread of its own and
@@ -50,6 +61,7 @@ from tandem.cloud.idempotency import ReplyCache
 from tandem.cloud.loading import check_security, load_backends
 from tandem.cloud.speculation import VerifyTable
 from tandem.cloud.streams import BLOCKED, GONE, SENT, StreamTable, is_generation_backend
+from tandem.kernels.confidence import all_finite
 from tandem.runtime.backends import ModelBackend
 from tandem.runtime.curve import (
     configure_server,
@@ -57,9 +69,11 @@ from tandem.runtime.curve import (
     start_authenticator,
 )
 from tandem.runtime.errors import (
+    BackendError,
     BackendFailure,
     BadRequest,
     DeadlineExceeded,
+    LimitExceeded,
     OverloadedError,
     ShuttingDown,
     TandemError,
@@ -67,7 +81,9 @@ from tandem.runtime.errors import (
     WireError,
 )
 from tandem.runtime.wire import (
+    MAX_NDIM,
     PROTOCOL_VERSION,
+    WIRE_DTYPES,
     Envelope,
     Frame,
     Kind,
@@ -86,6 +102,14 @@ _DONTWAIT = int(zmq.DONTWAIT)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 256  # messages read before ready batches get a chance to run
 _WORK = (Kind.INFER, Kind.EXPERTS, Kind.VERIFY)
+_MAX_ERROR_CHARS = 2000  # of a backend exception's message in a reply (some print arrays)
+
+
+class BadOutput(Exception):
+    """Backend code returned something the worker cannot answer with (not an array, the
+    wrong number of rows, a dtype the wire does not carry, NaN or inf). Raised inside
+    :meth:`CloudWorker._backend`, so it reaches the client as ``backend.error`` with
+    ``exception='BadOutput'``."""
 
 
 class CloudWorker:
@@ -355,7 +379,7 @@ class CloudWorker:
         if not isinstance(inputs, np.ndarray):
             raise BadRequest("infer payload needs an 'inputs' array shaped (N, ...)")
         self._check_size(inputs)
-        inputs = self._backend(backend.name, backend.check_batch, inputs)
+        inputs = self._backend(backend.name, _checked_rows, backend, inputs)
         item = Pending([route], env, inputs, sum(len(f) for f in body), time.monotonic())
         self.batcher.admit(backend.name, item)
         self._queued[env.id] = item
@@ -385,9 +409,14 @@ class CloudWorker:
 
     def _backend(self, model: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Call backend code. The one place where a backend's exception becomes a typed
-        reply: TandemErrors pass through; anything else becomes ``backend.error``."""
+        reply: TandemErrors pass through (a :class:`BackendError`, the backend's own word
+        that it failed, counted in ``backend_errors``); anything else becomes
+        ``backend.error``."""
         try:
             return fn(*args)
+        except BackendError:
+            self.counters["backend_errors"] += 1
+            raise
         except TandemError:
             raise
         except Exception as e:
@@ -395,11 +424,15 @@ class CloudWorker:
 
     def _backend_failure(self, model: str, e: Exception) -> BackendFailure:
         """The typed error for an exception that backend code raised (a batch's ``run``, or a
-        stream's producer thread, reported on the loop's thread); counted and logged."""
+        stream's producer thread, reported on the loop's thread); counted and logged. The
+        message is cut to ``_MAX_ERROR_CHARS``: a reply must stay small whatever was raised."""
         self.counters["backend_errors"] += 1
-        log.warning("model %r raised %s: %s", model, type(e).__name__, e)
+        text = str(e)
+        if len(text) > _MAX_ERROR_CHARS:
+            text = text[:_MAX_ERROR_CHARS] + "..."
+        log.warning("model %r raised %s: %s", model, type(e).__name__, text)
         return BackendFailure(
-            f"model {model!r} failed: {type(e).__name__}: {e}", exception=type(e).__name__
+            f"model {model!r} failed: {type(e).__name__}: {text}", exception=type(e).__name__
         )
 
     def _run_experts(self, env: Envelope) -> dict[str, Any]:
@@ -428,69 +461,97 @@ class CloudWorker:
         return {"rows": out, "version": backend.version}
 
     def _run_batch(self, model: str, batch: list[Pending]) -> None:
-        now = time.monotonic()
-        live = []
+        """Answer every request of a ready batch exactly once. Expired ones get
+        ``DeadlineExceeded``; the others run in groups of one row shape and dtype (in order of
+        arrival), one backend call per group. Whatever still escapes (a bug of ours, as in
+        :meth:`_on_message`) is answered as an internal error to the requests not yet
+        answered, and the loop keeps serving."""
         for item in batch:
-            del self._queued[item.env.id]
-            if item.env.expired(now):
-                self.counters["expired"] += 1
-                err = DeadlineExceeded("deadline passed while queued")
-                self._reply_all(item, self.codec.encode(item.env.error_reply(err)))
-            else:
-                live.append(item)
-        if live:
-            self._predict(model, live)
+            self._queued.pop(item.env.id, None)
+        try:
+            now = time.monotonic()
+            groups: dict[tuple[tuple[int, ...], np.dtype], list[Pending]] = {}
+            for item in batch:
+                if item.env.expired(now):
+                    self.counters["expired"] += 1
+                    self._reply_error(item, DeadlineExceeded("deadline passed while queued"))
+                else:  # an array of >= 1 row: checked on admission (_checked_rows)
+                    key = (item.inputs.shape[1:], item.inputs.dtype)
+                    groups.setdefault(key, []).append(item)
+            if len(groups) > 1:
+                self.counters["mixed_batches"] += 1
+            for group in groups.values():
+                self._predict(model, group)
+        except Exception as e:
+            self.counters["internal_errors"] += 1
+            log.exception("internal error running a batch of model %r", model)
+            err = TandemError(f"internal error: {type(e).__name__}: {e}")
+            for item in batch:
+                if item.routes:  # not answered yet
+                    self._reply_error(item, err)
 
     def _predict(self, model: str, live: list[Pending]) -> None:
-        """Run requests as one backend call and answer each with its rows. If the call fails,
+        """Run requests of one row shape and dtype as one backend call and answer each with
+        its rows. Joining, running and cutting happen inside :meth:`_backend`; if that fails,
         a batch of several is re-run one request at a time, so only a failing request gets
         the error."""
         backend = self.backends[model]
-        x = live[0].inputs if len(live) == 1 else np.concatenate([i.inputs for i in live])
+        inputs, limit = [i.inputs for i in live], self.codec.limits.max_message_bytes
         started = time.monotonic()
         try:
-            out = self._backend(model, backend.run, x)
-            if not (isinstance(out, np.ndarray) and out.ndim >= 1 and len(out) == len(x)):
-                raise BackendFailure(
-                    f"model {model!r} returned {getattr(out, 'shape', type(out))} for "
-                    f"{len(x)} rows",
-                    exception="ShapeMismatch",
-                )
+            outs = self._backend(model, _run_rows, backend, inputs, limit)
         except TandemError as e:
             if len(live) > 1:
                 for item in live:
                     self._predict(model, [item])
             else:
-                self._reply_all(live[0], self.codec.encode(live[0].env.error_reply(e)))
+                self._reply_error(live[0], e)
             return
         run_s = time.monotonic() - started
-        self.batcher.record_run(model, len(x), run_s)
+        n_rows = sum(len(i.inputs) for i in live)
+        self.batcher.record_run(model, n_rows, run_s)
         self.counters["batches"] += 1
-        self.counters["rows"] += len(x)
-        start = 0
-        for item in live:
-            rows = len(item.inputs)
+        self.counters["rows"] += n_rows
+        for item, out in zip(live, outs, strict=True):
             payload = {
-                "outputs": out[start : start + rows],
+                "outputs": out,
                 "model": model,
                 "version": backend.version,
                 "queue_ms": (started - item.arrived) * 1e3,
                 "run_ms": run_s * 1e3,
-                "batch_rows": len(x),
+                "batch_rows": n_rows,
             }
-            start += rows
-            self._reply_all(item, self._result_frames(item.env, payload))
+            try:
+                frames = self._result_frames(item.env, payload)
+            except TandemError as e:  # its rows are too big for a reply: this request alone
+                self._reply_error(item, e)
+                continue
+            self._reply_all(item, frames)
 
     # ------------------------------------------------------------------ replies
     def _result_frames(self, env: Envelope, payload: Any) -> list[Any]:
-        """A result reply, encoded once and remembered for retries of the same request id."""
+        """A result reply, encoded once and remembered for retries of the same request id.
+        :class:`LimitExceeded` if it is over the wire's message limit (a client's socket
+        would drop the connection instead of reading it)."""
         frames = self.codec.encode(env.reply(Kind.RESULT, payload))
+        size, limit = frames_nbytes(frames), self.codec.limits.max_message_bytes
+        if size > limit:
+            raise LimitExceeded(
+                f"the reply would be {size} bytes, over the {limit}-byte message limit; "
+                "send fewer rows per request"
+            )
         self.answered.put(env, frames, time.monotonic())
         return frames
 
     def _reply_all(self, item: Pending, frames: list[Any]) -> None:
-        for route in item.routes:
+        """Answer a queued request on every route it came on (retries of its id join it) and
+        forget the routes, so nothing can answer it a second time."""
+        routes, item.routes = item.routes, []
+        for route in routes:
             self._send(route, frames)
+
+    def _reply_error(self, item: Pending, err: TandemError) -> None:
+        self._reply_all(item, self.codec.encode(item.env.error_reply(err)))
 
     def _reply(self, route: list[Any], env: Envelope) -> None:
         self._send(route, self.codec.encode(env))
@@ -529,6 +590,47 @@ class CloudWorker:
             "streams": self.streams.health() if self.streams is not None else {"active": 0},
             "speculative": self.verifier.health(),
         }
+
+
+def _checked_rows(backend: ModelBackend, inputs: np.ndarray) -> np.ndarray:
+    """``check_batch``, and a check of its answer: the batcher counts rows and the worker
+    groups requests by row shape and dtype, so it must be an array with the rows sent."""
+    rows = backend.check_batch(inputs)
+    if not (isinstance(rows, np.ndarray) and rows.ndim >= 1 and len(rows) == len(inputs)):
+        raise BadOutput(f"check_batch returned {_describe(rows)} for {len(inputs)} rows")
+    return rows
+
+
+def _run_rows(backend: ModelBackend, inputs: list[np.ndarray], max_bytes: int) -> list[np.ndarray]:
+    """Each request's output rows from one ``run`` over all their rows (requests of one row
+    shape and dtype), each at most ``max_bytes`` (a reply must fit in a message). Only called
+    through :meth:`CloudWorker._backend`: every step touches request data or backend output,
+    and any of them may raise."""
+    x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+    out = backend.run(x)
+    if not (isinstance(out, np.ndarray) and 1 <= out.ndim <= MAX_NDIM and len(out) == len(x)):
+        raise BadOutput(f"run returned {_describe(out)} for {len(x)} rows")
+    if out.dtype.byteorder == ">":
+        out = out.astype(out.dtype.newbyteorder("<"))
+    if out.dtype not in WIRE_DTYPES:
+        raise BadOutput(f"run returned dtype {out.dtype}, which the wire does not carry")
+    if not all_finite(out):
+        bad = np.flatnonzero(~np.isfinite(out.reshape(len(out), -1)).all(axis=1))
+        raise BadOutput(f"run returned NaN or inf in output rows {bad.tolist()[:10]}")
+    outs = [out] if len(inputs) == 1 else np.split(out, np.cumsum([len(i) for i in inputs[:-1]]))
+    big = max(o.nbytes for o in outs)
+    if big > max_bytes:
+        raise BadOutput(
+            f"run returned {big} bytes for one request, over the {max_bytes}-byte message "
+            "limit; send fewer rows per request"
+        )
+    return outs
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array shaped {value.shape}"
+    return f"a {type(value).__name__}"
 
 
 def _model_health(b: Any) -> dict[str, Any]:

@@ -27,10 +27,13 @@ the runtime keeps no alternatives. ``usage.prompt_tokens`` counts the edge model
 (null where its backend cannot tokenize); ``completion_tokens`` the answer's tokens, whichever
 tier produced them.
 
-**Chat messages become one raw prompt.** Our reference models take raw prompts, so a chat is
-rendered as the text contents of its messages concatenated in order: no roles, separators or
-template (:func:`chat_prompt`). A task whose model was trained on a chat template will need
-its own rendering (a per-task template in the policy, later).
+**Chat is rendered by the model's own template.** ``/v1/chat/completions`` hands the messages
+to :meth:`EdgeRuntime.chat`: the edge model renders them with its chat template (the GGUF's
+``tokenizer.chat_template``, the Hugging Face tokenizer's, or the policy's
+``local.chat_template``), and an escalation sends the messages, which the cloud model renders
+with its own. ``usage.prompt_tokens`` is the edge's rendering's length. A model without a
+template (Tandem's reference models, trained on raw prompts) gets the messages' text contents
+concatenated. Text parts of a ``content`` list are joined (:func:`chat_messages`).
 
 **Tandem's extension.** Request: ``"tandem": {"tags": ["private"], "deadline_ms": 200}``
 (routing tags for the policy's rules; the cloud's budget in ms, default the task's). Response:
@@ -231,19 +234,23 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-def chat_prompt(messages: Any) -> str:
-    """The raw prompt a chat becomes: the text contents of ``messages``, concatenated in order,
-    nothing added (no roles, separators or template). ``content`` may be a string, a list of
-    ``{"type": "text", "text": ...}`` parts, or null. Raises :class:`BadRequest`."""
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """OpenAI's messages as ``{role, content[, name]}`` string maps for
+    :meth:`EdgeRuntime.chat`. ``content`` may be a string, a list of
+    ``{"type": "text", "text": ...}`` parts (joined), or null. Raises :class:`BadRequest`."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: expected a non-empty list of messages")
-    out: list[str] = []
+    out: list[dict[str, str]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise BadRequest(f"messages[{i}]: expected an object with a role in {sorted(_ROLES)}")
+        message = {"role": m["role"]}
+        if isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        out.append(message)
         content = m.get("content")
         if content is None or isinstance(content, str):
-            out.append(content or "")
+            message["content"] = content or ""
             continue
         if not isinstance(content, list):
             raise BadRequest(f"messages[{i}].content: expected a string or a list of parts")
@@ -257,8 +264,8 @@ def chat_prompt(messages: Any) -> str:
                     f"messages[{i}].content[{j}]: only text parts are supported "
                     '({"type": "text", "text": ...})'
                 )
-            out.append(part["text"])
-    return "".join(out)
+        message["content"] = "".join(part["text"] for part in content)
+    return out
 
 
 def _completion_prompt(prompt: Any) -> str:
@@ -280,6 +287,7 @@ class _Call:
     chat: bool
     task: str
     prompt: str
+    messages: list[dict[str, str]] | None  # a chat: rendered by each tier's own template
     kwargs: dict[str, Any]
     stream: bool
     include_usage: bool
@@ -385,14 +393,14 @@ class Gateway:
             )
         max_tokens = req.max_tokens
         if isinstance(req, _ChatBody):
-            prompt = chat_prompt(body.get("messages"))
+            prompt, messages = "", chat_messages(body.get("messages"))
             if req.top_logprobs is not None and not req.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             max_tokens = req.max_completion_tokens or max_tokens
         else:
             assert isinstance(req, _CompletionBody)
-            prompt = _completion_prompt(body.get("prompt"))
+            prompt, messages = _completion_prompt(body.get("prompt")), None
             logprobs = req.logprobs
         ext = req.tandem or TandemOptions()
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
@@ -402,6 +410,7 @@ class Gateway:
             chat=chat,
             task=req.model,
             prompt=prompt,
+            messages=messages,
             kwargs={
                 "max_tokens": max_tokens,
                 "temperature": 0.0 if req.temperature is None else req.temperature,
@@ -466,10 +475,15 @@ class Gateway:
                 )
             self.active += 1
             try:
-                stream = cast(
-                    GenerationStream,
-                    self.runtime.generate(call.prompt, call.task, stream=True, **call.kwargs),
-                )
+                if call.messages is None:
+                    started = self.runtime.generate(
+                        call.prompt, call.task, stream=True, **call.kwargs
+                    )
+                else:
+                    started = self.runtime.chat(
+                        call.messages, call.task, stream=True, **call.kwargs
+                    )
+                stream = cast(GenerationStream, started)
                 if call.stream:
                     response: Response = await self._start_stream(call, stream)
                     handed_off = True

@@ -4,7 +4,9 @@ taking over up front, after a probe, or mid-stream.
 One answer is one :class:`_Answer`: a generator of :class:`GenerationChunk` that records what
 it yields, so the caller's stream and the final :class:`GenerationResult` are the same tokens —
 none duplicated, none lost, each marked with the tier that produced it. Hand-offs work on text
-(see :mod:`tandem.runtime.generation`): the next tier gets ``prompt + answer so far``.
+(see :mod:`tandem.runtime.generation`): the next tier gets ``prompt + answer so far``. A chat
+(``messages``) travels as messages: each tier renders them with its own model's chat template
+(:mod:`tandem.runtime.chat`) and continues after the answer so far.
 
 If the cloud fails before its first token, or is lost mid-stream (``StreamInterrupted``, a
 deadline), the edge finishes the answer from where it stands, marked ``edge-degraded``.
@@ -20,6 +22,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -69,8 +72,10 @@ class _Answer:
         tags: Collection[str],
         deadline_ms: float,
         request_id: bytes,
+        messages: list[dict[str, str]] | None = None,
     ) -> None:
         self.t, self.prompt, self.params, self.tags = t, prompt, params, tags
+        self.messages = messages  # a chat: prompt is then "" and each tier renders these
         self.deadline_ms = deadline_ms
         self.request_id = request_id
         self.text = ""
@@ -103,14 +108,14 @@ class _Answer:
             if rule.escalate:
                 yield from self._escalate()
             else:
-                yield from self._local_rest(self._local(self.prompt), [], Tier.EDGE)
+                yield from self._local_rest(self._local(""), [], Tier.EDGE)
         else:
             yield from self._gated()
         self._finish()
 
     def _gated(self) -> Iterator[GenerationChunk]:
         t, mode = self.t, self.t.policy.mode
-        steps = self._local(self.prompt)
+        steps = self._local("")
         held: list[TokenStep] = []
         n_probe = 1 if mode is EscalationMode.UPFRONT else t.policy.probe_tokens
         if mode is EscalationMode.MIDSTREAM:
@@ -145,7 +150,7 @@ class _Answer:
         if self.t.policy.mode is EscalationMode.SPECULATIVE:
             yield from speculate(self)
         else:
-            yield from self.cloud_stream(self.prompt + self.text)
+            yield from self.cloud_stream(self.text)
 
     def _midstream(self, steps) -> Iterator[GenerationChunk]:
         t = self.t
@@ -166,7 +171,7 @@ class _Answer:
                 steps.close()
                 self.edge_text, self.edge_logprobs = self.text, list(self.logprobs)
                 restart = t.policy.handoff is Handoff.RESTART
-                yield from self.cloud_stream(self.prompt + ("" if restart else self.text), restart)
+                yield from self.cloud_stream("" if restart else self.text, restart)
                 return
             self.finish_reason = steps.finish_reason or "stop"
             if self.confidence is None:
@@ -184,19 +189,27 @@ class _Answer:
         return gate.score([s.logprob for s in held])
 
     # ------------------------------------------------------------------ the tiers
-    def _room(self, prompt: str) -> int:
+    def _room(self, prefix: str) -> int:
         """Tokens the answer may still grow by: what is left of max_tokens and, once it has
         begun, of the edge model's context (a long cloud answer handed back can leave less)."""
         left = self.params.max_tokens - len(self.tokens)
         backend = self.t.backend
         n_ctx, tokenize = getattr(backend, "n_ctx", 0), getattr(backend, "tokenize", None)
         if self.tokens and n_ctx and tokenize is not None:
-            left = min(left, n_ctx - len(tokenize(prompt)))
+            if self.messages is None:
+                left = min(left, n_ctx - len(tokenize(self.prompt + prefix)))
+            else:
+                rendered = backend.chat.render(self.messages, prefix=prefix)
+                left = min(left, n_ctx - len(tokenize(rendered, special=True)))
         return left
 
-    def _local(self, prompt: str):
-        left = max(self._room(prompt), 1)
-        steps = self.t.backend.stream(prompt, replace(self.params, max_tokens=left))
+    def _local(self, prefix: str):
+        """The edge model's stream, continuing after ``prefix`` (the answer so far)."""
+        params = replace(self.params, max_tokens=max(self._room(prefix), 1))
+        if self.messages is None:
+            steps = self.t.backend.stream(self.prompt + prefix, params)
+        else:
+            steps = self.t.backend.stream_chat(self.messages, params, prefix=prefix)
         if self.prompt_tokens is None:
             self.prompt_tokens = steps.prompt_tokens
         return steps
@@ -223,9 +236,10 @@ class _Answer:
         finally:
             steps.close()
 
-    def cloud_stream(self, prompt: str, restart: bool = False) -> Iterator[GenerationChunk]:
-        """The cloud answers ``prompt`` (the answer so far included, unless ``restart``: then
-        its first chunk withdraws what was streamed)."""
+    def cloud_stream(self, prefix: str, restart: bool = False) -> Iterator[GenerationChunk]:
+        """The cloud answers, continuing after ``prefix`` (the answer so far, or "" with
+        ``restart``: then its first chunk withdraws what was streamed). A chat goes as its
+        messages, rendered by the cloud model's own template."""
         t = self.t
         assert t.client is not None and t.policy.cloud is not None
         kept = 0 if restart else len(self.tokens)
@@ -239,8 +253,9 @@ class _Answer:
             fts = t.policy.first_token_ms
             call = t.client.generate(
                 t.policy.cloud.model,
-                prompt,
+                prefix if self.messages is not None else self.prompt + prefix,
                 params,
+                messages=self.messages,
                 task=t.name,
                 tags=tuple(sorted(self.tags)),
                 timeout_s=left_ms / 1e3,
@@ -274,10 +289,10 @@ class _Answer:
         """After a cloud failure the edge finishes from where the answer stands (if nothing
         came from the cloud after a restart, the edge's own text still stands: nothing was
         withdrawn)."""
-        if self._room(self.prompt + self.text) <= 0:
+        if self._room(self.text) <= 0:
             self.finish_reason = "length"
             return
-        yield from self._local_rest(self._local(self.prompt + self.text), [], Tier.EDGE_DEGRADED)
+        yield from self._local_rest(self._local(self.text), [], Tier.EDGE_DEGRADED)
 
     # ------------------------------------------------------------------ bookkeeping
     def _emit(self, steps: list[TokenStep], tier: Tier) -> GenerationChunk:
@@ -421,13 +436,31 @@ class AsyncGeneration:
 def open_generation_task(
     name: str, tp: GenerateTaskPolicy, client: CloudClient | None
 ) -> GenerationTask:
-    """Load a generation task's local model (through the backend registry) and warm it up."""
-    options: dict = {"version": tp.local.version, "threads": tp.local.threads}
-    if tp.local.format == "gguf":
-        options.update(n_ctx=tp.local.n_ctx, parallel=tp.local.parallel)
+    """Load a generation task's local model (through the backend registry) and warm it up.
+    A local OpenAI-compatible server (``format: openai``) gets its API key from the
+    environment variable ``api_key_env`` names (unset: no key, with a warning)."""
+    from tandem.runtime.errors import ConfigError
+    from tandem.runtime.manifest import api_key_from_env
+
+    local = tp.local
+    options: dict = {"version": local.version, "threads": local.threads}
+    source = local.path
+    if local.format == "openai":
+        if tp.mode is EscalationMode.SPECULATIVE:
+            raise ConfigError(
+                f"tasks.{name}: mode 'speculative' drafts on the local model's logits; "
+                "local.format 'openai' (a server) has none: use a gguf or transformers model"
+            )
+        key = api_key_from_env(local.api_key_env, where=f"tasks.{name}.local.api_key_env")
+        options.update(model=local.model, api_key=key)
+        source = local.url
+    elif local.format == "gguf":
+        options.update(n_ctx=local.n_ctx, parallel=local.parallel)
     else:
-        options["max_streams"] = tp.local.parallel
-    backend = open_backend(tp.local.format, tp.local.path, **options)
+        options["max_streams"] = local.parallel
+    if local.chat_template is not None:
+        options["chat_template"] = _read_template(name, local.format, local.chat_template)
+    backend = open_backend(local.format, source, **options)
     backend.warm_up()
     speculative = tp.mode is EscalationMode.SPECULATIVE
     return GenerationTask(
@@ -440,6 +473,20 @@ def open_generation_task(
         versions={"edge": backend.version},
         controller=controller_for(tp) if speculative else None,
     )
+
+
+def _read_template(task: str, fmt: str, path: Path) -> str:
+    from tandem.runtime.errors import ConfigError
+
+    key = f"tasks.{task}.local.chat_template"
+    if fmt == "openai":
+        raise ConfigError(f"{key}: a server renders chats with its own template; remove it")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{key}: cannot read {path}: {getattr(e, 'strerror', None) or e}"
+        ) from None
 
 
 def log_record(answer: _Answer, store_inputs: bool) -> EscalationRecord | None:

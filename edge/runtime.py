@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from tandem.kernels.confidence import confidence, confidence_row
 from tandem.router.policy import GenerateTaskPolicy, Policy, TaskPolicy, load_policy
 from tandem.router.routing import Decision, TaskRouter
 from tandem.runtime.backends.onnx import OnnxBackend
+from tandem.runtime.chat import check_messages
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, DeadlineExceeded, TandemError
 from tandem.runtime.generation import SamplingParams, check_prompt
@@ -179,6 +180,55 @@ class EdgeRuntime:
         prompt: str,
         task: str | None = None,
         *,
+        stream: bool = False,
+        **options: Any,
+    ) -> GenerationResult | GenerationStream:
+        """Generate a continuation of ``prompt`` under the task's policy: locally, or by the
+        cloud when the local model's token confidence is too low (up front, after a probe or
+        mid-stream, as the policy's ``mode`` says).
+
+        ``stream=False``: the whole :class:`GenerationResult`. ``stream=True``: a
+        :class:`GenerationStream` of :class:`GenerationChunk` (text, token ids, tier,
+        log-probs) whose ``result`` is set once it is exhausted. Options: ``max_tokens``,
+        ``temperature`` (0: greedy), ``top_p``, ``seed``, ``stop``, ``tags``, ``deadline_ms``.
+        ``max_tokens`` and ``stop`` default to the task's; ``deadline_ms`` (default: the task's) bounds the cloud's part of
+        the answer, counted from when the cloud is asked (its first token is bounded by the
+        task's ``first_token_ms``).
+        """
+        check_prompt(prompt)
+        return self._generate(prompt, None, task, stream=stream, **options)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        task: str | None = None,
+        *,
+        stream: bool = False,
+        **options: Any,
+    ) -> GenerationResult | GenerationStream:
+        """The assistant's next message in a chat, under the task's policy, as :meth:`generate`
+        (same options, same result). ``messages``: ``[{"role": "user", "content": "Hi"}, ...]``.
+
+        Each tier renders the messages with its own model's chat template (the GGUF's
+        ``tokenizer.chat_template``, the Hugging Face tokenizer's, or the policy's
+        ``local.chat_template``); the cloud gets the messages, not the edge's rendering, so the
+        two models may be of different families. ``result.prompt_tokens`` counts the edge
+        model's rendering. A model without a template gets the contents concatenated."""
+        if isinstance(messages, tuple):
+            messages = list(messages)
+        checked = check_messages(
+            [dict(m) if isinstance(m, Mapping) else m for m in messages]
+            if isinstance(messages, list)
+            else messages
+        )
+        return self._generate("", checked, task, stream=stream, **options)
+
+    def _generate(
+        self,
+        prompt: str,
+        messages: list[dict[str, str]] | None,
+        task: str | None,
+        *,
         max_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -188,18 +238,6 @@ class EdgeRuntime:
         deadline_ms: float | None = None,
         stream: bool = False,
     ) -> GenerationResult | GenerationStream:
-        """Generate a continuation of ``prompt`` under the task's policy: locally, or by the
-        cloud when the local model's token confidence is too low (up front, after a probe or
-        mid-stream, as the policy's ``mode`` says).
-
-        ``stream=False``: the whole :class:`GenerationResult`. ``stream=True``: a
-        :class:`GenerationStream` of :class:`GenerationChunk` (text, token ids, tier,
-        log-probs) whose ``result`` is set once it is exhausted. ``max_tokens`` and ``stop``
-        default to the task's; ``deadline_ms`` (default: the task's) bounds the cloud's part of
-        the answer, counted from when the cloud is asked (its first token is bounded by the
-        task's ``first_token_ms``).
-        """
-        check_prompt(prompt)
         name = task if task is not None else self._default_generator
         t = self._generators.get(name) if name is not None else None
         if t is None:
@@ -212,7 +250,7 @@ class EdgeRuntime:
             stop=tuple(t.policy.stop if stop is None else stop),
         )
         budget = t.policy.deadline_ms if deadline_ms is None else deadline_ms
-        answer = _Answer(t, prompt, params, frozenset(tags), budget, new_request_id())
+        answer = _Answer(t, prompt, params, frozenset(tags), budget, new_request_id(), messages)
         chunks = GenerationStream(answer, self._log_generation)
         if stream:
             return chunks
@@ -228,6 +266,13 @@ class EdgeRuntime:
         generation runs in a worker thread."""
         kwargs.pop("stream", None)
         return AsyncGeneration(lambda: self.generate(prompt, task, stream=True, **kwargs))
+
+    def achat(
+        self, messages: Sequence[Mapping[str, str]], task: str | None = None, **kwargs: Any
+    ) -> AsyncGeneration:
+        """:meth:`chat` for asyncio code, as :meth:`agenerate`."""
+        kwargs.pop("stream", None)
+        return AsyncGeneration(lambda: self.chat(messages, task, stream=True, **kwargs))
 
     # ------------------------------------------------------------------ one request
     def infer(

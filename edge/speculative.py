@@ -226,14 +226,19 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
     top_k = t.policy.speculative.draft_top_k
     n_ctx = int(getattr(backend, "n_ctx", 0)) or 1 << 30
     try:
-        sequence = backend.tokenize(a.prompt + a.text)
+        if a.messages is None:
+            sequence = backend.tokenize(a.prompt + a.text)
+        else:
+            sequence = backend.tokenize(
+                backend.chat.render(a.messages, prefix=a.text), special=True
+            )
         lease = backend.lease(sequence)
     except OverloadedError:  # every local context drafting already: the cloud streams it
         yield from _stream_rest(a, ctl, stats, "every local context is drafting")
         a.speculation = stats.as_dict(ctl)
         return
     if t.vocab is None:
-        t.vocab = vocab_digest((backend.piece(i) for i in range(backend.n_vocab)), eos)
+        t.vocab = vocab_digest(backend.piece(i) for i in range(backend.n_vocab))
     worker = _Verifier(a, t.vocab)
     ctl.begin_answer()
     ended = False  # EOS or a stop string
@@ -337,7 +342,7 @@ def _stream_rest(
     t0 = time.perf_counter()
     first = last = None
     n = 0
-    for chunk in a.cloud_stream(a.prompt + a.text):
+    for chunk in a.cloud_stream(a.text):
         now = time.perf_counter()
         if chunk.tier is Tier.CLOUD:
             chunk.drafted = [False] * len(chunk.tokens)

@@ -34,9 +34,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tandem.runtime.config import ConfigPath, StrictModel, load_config, validate_config
+from tandem.runtime.manifest import EnvVarName, HttpUrl
 
 _ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 
@@ -210,17 +219,63 @@ class Handoff(StrEnum):
 
 
 class GenerationModelSpec(StrictModel):
-    """The on-device language model: a GGUF file (llama.cpp) or a transformers directory."""
+    """The on-device language model: a GGUF file (llama.cpp), a transformers directory, or an
+    OpenAI-compatible server on the device (``format: openai``, e.g. llama.cpp's
+    ``llama-server`` on the robot) named by ``url`` instead of ``path``: ``model`` is the model
+    id to ask it for (default: the first it lists) and ``api_key_env`` the *name* of the
+    environment variable holding its API key (unset: no key). A server gives token
+    log-probabilities but no entropy and no logits, so it cannot draft (mode
+    ``speculative``)."""
 
-    path: ConfigPath
-    format: Literal["gguf", "transformers"] = "gguf"
-    version: str | None = None  # default: from the file's sha256
+    format: Literal["gguf", "transformers", "openai"] = "gguf"
+    path: ConfigPath | None = Field(default=None, validate_default=True)  # not for openai
+    url: HttpUrl | None = Field(default=None, validate_default=True)  # openai only
+    model: str | None = Field(default=None, min_length=1)  # openai only
+    api_key_env: EnvVarName | None = None  # openai only
+    version: str | None = None  # default: from the file's sha256 (openai: the model id)
     threads: int = Field(default=2, ge=0)
     # gguf only: tokens of context (prompt + answer); 0: the context the model was trained with
     n_ctx: int = Field(default=0, ge=0, le=1 << 17)
     # generations at once (gguf: llama.cpp contexts; transformers: KV caches); one more is
     # refused with Overloaded (the gateway: 429)
     parallel: int = Field(default=4, ge=1, le=256)
+    # a Jinja chat template file (relative to this policy) to render chats with instead of the
+    # model's own (the GGUF's tokenizer.chat_template, the tokenizer's); not for openai
+    chat_template: ConfigPath | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_unless_served(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        fmt = info.data.get("format")
+        if fmt == "openai" and v is not None:
+            raise ValueError("format 'openai' names a server by url, not a path; remove it")
+        if fmt is not None and fmt != "openai" and v is None:
+            raise ValueError(
+                f"required for format {fmt!r} (only format 'openai' takes url instead)"
+            )
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url_if_served(cls, v: str | None, info: ValidationInfo) -> str | None:
+        fmt = info.data.get("format")
+        if fmt == "openai" and v is None:
+            raise ValueError(
+                "required for format 'openai': the server's base URL, e.g. http://127.0.0.1:8080"
+            )
+        if fmt is not None and fmt != "openai" and v is not None:
+            raise ValueError(f"only format 'openai' has a url; this model is {fmt!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _server_fields_only_for_openai(self) -> GenerationModelSpec:
+        extra = [k for k in ("model", "api_key_env") if getattr(self, k) is not None]
+        if self.format != "openai" and extra:
+            raise ValueError(
+                f"{' and '.join(extra)}: only format 'openai' has them; this model is "
+                f"{self.format!r}"
+            )
+        return self
 
 
 class SpeculativeSpec(StrictModel):

@@ -149,29 +149,71 @@ def models_build(
 
 @models_app.command("add")
 def models_add(
-    model: Annotated[Path, typer.Argument(help="The ONNX file.")],
     name: Annotated[str, typer.Option(help="The name clients ask for (a policy's cloud.model).")],
     models_dir: Annotated[
         Path, typer.Option(help="The worker's models directory (created if missing).")
     ],
+    model: Annotated[
+        Path | None,
+        typer.Argument(
+            help="An ONNX file, a GGUF file or a transformers model directory (with "
+            "config.json); leave out with --url.",
+            show_default=False,
+        ),
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="An OpenAI-compatible server's base URL (http://host:port).")
+    ] = None,
+    server_model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="With --url: the model id to ask the server for (default: the first it lists).",
+        ),
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            help="With --url: the NAME of the environment variable holding the API key (read "
+            "for the check and when serving; never the key itself). Unset: no key."
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="Force the kind: onnx, gguf, transformers or openai (default: detected).",
+        ),
+    ] = None,
     labels: Annotated[
-        str | None, typer.Option(help="Class names in output order, comma-separated.")
+        str | None, typer.Option(help="ONNX: class names in output order, comma-separated.")
     ] = None,
     labels_file: Annotated[
-        Path | None, typer.Option(help="Class names in output order, one per line.")
+        Path | None, typer.Option(help="ONNX: class names in output order, one per line.")
     ] = None,
     version: Annotated[
-        str | None, typer.Option(help="Default: the first 12 hex digits of the sha256.")
+        str | None,
+        typer.Option(
+            help="Default: the first 12 hex digits of the sha256 (a server: its model id)."
+        ),
     ] = None,
     description: Annotated[str, typer.Option(help="Free text kept in the manifest.")] = "",
     replace: Annotated[
         bool, typer.Option(help="Replace a model already registered under this name.")
     ] = False,
 ) -> None:
-    """Register an ONNX model in a models directory's manifest.json (copied in if needed,
-    sha256 and input/output spec read from it), so `tandem cloud serve` serves it."""
+    """Register a model in a models directory's manifest.json, so `tandem cloud serve` serves it.
+
+    Four kinds, detected from MODEL (or forced with --format): an ONNX file (input/output spec
+    read from it), a GGUF file (llama.cpp; it starts with b'GGUF'), a transformers model
+    directory (with config.json; sha256 over its files), or, with --url instead of MODEL, an
+    OpenAI-compatible server (vLLM, llama.cpp's server...). A file or directory is copied into
+    the models directory unless it is already inside it. Each is checked first: it loads and
+    answers one row (ONNX) or generates one token (the others); a model that fails is refused
+    with the reason and nothing is written.
+    """
     from tandem.runtime.errors import ConfigError
-    from tandem.runtime.registry import add_onnx_model, read_labels_file
+    from tandem.runtime.registry import add_model, read_labels_file
 
     try:
         if labels is not None and labels_file is not None:
@@ -179,10 +221,14 @@ def models_add(
         names = [s.strip() for s in labels.split(",")] if labels is not None else None
         if labels_file is not None:
             names = read_labels_file(labels_file)
-        added = add_onnx_model(
+        added = add_model(
             models_dir,
             model,
             name=name,
+            format=fmt,
+            url=url,
+            model=server_model,
+            api_key_env=api_key_env,
             labels=names,
             version=version,
             description=description,
@@ -192,18 +238,37 @@ def models_add(
         raise _fail(e) from None
     entry = added.entry
     verb = "replaced" if added.replaced else "registered"
-    console.print(f"{verb} {entry.name}@{entry.version} in {added.manifest_path}", highlight=False)
-    source = f" (copied from {added.copied_from})" if added.copied_from else ""
-    console.print(f"  file    {entry.file}{source}, {entry.size_bytes} bytes", highlight=False)
-    console.print(f"  sha256  {entry.sha256}", highlight=False)
+    console.print(
+        f"{verb} {entry.name}@{entry.version} ({entry.format}) in {added.manifest_path}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if entry.url is not None:
+        key = f"${entry.api_key_env}" if entry.api_key_env else "none"
+        console.print(f"  url     {entry.url}", highlight=False, soft_wrap=True)
+        console.print(f"  model   {entry.model}", highlight=False, soft_wrap=True)
+        console.print(f"  api key {key}", highlight=False)
+    else:
+        source = f" (copied from {added.copied_from})" if added.copied_from else ""
+        kind = "directory" if entry.format == "transformers" else "file"
+        console.print(
+            f"  {kind:<7} {entry.file}{source}, {entry.size_bytes} bytes",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(f"  sha256  {entry.sha256}", highlight=False)
     for key, spec in (("input", entry.input), ("output", entry.output)):
-        shape = ", ".join("?" if d is None else str(d) for d in spec.shape)
-        console.print(f"  {key:<7} {spec.name} {spec.dtype} [{shape}]", highlight=False)
-    shown = "none (answers carry the class index)"
-    if entry.labels:
-        shown = ", ".join(entry.labels[:10]) + (", ..." if len(entry.labels) > 10 else "")
-    classes = "?" if added.n_classes is None else added.n_classes
-    console.print(f"  classes {classes}; labels: {shown}", highlight=False, soft_wrap=True)
+        if spec is not None:
+            shape = ", ".join("?" if d is None else str(d) for d in spec.shape)
+            console.print(f"  {key:<7} {spec.name} {spec.dtype} [{shape}]", highlight=False)
+    if entry.format == "onnx":
+        shown = "none (answers carry the class index)"
+        if entry.labels:
+            shown = ", ".join(entry.labels[:10]) + (", ..." if len(entry.labels) > 10 else "")
+        classes = "?" if added.n_classes is None else added.n_classes
+        console.print(f"  classes {classes}; labels: {shown}", highlight=False, soft_wrap=True)
+    for note in added.notes:
+        console.print(f"  note    {note}", highlight=False, soft_wrap=True)
 
 
 @cloud_app.command("serve")

@@ -353,6 +353,7 @@ class CloudClient:
         prompt: str,
         params: SamplingParams | None = None,
         *,
+        messages: list[dict[str, str]] | None = None,
         task: str = "",
         tags: tuple[str, ...] = (),
         timeout_s: float | None = None,
@@ -361,6 +362,9 @@ class CloudClient:
     ) -> GenerationCall:
         """Start streaming ``model``'s continuation of ``prompt`` on a worker; iterate the
         returned :class:`GenerationCall` for :class:`Chunk` s, then read its ``end``.
+
+        With ``messages`` (a chat), the worker renders them with its model's own chat
+        template and ``prompt`` is the assistant's text so far (``""`` for a new answer).
 
         ``timeout_s`` bounds the whole answer and ``first_token_s`` the wait for its first
         token (None: no bound of that kind; the worker still ends a stream after its
@@ -373,9 +377,10 @@ class CloudClient:
             from tandem.runtime.generation import SamplingParams
 
             params = SamplingParams()
+        text = {"prompt": prompt} if messages is None else {"messages": messages, "prefix": prompt}
         payload = {
             "model": model,
-            "prompt": prompt,
+            **text,
             "max_tokens": params.max_tokens,
             "temperature": float(params.temperature),
             "top_p": float(params.top_p),

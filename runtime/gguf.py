@@ -1,16 +1,21 @@
-"""Export a Hugging Face Llama or Mixtral directory with a Tandem char tokenizer to GGUF, the
-file llama.cpp runs (format ``gguf``).
+"""Export a Hugging Face Llama, Mixtral or Qwen2 directory to GGUF, the file llama.cpp runs
+(format ``gguf``).
 
-The recipe is llama.cpp's own converter's, cut down to what Tandem's reference models use:
+The recipe is llama.cpp's own converter's, cut down to what Tandem's models use:
 
 * architecture ``llama`` (Mixtral is ``llama`` with ``expert_count``/``expert_used_count``
-  and stacked expert tensors ``blk.N.ffn_{gate,up,down}_exps``, router ``blk.N.ffn_gate_inp``);
-* q/k projections permuted from transformers' rotate-half rope layout to llama.cpp's
-  interleaved one;
-* the vocabulary as a ``gpt2`` tokenizer (pre-tokenizer ``default``), one token per character
-  in GPT-2's byte-to-unicode spelling, ``<pad>``/``<bos>``/``<eos>`` typed as control, and one
-  merge (of two special tokens, so it never applies: llama.cpp refuses a gpt2 vocabulary
-  without merges);
+  and stacked expert tensors ``blk.N.ffn_{gate,up,down}_exps``, router ``blk.N.ffn_gate_inp``),
+  q/k projections permuted from transformers' rotate-half rope layout to llama.cpp's
+  interleaved one; or ``qwen2`` (rotate-half rope as transformers', q/k/v biases
+  ``blk.N.attn_{q,k,v}.bias``);
+* a Tandem char tokenizer as a ``gpt2`` tokenizer (pre-tokenizer ``default``), one token per
+  character in GPT-2's byte-to-unicode spelling, ``<pad>``/``<bos>``/``<eos>`` typed as
+  control, and one merge (of two special tokens, so it never applies: llama.cpp refuses a gpt2
+  vocabulary without merges);
+* a Hugging Face byte-level BPE tokenizer as ``gpt2`` with its own tokens, merges, token types
+  (special added tokens control, other added ones user-defined), BOS/EOS, ``add_bos_token``,
+  its chat template and the pre-tokenizer named by ``pre_tokenizer`` (``qwen2`` for Qwen2's
+  regex, ``gpt-2``...: llama.cpp knows each by name, not by regex);
 * weights in ``f32``, ``f16`` or ``q8_0``. 1-D tensors (norms) and the MoE router stay f32;
   in ``q8_0`` a matrix whose rows are not a multiple of 32 values is written f16.
 
@@ -19,6 +24,7 @@ With these, llama.cpp and transformers pick the same greedy tokens (tests/runtim
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -27,13 +33,14 @@ from typing import Any, Literal
 import numpy as np
 
 from tandem.runtime.errors import BackendError, ConfigError
-from tandem.runtime.tokenizer import FILE_NAME, SPECIALS, CharTokenizer
+from tandem.runtime.hf_tokenizer import HFTokenizer, byte_level_alphabet
+from tandem.runtime.tokenizer import SPECIALS, CharTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 QType = Literal["f32", "f16", "q8_0"]
 QTYPES: tuple[str, ...] = ("f32", "f16", "q8_0")
-SUPPORTED = ("llama", "mixtral")
+SUPPORTED = ("llama", "mixtral", "qwen2")
 Q8_BLOCK = 32  # values per Q8_0 block: a quantized row's length must be a multiple of it
 
 # transformers name (after "model.layers.N.") → llama.cpp name (after "blk.N.")
@@ -43,6 +50,9 @@ _LAYER_NAMES = {
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",  # Qwen2
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -59,18 +69,10 @@ _GLOBAL_NAMES = {
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte (space is ``Ġ``, newline ``Ċ``): how a gpt2
-    vocabulary in GGUF writes its tokens."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    extra = iter(range(256, 512))
-    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
-
-
 def gguf_tokens(tok: CharTokenizer) -> list[str]:
     """``tok``'s vocabulary as gpt2 token strings (specials unchanged); :class:`ConfigError`
     for a non-ASCII character (its UTF-8 bytes would be several gpt2 symbols)."""
-    spell = _byte_to_unicode()
+    spell = byte_level_alphabet()
     out = list(SPECIALS)
     for c in tok.vocab[len(SPECIALS) :]:
         if ord(c) > 0x7F:
@@ -91,14 +93,9 @@ def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _load(hf_dir: Path) -> tuple[Any, dict[str, np.ndarray], CharTokenizer]:
+def _load(hf_dir: Path) -> tuple[Any, dict[str, np.ndarray], Tokenizer]:
     """Config, float32 numpy state dict (transformers' in-memory layout) and tokenizer."""
-    if not (hf_dir / FILE_NAME).is_file():
-        raise ConfigError(
-            f"{hf_dir}: no {FILE_NAME}; the GGUF export needs a Tandem char tokenizer "
-            "(tandem.runtime.tokenizer.CharTokenizer.save)"
-        )
-    tok = CharTokenizer.load(hf_dir)
+    tok = load_tokenizer(hf_dir)
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -107,7 +104,7 @@ def _load(hf_dir: Path) -> tuple[Any, dict[str, np.ndarray], CharTokenizer]:
     except ImportError as e:
         raise ConfigError(
             f"the GGUF export needs torch and transformers ({e.name} is missing): "
-            'pip install -e ".[moe]"'
+            'pip install -e ".[llm]"'
         ) from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{hf_dir}: not a Hugging Face model directory: {e}") from None
@@ -126,16 +123,24 @@ def _load(hf_dir: Path) -> tuple[Any, dict[str, np.ndarray], CharTokenizer]:
     return config, state, tok
 
 
-def _check_config(hf_dir: Path, config: Any, tok: CharTokenizer) -> None:
+def _check_config(hf_dir: Path, config: Any, tok: Tokenizer) -> None:
     def refuse(what: str) -> None:
         raise ConfigError(
-            f"{hf_dir}/config.json: {what}: not supported by llama.cpp's llama architecture"
+            f"{hf_dir}/config.json: {what}: not supported by llama.cpp's "
+            f"{_arch(config)} architecture"
         )
 
-    if config.vocab_size != tok.n_vocab:
+    if config.vocab_size < tok.n_vocab or (
+        isinstance(tok, CharTokenizer) and config.vocab_size != tok.n_vocab
+    ):
         raise ConfigError(
             f"{hf_dir}: config.json says vocab_size {config.vocab_size}, "
-            f"{FILE_NAME} has {tok.n_vocab} tokens"
+            f"the tokenizer has {tok.n_vocab} tokens"
+        )
+    if isinstance(tok, HFTokenizer) and tok.kind != "byte-level":
+        raise ConfigError(
+            f"{hf_dir}: a {tok.kind} tokenizer cannot be exported yet (only byte-level BPE, "
+            "as GPT-2, Llama 3 and Qwen2 use)"
         )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         refuse("attention_bias/mlp_bias")
@@ -145,8 +150,16 @@ def _check_config(hf_dir: Path, config: Any, tok: CharTokenizer) -> None:
     if rope.get("rope_type", "default") != "default":
         refuse(f"rope_type {rope.get('rope_type')!r} (only default)")
     window = getattr(config, "sliding_window", None)
-    if window is not None and window < config.max_position_embeddings:
+    sliding = getattr(config, "use_sliding_window", True) and "sliding_attention" in (
+        getattr(config, "layer_types", None) or ["sliding_attention"]
+    )
+    if sliding and window is not None and window < config.max_position_embeddings:
         refuse(f"sliding_window {window}")
+
+
+def _arch(config: Any) -> str:
+    """llama.cpp's architecture name (Mixtral is llama with experts)."""
+    return "qwen2" if config.model_type == "qwen2" else "llama"
 
 
 def _rope_theta(config: Any) -> float:
@@ -157,6 +170,7 @@ def _rope_theta(config: Any) -> float:
 def _llama_cpp_tensors(config: Any, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``state`` renamed and laid out the way llama.cpp's llama architecture reads it."""
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    arch = _arch(config)
     out: dict[str, np.ndarray] = {}
     for key, w in state.items():
         if key in _GLOBAL_NAMES:
@@ -171,7 +185,9 @@ def _llama_cpp_tensors(config: Any, state: dict[str, np.ndarray]) -> dict[str, n
             out[blk + "ffn_gate_exps.weight"] = w[:, :inter]
             out[blk + "ffn_up_exps.weight"] = w[:, inter:]
         elif rest in _LAYER_NAMES:
-            if rest == "self_attn.q_proj.weight":
+            if arch == "qwen2":  # llama.cpp's qwen2 ropes in transformers' rotate-half layout
+                pass
+            elif rest == "self_attn.q_proj.weight":
                 w = _rope_permute(w, n_head)
             elif rest == "self_attn.k_proj.weight":
                 w = _rope_permute(w, n_kv)
@@ -193,10 +209,19 @@ def _stored_type(name: str, w: np.ndarray, qtype: str) -> str:
     return qtype
 
 
-def export_gguf(hf_dir: str | Path, out_path: str | Path, *, qtype: QType = "q8_0") -> Path:
-    """Write the model saved in ``hf_dir`` (``save_pretrained`` of a ``LlamaForCausalLM`` or
-    ``MixtralForCausalLM``, plus a Tandem ``tokenizer.json``) to ``out_path`` as GGUF with
-    weights in ``qtype``; return ``out_path``. Written to a temporary name first, then renamed.
+def export_gguf(
+    hf_dir: str | Path,
+    out_path: str | Path,
+    *,
+    qtype: QType = "q8_0",
+    pre_tokenizer: str | None = None,
+) -> Path:
+    """Write the model saved in ``hf_dir`` (``save_pretrained`` of a ``LlamaForCausalLM``,
+    ``MixtralForCausalLM`` or ``Qwen2ForCausalLM``, with its tokenizer: Tandem's char tokenizer
+    or a byte-level BPE ``tokenizer.json``) to ``out_path`` as GGUF with weights in ``qtype``;
+    return ``out_path``. Written to a temporary name first, then renamed. ``pre_tokenizer``:
+    llama.cpp's name for a BPE tokenizer's pre-tokenizer regex (default: ``qwen2`` for a Qwen2
+    model, else ``gpt-2``).
 
     :class:`ConfigError` for another architecture, options llama.cpp's llama architecture
     lacks, a missing tokenizer or an unknown ``qtype``; :class:`BackendError` if the weights
@@ -220,7 +245,7 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, *, qtype: QType = "q8_
     }[qtype]
 
     tmp = out_path.with_name(out_path.name + ".tmp")
-    w = gguf.GGUFWriter(tmp, "llama")
+    w = gguf.GGUFWriter(tmp, _arch(config))
     w.add_name(hf_dir.name)
     w.add_file_type(int(file_type))
     w.add_context_length(config.max_position_embeddings)
@@ -236,22 +261,12 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, *, qtype: QType = "q8_
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(_rope_theta(config))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_vocab_size(tok.n_vocab)
+    w.add_vocab_size(config.vocab_size)
     if config.model_type == "mixtral":
         w.add_expert_count(config.num_local_experts)
         w.add_expert_used_count(config.num_experts_per_tok)
 
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(gguf_tokens(tok))
-    control, normal = int(gguf.TokenType.CONTROL), int(gguf.TokenType.NORMAL)
-    w.add_token_types([control] * len(SPECIALS) + [normal] * (tok.n_vocab - len(SPECIALS)))
-    w.add_token_merges([f"{SPECIALS[1]} {SPECIALS[2]}"])
-    w.add_pad_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    _write_tokenizer(w, tok, config, pre_tokenizer)
 
     for name, arr in tensors.items():
         kind = _stored_type(name, arr, qtype)
@@ -275,3 +290,51 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, *, qtype: QType = "q8_
         out_path.stat().st_size,
     )
     return out_path
+
+
+def _write_tokenizer(w: Any, tok: Tokenizer, config: Any, pre: str | None) -> None:
+    """The vocabulary, its types and merges, the special ids and the chat template."""
+    import gguf
+
+    control, normal = int(gguf.TokenType.CONTROL), int(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    if isinstance(tok, CharTokenizer):
+        w.add_tokenizer_pre("default")
+        w.add_token_list(gguf_tokens(tok))
+        w.add_token_types([control] * len(SPECIALS) + [normal] * (tok.n_vocab - len(SPECIALS)))
+        w.add_token_merges([f"{SPECIALS[1]} {SPECIALS[2]}"])
+        w.add_pad_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        return
+    assert isinstance(tok, HFTokenizer)
+    hf = tok.hf
+    w.add_tokenizer_pre(pre or ("qwen2" if config.model_type == "qwen2" else "gpt-2"))
+    tokens = hf.convert_ids_to_tokens(list(range(tok.n_vocab)))
+    added = hf.added_tokens_decoder
+    user = int(gguf.TokenType.USER_DEFINED)
+    types = [
+        (control if added[i].special else user) if i in added else normal
+        for i in range(tok.n_vocab)
+    ]
+    pad = config.vocab_size - tok.n_vocab  # embedding rows past the tokenizer, as the converter
+    tokens += [f"[PAD{i}]" for i in range(tok.n_vocab, config.vocab_size)]
+    types += [int(gguf.TokenType.UNUSED)] * pad
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    model = json.loads(hf.backend_tokenizer.to_str())["model"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    for key, add in (
+        ("bos_token_id", w.add_bos_token_id),
+        ("eos_token_id", w.add_eos_token_id),
+        ("pad_token_id", w.add_pad_token_id),
+    ):
+        value = getattr(hf, key, None)
+        if isinstance(value, int):
+            add(value)
+    w.add_add_bos_token(bool(getattr(hf, "add_bos_token", False)))
+    w.add_add_eos_token(False)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)

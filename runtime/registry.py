@@ -1,14 +1,21 @@
-"""Registering a user's ONNX model in a models directory (``tandem models add``).
+"""Registering a user's model in a models directory (``tandem models add``): an ONNX file, a
+GGUF file (llama.cpp), a transformers model directory, or an OpenAI-compatible server.
 
-:func:`add_onnx_model` loads the model with ONNX Runtime (which proves it loads and runs, and
-gives its input/output spec), copies it into the directory unless it is already there, and
-writes its manifest entry (name, version, sha256, size, spec, labels), so that a worker
-pointed at the directory serves it. :func:`class_count` is how the class count is learnt,
-here and by the edge runtime, when a model leaves its class axis dynamic.
+:func:`add_model` finds the kind from the source (a file's first bytes, a directory's
+``config.json``, a URL), proves the model works the way a worker will use it (ONNX: loads and
+answers an all-zeros row; a language model: loads through
+:func:`~tandem.runtime.backends.open_backend`, warms up and streams a token), copies a file or
+directory into the models directory unless it is already there, and writes its manifest entry
+(name, version, sha256 or URL, size, spec, labels), so that a worker pointed at the directory
+serves it. Nothing is written unless every check passes, and the manifest is read, checked and
+written under :func:`~tandem.runtime.manifest.manifest_lock`, so concurrent adders never lose
+each other's entries. :func:`class_count` is how the class count is learnt, here and by the
+edge runtime, when a model leaves its class axis dynamic.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -16,21 +23,41 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from tandem.runtime.backends import ModelBackend
+from tandem.runtime.backends import ModelBackend, open_backend
 from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.config import validate_config
-from tandem.runtime.errors import BackendError, ConfigError
+from tandem.runtime.errors import BackendError, BadRequest, ConfigError, TandemError
+from tandem.runtime.generation import SamplingParams
 from tandem.runtime.manifest import (
     MANIFEST_NAME,
+    OPENAI,
     Manifest,
     ModelEntry,
+    api_key_from_env,
+    is_env_var_name,
     load_manifest,
+    manifest_lock,
     sha256_file,
     write_manifest,
 )
+
+log = logging.getLogger(__name__)
+
+KINDS = ("onnx", "gguf", "transformers", OPENAI)
+"""What :func:`add_model` registers (``--format``)."""
+EXPECTED = (
+    "expected an ONNX file (.onnx), a GGUF file (starting with b'GGUF'), a transformers model "
+    "directory (with config.json), or --url for an OpenAI-compatible server"
+)
+GGUF_MAGIC = b"GGUF"
+# Prompts a language model is asked to continue by one token when it is added, the first it can
+# tokenize (Tandem's reference models have lower-case character vocabularies).
+PROBE_PROMPTS = ("Hello", "hello", "a", "0", " ")
+CHECK_N_CTX = 512  # tokens of context for the check of a GGUF model (0 would be its trained one)
 
 
 def class_count(backend: ModelBackend) -> int | None:
@@ -64,13 +91,14 @@ def read_labels_file(path: str | Path) -> list[str]:
 
 @dataclass(frozen=True)
 class AddedModel:
-    """What :func:`add_onnx_model` did."""
+    """What :func:`add_model` did."""
 
     entry: ModelEntry
     manifest_path: Path
-    copied_from: Path | None  # None: the file was already in the models directory
+    copied_from: Path | None  # None: already in the models directory, or a server (openai)
     replaced: bool  # an entry of the same name was replaced
-    n_classes: int | None
+    n_classes: int | None  # ONNX classifiers; None for language models
+    notes: tuple[str, ...] = ()  # things the user should know (e.g. an unset API key variable)
 
 
 def add_onnx_model(
@@ -83,25 +111,197 @@ def add_onnx_model(
     description: str = "",
     replace: bool = False,
 ) -> AddedModel:
-    """Register the ONNX file ``model`` as ``name`` in ``models_dir`` (created if missing).
+    """Register the ONNX file ``model``: :func:`add_model` with ``format="onnx"``."""
+    return add_model(
+        models_dir,
+        model,
+        name=name,
+        format="onnx",
+        labels=labels,
+        version=version,
+        description=description,
+        replace=replace,
+    )
 
-    The file is copied into ``models_dir`` under its own name unless it already lies inside
-    it; an existing different file of that name is an error, unless ``replace`` is set and
-    the file belongs to the entry being replaced alone. ``version`` defaults to the first 12
-    hex digits of the sha256 (as :class:`~tandem.runtime.backends.onnx.OnnxBackend` does).
-    ``labels``, if given, must match the class count (see :func:`class_count`).
+
+def add_model(
+    models_dir: str | Path,
+    source: str | Path | None = None,
+    *,
+    name: str,
+    format: str | None = None,
+    url: str | None = None,
+    model: str | None = None,
+    api_key_env: str | None = None,
+    labels: Sequence[str] | None = None,
+    version: str | None = None,
+    description: str = "",
+    replace: bool = False,
+    timeout_s: float = 30.0,
+) -> AddedModel:
+    """Register a model as ``name`` in ``models_dir`` (created if missing).
+
+    ``source`` is an ONNX file, a GGUF file or a transformers model directory (found by
+    :func:`detect_format`); or, with ``url`` instead, an OpenAI-compatible server: ``model`` is
+    the model id to ask it for (default: the first its ``/v1/models`` lists, resolved now and
+    written down) and ``api_key_env`` the *name* of the environment variable holding its API
+    key (never the key: a manifest is not a secret store; an unset variable means no key).
+    ``format`` forces the kind (one of :data:`KINDS`).
+
+    A file or directory is copied into ``models_dir`` under its own name unless it already lies
+    inside it; an existing different one of that name is an error, unless ``replace`` is set
+    and it belongs to the entry being replaced alone. ``version`` defaults to the first 12 hex
+    digits of the sha256 (the server's model id for ``openai``). ``labels`` (ONNX only), if
+    given, must match the class count (see :func:`class_count`). ``timeout_s``: seconds to wait
+    for a server (``openai``).
 
     Everything is checked before anything is written. Raises :class:`ConfigError` (bad
-    arguments, name taken, label mismatch) or :class:`BackendError` (ONNX Runtime cannot
-    load or run the file).
+    arguments, a source of no known kind, name taken, label mismatch) or the backend's error
+    (:class:`BackendError` and kin: the model does not load or generate, the server cannot be
+    reached), which says why.
     """
-    src = Path(model)
     root = Path(models_dir)
     manifest_path = root / MANIFEST_NAME
+    fmt = _kind(source, format, url, model, api_key_env)
+    if labels and fmt != "onnx":
+        raise ConfigError(f"labels are for ONNX classifiers; a {fmt} model has none")
+    base = {"name": name, "format": fmt, "description": description}
+    where = f"{manifest_path}: model {name!r}"
+    if fmt == OPENAI:
+        assert url is not None
+        server = {"url": url, "model": model, "api_key_env": api_key_env}
+        early = {**base, "version": "-" if version is None else version, **server}
+        _entry(early, where)  # bad fields: fail now
+        _check_name_free(root, name, replace)  # before asking the server; again when writing
+        key = api_key_from_env(api_key_env, where=f"{where}: api_key_env")
+        notes = (
+            (f"environment variable {api_key_env} is not set here: no API key was sent",)
+            if api_key_env is not None and key is None
+            else ()
+        )
+        served = _check_server(url, name=name, version=version, model=model, key=key, t=timeout_s)
+        version = served if version is None else version
+        entry = _entry({**base, "version": version, **server, "model": served}, where)
+        return _commit(root, entry, None, replace, notes=notes)
+    src = Path(source)  # type: ignore[arg-type]
+    digest = sha256_file(src)
+    version = digest[:12] if version is None else version
+    fields: dict[str, Any] = {**base, "version": version, "sha256": digest}
+    fields["size_bytes"] = _size(src)
+    _entry({**fields, "file": "model"}, where)  # bad fields: fail now
+    n_classes = None
+    if fmt == "onnx":
+        backend = _load(src, name)
+        n_classes = _check_labels(src, backend, labels)
+        _check_name_free(root, name, replace)  # again when writing
+        fields |= {
+            "input": backend.input_spec.model_dump(),
+            "output": backend.output_spec.model_dump(),
+            "labels": list(labels) if labels else None,
+        }
+    else:
+        _check_name_free(root, name, replace)  # before loading it; again when writing
+        _check_language_model(fmt, src, name=name, version=version)
+    return _commit(root, _entry({**fields, "file": "model"}, where), src, replace, n_classes)
+
+
+def detect_format(source: str | Path) -> str:
+    """The kind of model at ``source``: ``gguf`` (a file starting with ``GGUF``), ``onnx`` (a
+    ``.onnx`` file, or one that starts as a serialised ONNX ModelProto does: field 1,
+    ``ir_version``), ``transformers`` (a directory holding ``config.json``). Anything else is a
+    :class:`ConfigError` saying what was expected."""
+    src = Path(source)
+    if src.is_dir():
+        if not (src / "config.json").is_file():
+            raise ConfigError(
+                f"{src}: a directory is registered as a transformers model and needs the "
+                f"config.json that save_pretrained writes; it has none ({EXPECTED})"
+            )
+        return "transformers"
+    if not src.exists():
+        raise ConfigError(f"{src}: no such file or directory")
     if not src.is_file():
-        raise ConfigError(f"{src}: no such file")
-    backend = _load(src, name)
-    n_classes = _check_labels(src, backend, labels)
+        raise ConfigError(f"{src}: not a regular file or directory ({EXPECTED})")
+    head = _head(src)
+    if head[:4] == GGUF_MAGIC:
+        return "gguf"
+    if src.suffix.lower() == ".gguf":
+        raise ConfigError(f"{src}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')")
+    if src.suffix.lower() == ".onnx" or head[:1] == b"\x08":
+        return "onnx"
+    raise ConfigError(
+        f"{src}: not a model file Tandem recognises (starts with {head[:4]!r}); {EXPECTED}, "
+        "or --format to say which"
+    )
+
+
+def _kind(
+    source: str | Path | None,
+    fmt: str | None,
+    url: str | None,
+    model: str | None,
+    api_key_env: str | None,
+) -> str:
+    """The format to register, from the arguments and the source; argument errors here."""
+    if fmt is not None and fmt not in KINDS:
+        raise ConfigError(f"format: expected one of {', '.join(KINDS)}, got {fmt!r}")
+    if api_key_env is not None and not is_env_var_name(api_key_env):
+        # not echoed: it may be the key itself
+        raise ConfigError(
+            "api_key_env (--api-key-env): expected the NAME of the environment variable that "
+            "holds the API key (letters, digits and _, e.g. OPENAI_API_KEY), never the key "
+            "itself; the value given is not a variable name (not shown)"
+        )
+    if url is not None:
+        if source is not None:
+            raise ConfigError("give a model file or directory, or --url for a server, not both")
+        if fmt not in (None, OPENAI):
+            raise ConfigError(f"--url registers format {OPENAI!r}, got --format {fmt}")
+        return OPENAI
+    if model is not None or api_key_env is not None:
+        raise ConfigError("--model and --api-key-env go with --url (an OpenAI-compatible server)")
+    if fmt == OPENAI:
+        raise ConfigError(f"format {OPENAI!r} needs --url: the server's base URL")
+    if source is None:
+        raise ConfigError(f"nothing to register; {EXPECTED}")
+    src = Path(source)
+    if fmt is None:
+        return detect_format(src)
+    if not src.exists():
+        raise ConfigError(f"{src}: no such file or directory")
+    if fmt == "transformers":
+        if not src.is_dir():
+            raise ConfigError(
+                f"{src}: format 'transformers' expects a model directory (with config.json), "
+                "not a file"
+            )
+        return detect_format(src)  # the config.json check
+    if not src.is_file():
+        raise ConfigError(f"{src}: format {fmt!r} expects a file, not a directory")
+    return fmt
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _size(src: Path) -> int:
+    if src.is_file():
+        return src.stat().st_size
+    return sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _entry(fields: dict[str, Any], where: str) -> ModelEntry:
+    return validate_config(fields, ModelEntry, source=where)
+
+
+def _check_name_free(root: Path, name: str, replace: bool) -> Manifest:
+    """The manifest on disk (empty if none); :class:`ConfigError` if ``name`` is taken."""
+    manifest_path = root / MANIFEST_NAME
     manifest = load_manifest(root) if manifest_path.exists() else Manifest(models=[])
     old = next((i for i, m in enumerate(manifest.models) if m.name == name), None)
     if old is not None and not replace:
@@ -109,44 +309,114 @@ def add_onnx_model(
             f"{manifest_path}: models.{old}.name: a model named {name!r} is already registered "
             f"(version {manifest.models[old].version}); replace it with --replace (replace=True)"
         )
-    digest = sha256_file(src)
-    file, copy_to = _place(src, root.resolve(), digest, manifest, old)
-    entry = validate_config(
-        {
-            "name": name,
-            "version": version if version is not None else digest[:12],
-            "file": file,
-            "sha256": digest,
-            "size_bytes": src.stat().st_size,
-            "input": backend.input_spec.model_dump(),
-            "output": backend.output_spec.model_dump(),
-            "labels": list(labels) if labels else None,
-            "description": description,
-        },
-        ModelEntry,
-        source=f"{manifest_path}: model {name!r}",
-    )
+    return manifest
+
+
+def _commit(
+    root: Path,
+    entry: ModelEntry,
+    src: Path | None,
+    replace: bool,
+    n_classes: int | None = None,
+    notes: tuple[str, ...] = (),
+) -> AddedModel:
+    """Under the manifest lock: read the manifest again, check the name again, place the file
+    or directory, write the manifest. ``src`` None: a server, nothing to place."""
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
             f"{root}: cannot create the models directory: {e.strerror or e}"
         ) from None
-    if copy_to is not None:
-        _copy(src, copy_to)
-    models = list(manifest.models)
-    if old is None:
-        models.append(entry)
-    else:
-        models[old] = entry
-    write_manifest(root, manifest.model_copy(update={"models": models}))
+    with manifest_lock(root):
+        manifest = _check_name_free(root, entry.name, replace)
+        old = next((i for i, m in enumerate(manifest.models) if m.name == entry.name), None)
+        copy_to = None
+        if src is not None:
+            assert entry.sha256 is not None
+            file, copy_to = _place(src, root.resolve(), entry.sha256, manifest, old)
+            where = f"{root / MANIFEST_NAME}: model {entry.name!r}"
+            entry = _entry({**entry.model_dump(), "file": file}, where)
+            if copy_to is not None:
+                _copy(src, copy_to, entry.sha256)
+        models = list(manifest.models)
+        if old is None:
+            models.append(entry)
+        else:
+            models[old] = entry
+        write_manifest(root, manifest.model_copy(update={"models": models}))
     return AddedModel(
         entry=entry,
-        manifest_path=manifest_path,
+        manifest_path=root / MANIFEST_NAME,
         copied_from=src if copy_to is not None else None,
         replaced=old is not None,
         n_classes=n_classes,
+        notes=notes,
     )
+
+
+def _check_language_model(fmt: str, path: Path, *, name: str, version: str) -> None:
+    """Open ``path`` as a worker would, warm it up and stream one token; the backend's error,
+    naming what failed, if any step does."""
+    options: dict[str, Any] = {"name": name, "version": version, "threads": 1}
+    if fmt == "gguf":
+        options |= {"n_ctx": CHECK_N_CTX, "parallel": 1}
+    backend = _open(fmt, path, options)
+    try:
+        _one_token(backend, path, fmt)
+    finally:
+        backend.close()
+
+
+def _check_server(
+    url: str, *, name: str, version: str | None, model: str | None, key: str | None, t: float
+) -> str:
+    """Ask the server at ``url`` for one token (its model id resolved if not given); the model
+    id it serves."""
+    options = {"name": name, "version": version, "model": model, "api_key": key, "timeout_s": t}
+    backend = _open(OPENAI, url, options)
+    try:
+        _one_token(backend, url, OPENAI)
+        return str(backend.model)
+    finally:
+        backend.close()
+
+
+def _open(fmt: str, path: str | Path, options: dict[str, Any]) -> Any:
+    try:
+        return open_backend(fmt, path, **options)
+    except TandemError:
+        raise  # the backend's own message names the model and why
+    except Exception as e:  # a library's error on a model it cannot read
+        raise BackendError(f"{path}: cannot load as {fmt}: {type(e).__name__}: {e}") from None
+
+
+def _one_token(backend: Any, where: str | Path, fmt: str) -> None:
+    """``warm_up()`` (the ``openai`` backend's streams one token), then for local models one
+    token of the first of :data:`PROBE_PROMPTS` the model can tokenize. A model that can take
+    none of them has been checked by its warm-up alone."""
+    try:
+        backend.warm_up()
+        if fmt == OPENAI:
+            return
+        for prompt in PROBE_PROMPTS:
+            try:
+                stream = backend.stream(prompt, SamplingParams(max_tokens=1))
+            except BadRequest:
+                continue  # not in its vocabulary
+            try:
+                for _ in stream:
+                    pass
+            finally:
+                stream.close()
+            return
+        log.info("%s: tokenizes none of %s; checked by its warm-up", where, PROBE_PROMPTS)
+    except TandemError as e:
+        raise type(e)(f"{where}: loads as {fmt} but cannot generate: {e.message}") from None
+    except Exception as e:
+        raise BackendError(
+            f"{where}: loads as {fmt} but cannot generate: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _load(src: Path, name: str) -> OnnxBackend:
@@ -203,31 +473,69 @@ def _check_labels(src: Path, backend: OnnxBackend, labels: Sequence[str] | None)
 def _place(
     src: Path, root: Path, digest: str, manifest: Manifest, replacing: int | None
 ) -> tuple[str, Path | None]:
-    """The entry's ``file`` for ``src``, and where to copy it (None: no copy needed)."""
+    """The entry's ``file`` for ``src`` (a file, or a transformers directory), and where to
+    copy it (None: no copy needed)."""
     real = src.resolve()
+    if real == root:
+        raise ConfigError(f"{src} is the models directory itself; put the model in a folder")
     if real.is_relative_to(root):
         return real.relative_to(root).as_posix(), None
     dest = root / src.name
     if not (dest.exists() or dest.is_symlink()):
         return src.name, dest
-    if dest.is_file() and not dest.is_symlink() and sha256_file(dest) == digest:
+    same_kind = not dest.is_symlink() and (dest.is_dir() if src.is_dir() else dest.is_file())
+    if same_kind and _digest_or_none(dest) == digest:
         return src.name, None  # the same bytes are already there
     users = [i for i, m in enumerate(manifest.models) if m.file == src.name]
-    if replacing is None or users != [replacing] or dest.is_symlink() or not dest.is_file():
+    if replacing is None or users != [replacing] or not same_kind:
+        what = "directory" if src.is_dir() else "file"
         raise ConfigError(
             f"{dest} already exists and differs from {src}; rename one of them "
-            "(the file is copied into the models directory under its own name)"
+            f"(the {what} is copied into the models directory under its own name)"
         )
     return src.name, dest  # the file of the entry being replaced, used by no other
 
 
-def _copy(src: Path, dest: Path) -> None:
-    """Copy through a temporary file in the same folder, so ``dest`` is never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+def _digest_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except ConfigError:  # a directory holding symlinks: not what was checked
+        return None
+
+
+def _copy(src: Path, dest: Path, digest: str) -> None:
+    """Copy a file or directory through a temporary one in the same folder, so ``dest`` is
+    never half-written, and check the copy's digest is the one that was checked (the source
+    did not change meanwhile)."""
+    if src.is_dir():
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            _same_digest(src, tmp, digest)
+            if dest.exists():  # the directory of the entry being replaced
+                old = Path(
+                    tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old")
+                )
+                os.replace(dest, old / dest.name)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        shutil.copy(src, tmp)  # content and permission bits (mkstemp made it 0600)
-        os.replace(tmp, dest)
+        shutil.copy(src, name)  # content and permission bits (mkstemp made it 0600)
+        _same_digest(src, Path(name), digest)
+        os.replace(name, dest)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        Path(name).unlink(missing_ok=True)
         raise
+
+
+def _same_digest(src: Path, copy: Path, digest: str) -> None:
+    if sha256_file(copy) != digest:
+        raise ConfigError(f"{src} changed while it was being registered; add it again")

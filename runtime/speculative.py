@@ -138,16 +138,21 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def vocab_digest(pieces: Iterable[bytes], eos: Iterable[int]) -> str:
-    """A digest of a vocabulary (each token's bytes, in id order, and the end tokens): equal
-    digests mean equal token ids for equal text."""
+def vocab_digest(pieces: Iterable[bytes]) -> str:
+    """A digest of a vocabulary: each token's bytes in id order (control tokens empty), with
+    trailing empty ids dropped (an embedding padded past the tokenizer, as Qwen2's 151,936 rows
+    for 151,665 tokens, or a GGUF's unused padding tokens). Equal digests mean equal token ids
+    for equal text. llama.cpp's ``token_to_piece`` and a Hugging Face tokenizer's own decoder
+    (:class:`~tandem.runtime.hf_tokenizer.HFTokenizer`) give the same bytes for the same
+    vocabulary, so a GGUF edge model and a transformers cloud model of one family match."""
+    table = list(pieces)
+    while table and not table[-1]:
+        table.pop()
     h = hashlib.sha256()
-    n = 0
-    for piece in pieces:
+    for piece in table:
         h.update(len(piece).to_bytes(4, "little"))
         h.update(piece)
-        n += 1
-    h.update(f"|{n}|{sorted(eos)}".encode())
+    h.update(f"|{len(table)}".encode())
     return h.hexdigest()[:16]
 
 

@@ -1,4 +1,5 @@
-"""A lean decode path for transformers' Llama and Mixtral causal LMs, on the model's own weights.
+"""A lean decode path for transformers' Llama, Mistral, Qwen2 and Mixtral causal LMs, on the
+model's own weights.
 
 transformers' forward spends most of a batch-1 decode step in Python: cache objects, mask
 builders, output dataclasses, hooks, one torch dispatch per small op. :class:`FastDecoder` runs
@@ -9,8 +10,11 @@ cache**: two (layers, kv_heads, n_ctx, head_dim) tensors allocated once per sess
 Per layer: RMSNorm → q/k/v projections → RoPE (transformers' rotate-half layout, cos/sin tables
 precomputed once by the model's own rotary module) → k/v written into the cache → attention of
 the new tokens against the cache (GQA without repeating k/v) → o projection added to the
-residual → RMSNorm → the MLP (Llama) or the router and experts (Mixtral: softmax → top-k →
-renormalise, as ``MixtralTopKRouter`` does).
+residual → RMSNorm → the MLP (Llama, Mistral, Qwen2) or the router and experts (Mixtral:
+softmax → top-k → renormalise, as ``MixtralTopKRouter`` does). Projection biases (Qwen2's q/k/v,
+Llama's ``attention_bias``/``mlp_bias``) are added where the model has them; a sliding window
+(Mistral) masks keys older than the window. A model whose layers mix full and sliding-window
+attention is not taken.
 
 * :meth:`FastDecoder.step` — one token, the decode step: numpy around Tandem's
   :func:`~tandem.kernels.linear.skinny_linear` for every projection and the k selected
@@ -38,7 +42,12 @@ from tandem.kernels.linear import SKINNY_MAX_ROWS, skinny_linear
 from tandem.runtime.errors import BadRequest
 from tandem.runtime.moe import experts_forward
 
-ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM")
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "MixtralForCausalLM",
+)
 # Caches and RoPE tables are sized for min(max_position_embeddings, this) tokens unless a
 # larger n_ctx is asked for: a long-context config (Mixtral's default is 131072) would
 # otherwise pin hundreds of MB of cos/sin tables.
@@ -55,6 +64,8 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     rope_type = rope.get("rope_type", "default")
     if "dynamic" in rope_type or rope_type == "longrope":
         return f"RoPE type {rope_type!r} changes with the sequence length"
+    if _window(cfg) is _MIXED:
+        return "its layers mix full and sliding-window attention"
     params = list(model.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         return "the fast path runs float32 weights on the CPU"
@@ -178,7 +189,9 @@ class FastDecoder:
         self.n_vocab = cfg.vocab_size
         self.eps = float(cfg.rms_norm_eps)
         self.n_ctx = n_ctx or min(int(cfg.max_position_embeddings), DEFAULT_MAX_CTX)
-        self.window: int | None = getattr(cfg, "sliding_window", None)
+        window = _window(cfg)
+        assert window is not _MIXED
+        self.window: int | None = window
         self.top_k = int(getattr(cfg, "num_experts_per_tok", 0))
         base = model.model
         self.layers = [_layer(b) for b in base.layers[: cfg.num_hidden_layers]]
@@ -424,6 +437,26 @@ class FastSession:
             rows = self.decoder.forward(ids, start, self.k_cache, self.v_cache, n_rows).numpy()
         self.tokens.extend(new)
         return rows
+
+
+_MIXED = -1  # _window: layers of both kinds
+
+
+def _window(cfg) -> int | None:
+    """The sliding window every layer uses, None for full attention everywhere, or
+    :data:`_MIXED`. Qwen2 configs carry a ``sliding_window`` that only applies with
+    ``use_sliding_window``; transformers 5 spells it per layer in ``layer_types``."""
+    window = getattr(cfg, "sliding_window", None)
+    kinds = set((getattr(cfg, "layer_types", None) or [])[: cfg.num_hidden_layers])
+    if kinds:
+        if kinds == {"full_attention"}:
+            return None
+        if kinds == {"sliding_attention"} and window:
+            return int(window)
+        return _MIXED
+    if getattr(cfg, "use_sliding_window", True) is False or not window:
+        return None
+    return int(window)
 
 
 def _rms_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

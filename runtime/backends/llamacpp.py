@@ -31,6 +31,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from tandem.runtime.chat import ChatTemplate, Message
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
     SamplingParams,
@@ -185,8 +186,10 @@ def _shared_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
 class LlamaCppBackend:
     """``path`` is a GGUF file. ``threads``: llama.cpp threads per context for prompt and
     decode (0: llama.cpp's default, half the cores); ``n_ctx``: tokens of context per stream
-    (prompt + ``max_tokens`` must fit; 0: the context the model was trained with); ``parallel``: contexts in the pool, i.e. concurrent
-    streams. Other keyword ``options`` go to ``Llama`` (e.g. ``n_gpu_layers``)."""
+    (prompt + ``max_tokens`` must fit; 0: the context the model was trained with);
+    ``parallel``: contexts in the pool, i.e. concurrent streams; ``chat_template``: a Jinja
+    template to use instead of the file's ``tokenizer.chat_template``. Other keyword
+    ``options`` go to ``Llama`` (e.g. ``n_gpu_layers``)."""
 
     def __init__(
         self,
@@ -197,6 +200,7 @@ class LlamaCppBackend:
         threads: int = 1,
         n_ctx: int = 0,
         parallel: int = 1,
+        chat_template: str | None = None,
         **options: object,
     ) -> None:
         if parallel < 1 or n_ctx < 0 or n_ctx == 1 or threads < 0:
@@ -221,6 +225,12 @@ class LlamaCppBackend:
         self._eos = frozenset(
             t for t in (first.token_eos(), llama_cpp.llama_vocab_eot(vocab)) if t >= 0
         )
+        specials = {"bos_token": first.token_bos(), "eos_token": first.token_eos()}
+        self.chat = ChatTemplate(
+            chat_template or first.metadata.get("tokenizer.chat_template"),
+            {k: _token_text(vocab, t) for k, t in specials.items() if t >= 0},
+            source=f"model {self.name!r}" + (" (chat_template option)" if chat_template else ""),
+        )
 
     @property
     def raw(self) -> llama_cpp.Llama:
@@ -229,13 +239,20 @@ class LlamaCppBackend:
         them."""
         return self._contexts[0]
 
-    def tokenize(self, text: str) -> list[int]:
-        """llama.cpp's tokens for ``text``, BOS first if the model adds one. :class:`BadRequest`
-        if characters of ``text`` have no token (llama.cpp would drop them silently)."""
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """llama.cpp's tokens for ``text``, BOS first if the model adds one; with ``special``
+        (a rendered chat template) control tokens are parsed and no BOS is added (the template
+        writes its own), as llama-cpp-python's ``create_chat_completion`` tokenizes.
+        :class:`BadRequest` if characters of ``text`` have no token (llama.cpp would drop them
+        silently)."""
         if self._closed:
             raise BackendError(f"model {self.name!r} is closed")
-        ids = self._contexts[0].tokenize(text.encode(), add_bos=True, special=False)
-        back = b"".join(self._pieces[t] for t in ids).decode(errors="replace")
+        llm = self._contexts[0]
+        ids = llm.tokenize(text.encode(), add_bos=not special, special=special)
+        if special:
+            back = llm.detokenize(ids, special=True).decode(errors="replace")
+        else:
+            back = b"".join(self._pieces[t] for t in ids).decode(errors="replace")
         if back != text and (lost := [c for c in dict.fromkeys(text) if c not in back]):
             raise BadRequest(
                 f"model {self.name!r}: characters {''.join(lost)!r} are not in its vocabulary"
@@ -268,7 +285,24 @@ class LlamaCppBackend:
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> TokenStream:
-        ids = self.tokenize(prompt)
+        return self._stream_ids(self.tokenize(prompt), params, cancel)
+
+    def stream_chat(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        *,
+        prefix: str = "",
+        cancel: threading.Event | None = None,
+    ) -> TokenStream:
+        """The assistant's answer to ``messages``, rendered with the model's chat template,
+        continuing after ``prefix``."""
+        ids = self.tokenize(self.chat.render(messages, prefix=prefix), special=True)
+        return self._stream_ids(ids, params, cancel)
+
+    def _stream_ids(
+        self, ids: list[int], params: SamplingParams, cancel: threading.Event | None
+    ) -> TokenStream:
         check_fits(self.name, len(ids), params, self.n_ctx)
         llm = self._checkout(ids)
         steps = self._steps(llm, ids, params, cancel)
@@ -351,6 +385,12 @@ def _token_piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
         buf = ctypes.create_string_buffer(-n)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
     return buf.raw[: max(n, 0)]
+
+
+def _token_text(vocab: llama_cpp.llama_vocab_p, token: int) -> str:
+    """A token's text as a template writes it (control tokens included)."""
+    text = llama_cpp.llama_vocab_get_text(vocab, token)
+    return text.decode(errors="replace") if text else ""
 
 
 def _load_failure(path: Path, kwargs: dict) -> str:

@@ -4,6 +4,11 @@ client as streaming ``/v1/completions`` with ``logprobs=1``, so each token arriv
 log-probability; entropy is not sent (``TokenStep.entropy`` is None) and token ids are -1
 unless the server adds them (``token_ids`` on a choice, as vLLM does when asked).
 
+Chat (:meth:`OpenAIBackend.stream_chat`) goes to ``/v1/chat/completions`` with the messages,
+so the server renders them with its own model's template. A hand-off mid-answer (``prefix``)
+sends the assistant's text so far as a last assistant message with vLLM's
+``continue_final_message``; a server without that option starts a new assistant turn instead.
+
 Errors become Tandem's: no connection or no reply within ``timeout_s`` → :class:`Unavailable`;
 HTTP 429 → :class:`OverloadedError`; other 4xx → :class:`BadRequest`; anything else →
 :class:`BackendError`. Each message names the URL.
@@ -19,6 +24,7 @@ from urllib.parse import urlsplit
 
 import openai
 
+from tandem.runtime.chat import Message
 from tandem.runtime.errors import BackendError, BadRequest, OverloadedError, Unavailable
 from tandem.runtime.generation import FinishReason, SamplingParams, TokenStep, TokenStream
 
@@ -70,31 +76,58 @@ class OpenAIBackend:
     ) -> TokenStream:
         """Send the request now (so a refused one raises here); tokens arrive as the stream is
         iterated. ``cancel`` is noticed between chunks and closes the HTTP stream."""
+        body = {**self._body(params), "prompt": prompt, "logprobs": 1}
+        return self._start(self.client.completions.create, body, _choice_steps, cancel)
+
+    def stream_chat(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        *,
+        prefix: str = "",
+        cancel: threading.Event | None = None,
+    ) -> TokenStream:
+        """The server's model answers ``messages`` with its own chat template (see the module
+        docstring for ``prefix``)."""
+        body = {**self._body(params), "messages": list(messages), "logprobs": True}
+        extra = {}
+        if prefix:
+            body["messages"].append({"role": "assistant", "content": prefix})
+            extra = {"continue_final_message": True, "add_generation_prompt": False}
+        return self._start(self.client.chat.completions.create, body, _chat_steps, cancel, extra)
+
+    def _body(self, params: SamplingParams) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
-            "prompt": prompt,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "logprobs": 1,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        return body
+
+    def _start(self, create, body, parse, cancel, extra=None) -> TokenStream:
         try:
-            response = self.client.completions.create(**body, extra_body=self.extra_body or None)
+            response = create(**body, extra_body={**self.extra_body, **(extra or {})} or None)
         except openai.OpenAIError as e:
             _raise(e, self.url)
         holder: list[TokenStream] = []  # the stream, for the prompt size once it is known
-        steps = self._steps(response, holder, cancel)
+        steps = self._steps(response, holder, parse, cancel)
         next(steps)  # started, so close() or garbage collection closes the HTTP stream
         holder.append(TokenStream(steps))  # type: ignore[arg-type]
         return holder[0]
 
     def _steps(
-        self, response: Any, holder: list[TokenStream], cancel: threading.Event | None
+        self,
+        response: Any,
+        holder: list[TokenStream],
+        parse: Any,
+        cancel: threading.Event | None,
     ) -> Generator[TokenStep | None, None, str]:
         finish: str | None = None
         try:
@@ -106,7 +139,7 @@ class OpenAIBackend:
                 if usage is not None and usage.prompt_tokens:
                     holder[0].prompt_tokens = usage.prompt_tokens
                 for choice in chunk.choices or ():
-                    yield from _choice_steps(choice)
+                    yield from parse(choice)
                     if choice.finish_reason:
                         finish = _FINISH.get(choice.finish_reason, choice.finish_reason)
             if finish is None:  # a server that failed after the response started
@@ -144,6 +177,19 @@ def _choice_steps(choice: Any) -> list[TokenStep]:
         return []
     logprob = math.fsum(logprobs) if logprobs else math.nan
     return [TokenStep(ids[0] if len(ids) == 1 else -1, text, logprob)]
+
+
+def _chat_steps(choice: Any) -> list[TokenStep]:
+    """TokenSteps of one streamed chat choice: one per entry of ``logprobs.content`` when
+    they add up to the delta's text, else one step for the whole text."""
+    text = getattr(choice.delta, "content", None) or ""
+    content = list(getattr(choice.logprobs, "content", None) or ())
+    if content and "".join(c.token for c in content) == text:
+        return [TokenStep(-1, c.token, float(c.logprob)) for c in content]
+    if not text:
+        return []
+    logprob = math.fsum(float(c.logprob) for c in content) if content else math.nan
+    return [TokenStep(-1, text, logprob)]
 
 
 def _base_url(url: str) -> str:

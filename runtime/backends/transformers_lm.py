@@ -1,11 +1,15 @@
 """A Hugging Face causal language model directory served with transformers (format
-``transformers``): the cloud's Mixtral MoE, its experts on Tandem's kernels
-(``experts_implementation="tandem"``), or any dense model with a Tandem char tokenizer.
+``transformers``): any ``AutoModelForCausalLM`` directory with its own tokenizer
+(``tokenizer.json`` / SentencePiece, loaded offline; or a Tandem char tokenizer), e.g. the
+cloud's Mixtral MoE with its experts on Tandem's kernels (``experts_implementation="tandem"``).
+
+Weights run in float32 on the CPU: a bf16/fp16 checkpoint is converted when it loads (CPU
+half-precision matmuls are slower than float32 and round differently).
 
 Each stream has its own KV cache, so concurrent streams share the weights and nothing else.
-Llama and Mixtral models decode on :mod:`tandem.runtime.backends.fast_decode` (plain torch over
-the model's weights, a static KV cache, the experts on Tandem's kernels) unless
-``decode="transformers"``; other architectures run transformers' forward with a
+Llama, Mistral, Qwen2 and Mixtral models decode on :mod:`tandem.runtime.backends.fast_decode`
+(plain torch over the model's weights, a static KV cache, the experts on Tandem's kernels)
+unless ``decode="transformers"``; other architectures run transformers' forward with a
 ``DynamicCache``. The decode loop is :func:`tandem.runtime.generation.decode`.
 """
 
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from tandem.runtime.chat import ChatTemplate, Message
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
     SamplingParams,
@@ -28,7 +33,7 @@ from tandem.runtime.generation import (
     check_fits,
     decode,
 )
-from tandem.runtime.tokenizer import EOS, CharTokenizer
+from tandem.runtime.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from tandem.runtime.backends.fast_decode import FastDecoder
@@ -94,7 +99,7 @@ class _Session:
 
 
 class TransformersBackend:
-    """``path`` is a directory written by ``save_pretrained`` with a Tandem ``tokenizer.json``.
+    """``path`` is a directory written by ``save_pretrained``, with its tokenizer.
 
     ``experts``: transformers' experts implementation for MoE models (``"tandem"``: Tandem's
     dispatch/combine kernels; ``"eager"``, ``"grouped_mm"``: transformers' own).
@@ -116,6 +121,7 @@ class TransformersBackend:
         experts: str = "tandem",
         max_streams: int = 8,
         decode: str = "fast",
+        chat_template: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -123,8 +129,7 @@ class TransformersBackend:
 
         self.path = Path(path)
         self.name = name or self.path.name
-        self.tokenizer = CharTokenizer.load(self.path)
-        self.n_vocab = self.tokenizer.n_vocab
+        self.tokenizer = load_tokenizer(self.path)
         if threads:
             torch.set_num_threads(threads)
         try:
@@ -134,11 +139,24 @@ class TransformersBackend:
         if getattr(model.config, "num_local_experts", None):
             model.set_experts_implementation(experts)
         self.model = model.eval()
+        # the embedding may be padded past the tokenizer's ids (Qwen2: 151,936 vs 151,665)
+        self.n_vocab = int(model.config.vocab_size)
+        if self.tokenizer.n_vocab > self.n_vocab:
+            raise BackendError(
+                f"{self.path}: the tokenizer has {self.tokenizer.n_vocab} tokens, the model's "
+                f"vocab_size is {self.n_vocab}"
+            )
         self.version = version or _dir_version(self.path)
         self.n_ctx = int(getattr(model.config, "max_position_embeddings", 2048))
         self._fast = self._fast_decoder(decode)
         self.decode = "fast" if self._fast is not None else "transformers"
-        self._pieces = [self.tokenizer.piece(t).encode() for t in range(self.n_vocab)]
+        self._pieces = [self.tokenizer.piece(t) for t in range(self.n_vocab)]
+        self._eos = self.tokenizer.eos_tokens
+        self.chat = ChatTemplate(
+            chat_template or self.tokenizer.chat_template,
+            self.tokenizer.special_tokens,
+            source=f"model {self.name!r}" + (" (chat_template option)" if chat_template else ""),
+        )
         self._slots = threading.BoundedSemaphore(max_streams)
         self.max_streams = max_streams
 
@@ -169,8 +187,12 @@ class TransformersBackend:
             return self._fast.session(n_ctx)
         return _Session(self.model, min(n_ctx or self.n_ctx, self.n_ctx))
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text`` (see :meth:`tandem.runtime.tokenizer.Tokenizer.encode`)."""
+        ids = self.tokenizer.encode(text, special=special)
+        if not ids:
+            raise BadRequest(f"model {self.name!r}: the prompt is empty")
+        return ids
 
     def piece(self, token: int) -> bytes:
         """The bytes ``token`` adds to the text (b"" for the specials)."""
@@ -178,7 +200,7 @@ class TransformersBackend:
 
     @property
     def eos_tokens(self) -> frozenset[int]:
-        return frozenset({EOS})
+        return self._eos
 
     def free_slots(self) -> int:
         """Sequences that can still start (streams and leases share ``max_streams``)."""
@@ -204,7 +226,24 @@ class TransformersBackend:
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> TokenStream:
-        ids = self.tokenize(prompt)
+        return self._stream_ids(self.tokenize(prompt), params, cancel)
+
+    def stream_chat(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        *,
+        prefix: str = "",
+        cancel: threading.Event | None = None,
+    ) -> TokenStream:
+        """The assistant's answer to ``messages``, rendered with the model's chat template,
+        continuing after ``prefix``."""
+        ids = self.tokenize(self.chat.render(messages, prefix=prefix), special=True)
+        return self._stream_ids(ids, params, cancel)
+
+    def _stream_ids(
+        self, ids: list[int], params: SamplingParams, cancel: threading.Event | None
+    ) -> TokenStream:
         check_fits(self.name, len(ids), params, self.n_ctx)
         if not self._slots.acquire(blocking=False):
             raise OverloadedError(
@@ -223,7 +262,7 @@ class TransformersBackend:
                     ids,
                     params,
                     piece=self._pieces.__getitem__,
-                    eos=frozenset({EOS}),
+                    eos=self._eos,
                     cancel=cancel,
                 )
             )
@@ -231,8 +270,8 @@ class TransformersBackend:
             self._slots.release()
 
     def warm_up(self) -> None:
-        stream = self.stream(self.tokenizer.decode([3]), SamplingParams(max_tokens=2))
-        for _ in stream:
+        first = next((t for t in range(self.n_vocab) if self._pieces[t].strip()), 0)
+        for _ in self._stream_ids([first], SamplingParams(max_tokens=2), None):
             pass
 
     def close(self) -> None:

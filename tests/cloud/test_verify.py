@@ -89,7 +89,7 @@ def backends(models: Path) -> Iterator[dict[str, Any]]:
 
 
 def digest(backend: Any) -> str:
-    return vocab_digest((backend.piece(t) for t in range(backend.n_vocab)), backend.eos_tokens)
+    return vocab_digest(backend.piece(t) for t in range(backend.n_vocab))
 
 
 def spec_decode(

@@ -37,7 +37,7 @@ openai = _need("openai")
 transformers = _need("transformers")
 
 from tandem.edge import EdgeRuntime  # noqa: E402
-from tandem.edge.gateway import chat_prompt, create_app  # noqa: E402
+from tandem.edge.gateway import chat_messages, create_app  # noqa: E402
 from tandem.router.policy import policy_from_dict  # noqa: E402
 from tandem.runtime.errors import BadRequest  # noqa: E402
 from tandem.runtime.types import GenerationChunk, Tier  # noqa: E402
@@ -188,15 +188,16 @@ def test_completion_is_the_runtime_answer(client: Any, runtime: EdgeRuntime) -> 
     assert again.choices[0].text == want.text
 
 
-def test_chat_completion_renders_the_messages_as_one_raw_prompt(
+def test_chat_completion_without_a_template_concatenates_the_contents(
     client: Any, runtime: EdgeRuntime
 ) -> None:
     messages = [
         {"role": "system", "content": "sort: "},
         {"role": "user", "content": [{"type": "text", "text": "cab ="}]},
     ]
-    assert chat_prompt(messages) == PROMPT
+    assert chat_messages(messages)[1] == {"role": "user", "content": "cab ="}
     want = runtime.generate(PROMPT, "sort", max_tokens=8)
+    assert runtime.chat(chat_messages(messages), "sort", max_tokens=8).text == want.text
     r = client.chat.completions.create(model="sort", messages=messages, max_tokens=8)
     assert r.object == "chat.completion"
     msg = r.choices[0].message
@@ -577,11 +578,12 @@ def test_over_max_concurrent_is_429_with_retry_after(runtime: EdgeRuntime) -> No
 
 
 # ---------------------------------------------------------------------------------- units
-def test_chat_prompt_refuses_what_it_cannot_render() -> None:
-    assert chat_prompt([{"role": "assistant", "content": None}, {"role": "user", "content": "a"}])
+def test_chat_messages_refuses_what_it_cannot_render() -> None:
+    got = chat_messages([{"role": "assistant", "content": None}, {"role": "user", "content": "a"}])
+    assert got == [{"role": "assistant", "content": ""}, {"role": "user", "content": "a"}]
     for bad in ([], "hi", [{"content": "a"}], [{"role": "user", "content": 5}]):
         with pytest.raises(BadRequest):
-            chat_prompt(bad)
+            chat_messages(bad)
 
 
 # ---------------------------------------------------------------------------------- serve()

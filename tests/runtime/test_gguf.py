@@ -217,7 +217,7 @@ def test_rows_not_a_multiple_of_32_stay_f16_in_q8_0(tmp_path: Path) -> None:
 
 
 def test_clear_errors(tmp_path: Path) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     hf = _tiny(tmp_path, "llama")
     with pytest.raises(ConfigError, match="qtype: expected one of f32, f16, q8_0"):
@@ -225,13 +225,9 @@ def test_clear_errors(tmp_path: Path) -> None:
     (hf / "tokenizer.json").unlink()
     with pytest.raises(ConfigError, match=r"no tokenizer\.json"):
         export_gguf(hf, tmp_path / "x.gguf")
-    qwen = tmp_path / "qwen"
-    config = Qwen2Config(
-        vocab_size=31, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=32,
-    )  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(qwen)
-    lm_task.tokenizer().save(qwen)
-    with pytest.raises(ConfigError, match="model_type 'qwen2' cannot be exported"):
-        export_gguf(qwen, tmp_path / "x.gguf")
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=31, n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    lm_task.tokenizer().save(gpt2)
+    with pytest.raises(ConfigError, match="model_type 'gpt2' cannot be exported"):
+        export_gguf(gpt2, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written

@@ -280,3 +280,56 @@ def test_a_model_name_listed_twice_is_refused(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"models": [entry, entry]}))
     with pytest.raises(ConfigError, match=r"listed more than once: \['m'\]"):
         load_manifest(tmp_path)
+
+
+# ---------------------------------------------------------------- servers, atomic writes
+
+
+def server_entry(**kw) -> dict:
+    return {"name": "r", "version": "1", "format": "openai", "url": "http://127.0.0.1:8080", **kw}
+
+
+@pytest.mark.parametrize(
+    ("kw", "problem"),
+    [
+        ({"url": None}, "models.0.url: required for format 'openai'"),
+        ({"file": "m.gguf"}, "models.0.file: format 'openai' names a server (url), not a file"),
+        ({"url": "ws://h:1"}, "models.0.url: must be an http:// or https:// URL"),
+        ({"url": "https://k:s@h/v1"}, "models.0.url: must not hold credentials"),
+        ({"url": "http://h:1/v1?key=s"}, "models.0.url: must be the server's base URL, without"),
+        ({"api_key_env": "sk-abc"}, "models.0.api_key_env: must be the NAME of the environment"),
+    ],
+)
+def test_an_openai_entry_is_a_server_not_a_file(tmp_path: Path, kw: dict, problem: str) -> None:
+    write_raw_manifest(tmp_path, {k: v for k, v in server_entry(**kw).items() if v is not None})
+    with pytest.raises(ConfigError) as e:
+        load_manifest(tmp_path)
+    assert f"{tmp_path / MANIFEST_NAME}: {problem}" in e.value.message
+
+
+def test_server_fields_belong_to_openai_entries_only(tmp_path: Path) -> None:
+    write_raw_manifest(tmp_path, entry_dict("m.onnx", url="http://h:1"))
+    with pytest.raises(ConfigError, match=r"models\.0\.url: only format 'openai' has a url"):
+        load_manifest(tmp_path)
+    write_raw_manifest(tmp_path, entry_dict("m.onnx", api_key_env="K"))
+    with pytest.raises(ConfigError, match=r"api_key_env: only format 'openai' has them"):
+        load_manifest(tmp_path)
+    write_raw_manifest(tmp_path, {**entry_dict("m.onnx"), "sha256": None})
+    with pytest.raises(ConfigError, match=r"models\.0\.sha256: required for format 'onnx'"):
+        load_manifest(tmp_path)
+    write_raw_manifest(tmp_path, server_entry(model="m", api_key_env="MY_KEY"))
+    entry = load_manifest(tmp_path).get("r")
+    assert (entry.file, entry.sha256, entry.model, entry.api_key_env) == (None, None, "m", "MY_KEY")
+
+
+def test_write_manifest_replaces_through_a_private_temp_file(tmp_path: Path, src: Path) -> None:
+    from tandem.runtime.manifest import Manifest, write_manifest
+
+    add_onnx_model(tmp_path, src, name="mine")
+    (tmp_path / "manifest.tmp").write_text("another writer's file")  # the old fixed temp name
+    manifest = load_manifest(tmp_path)
+    write_manifest(tmp_path, Manifest(models=[*manifest.models], workload="w"))
+    assert load_manifest(tmp_path).workload == "w"
+    assert (tmp_path / "manifest.tmp").read_text() == "another writer's file"
+    assert not list(tmp_path.glob(".manifest.json.*"))
+    assert (tmp_path / MANIFEST_NAME).stat().st_mode & 0o777 == 0o644

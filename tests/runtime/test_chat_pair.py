@@ -1,0 +1,134 @@
+"""The reference pair with a real tokenizer (byte-level BPE, Qwen2's pre-tokenizer, ChatML):
+a random Qwen2 directory served by ``TransformersBackend`` and its GGUF exports on llama.cpp.
+
+llama.cpp and transformers must agree on the vocabulary (tokens, pieces, digest), on the chat
+rendering and, in f32, on greedy tokens; the fast decode path must give ``generate``'s answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tandem.runtime.generation import SamplingParams
+from tandem.runtime.speculative import vocab_digest
+from tests.conftest import require
+
+PROMPTS = [
+    "The robot",
+    "sort:dcba=",
+    "Grüße aus Köln 🤖",
+    "東京は",
+    "Hello, world! café",  # composed: llama.cpp skips the tokenizer's NFC normalizer
+    "Data Set Characteristics:",
+    "a b c d e f g",
+    "1234 + 5678 =",
+]
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    require("transformers")
+    require("llama_cpp")
+    require("gguf")
+    from tandem.bench.reference.chat_pair import build_chat_pair
+
+    return build_chat_pair(tmp_path_factory.mktemp("chat"))
+
+
+@pytest.fixture(scope="module")
+def cloud(pair: dict[str, Path]) -> Any:
+    from tandem.runtime.backends import open_backend
+
+    return open_backend("transformers", pair["chat-cloud"], threads=1)
+
+
+@pytest.fixture(scope="module")
+def edge(pair: dict[str, Path]) -> Any:
+    from tandem.runtime.backends import open_backend
+
+    return open_backend("gguf", pair["chat-edge"], threads=1)
+
+
+@pytest.fixture(scope="module")
+def cloud_f32_gguf(pair: dict[str, Path]) -> Any:
+    from tandem.runtime.backends import open_backend
+
+    return open_backend("gguf", pair["chat-cloud-f32"], threads=1)
+
+
+def _greedy(backend: Any, prompt: str, n: int = 24) -> list[int]:
+    return [s.token for s in backend.stream(prompt, SamplingParams(max_tokens=n))]
+
+
+def test_the_cloud_is_served_on_the_fast_path(cloud: Any) -> None:
+    assert cloud.decode == "fast"
+    assert type(cloud.model).__name__ == "Qwen2ForCausalLM"
+    assert cloud.n_vocab > cloud.tokenizer.n_vocab  # a padded embedding, as Qwen2's
+    assert cloud.eos_tokens == {
+        cloud.tokenizer.hf.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+    }
+
+
+def test_llama_cpp_and_transformers_share_the_vocabulary(cloud: Any, edge: Any) -> None:
+    for text in PROMPTS:
+        assert edge.tokenize(text) == cloud.tokenize(text), text
+    assert [edge.piece(t) for t in range(cloud.tokenizer.n_vocab)] == [
+        cloud.piece(t) for t in range(cloud.tokenizer.n_vocab)
+    ]
+    digest = vocab_digest(edge.piece(t) for t in range(edge.n_vocab))
+    assert digest == vocab_digest(cloud.piece(t) for t in range(cloud.n_vocab))
+
+
+def test_llama_cpp_f32_gives_transformers_greedy_tokens(cloud: Any, cloud_f32_gguf: Any) -> None:
+    for prompt in PROMPTS:
+        assert _greedy(cloud_f32_gguf, prompt) == _greedy(cloud, prompt), prompt
+
+
+def test_greedy_answers_equal_generate(pair: dict[str, Path], cloud: Any) -> None:
+    """``TransformersBackend`` (fast path) against transformers' own ``generate`` on the same
+    directory (the issue's goal: >= 99% of 200 prompts; here all of a few)."""
+    import torch
+
+    from tandem.runtime.backends import open_backend
+
+    slow = open_backend("transformers", pair["chat-cloud"], decode="transformers")
+    tok = cloud.tokenizer.hf
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = cloud.model.generate(
+                ids, max_new_tokens=24, do_sample=False, eos_token_id=sorted(cloud.eos_tokens)
+            )
+        want = [t for t in out[0, ids.shape[1] :].tolist() if t not in cloud.eos_tokens]
+        assert _greedy(cloud, prompt) == want, prompt
+        assert _greedy(slow, prompt) == want, prompt
+
+
+def test_chat_renders_with_the_models_own_template(cloud: Any, edge: Any) -> None:
+    hf = cloud.tokenizer.hf
+    want = hf.apply_chat_template(
+        MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    for backend in (cloud, edge):
+        stream = backend.stream_chat(MESSAGES, SamplingParams(max_tokens=4))
+        text = "".join(s.text for s in stream)
+        assert stream.prompt_tokens == len(want) > 10, backend
+        assert "<|im" not in text
+    # the GGUF carries the template: llama-cpp-python's own chat completion renders it alike
+    raw = edge.raw.create_chat_completion(MESSAGES, max_tokens=1, temperature=0)
+    assert raw["usage"]["prompt_tokens"] == len(want)
+
+
+def test_a_continuation_goes_after_the_generation_prompt(cloud: Any) -> None:
+    plain = cloud.stream_chat(MESSAGES, SamplingParams(max_tokens=1))
+    list(plain)
+    go_on = cloud.stream_chat(MESSAGES, SamplingParams(max_tokens=1), prefix="Sure, the robot")
+    list(go_on)
+    rendered = cloud.chat.render(MESSAGES, prefix="Sure, the robot")
+    assert rendered.endswith("<|im_start|>assistant\nSure, the robot")
+    assert go_on.prompt_tokens == len(cloud.tokenize(rendered, special=True))
+    assert go_on.prompt_tokens > plain.prompt_tokens
