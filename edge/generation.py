@@ -31,6 +31,7 @@ from tandem.edge.speculative import controller_for, speculate
 from tandem.router.policy import EscalationMode, GenerateTaskPolicy, Handoff, TokenGateMetric
 from tandem.router.routing import Decision, TaskRouter, TokenGate
 from tandem.runtime.backends import open_backend
+from tandem.runtime.chat import chat_tokens
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import TandemError
 from tandem.runtime.generation import GenerationBackend, SamplingParams, TokenStep
@@ -199,8 +200,7 @@ class _Answer:
             if self.messages is None:
                 left = min(left, n_ctx - len(tokenize(self.prompt + prefix)))
             else:
-                rendered = backend.chat.render(self.messages, prefix=prefix)
-                left = min(left, n_ctx - len(tokenize(rendered, special=True)))
+                left = min(left, n_ctx - len(chat_tokens(backend, self.messages, prefix)))
         return left
 
     def _local(self, prefix: str):

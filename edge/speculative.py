@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tandem.runtime.chat import chat_tokens
 from tandem.runtime.errors import (
     BadRequest,
     MalformedMessage,
@@ -229,9 +230,7 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
         if a.messages is None:
             sequence = backend.tokenize(a.prompt + a.text)
         else:
-            sequence = backend.tokenize(
-                backend.chat.render(a.messages, prefix=a.text), special=True
-            )
+            sequence = chat_tokens(backend, a.messages, a.text)
         lease = backend.lease(sequence)
     except OverloadedError:  # every local context drafting already: the cloud streams it
         yield from _stream_rest(a, ctl, stats, "every local context is drafting")

@@ -98,3 +98,12 @@ class ChatTemplate:
         except Exception as e:  # jinja2's TemplateError, or a template's own bug
             raise BadRequest(f"{self.source}'s chat template refused the messages: {e}") from None
         return rendered[0] + prefix
+
+
+def chat_tokens(backend: Any, messages: Sequence[Message], prefix: str = "") -> list[int]:
+    """A local model's prompt tokens for ``messages`` then ``prefix``: rendered with its
+    ``chat`` template and tokenized as a template is (control tokens parsed, no BOS added: the
+    template writes its own); a model without a template tokenizes the :data:`RAW` rendering
+    as a plain prompt (BOS as usual)."""
+    chat: ChatTemplate = backend.chat
+    return backend.tokenize(chat.render(messages, prefix=prefix), special=chat.template is not None)

@@ -121,12 +121,27 @@ def models_build(
             "exports. About ten minutes."
         ),
     ] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: the pair with a real tokenizer — a byte-level BPE trained here, a "
+            "ChatML template, a random Qwen2 directory (chat-cloud) and its GGUF exports "
+            "(chat-edge q8_0, chat-cloud-f32). Seconds."
+        ),
+    ] = False,
 ) -> None:
     """Train the edge MLP (int8 ONNX) and the cloud CNN (fp32 ONNX) on corrupted digits, and
     with --moe an MoE classifier served on Tandem's MoE kernels; or with --llm the reference
-    language models, with --speculative the speculative-decoding ones."""
+    language models, with --speculative the speculative-decoding ones, with --chat the pair
+    with a real tokenizer and chat template."""
     say = lambda m: err_console.print(f"[dim]· {m}[/dim]", highlight=False)  # noqa: E731
     try:
+        if chat:
+            from tandem.bench.reference.chat_pair import build_chat_pair
+
+            for name, path in build_chat_pair(out, force=force, say=say).items():
+                console.print(f"{name:15} {path}", highlight=False, soft_wrap=True)
+            return
         if speculative:
             from tandem.bench.reference.spec_models import build_spec_models
 

@@ -23,3 +23,10 @@ def test_example_llm_policy_and_worker_config_validate() -> None:
     assert task.kind == "generate" and task.local.path == EXAMPLES / "llm-models" / "edge-q8_0.gguf"
     worker = load_worker_config(EXAMPLES / "llm-worker.yaml")
     assert worker.models_dir == EXAMPLES / "llm-models" and worker.generation.max_streams == 8
+
+
+def test_example_chat_policy_and_worker_config_validate() -> None:
+    policy = load_policy(EXAMPLES / "chat-policy.yaml")
+    assert policy.tasks["chat"].local.path == EXAMPLES / "chat-models" / "chat-edge-q8_0.gguf"
+    worker = load_worker_config(EXAMPLES / "chat-worker.yaml")
+    assert worker.models_dir == EXAMPLES / "chat-models" and worker.models == ["chat-cloud"]

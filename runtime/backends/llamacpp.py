@@ -31,7 +31,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from tandem.runtime.chat import ChatTemplate, Message
+from tandem.runtime.chat import ChatTemplate, Message, chat_tokens
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
     SamplingParams,
@@ -297,8 +297,7 @@ class LlamaCppBackend:
     ) -> TokenStream:
         """The assistant's answer to ``messages``, rendered with the model's chat template,
         continuing after ``prefix``."""
-        ids = self.tokenize(self.chat.render(messages, prefix=prefix), special=True)
-        return self._stream_ids(ids, params, cancel)
+        return self._stream_ids(chat_tokens(self, messages, prefix), params, cancel)
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None

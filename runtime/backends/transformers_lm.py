@@ -1,7 +1,8 @@
 """A Hugging Face causal language model directory served with transformers (format
 ``transformers``): any ``AutoModelForCausalLM`` directory with its own tokenizer
-(``tokenizer.json`` / SentencePiece, loaded offline; or a Tandem char tokenizer), e.g. the
-cloud's Mixtral MoE with its experts on Tandem's kernels (``experts_implementation="tandem"``).
+(``tokenizer.json`` / SentencePiece, loaded offline; or a Tandem char tokenizer). The experts
+of an MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE: any whose transformers experts module takes
+an experts implementation) run on Tandem's kernels (``experts_implementation="tandem"``).
 
 Weights run in float32 on the CPU: a bf16/fp16 checkpoint is converted when it loads (CPU
 half-precision matmuls are slower than float32 and round differently).
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tandem.runtime.chat import ChatTemplate, Message
+from tandem.runtime.chat import ChatTemplate, Message, chat_tokens
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
     SamplingParams,
@@ -136,8 +137,9 @@ class TransformersBackend:
             model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise BackendError(f"cannot load transformers model {self.path}: {e}") from None
-        if getattr(model.config, "num_local_experts", None):
-            model.set_experts_implementation(experts)
+        cfg = model.config
+        if getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None):
+            model.set_experts_implementation(experts)  # Mixtral, Qwen2-MoE, Qwen3-MoE...
         self.model = model.eval()
         # the embedding may be padded past the tokenizer's ids (Qwen2: 151,936 vs 151,665)
         self.n_vocab = int(model.config.vocab_size)
@@ -238,8 +240,7 @@ class TransformersBackend:
     ) -> TokenStream:
         """The assistant's answer to ``messages``, rendered with the model's chat template,
         continuing after ``prefix``."""
-        ids = self.tokenize(self.chat.render(messages, prefix=prefix), special=True)
-        return self._stream_ids(ids, params, cancel)
+        return self._stream_ids(chat_tokens(self, messages, prefix), params, cancel)
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None

@@ -178,3 +178,25 @@ def test_gateway_chat_with_the_openai_client(pair, worker) -> None:
                     usage = chunk.usage
             assert text == r.choices[0].message.content
             assert usage is not None and usage.prompt_tokens == want
+
+
+def test_a_policy_overrides_the_models_template(pair, tmp_path) -> None:
+    from tandem.runtime.errors import ConfigError
+
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"
+    )
+    local = {"path": str(pair["chat-edge"]), "format": "gguf", "threads": 1}
+    spec = {"kind": "generate", "gate": {"metric": "token_min", "threshold": 0.0}}
+    policy = {"tasks": {"t": {**spec, "local": {**local, "chat_template": str(template)}}}}
+    with EdgeRuntime(policy_from_dict(policy)) as rt:
+        edge = rt._generators["t"].backend
+        r = rt.chat(CHATS[1], max_tokens=4)
+        rendered = edge.chat.render(CHATS[1])
+        assert rendered.startswith("<|im_start|>system: You sort letters.\n")
+        assert r.prompt_tokens == len(edge.tokenize(rendered, special=True))
+    missing = {"tasks": {"t": {**spec, "local": {**local, "chat_template": "nope.jinja"}}}}
+    with pytest.raises(ConfigError, match=r"tasks\.t\.local\.chat_template"):
+        EdgeRuntime(policy_from_dict(missing, base_dir=tmp_path))

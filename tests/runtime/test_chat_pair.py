@@ -132,3 +132,46 @@ def test_a_continuation_goes_after_the_generation_prompt(cloud: Any) -> None:
     assert rendered.endswith("<|im_start|>assistant\nSure, the robot")
     assert go_on.prompt_tokens == len(cloud.tokenize(rendered, special=True))
     assert go_on.prompt_tokens > plain.prompt_tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_qwen_moe_runs_its_experts_on_tandems_kernels(pair, tmp_path, arch) -> None:
+    """No fast path for these: transformers' forward, its experts on Tandem's kernels, and
+    the answers of transformers' own ``generate`` with its eager experts."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from tandem.runtime.backends import open_backend
+
+    src = pair["chat-cloud"]
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(f, tmp_path / f.name)
+    config_cls, model_cls = {
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    }[arch]
+    n_vocab = transformers.AutoConfig.from_pretrained(src).vocab_size
+    config = config_cls(
+        vocab_size=n_vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, initializer_range=0.2,
+        max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(tmp_path)
+    backend = open_backend("transformers", tmp_path)
+    assert backend.decode == "transformers"
+    assert backend.model.config._experts_implementation == "tandem"
+    eager = model_cls.from_pretrained(tmp_path, experts_implementation="eager").eval()
+    tok = backend.tokenizer.hf
+    for prompt in PROMPTS[:4]:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = eager.generate(
+                ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(backend.eos_tokens)
+            )
+        want = [t for t in out[0, ids.shape[1] :].tolist() if t not in backend.eos_tokens]
+        assert _greedy(backend, prompt, 12) == want, prompt

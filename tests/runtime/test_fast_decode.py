@@ -1,5 +1,6 @@
 """The fast decode path against transformers' own forward: same logits at every step, same
-greedy tokens, on random tiny Llama and Mixtral models (GQA, biases, sliding window)."""
+greedy tokens, on random tiny Llama, Mistral, Qwen2 and Mixtral models (GQA, biases, sliding
+window)."""
 
 from __future__ import annotations
 
@@ -57,8 +58,21 @@ def mixtral(**over):
     return model
 
 
+def mistral(**over):
+    cfg = transformers.MistralConfig(**{**COMMON, "num_key_value_heads": 2, **over})
+    return _init(transformers.MistralForCausalLM(cfg))
+
+
+def qwen2(**over):
+    cfg = transformers.Qwen2Config(**{**COMMON, "num_key_value_heads": 2, **over})
+    return _init(transformers.Qwen2ForCausalLM(cfg))
+
+
 MODELS = {
     "llama-gqa": lambda: llama(),
+    "mistral-window": lambda: mistral(sliding_window=5),
+    "qwen2-gqa-bias": lambda: qwen2(),  # q/k/v biases; sliding_window set but not used
+    "qwen2-window": lambda: qwen2(use_sliding_window=True, sliding_window=6, max_window_layers=0),
     "llama-mha-bias-theta": lambda: llama(
         num_key_value_heads=4,
         attention_bias=True,
@@ -206,11 +220,19 @@ def test_fast_decoder_reads_the_models_weights_without_copies():
     assert layer.down_np[1].ctypes.data == block.mlp.experts.down_proj[1].data_ptr()
 
 
+def test_sliding_windows_are_read_per_layer():
+    assert FastDecoder(MODELS["qwen2-window"]()).window == 6
+    assert FastDecoder(MODELS["qwen2-gqa-bias"]()).window is None
+    assert FastDecoder(MODELS["mistral-window"]()).window == 5
+
+
 def test_unsupported_models_are_refused_with_a_reason():
     model = llama()
     assert unsupported_reason(model.model) is not None  # a bare LlamaModel
     dyn = llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
     assert "dynamic" in unsupported_reason(dyn)
+    mixed = qwen2(use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    assert "mix full and sliding" in unsupported_reason(mixed)
     half = llama().to(torch.bfloat16)
     assert "float32" in unsupported_reason(half)
     with pytest.raises(ValueError):
