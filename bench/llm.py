@@ -93,6 +93,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -572,18 +573,20 @@ def llama_server(
     n_ctx: int = N_CTX,
     logits_all: bool = False,
     interrupt: bool = False,
+    extra: Sequence[str] = (),
 ) -> Iterator[str]:
     """``python -m llama_cpp.server`` on a free loopback port, its output in ``log`` (a pipe
-    nobody reads would fill up and block it); yields its ``/v1`` URL. ``logits_all``: log-probs
-    over HTTP; ``interrupt``: a new request interrupts the current stream (the server's
-    default)."""
+    nobody reads would fill up and block it); yields its ``/v1`` URL once it answers (any HTTP
+    status: with ``--api_key`` an anonymous request gets 401). ``logits_all``: log-probs over
+    HTTP; ``interrupt``: a new request interrupts the current stream (the server's default);
+    ``extra``: more of the server's arguments."""
     port = _free_port()
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(port),
         "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
         "--interrupt_requests", str(interrupt).lower(), "--logits_all", str(logits_all).lower(),
-        "--verbose", "false",
+        "--verbose", "false", *extra,
     ]  # fmt: skip
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
@@ -593,9 +596,13 @@ def llama_server(
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"llama_cpp.server exited: {_tail(log)}")
-            with contextlib.suppress(OSError):
+            try:
                 _get_json(url + "/models")
                 break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"llama_cpp.server not up after 120 s: {_tail(log)}")
             time.sleep(0.1)

@@ -15,8 +15,8 @@ cost per row, and is not queued.
 
 A batch is whole requests in arrival order, whatever their row shapes: a model with a dynamic
 axis (a sequence length) gets requests of several shapes in one batch, and the worker runs
-each shape as its own backend call (``CloudWorker._run_batch``), so the bounds above hold for
-the batch as a whole and no request waits behind later ones of another shape.
+each shape as its own backend call (``CloudWorker._run_batch``; the groups run in the order of
+their first request), so the bounds above hold for the batch as a whole.
 """
 
 from __future__ import annotations

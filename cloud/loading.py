@@ -49,6 +49,7 @@ def load_backends(config: WorkerConfig) -> dict[str, Any]:
             extra |= {
                 "model": entry.model,
                 "api_key": api_key_from_env(entry.api_key_env, where=where),
+                "continue_final_message": entry.continue_final_message,
             }
             path: Any = entry.url
         else:

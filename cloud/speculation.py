@@ -48,7 +48,7 @@ import numpy as np
 from tandem.cloud.config import SpeculativeSpec
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
 from tandem.runtime.generation import SamplingParams, SessionLease, token_confidence
-from tandem.runtime.speculative import cut_at_end, verify, verify_rng, vocab_digest
+from tandem.runtime.speculative import backend_vocab_digest, cut_at_end, verify, verify_rng
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +309,7 @@ class VerifyTable:
 
     def _digest(self, model: str, backend: Any) -> str:
         if model not in self._digests:
-            pieces = (backend.piece(t) for t in range(int(backend.n_vocab)))
-            self._digests[model] = vocab_digest(pieces)
+            self._digests[model] = backend_vocab_digest(backend)
         return self._digests[model]
 
     def _open(self, req: VerifyRequest, backend: Any) -> Session:

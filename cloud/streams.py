@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem.cloud.config import GenerationSpec
-from tandem.runtime.chat import Message, check_messages
+from tandem.runtime.chat import ChatBackend, Message, check_messages
 from tandem.runtime.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -104,19 +104,19 @@ class GenerateRequest:
     far, when the edge hands an answer over)."""
 
     model: str
-    prompt: str
+    prompt: str  # "" with messages
     params: SamplingParams
     first_token_ms: int | None = None
     messages: list[Message] | None = None
+    prefix: str = ""  # with messages
 
     def start(self, backend: Any, cancel: threading.Event) -> Any:
         """The backend's token stream for this request."""
         if self.messages is None:
             return backend.stream(self.prompt, self.params, cancel=cancel)
-        chat = getattr(backend, "stream_chat", None)
-        if chat is None:
+        if not isinstance(backend, ChatBackend):
             raise BadRequest(f"model {self.model!r} does not take chat messages; send a prompt")
-        return chat(self.messages, self.params, prefix=self.prompt, cancel=cancel)
+        return backend.stream_chat(self.messages, self.params, prefix=self.prefix, cancel=cancel)
 
 
 def _number(name: str, value: Any) -> float:
@@ -143,14 +143,14 @@ def parse_generate(payload: Any, max_prompt_bytes: int) -> GenerateRequest:
         if "prompt" in payload:
             raise BadRequest("generate: send a prompt or messages, not both")
         messages = check_messages(payload["messages"])
-        prompt = payload.get("prefix", "")
-        if type(prompt) is not str:
+        prompt, prefix = "", payload.get("prefix", "")
+        if type(prefix) is not str:
             raise BadRequest("generate: prefix must be a string")
-        texts = [prompt, *(v for m in messages for v in m.values())]
+        texts = [prefix, *(v for m in messages for v in m.values())]
     else:
         if "prefix" in payload:
             raise BadRequest("generate: prefix goes with messages")
-        prompt = payload.get("prompt")
+        prompt, prefix = payload.get("prompt"), ""
         if type(prompt) is not str:
             raise BadRequest("generate: prompt must be a string")
         texts = [prompt]
@@ -183,7 +183,7 @@ def parse_generate(payload: Any, max_prompt_bytes: int) -> GenerateRequest:
         seed=seed,
         stop=tuple(stop),
     )
-    return GenerateRequest(model, prompt, params, first, messages)
+    return GenerateRequest(model, prompt, params, first, messages, prefix)
 
 
 def is_generation_backend(backend: Any) -> bool:
@@ -590,6 +590,8 @@ class StreamTable:
         finally:
             try:
                 if ts is not None:
+                    # a server (format openai) reports the prompt's size at the end
+                    s.prompt_tokens = operator.index(getattr(ts, "prompt_tokens", 0) or 0)
                     ts.close()  # frees the backend's slot (KV cache, context)
             except Exception as e:
                 if s.failure is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import math
 import time
@@ -34,7 +35,7 @@ from tandem.runtime.backends import open_backend
 from tandem.runtime.chat import chat_tokens
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import TandemError
-from tandem.runtime.generation import GenerationBackend, SamplingParams, TokenStep
+from tandem.runtime.generation import GenerationBackend, SamplingParams, TokenStep, TokenStream
 from tandem.runtime.speculative import GammaController
 from tandem.runtime.types import GenerationChunk, GenerationResult, Tier
 
@@ -91,6 +92,7 @@ class _Answer:
         self.escalated_at: int | None = None
         self.cloud_text = ""
         self.prompt_tokens: int | None = None  # as the edge model counts them
+        self._first: TokenStream | None = None  # the edge's first stream
         self.edge_text = ""  # what the edge produced before any hand-off (for the log)
         self.edge_logprobs: list[float] = []
         self.cloud_error: TandemError | None = None
@@ -212,6 +214,7 @@ class _Answer:
             steps = self.t.backend.stream_chat(self.messages, params, prefix=prefix)
         if self.prompt_tokens is None:
             self.prompt_tokens = steps.prompt_tokens
+            self._first = steps  # a server (format openai) says it once its stream ends
         return steps
 
     def _timed(self, steps) -> Iterator[TokenStep]:
@@ -327,6 +330,8 @@ class _Answer:
         self.arrivals = []
 
     def _finish(self) -> None:
+        if not self.prompt_tokens and self._first is not None:
+            self.prompt_tokens = self._first.prompt_tokens or self.prompt_tokens
         end = time.perf_counter()
         a = self.arrivals
         timings = {
@@ -495,7 +500,8 @@ def log_record(answer: _Answer, store_inputs: bool) -> EscalationRecord | None:
     r = answer.result
     if r is None or answer.escalated_at is None:
         return None
-    prompt = np.frombuffer(answer.prompt.encode(), np.uint8)
+    asked = answer.prompt if answer.messages is None else json.dumps(answer.messages)
+    prompt = np.frombuffer(asked.encode(), np.uint8)  # a chat: its messages, as JSON
     cloud = [i for i, tier in enumerate(r.token_tiers) if tier is Tier.CLOUD]
     err = answer.cloud_error
     return EscalationRecord(
@@ -517,6 +523,7 @@ def log_record(answer: _Answer, store_inputs: bool) -> EscalationRecord | None:
         model_versions=r.model_versions,
         generation={
             "prompt": answer.prompt if store_inputs else None,
+            "messages": answer.messages if store_inputs else None,
             "edge": answer.edge_text,
             "cloud": answer.cloud_text if cloud else None,
             "answer": r.text,

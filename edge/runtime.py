@@ -20,7 +20,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -49,6 +49,18 @@ log = logging.getLogger(__name__)
 
 Tags = Collection[str]
 _NO_TAGS: frozenset[str] = frozenset()
+
+
+class GenerateOptions(TypedDict, total=False):
+    """The options :meth:`EdgeRuntime.generate` and :meth:`EdgeRuntime.chat` take."""
+
+    max_tokens: int | None  # default: the task's
+    temperature: float  # 0 (default): greedy
+    top_p: float
+    seed: int | None
+    stop: Sequence[str] | None  # default: the task's
+    tags: Tags  # routing tags for the policy's rules
+    deadline_ms: float | None  # the cloud's part of the answer; default: the task's
 
 
 @dataclass
@@ -181,7 +193,7 @@ class EdgeRuntime:
         task: str | None = None,
         *,
         stream: bool = False,
-        **options: Any,
+        **options: Unpack[GenerateOptions],
     ) -> GenerationResult | GenerationStream:
         """Generate a continuation of ``prompt`` under the task's policy: locally, or by the
         cloud when the local model's token confidence is too low (up front, after a probe or
@@ -204,7 +216,7 @@ class EdgeRuntime:
         task: str | None = None,
         *,
         stream: bool = False,
-        **options: Any,
+        **options: Unpack[GenerateOptions],
     ) -> GenerationResult | GenerationStream:
         """The assistant's next message in a chat, under the task's policy, as :meth:`generate`
         (same options, same result). ``messages``: ``[{"role": "user", "content": "Hi"}, ...]``.

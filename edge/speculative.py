@@ -39,10 +39,10 @@ from tandem.runtime.generation import SamplingParams, SessionLease, TokenStep, _
 from tandem.runtime.speculative import (
     STREAM,
     GammaController,
+    backend_vocab_digest,
     draft_distribution,
     draft_rng,
     pack_draft_q,
-    vocab_digest,
 )
 from tandem.runtime.types import GenerationChunk, Tier
 from tandem.runtime.wire import Envelope, Kind
@@ -237,7 +237,7 @@ def speculate(a: _Answer) -> Iterator[GenerationChunk]:
         a.speculation = stats.as_dict(ctl)
         return
     if t.vocab is None:
-        t.vocab = vocab_digest(backend.piece(i) for i in range(backend.n_vocab))
+        t.vocab = backend_vocab_digest(backend)
     worker = _Verifier(a, t.vocab)
     ctl.begin_answer()
     ended = False  # EOS or a stop string

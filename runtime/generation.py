@@ -54,7 +54,7 @@ class SamplingParams:
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise BadRequest(f"top_p: expected a number in (0, 1], got {self.top_p}")
         if len(self.stop) > MAX_STOP_STRINGS or any(
-            not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS or not _is_utf8(s)
+            not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS or not is_utf8(s)
             for s in self.stop
         ):
             raise BadRequest(
@@ -167,7 +167,7 @@ class SessionLease(LogitsSession, Protocol):
     def close(self) -> None: ...
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     """False for text that cannot be UTF-8 (lone surrogates, e.g. from a JSON ``\\ud800``)."""
     try:
         text.encode()
@@ -178,7 +178,7 @@ def _is_utf8(text: str) -> bool:
 
 def check_prompt(prompt: str) -> None:
     """:class:`BadRequest` unless ``prompt`` is a string that can travel as UTF-8."""
-    if not isinstance(prompt, str) or not _is_utf8(prompt):
+    if not isinstance(prompt, str) or not is_utf8(prompt):
         raise BadRequest("the prompt must be text that UTF-8 can encode (no lone surrogates)")
 
 

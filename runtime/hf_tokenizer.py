@@ -81,6 +81,8 @@ class HFTokenizer:
             for k in ("bos_token", "eos_token", "unk_token", "pad_token")
             if isinstance(v := getattr(tok, k, None), str)
         }
+        added = getattr(tok, "added_tokens_decoder", {}) or {}
+        self.control_tokens = {i: a.content for i, a in added.items() if a.special}
         self.kind = _decoder_kind(tok)  # byte-level, sentencepiece or other
         self._pieces = _piece_table(tok, self.kind)
 

@@ -134,6 +134,9 @@ class ModelEntry(StrictModel):
     url: HttpUrl | None = Field(default=None, validate_default=True)
     model: str | None = Field(default=None, min_length=1)
     api_key_env: EnvVarName | None = None
+    # format "openai" only: a chat handed over mid-answer is continued with vLLM's
+    # continue_final_message (other servers, OpenAI's API among them, refuse the field)
+    continue_final_message: bool = False
 
     @field_validator("file", "sha256")
     @classmethod
@@ -174,6 +177,7 @@ class ModelEntry(StrictModel):
     def _server_fields_only_for_openai(self) -> ModelEntry:
         if self.format != OPENAI:
             extra = [k for k in ("model", "api_key_env") if getattr(self, k) is not None]
+            extra += ["continue_final_message"] if self.continue_final_message else []
             if extra:
                 raise ValueError(
                     f"{' and '.join(extra)}: only format {OPENAI!r} has them; "
@@ -202,18 +206,21 @@ class Manifest(StrictModel):
         raise KeyError(name)
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, *, follow_symlinks: bool = False) -> str:
     """The file's sha256; for a directory (a transformers model), the sha256 over its regular
     files in sorted order, each as (path length, relative path, size, contents), so no two
     different trees hash alike. A symlink in a model directory is refused: it could point
-    anywhere."""
+    anywhere. ``follow_symlinks`` hashes what a symlinked file holds instead, as a copy made
+    with ``shutil.copytree`` (which follows them) would hash: a directory from the Hugging
+    Face cache, whose files are links into its ``blobs/``, on its way into a models
+    directory."""
     h = hashlib.sha256()
     root = Path(path)
     if not root.is_dir():
         _hash_into(h, root)
         return h.hexdigest()
     for file in sorted(root.rglob("*")):
-        if file.is_symlink():
+        if file.is_symlink() and not follow_symlinks:
             raise ConfigError(f"{file}: a model directory may not hold symlinks")
         if file.is_file():
             rel = file.relative_to(root).as_posix().encode()

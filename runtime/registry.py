@@ -173,18 +173,23 @@ def add_model(
         early = {**base, "version": "-" if version is None else version, **server}
         _entry(early, where)  # bad fields: fail now
         _check_name_free(root, name, replace)  # before asking the server; again when writing
+        if api_key_env is not None and not os.environ.get(api_key_env):
+            # not echoed: a key pasted in place of a variable's name must not reach a log
+            raise ConfigError(
+                "api_key_env (--api-key-env): the environment variable it names is not set "
+                "here; export it first (the manifest records the variable's name, never the "
+                "key), or leave --api-key-env out for a server that needs no key"
+            )
         key = api_key_from_env(api_key_env, where=f"{where}: api_key_env")
-        notes = (
-            (f"environment variable {api_key_env} is not set here: no API key was sent",)
-            if api_key_env is not None and key is None
-            else ()
-        )
+        notes: tuple[str, ...] = ()
         served = _check_server(url, name=name, version=version, model=model, key=key, t=timeout_s)
         version = served if version is None else version
         entry = _entry({**base, "version": version, **server, "model": served}, where)
         return _commit(root, entry, None, replace, notes=notes)
     src = Path(source)  # type: ignore[arg-type]
-    digest = sha256_file(src)
+    # a source outside the models directory is copied in (symlinks followed: the HF cache)
+    outside = not src.resolve().is_relative_to(root.resolve())
+    digest = sha256_file(src, follow_symlinks=outside)
     version = digest[:12] if version is None else version
     fields: dict[str, Any] = {**base, "version": version, "sha256": digest}
     fields["size_bytes"] = _size(src)
@@ -292,7 +297,7 @@ def _head(path: Path) -> bytes:
 def _size(src: Path) -> int:
     if src.is_file():
         return src.stat().st_size
-    return sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    return sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
 
 
 def _entry(fields: dict[str, Any], where: str) -> ModelEntry:

@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -138,9 +139,15 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def vocab_digest(pieces: Iterable[bytes]) -> str:
+def backend_vocab_digest(backend: Any) -> str:
+    """:func:`vocab_digest` of a loaded language model's vocabulary."""
+    pieces = (backend.piece(t) for t in range(int(backend.n_vocab)))
+    return vocab_digest(pieces, backend.control_tokens)
+
+
+def vocab_digest(pieces: Iterable[bytes], control: Mapping[int, str]) -> str:
     """A digest of a vocabulary: each token's bytes in id order (control tokens empty), with
-    trailing empty ids dropped (an embedding padded past the tokenizer, as Qwen2's 151,936 rows
+    trailing empty ids dropped, then the control tokens' ids and texts (an embedding padded past the tokenizer, as Qwen2's 151,936 rows
     for 151,665 tokens, or a GGUF's unused padding tokens). Equal digests mean equal token ids
     for equal text. llama.cpp's ``token_to_piece`` and a Hugging Face tokenizer's own decoder
     (:class:`~tandem.runtime.hf_tokenizer.HFTokenizer`) give the same bytes for the same
@@ -152,7 +159,9 @@ def vocab_digest(pieces: Iterable[bytes]) -> str:
     for piece in table:
         h.update(len(piece).to_bytes(4, "little"))
         h.update(piece)
-    h.update(f"|{len(table)}".encode())
+    h.update(f"|{len(table)}|".encode())
+    for token, text in sorted(control.items()):
+        h.update(f"{token}:{len(text)}:".encode() + text.encode())
     return h.hexdigest()[:16]
 
 

@@ -48,10 +48,12 @@ class Tokenizer(Protocol):
     ``n_vocab``: ids ``0..n_vocab-1`` exist; ``eos_tokens``: the ids that end an answer (a
     model may have several: ``generation_config.eos_token_id`` can be a list);
     ``chat_template``: the model's Jinja chat template, or None; ``special_tokens``: the texts
-    a template refers to (``bos_token``, ``eos_token``...)."""
+    a template refers to (``bos_token``, ``eos_token``...); ``control_tokens``: id → text of the
+    control tokens (``<|im_start|>``, ``<bos>``), whose :meth:`piece` is empty."""
 
     n_vocab: int
     eos_tokens: frozenset[int]
+    control_tokens: dict[int, str]
     chat_template: str | None
     special_tokens: dict[str, str]
 
@@ -79,6 +81,7 @@ class CharTokenizer:
         self.vocab: list[str] = [*SPECIALS, *chars]
         self._ids = {c: i for i, c in enumerate(self.vocab) if i >= len(SPECIALS)}
         self.eos_tokens = frozenset({EOS})
+        self.control_tokens = dict(enumerate(SPECIALS))
         self.chat_template: str | None = None
         self.special_tokens = {"bos_token": SPECIALS[BOS], "eos_token": SPECIALS[EOS]}
 

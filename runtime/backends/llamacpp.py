@@ -31,7 +31,8 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from tandem.runtime.chat import ChatTemplate, Message, chat_tokens
+from tandem.runtime.backends.local import LocalStreams
+from tandem.runtime.chat import ChatTemplate
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
     SamplingParams,
@@ -183,7 +184,7 @@ def _shared_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
     return int(differ[0]) if differ.size else n
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(LocalStreams):
     """``path`` is a GGUF file. ``threads``: llama.cpp threads per context for prompt and
     decode (0: llama.cpp's default, half the cores); ``n_ctx``: tokens of context per stream
     (prompt + ``max_tokens`` must fit; 0: the context the model was trained with);
@@ -225,10 +226,17 @@ class LlamaCppBackend:
         self._eos = frozenset(
             t for t in (first.token_eos(), llama_cpp.llama_vocab_eot(vocab)) if t >= 0
         )
+        # id -> text of the control tokens (their pieces are empty: token_to_piece leaves them out)
+        self.control_tokens = {
+            t: _token_text(vocab, t)
+            for t in range(self.n_vocab)
+            if not self._pieces[t] and llama_cpp.llama_vocab_is_control(vocab, t)
+        }
         specials = {"bos_token": first.token_bos(), "eos_token": first.token_eos()}
         self.chat = ChatTemplate(
             chat_template or first.metadata.get("tokenizer.chat_template"),
             {k: _token_text(vocab, t) for k, t in specials.items() if t >= 0},
+            control_texts=self.control_tokens.values(),
             source=f"model {self.name!r}" + (" (chat_template option)" if chat_template else ""),
         )
 
@@ -281,23 +289,6 @@ class LlamaCppBackend:
         context is in use."""
         llm = self._checkout(prompt)
         return _Session(llm, lambda: self._checkin(llm))
-
-    def stream(
-        self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
-    ) -> TokenStream:
-        return self._stream_ids(self.tokenize(prompt), params, cancel)
-
-    def stream_chat(
-        self,
-        messages: list[Message],
-        params: SamplingParams,
-        *,
-        prefix: str = "",
-        cancel: threading.Event | None = None,
-    ) -> TokenStream:
-        """The assistant's answer to ``messages``, rendered with the model's chat template,
-        continuing after ``prefix``."""
-        return self._stream_ids(chat_tokens(self, messages, prefix), params, cancel)
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None

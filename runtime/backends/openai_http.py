@@ -6,8 +6,11 @@ unless the server adds them (``token_ids`` on a choice, as vLLM does when asked)
 
 Chat (:meth:`OpenAIBackend.stream_chat`) goes to ``/v1/chat/completions`` with the messages,
 so the server renders them with its own model's template. A hand-off mid-answer (``prefix``)
-sends the assistant's text so far as a last assistant message with vLLM's
-``continue_final_message``; a server without that option starts a new assistant turn instead.
+sends the assistant's text so far as a last assistant message; with
+``continue_final_message`` (vLLM's option of that name, sent with ``add_generation_prompt``
+false) the server continues that message, without it the server answers with a new assistant
+turn after it (what OpenAI's API and llama.cpp's server do; they refuse or ignore vLLM's
+fields, so the option is off by default).
 
 Errors become Tandem's: no connection or no reply within ``timeout_s`` → :class:`Unavailable`;
 HTTP 429 → :class:`OverloadedError`; other 4xx → :class:`BadRequest`; anything else →
@@ -50,6 +53,7 @@ class OpenAIBackend:
         api_key: str | None = None,
         timeout_s: float = 30.0,
         extra_body: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
         threads: int | None = None,
     ) -> None:
         self.url = _base_url(str(url))
@@ -61,6 +65,7 @@ class OpenAIBackend:
         self.name = name or self.model
         self.timeout_s = timeout_s
         self.extra_body = dict(extra_body or {})
+        self.continue_final_message = continue_final_message
 
     def _first_model(self) -> str:
         try:
@@ -93,7 +98,8 @@ class OpenAIBackend:
         extra = {}
         if prefix:
             body["messages"].append({"role": "assistant", "content": prefix})
-            extra = {"continue_final_message": True, "add_generation_prompt": False}
+            if self.continue_final_message:
+                extra = {"continue_final_message": True, "add_generation_prompt": False}
         return self._start(self.client.chat.completions.create, body, _chat_steps, cancel, extra)
 
     def _body(self, params: SamplingParams) -> dict[str, Any]:

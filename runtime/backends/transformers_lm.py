@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tandem.runtime.chat import ChatTemplate, Message, chat_tokens
+from tandem.runtime.backends.local import LocalStreams
+from tandem.runtime.chat import ChatTemplate
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
     SamplingParams,
@@ -99,7 +100,7 @@ class _Session:
             release()
 
 
-class TransformersBackend:
+class TransformersBackend(LocalStreams):
     """``path`` is a directory written by ``save_pretrained``, with its tokenizer.
 
     ``experts``: transformers' experts implementation for MoE models (``"tandem"``: Tandem's
@@ -154,9 +155,11 @@ class TransformersBackend:
         self.decode = "fast" if self._fast is not None else "transformers"
         self._pieces = [self.tokenizer.piece(t) for t in range(self.n_vocab)]
         self._eos = self.tokenizer.eos_tokens
+        self.control_tokens = self.tokenizer.control_tokens
         self.chat = ChatTemplate(
             chat_template or self.tokenizer.chat_template,
             self.tokenizer.special_tokens,
+            control_texts=self.control_tokens.values(),
             source=f"model {self.name!r}" + (" (chat_template option)" if chat_template else ""),
         )
         self._slots = threading.BoundedSemaphore(max_streams)
@@ -224,23 +227,6 @@ class TransformersBackend:
             raise
         session.release = self._slots.release
         return session
-
-    def stream(
-        self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
-    ) -> TokenStream:
-        return self._stream_ids(self.tokenize(prompt), params, cancel)
-
-    def stream_chat(
-        self,
-        messages: list[Message],
-        params: SamplingParams,
-        *,
-        prefix: str = "",
-        cancel: threading.Event | None = None,
-    ) -> TokenStream:
-        """The assistant's answer to ``messages``, rendered with the model's chat template,
-        continuing after ``prefix``."""
-        return self._stream_ids(chat_tokens(self, messages, prefix), params, cancel)
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None

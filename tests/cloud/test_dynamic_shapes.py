@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +349,6 @@ def test_sequence_model_under_concurrent_load_from_several_processes(seq_models:
             "batching": {"max_batch": 64, "max_wait_us": 2_000},
         }
     )
-    started = time.monotonic()
     with WorkerProcess(cfg) as w:
         assert w.endpoint is not None
         with multiprocessing.get_context("spawn").Pool(_PROCS) as pool:
@@ -382,4 +380,3 @@ def test_sequence_model_under_concurrent_load_from_several_processes(seq_models:
     assert counters["infer"] == len(records) and counters["backend_errors"] >= n_bad
     assert counters["mixed_batches"] >= 1  # batches of several lengths did happen
     assert "internal_errors" not in counters and "replies_dropped" not in counters
-    assert time.monotonic() - started < 30

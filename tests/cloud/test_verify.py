@@ -30,7 +30,7 @@ from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
 from tandem.runtime.generation import SamplingParams, distribution
 from tandem.runtime.manifest import Manifest, write_manifest
-from tandem.runtime.speculative import draft_rng, pack_draft_q, vocab_digest
+from tandem.runtime.speculative import backend_vocab_digest, draft_rng, pack_draft_q
 from tandem.runtime.tokenizer import EOS
 from tandem.runtime.wire import Envelope, Kind
 from tests.conftest import require
@@ -89,7 +89,7 @@ def backends(models: Path) -> Iterator[dict[str, Any]]:
 
 
 def digest(backend: Any) -> str:
-    return vocab_digest(backend.piece(t) for t in range(backend.n_vocab))
+    return backend_vocab_digest(backend)
 
 
 def spec_decode(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tandem.runtime.generation import SamplingParams
-from tandem.runtime.speculative import vocab_digest
+from tandem.runtime.speculative import backend_vocab_digest
 from tests.conftest import require
 
 PROMPTS = [
@@ -79,8 +79,9 @@ def test_llama_cpp_and_transformers_share_the_vocabulary(cloud: Any, edge: Any) 
     assert [edge.piece(t) for t in range(cloud.tokenizer.n_vocab)] == [
         cloud.piece(t) for t in range(cloud.tokenizer.n_vocab)
     ]
-    digest = vocab_digest(edge.piece(t) for t in range(edge.n_vocab))
-    assert digest == vocab_digest(cloud.piece(t) for t in range(cloud.n_vocab))
+    assert edge.control_tokens == cloud.control_tokens  # same ids, same texts
+    assert len(edge.control_tokens) == 3
+    assert backend_vocab_digest(edge) == backend_vocab_digest(cloud)
 
 
 def test_llama_cpp_f32_gives_transformers_greedy_tokens(cloud: Any, cloud_f32_gguf: Any) -> None:
@@ -175,3 +176,32 @@ def test_qwen_moe_runs_its_experts_on_tandems_kernels(pair, tmp_path, arch) -> N
             )
         want = [t for t in out[0, ids.shape[1] :].tolist() if t not in backend.eos_tokens]
         assert _greedy(backend, prompt, 12) == want, prompt
+
+
+@pytest.mark.integration
+def test_an_openai_server_renders_chats_with_its_own_template(pair, edge, tmp_path) -> None:
+    """``OpenAIBackend.stream_chat`` against llama-cpp-python's server on the same GGUF: the
+    server renders the messages with the template the GGUF carries, and answers as our own
+    llama.cpp backend does (greedy); a hand-off's text so far goes as an assistant message."""
+    require("openai")
+    from tandem.bench.llm import llama_server
+    from tandem.runtime.backends.openai_http import OpenAIBackend
+    from tandem.runtime.chat import chat_tokens
+
+    params = SamplingParams(max_tokens=8)
+    want = "".join(s.text for s in edge.stream_chat(MESSAGES, params))
+    with llama_server(pair["chat-edge"], 1, tmp_path / "server.log", logits_all=True) as url:
+        remote = OpenAIBackend(url, timeout_s=30, extra_body={"repeat_penalty": 1.0})
+        try:
+            stream = remote.stream_chat(MESSAGES, params)
+            steps = list(stream)
+            assert "".join(s.text for s in steps) == want.replace("\ufffd", "")
+            # llama-cpp-python's server streams no log-probs with chat chunks (vLLM does)
+            assert steps and not any(s.logprob > 0 for s in steps)
+            assert stream.finish_reason == "length"
+            # this server reports no usage when streaming: the prompt's size stays unknown (0)
+            assert stream.prompt_tokens in (0, len(chat_tokens(edge, MESSAGES)))
+            go_on = remote.stream_chat(MESSAGES, params, prefix="Sure")
+            assert list(go_on) and go_on.finish_reason == "length"
+        finally:
+            remote.close()

@@ -5,7 +5,6 @@ nothing; and concurrent adders, as real processes, sharing one manifest."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -13,8 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tandem.bench.llm import llama_server
 from tandem.runtime.cli import app
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, Unavailable
 from tandem.runtime.generation import SamplingParams
@@ -42,44 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def llama_server(model: Path, log: Path, *extra: str) -> Iterator[str]:
-    """``python -m llama_cpp.server`` on a free loopback port; its base URL once it answers
-    (any HTTP status: with ``--api_key`` an anonymous request gets 401)."""
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-        "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_ctx", "256",
-        "--logits_all", "true", "--verbose", "false", *extra,
-    ]  # fmt: skip
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server not up after 120 s: {log.read_text()}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +74,10 @@ def server(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """A llama-cpp-python server of ``gguf_file`` that wants the API key ``KEY``."""
     require("openai")
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with llama_server(gguf_file, log, "--api_key", KEY) as url:
-        yield url
+    with llama_server(
+        gguf_file, 1, log, n_ctx=256, logits_all=True, extra=("--api_key", KEY)
+    ) as url:
+        yield url.removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +394,10 @@ def test_a_server_wanting_a_key_refuses_an_unset_variable(
 ) -> None:
     monkeypatch.delenv("TANDEM_TEST_UNSET_KEY", raising=False)
     with pytest.raises(BadRequest, match=f"{server}/v1: HTTP 401"):
+        add_model(tmp_path / "models", url=server, name="r")  # no key
+    with pytest.raises(ConfigError, match="the environment variable it names is not set") as e:
         add_model(tmp_path / "models", url=server, name="r", api_key_env="TANDEM_TEST_UNSET_KEY")
+    assert "TANDEM_TEST_UNSET_KEY" not in str(e.value)  # a pasted key is never echoed
     assert not (tmp_path / "models").exists()
     monkeypatch.setenv("TANDEM_TEST_UNSET_KEY", KEY)
     added = add_model(
@@ -526,3 +491,21 @@ def test_an_unset_key_variable_means_no_key_with_a_warning(
     with caplog.at_level("WARNING", logger="tandem.runtime.manifest"):
         assert api_key_from_env("TANDEM_TEST_UNSET_KEY", where="m.json: model 'r'") is None
     assert "m.json: model 'r': environment variable TANDEM_TEST_UNSET_KEY is not set" in caplog.text
+
+
+@pytest.mark.integration
+def test_a_directory_from_the_hugging_face_cache_is_copied_whole(tmp_path: Path, src: Path) -> None:
+    """HF cache snapshots are links into ``blobs/``: the copy holds the files themselves, and
+    its digest is the one checked."""
+    snap, blobs = tmp_path / "hub" / "snapshots" / "abc", tmp_path / "hub" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in (src / "tiny-llama").iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(blobs / f.name)
+    models = tmp_path / "models"
+    added = add_model(models, snap, name="cached")
+    copy = models / added.entry.file
+    assert added.entry.format == "transformers" and not any(p.is_symlink() for p in copy.iterdir())
+    assert added.entry.sha256 == sha256_file(src / "tiny-llama")  # the same files, same digest
+    verify_entry(models, added.entry)

@@ -237,9 +237,12 @@ def test_controller_measures_a_stream_once_before_it_compares() -> None:
 
 
 def test_vocab_digest() -> None:
-    a = vocab_digest([b"", b"a", b"b"])
-    assert a == vocab_digest(iter([b"", b"a", b"b"]))
-    assert a == vocab_digest([b"", b"a", b"b", b"", b""])  # padding past the tokenizer
-    assert a != vocab_digest([b"", b"b", b"a"])
-    assert a != vocab_digest([b"a", b"", b"b"])
-    assert a != vocab_digest([b"", b"ab"])
+    ctl = {0: "<s>"}
+    a = vocab_digest([b"", b"a", b"b"], ctl)
+    assert a == vocab_digest(iter([b"", b"a", b"b"]), ctl)
+    assert a == vocab_digest([b"", b"a", b"b", b"", b""], ctl)  # padding past the tokenizer
+    assert a != vocab_digest([b"", b"b", b"a"], ctl)
+    assert a != vocab_digest([b"a", b"", b"b"], ctl)
+    assert a != vocab_digest([b"", b"ab"], ctl)
+    assert a != vocab_digest([b"", b"a", b"b"], {0: "<|im_end|>"})  # which control token
+    assert a != vocab_digest([b"", b"a", b"b"], {})
