@@ -10,6 +10,8 @@ Qwen2 directory and its GGUF exports).
   ``--tokens`` greedy tokens are identical (goal: >= 99% in f32).
 * **chat** — the prompt length of a one-message chat through each backend's template against
   transformers' ``apply_chat_template`` and llama-cpp-python's ``create_chat_completion``.
+* **drafting** — per-token greedy agreement of the q8_0 edge with the cloud directory, given
+  the cloud's own prefix (the share of draft tokens greedy speculative decoding accepts).
 * **speed** — decode tokens/s of ``TransformersBackend`` (fast path) and of ``generate``, same
   thread count, same prompts (the reference: transformers' own loop).
 
@@ -67,6 +69,7 @@ def run(n_prompts: int, n_tokens: int, threads: int) -> dict[str, Any]:
     same = {"fast": 0, "transformers": 0, "gguf-f32": 0, "gguf-q8_0": 0}
     t_fast = t_ref = 0.0
     n_fast = n_ref = 0
+    agree = drafted = 0
     for p in prompts(n_prompts):
         ids = hf(p, return_tensors="pt")["input_ids"]
         t0 = time.perf_counter()
@@ -83,6 +86,9 @@ def run(n_prompts: int, n_tokens: int, threads: int) -> dict[str, Any]:
         same["transformers"] += _greedy(slow, p, n_tokens) == want
         same["gguf-f32"] += _greedy(f32, p, n_tokens) == want
         same["gguf-q8_0"] += _greedy(q8, p, n_tokens) == want
+        if want:
+            a, n = _draft_agreement(q8, fast.tokenize(p), want)
+            agree, drafted = agree + a, drafted + n
     messages = [{"role": "user", "content": "Hi"}]
     template = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     template = list(template["input_ids"] if hasattr(template, "keys") else template)
@@ -102,7 +108,22 @@ def run(n_prompts: int, n_tokens: int, threads: int) -> dict[str, Any]:
         "agreement": {k: v / n_prompts for k, v in same.items()},
         "chat_prompt_tokens": chat,
         "tok_s": {"fast": n_fast / t_fast, "generate": n_ref / t_ref},
+        "draft_agreement": agree / max(drafted, 1),
     }
+
+
+def _draft_agreement(edge: Any, prompt: list[int], answer: list[int]) -> tuple[int, int]:
+    """How many of ``answer``'s tokens the edge picks greedily after the same prefix: one pass
+    over prompt + answer, the rows before each answer token."""
+    import numpy as np
+
+    session = edge.lease()
+    try:
+        session.truncate(0)  # a context keeps its cache between leases
+        rows = session.extend([*prompt, *answer[:-1]], len(answer))
+    finally:
+        session.close()
+    return int((rows.argmax(axis=1) == np.asarray(answer)).sum()), len(answer)
 
 
 def _params(n: int) -> Any:
@@ -126,6 +147,10 @@ def main() -> None:
     for k, v in r["agreement"].items():
         print(f"  {k:14} {v:7.1%}")
     print("one-message chat, prompt tokens:", r["chat_prompt_tokens"])
+    print(
+        f"q8_0 edge's greedy agreement per token, given the cloud's prefix: "
+        f"{r['draft_agreement']:.1%}"
+    )
     t = r["tok_s"]
     ratio = t["fast"] / t["generate"]
     print(
