@@ -132,15 +132,15 @@ def _params(n: int) -> Any:
     return SamplingParams(max_tokens=n)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=Path("bench-own-models.json"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     r = run(a.prompts, a.tokens, a.threads)
-    a.json.write_text(json.dumps(r, indent=2))
+    a.json.write_text(json.dumps({"results": r}, indent=2))
     m = r["machine"]
     print(f"{m.get('cpu', '?')}, {a.threads} threads; {a.prompts} prompts, {a.tokens} tokens")
     print("greedy answers identical to transformers' generate:")
