@@ -190,9 +190,16 @@ def models_add(
         str | None,
         typer.Option(
             help="With --url: the NAME of the environment variable holding the API key (read "
-            "for the check and when serving; never the key itself). Unset: no key."
+            "for the check and when serving; never the key itself); it must be set now."
         ),
     ] = None,
+    continue_final_message: Annotated[
+        bool,
+        typer.Option(
+            help="With --url: continue a chat handed over mid-answer with vLLM's "
+            "continue_final_message (off: the server answers with a new assistant turn)."
+        ),
+    ] = False,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -244,6 +251,7 @@ def models_add(
             url=url,
             model=server_model,
             api_key_env=api_key_env,
+            continue_final_message=continue_final_message,
             labels=names,
             version=version,
             description=description,

@@ -94,15 +94,16 @@ class HFTokenizer:
                 ids = self.hf(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
         except Exception as e:  # a tokenizer's own failure on odd text
             raise BadRequest(f"the tokenizer cannot encode the prompt: {e}") from None
-        unk = getattr(self.hf, "unk_token_id", None)
-        if unk is not None and unk in ids and "unk_token" in self.special_tokens:
-            lost = [c for c in dict.fromkeys(text) if self.hf.unk_token_id in self._ids_of(c)]
+        unk = self.hf.unk_token_id
+        if unk is not None and unk in ids:  # name what the vocabulary lacks, never drop it
+            lost = [
+                c
+                for c in dict.fromkeys(text)
+                if unk in self.hf(c, add_special_tokens=False)["input_ids"]
+            ]
             if lost:
                 raise BadRequest(f"characters {''.join(lost)!r} are not in the vocabulary")
         return list(ids)
-
-    def _ids_of(self, char: str) -> list[int]:
-        return self.hf(char, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def piece(self, token: int) -> bytes:
         return self._pieces[token] if 0 <= token < len(self._pieces) else b""

@@ -133,6 +133,7 @@ def add_model(
     url: str | None = None,
     model: str | None = None,
     api_key_env: str | None = None,
+    continue_final_message: bool = False,
     labels: Sequence[str] | None = None,
     version: str | None = None,
     description: str = "",
@@ -169,7 +170,12 @@ def add_model(
     where = f"{manifest_path}: model {name!r}"
     if fmt == OPENAI:
         assert url is not None
-        server = {"url": url, "model": model, "api_key_env": api_key_env}
+        server = {
+            "url": url,
+            "model": model,
+            "api_key_env": api_key_env,
+            "continue_final_message": continue_final_message,
+        }
         early = {**base, "version": "-" if version is None else version, **server}
         _entry(early, where)  # bad fields: fail now
         _check_name_free(root, name, replace)  # before asking the server; again when writing

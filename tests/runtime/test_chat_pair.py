@@ -7,6 +7,7 @@ rendering and, in f32, on greedy tokens; the fast decode path must give ``genera
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,33 @@ def test_an_openai_server_renders_chats_with_its_own_template(pair, edge, tmp_pa
             assert list(go_on) and go_on.finish_reason == "length"
         finally:
             remote.close()
+
+
+def test_a_bf16_checkpoint_runs_in_float32(pair, tmp_path) -> None:
+    """Weights stored as bf16 load as float32 (the fast path runs float32 on the CPU), and
+    answer as transformers' ``generate`` does on the same checkpoint loaded as float32."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tandem.runtime.backends import open_backend
+
+    model = AutoModelForCausalLM.from_pretrained(pair["chat-cloud"], dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    for f in pair["chat-cloud"].iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(f, tmp_path / f.name)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    backend = open_backend("transformers", tmp_path)
+    assert backend.decode == "fast" and next(backend.model.parameters()).dtype == torch.float32
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tok = backend.tokenizer.hf
+    for prompt in PROMPTS[:4]:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = ref.generate(
+                ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(backend.eos_tokens)
+            )
+        want = [t for t in out[0, ids.shape[1] :].tolist() if t not in backend.eos_tokens]
+        assert _greedy(backend, prompt, 12) == want, prompt

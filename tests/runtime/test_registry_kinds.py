@@ -509,3 +509,25 @@ def test_a_directory_from_the_hugging_face_cache_is_copied_whole(tmp_path: Path,
     assert added.entry.format == "transformers" and not any(p.is_symlink() for p in copy.iterdir())
     assert added.entry.sha256 == sha256_file(src / "tiny-llama")  # the same files, same digest
     verify_entry(models, added.entry)
+
+
+@pytest.mark.integration
+def test_chat_continuation_is_opt_in_per_server(tmp_path: Path, server: str, key_in_env) -> None:
+    from tandem.cloud.config import WorkerConfig
+    from tandem.cloud.loading import load_backends
+
+    models = tmp_path / "models"
+    result = CliRunner().invoke(
+        app,
+        [
+            "models", "add", "--url", server, "--api-key-env", KEY_VAR, "--name", "vllm",
+            "--continue-final-message", "--models-dir", str(models),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    add_model(models, url=server, name="plain", api_key_env=KEY_VAR)
+    entries = {m.name: m for m in load_manifest(models).models}
+    assert entries["vllm"].continue_final_message and not entries["plain"].continue_final_message
+    config = WorkerConfig.model_validate({"models_dir": str(models)})
+    backends = load_backends(config)
+    assert backends["vllm"].continue_final_message and not backends["plain"].continue_final_message
