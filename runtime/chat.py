@@ -13,7 +13,7 @@ with different templates and vocabularies). A hand-off mid-answer sends the assi
 far as ``prefix``: the model continues after ``render(messages) + prefix``.
 
 Models without a template (Tandem's reference models, trained on raw prompts) get the
-messages' contents concatenated in order (:data:`RAW`), which is what they were trained on.
+messages' contents concatenated in order, which is what they were trained on.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 MAX_MESSAGES = 256
 MAX_ROLE_CHARS = 32
 MESSAGE_KEYS = frozenset({"role", "content", "name"})
-RAW = "raw"  # the name of the no-template rendering, for messages and logs
 
 Message = dict[str, str]
 
@@ -62,7 +61,7 @@ class ChatTemplate:
     """A model's Jinja chat template with the special-token texts it refers to (``bos_token``...)
     and the texts of the model's control tokens (``<|im_start|>``...).
 
-    ``template`` None renders :data:`RAW`. ``source`` names where the template came from, for
+    ``template`` None renders the contents concatenated. ``source`` names where the template came from, for
     error messages. A template that does not compile makes chats with this model fail with a
     :class:`BadRequest` saying so (plain prompts still work); one that refuses the messages
     (``raise_exception``, e.g. roles that do not alternate) a :class:`BadRequest` carrying its
@@ -92,10 +91,6 @@ class ChatTemplate:
             except Exception as e:
                 self.error = f"{source}: the chat template does not compile: {e}"
                 log.warning("%s; chats with it will be refused", self.error)
-
-    @property
-    def name(self) -> str:
-        return RAW if self.template is None else self.source
 
     def render(self, messages: Sequence[Message], *, prefix: str = "") -> str:
         """The prompt for the assistant's next message: the messages rendered with the
@@ -163,7 +158,7 @@ def chat_tokens(
 ) -> list[int]:
     """A local model's prompt tokens for ``messages`` then ``prefix``: rendered with its
     ``chat`` template and tokenized as a template is (control tokens parsed, no BOS added: the
-    template writes its own); a model without a template tokenizes the :data:`RAW` rendering
+    template writes its own); a model without a template tokenizes the contents concatenated
     as a plain prompt (BOS as usual)."""
     chat = backend.chat
     return backend.tokenize(chat.render(messages, prefix=prefix), special=chat.template is not None)

@@ -65,6 +65,18 @@ def _greedy(backend: Any, prompt: str, n: int = 24) -> list[int]:
     return [s.token for s in backend.stream(prompt, SamplingParams(max_tokens=n))]
 
 
+def _generated(model: Any, backend: Any, prompt: str, n: int) -> list[int]:
+    """transformers' own greedy ``generate`` on ``model``, tokenized and ended as ``backend``
+    does (its tokenizer, its end tokens, which are not part of the answer)."""
+    import torch
+
+    ids = backend.tokenizer.hf(prompt, return_tensors="pt")["input_ids"]
+    eos = sorted(backend.eos_tokens)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=eos)
+    return [t for t in out[0, ids.shape[1] :].tolist() if t not in backend.eos_tokens]
+
+
 def test_the_cloud_is_served_on_the_fast_path(cloud: Any) -> None:
     assert cloud.decode == "fast"
     assert type(cloud.model).__name__ == "Qwen2ForCausalLM"
@@ -93,19 +105,12 @@ def test_llama_cpp_f32_gives_transformers_greedy_tokens(cloud: Any, cloud_f32_gg
 def test_greedy_answers_equal_generate(pair: dict[str, Path], cloud: Any) -> None:
     """``TransformersBackend`` (fast path) against transformers' own ``generate`` on the same
     directory (the issue's goal: >= 99% of 200 prompts; here all of a few)."""
-    import torch
 
     from tandem.runtime.backends import open_backend
 
     slow = open_backend("transformers", pair["chat-cloud"], decode="transformers")
-    tok = cloud.tokenizer.hf
     for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = cloud.model.generate(
-                ids, max_new_tokens=24, do_sample=False, eos_token_id=sorted(cloud.eos_tokens)
-            )
-        want = [t for t in out[0, ids.shape[1] :].tolist() if t not in cloud.eos_tokens]
+        want = _generated(cloud.model, cloud, prompt, 24)
         assert _greedy(cloud, prompt) == want, prompt
         assert _greedy(slow, prompt) == want, prompt
 
@@ -168,15 +173,8 @@ def test_qwen_moe_runs_its_experts_on_tandems_kernels(pair, tmp_path, arch) -> N
     assert backend.decode == "transformers"
     assert backend.model.config._experts_implementation == "tandem"
     eager = model_cls.from_pretrained(tmp_path, experts_implementation="eager").eval()
-    tok = backend.tokenizer.hf
     for prompt in PROMPTS[:4]:
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = eager.generate(
-                ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(backend.eos_tokens)
-            )
-        want = [t for t in out[0, ids.shape[1] :].tolist() if t not in backend.eos_tokens]
-        assert _greedy(backend, prompt, 12) == want, prompt
+        assert _greedy(backend, prompt, 12) == _generated(eager, backend, prompt, 12), prompt
 
 
 @pytest.mark.integration
@@ -227,12 +225,5 @@ def test_a_bf16_checkpoint_runs_in_float32(pair, tmp_path) -> None:
     backend = open_backend("transformers", tmp_path)
     assert backend.decode == "fast" and next(backend.model.parameters()).dtype == torch.float32
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    tok = backend.tokenizer.hf
     for prompt in PROMPTS[:4]:
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = ref.generate(
-                ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(backend.eos_tokens)
-            )
-        want = [t for t in out[0, ids.shape[1] :].tolist() if t not in backend.eos_tokens]
-        assert _greedy(backend, prompt, 12) == want, prompt
+        assert _greedy(backend, prompt, 12) == _generated(ref, backend, prompt, 12), prompt
