@@ -2,7 +2,8 @@
 (:mod:`tandem.bench.reference.chat_pair`: byte-level BPE, Qwen2's pre-tokenizer, ChatML, a random
 Qwen2 directory and its GGUF exports).
 
-``python -m tandem.bench.own_models [--prompts 200] [--tokens 32] [--threads 2] [--json PATH]``
+``python -m tandem.bench.own_models [--prompts 200] [--tokens 32] [--chats 40] [--threads 2]
+[--json PATH]``
 
 * **agreement** — greedy answers of ``TransformersBackend`` (the fast decode path, and
   ``decode="transformers"``) against transformers' own ``generate`` on the same directory, and
@@ -12,6 +13,9 @@ Qwen2 directory and its GGUF exports).
   transformers' ``apply_chat_template`` and llama-cpp-python's ``create_chat_completion``.
 * **drafting** — per-token greedy agreement of the q8_0 edge with the cloud directory, given
   the cloud's own prefix (the share of draft tokens greedy speculative decoding accepts).
+* **speculative** — ``--chats`` chats through ``EdgeRuntime.chat`` in ``mode: speculative``:
+  the q8_0 edge drafts (γ = 4, and ``auto``), a worker process serving the cloud directory
+  verifies; drafts accepted.
 * **speed** — decode tokens/s of ``TransformersBackend`` (fast path) and of ``generate``, same
   thread count, same prompts (the reference: transformers' own loop).
 
@@ -52,7 +56,7 @@ def _greedy(backend: Any, prompt: str, n: int) -> list[int]:
     return [s.token for s in backend.stream(prompt, SamplingParams(max_tokens=n))]
 
 
-def run(n_prompts: int, n_tokens: int, threads: int) -> dict[str, Any]:
+def run(n_prompts: int, n_tokens: int, threads: int, n_chats: int = 40) -> dict[str, Any]:
     import torch
 
     from tandem.bench.reference.chat_pair import build_chat_pair
@@ -109,6 +113,61 @@ def run(n_prompts: int, n_tokens: int, threads: int) -> dict[str, Any]:
         "chat_prompt_tokens": chat,
         "tok_s": {"fast": n_fast / t_fast, "generate": n_ref / t_ref},
         "draft_agreement": agree / max(drafted, 1),
+        "speculative": {
+            str(g): speculative(paths, g, n_chats, n_tokens, threads) for g in (4, "auto")
+        },
+    }
+
+
+def speculative(
+    paths: dict[str, Path], gamma: int | str, n_chats: int, n_tokens: int, threads: int
+) -> dict[str, Any]:
+    """Drafts accepted over ``n_chats`` chats, the edge GGUF drafting for a worker process
+    that serves the cloud directory."""
+    import shutil
+    import tempfile
+
+    from tandem.cloud.config import WorkerConfig
+    from tandem.cloud.process import WorkerProcess
+    from tandem.edge import EdgeRuntime
+    from tandem.router.policy import policy_from_dict
+    from tandem.runtime.manifest import Manifest, ModelEntry, sha256_file, write_manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp)  # a models directory of its own: the build folder is left alone
+        shutil.copytree(paths["chat-cloud"], models / "chat-cloud")
+        entry = ModelEntry(
+            name="chat-cloud",
+            version="bench",
+            file="chat-cloud",
+            sha256=sha256_file(models / "chat-cloud"),
+            format="transformers",
+        )
+        write_manifest(models, Manifest(models=[entry]))
+        cfg = {"bind": "tcp://127.0.0.1:*", "models_dir": str(models), "threads": threads}
+        with WorkerProcess(WorkerConfig.model_validate(cfg)) as worker:
+            task = {
+                "kind": "generate",
+                "local": {"path": str(paths["chat-edge"]), "format": "gguf", "threads": 1},
+                "cloud": {"endpoint": worker.endpoint, "model": "chat-cloud"},
+                "gate": {"metric": "token_min", "threshold": 0.999},  # every answer escalates
+                "mode": "speculative",
+                "max_tokens": n_tokens,
+                "speculative": {"gamma": gamma},
+            }
+            policy = policy_from_dict({"tasks": {"chat": task}}, base_dir=tmp)
+            accepted = drafted = chats = 0
+            with EdgeRuntime(policy) as rt:
+                for p in prompts(n_chats, seed=1):
+                    spec = rt.chat([{"role": "user", "content": p}]).speculation
+                    if spec is not None:  # None: the edge ended at once (EOS), nothing to do
+                        accepted, drafted = accepted + spec["accepted"], drafted + spec["drafted"]
+                        chats += 1
+    return {
+        "chats": chats,
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance": accepted / max(drafted, 1),
     }
 
 
@@ -136,10 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--chats", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=Path("bench-own-models.json"))
     a = ap.parse_args(argv)
-    r = run(a.prompts, a.tokens, a.threads)
+    r = run(a.prompts, a.tokens, a.threads, a.chats)
     a.json.write_text(json.dumps({"results": r}, indent=2))
     m = r["machine"]
     print(f"{m.get('cpu', '?')}, {a.threads} threads; {a.prompts} prompts, {a.tokens} tokens")
@@ -151,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
         f"q8_0 edge's greedy agreement per token, given the cloud's prefix: "
         f"{r['draft_agreement']:.1%}"
     )
+    for gamma, sp in r["speculative"].items():
+        print(
+            f"speculative, gamma {gamma}: {sp['accepted']} of {sp['drafted']} drafts accepted "
+            f"({sp['acceptance']:.1%}) over {sp['chats']} chats"
+        )
     t = r["tok_s"]
     ratio = t["fast"] / t["generate"]
     print(

@@ -56,9 +56,12 @@ def test_escalation_log_benchmark_compares_with_and_without(tmp_path: Path) -> N
 
 
 def test_own_models_compares_every_backend_with_generate(tmp_path: Path) -> None:
-    r = _run("own_models", tmp_path, "--prompts", "3", "--tokens", "4", "--threads", "1")
+    r = _run(
+        "own_models", tmp_path, "--prompts", "3", "--tokens", "4", "--chats", "2", "--threads", "1"
+    )
     assert set(r["agreement"]) == {"fast", "transformers", "gguf-f32", "gguf-q8_0"}
     assert all(0.0 <= v <= 1.0 for v in r["agreement"].values())
     chat = r["chat_prompt_tokens"]
     assert len(set(chat.values())) == 1 and chat["apply_chat_template"] > 10
     assert r["tok_s"]["fast"] > 0 and 0.0 <= r["draft_agreement"] <= 1.0
+    assert set(r["speculative"]) == {"4", "auto"}
