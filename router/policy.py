@@ -45,7 +45,12 @@ from pydantic import (
 )
 
 from tandem.runtime.config import ConfigPath, StrictModel, load_config, validate_config
-from tandem.runtime.manifest import EnvVarName, HttpUrl
+from tandem.runtime.manifest import (
+    EnvVarName,
+    HttpUrl,
+    check_file_or_server,
+    check_server_options,
+)
 
 _ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 
@@ -246,35 +251,18 @@ class GenerationModelSpec(StrictModel):
     @field_validator("path")
     @classmethod
     def _path_unless_served(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        fmt = info.data.get("format")
-        if fmt == "openai" and v is not None:
-            raise ValueError("format 'openai' names a server by url, not a path; remove it")
-        if fmt is not None and fmt != "openai" and v is None:
-            raise ValueError(
-                f"required for format {fmt!r} (only format 'openai' takes url instead)"
-            )
+        check_file_or_server(info.data.get("format"), v, server=False, noun="path")
         return v
 
     @field_validator("url")
     @classmethod
     def _url_if_served(cls, v: str | None, info: ValidationInfo) -> str | None:
-        fmt = info.data.get("format")
-        if fmt == "openai" and v is None:
-            raise ValueError(
-                "required for format 'openai': the server's base URL, e.g. http://127.0.0.1:8080"
-            )
-        if fmt is not None and fmt != "openai" and v is not None:
-            raise ValueError(f"only format 'openai' has a url; this model is {fmt!r}")
+        check_file_or_server(info.data.get("format"), v, server=True, noun="url")
         return v
 
     @model_validator(mode="after")
     def _server_fields_only_for_openai(self) -> GenerationModelSpec:
-        extra = [k for k in ("model", "api_key_env") if getattr(self, k) is not None]
-        if self.format != "openai" and extra:
-            raise ValueError(
-                f"{' and '.join(extra)}: only format 'openai' has them; this model is "
-                f"{self.format!r}"
-            )
+        check_server_options(self.format, {"model": self.model, "api_key_env": self.api_key_env})
         return self
 
 

@@ -290,8 +290,6 @@ def models_add(
             shown = ", ".join(entry.labels[:10]) + (", ..." if len(entry.labels) > 10 else "")
         classes = "?" if added.n_classes is None else added.n_classes
         console.print(f"  classes {classes}; labels: {shown}", highlight=False, soft_wrap=True)
-    for note in added.notes:
-        console.print(f"  note    {note}", highlight=False, soft_wrap=True)
 
 
 @cloud_app.command("serve")

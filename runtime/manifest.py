@@ -84,6 +84,33 @@ def is_env_var_name(v: str) -> bool:
     return bool(_ENV_NAME.match(v))
 
 
+def check_file_or_server(fmt: str | None, value: object, *, server: bool, noun: str) -> None:
+    """Format ``openai`` is a server, named by ``url``; every other format a file (a manifest's
+    ``file`` and ``sha256``, a policy's ``path``). ``ValueError`` unless ``value``, a field only
+    a server (``server``) or only a file has, is given exactly when ``fmt`` is on its side."""
+    if fmt is None:  # the format itself failed validation: that error is enough
+        return
+    served = fmt == OPENAI
+    if value is None and served == server:
+        if server:
+            raise ValueError(
+                f"required for format {OPENAI!r}: the server's base URL, e.g. http://127.0.0.1:8080"
+            )
+        raise ValueError(f"required for format {fmt!r} (only format {OPENAI!r} takes a url)")
+    if value is not None and served != server:
+        if server:
+            raise ValueError(f"only format {OPENAI!r} has a {noun}; this one is {fmt!r}")
+        raise ValueError(f"format {OPENAI!r} names a server (url), not a {noun}; remove it")
+
+
+def check_server_options(fmt: str, options: dict[str, object]) -> None:
+    """``ValueError`` naming the server-only options (``model``, ``api_key_env``...) set on a
+    model that is not a server: ``options`` maps each to its value (None or False: unset)."""
+    extra = [k for k, v in options.items() if v is not None and v is not False]
+    if fmt != OPENAI and extra:
+        raise ValueError(f"{' and '.join(extra)}: only format {OPENAI!r} has them; this is {fmt!r}")
+
+
 def api_key_from_env(var: str | None, *, where: str) -> str | None:
     """The API key held by the environment variable ``var`` (None: no key is used).
 
@@ -142,11 +169,7 @@ class ModelEntry(StrictModel):
     @classmethod
     def _file_unless_served(cls, v: str | None, info: ValidationInfo) -> str | None:
         """A file and its digest for every format but ``openai``, which has neither."""
-        fmt = info.data.get("format")
-        if fmt == OPENAI and v is not None:
-            raise ValueError(f"format {OPENAI!r} names a server (url), not a file; remove it")
-        if fmt is not None and fmt != OPENAI and v is None:
-            raise ValueError(f"required for format {fmt!r} (only format {OPENAI!r} has none)")
+        check_file_or_server(info.data.get("format"), v, server=False, noun="file")
         return v
 
     @field_validator("file")
@@ -164,25 +187,19 @@ class ModelEntry(StrictModel):
     @field_validator("url")
     @classmethod
     def _url_if_served(cls, v: str | None, info: ValidationInfo) -> str | None:
-        fmt = info.data.get("format")
-        if fmt == OPENAI and v is None:
-            raise ValueError(
-                f"required for format {OPENAI!r}: the server's base URL, e.g. http://127.0.0.1:8080"
-            )
-        if fmt is not None and fmt != OPENAI and v is not None:
-            raise ValueError(f"only format {OPENAI!r} has a url; this entry is {fmt!r}")
+        check_file_or_server(info.data.get("format"), v, server=True, noun="url")
         return v
 
     @model_validator(mode="after")
     def _server_fields_only_for_openai(self) -> ModelEntry:
-        if self.format != OPENAI:
-            extra = [k for k in ("model", "api_key_env") if getattr(self, k) is not None]
-            extra += ["continue_final_message"] if self.continue_final_message else []
-            if extra:
-                raise ValueError(
-                    f"{' and '.join(extra)}: only format {OPENAI!r} has them; "
-                    f"this entry is {self.format!r}"
-                )
+        check_server_options(
+            self.format,
+            {
+                "model": self.model,
+                "api_key_env": self.api_key_env,
+                "continue_final_message": self.continue_final_message,
+            },
+        )
         return self
 
 

@@ -98,7 +98,6 @@ class AddedModel:
     copied_from: Path | None  # None: already in the models directory, or a server (openai)
     replaced: bool  # an entry of the same name was replaced
     n_classes: int | None  # ONNX classifiers; None for language models
-    notes: tuple[str, ...] = ()  # things the user should know (e.g. an unset API key variable)
 
 
 def add_onnx_model(
@@ -146,7 +145,7 @@ def add_model(
     :func:`detect_format`); or, with ``url`` instead, an OpenAI-compatible server: ``model`` is
     the model id to ask it for (default: the first its ``/v1/models`` lists, resolved now and
     written down) and ``api_key_env`` the *name* of the environment variable holding its API
-    key (never the key: a manifest is not a secret store; an unset variable means no key).
+    key (never the key: a manifest is not a secret store; it must be set when the model is added).
     ``format`` forces the kind (one of :data:`KINDS`).
 
     A file or directory is copied into ``models_dir`` under its own name unless it already lies
@@ -187,11 +186,10 @@ def add_model(
                 "key), or leave --api-key-env out for a server that needs no key"
             )
         key = api_key_from_env(api_key_env, where=f"{where}: api_key_env")
-        notes: tuple[str, ...] = ()
         served = _check_server(url, name=name, version=version, model=model, key=key, t=timeout_s)
         version = served if version is None else version
         entry = _entry({**base, "version": version, **server, "model": served}, where)
-        return _commit(root, entry, None, replace, notes=notes)
+        return _commit(root, entry, None, replace)
     src = Path(source)  # type: ignore[arg-type]
     # a source outside the models directory is copied in (symlinks followed: the HF cache)
     outside = not src.resolve().is_relative_to(root.resolve())
@@ -329,7 +327,6 @@ def _commit(
     src: Path | None,
     replace: bool,
     n_classes: int | None = None,
-    notes: tuple[str, ...] = (),
 ) -> AddedModel:
     """Under the manifest lock: read the manifest again, check the name again, place the file
     or directory, write the manifest. ``src`` None: a server, nothing to place."""
@@ -362,7 +359,6 @@ def _commit(
         copied_from=src if copy_to is not None else None,
         replaced=old is not None,
         n_classes=n_classes,
-        notes=notes,
     )
 
 

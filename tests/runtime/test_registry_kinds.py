@@ -252,7 +252,7 @@ def _local_problem(local: dict[str, Any], **task: Any) -> str:
         ({"format": "openai"}, "tasks.t.local.url: required for format 'openai'"),
         (
             {"format": "openai", "url": "http://h:1", "path": "m.gguf"},
-            "tasks.t.local.path: format 'openai' names a server by url",
+            "tasks.t.local.path: format 'openai' names a server (url), not a path",
         ),
         ({"format": "openai", "url": "file:///x"}, "tasks.t.local.url: must be an http://"),
         (
@@ -403,7 +403,7 @@ def test_a_server_wanting_a_key_refuses_an_unset_variable(
     added = add_model(
         tmp_path / "models", url=server, name="r", api_key_env="TANDEM_TEST_UNSET_KEY"
     )
-    assert added.notes == () and added.entry.api_key_env == "TANDEM_TEST_UNSET_KEY"
+    assert added.entry.api_key_env == "TANDEM_TEST_UNSET_KEY"
 
 
 @pytest.mark.integration
