@@ -34,8 +34,9 @@ from tandem.router.routing import Decision, TaskRouter, TokenGate
 from tandem.runtime.backends import open_backend
 from tandem.runtime.chat import chat_tokens
 from tandem.runtime.client import CloudClient
-from tandem.runtime.errors import TandemError
+from tandem.runtime.errors import ConfigError, TandemError
 from tandem.runtime.generation import GenerationBackend, SamplingParams, TokenStep, TokenStream
+from tandem.runtime.manifest import api_key_from_env
 from tandem.runtime.speculative import GammaController
 from tandem.runtime.types import GenerationChunk, GenerationResult, Tier
 
@@ -91,8 +92,9 @@ class _Answer:
         self.finish_reason = "stop"
         self.escalated_at: int | None = None
         self.cloud_text = ""
-        self.prompt_tokens: int | None = None  # as the edge model counts them
-        self._first: TokenStream | None = None  # the edge's first stream
+        # the edge's first stream: its prompt size is the answer's (read at the end: a server,
+        # format openai, reports it once its stream ends)
+        self._first: TokenStream | None = None
         self.edge_text = ""  # what the edge produced before any hand-off (for the log)
         self.edge_logprobs: list[float] = []
         self.cloud_error: TandemError | None = None
@@ -212,9 +214,8 @@ class _Answer:
             steps = self.t.backend.stream(self.prompt + prefix, params)
         else:
             steps = self.t.backend.stream_chat(self.messages, params, prefix=prefix)
-        if self.prompt_tokens is None:
-            self.prompt_tokens = steps.prompt_tokens
-            self._first = steps  # a server (format openai) says it once its stream ends
+        if self._first is None:
+            self._first = steps
         return steps
 
     def _timed(self, steps) -> Iterator[TokenStep]:
@@ -330,8 +331,6 @@ class _Answer:
         self.arrivals = []
 
     def _finish(self) -> None:
-        if not self.prompt_tokens and self._first is not None:
-            self.prompt_tokens = self._first.prompt_tokens or self.prompt_tokens
         end = time.perf_counter()
         a = self.arrivals
         timings = {
@@ -352,7 +351,7 @@ class _Answer:
             inter_token_ms=[(b - x) * 1e3 for x, b in itertools.pairwise(a)],
             model_versions=self.versions,
             escalated_at=self.escalated_at,
-            prompt_tokens=self.prompt_tokens,
+            prompt_tokens=None if self._first is None else self._first.prompt_tokens,
             request_id=self.request_id.hex() if self.escalated_at is not None else None,
             speculation=self.speculation,
         )
@@ -444,9 +443,6 @@ def open_generation_task(
     """Load a generation task's local model (through the backend registry) and warm it up.
     A local OpenAI-compatible server (``format: openai``) gets its API key from the
     environment variable ``api_key_env`` names (unset: no key, with a warning)."""
-    from tandem.runtime.errors import ConfigError
-    from tandem.runtime.manifest import api_key_from_env
-
     local = tp.local
     options: dict = {"version": local.version, "threads": local.threads}
     source = local.path
@@ -481,8 +477,6 @@ def open_generation_task(
 
 
 def _read_template(task: str, fmt: str, path: Path) -> str:
-    from tandem.runtime.errors import ConfigError
-
     key = f"tasks.{task}.local.chat_template"
     if fmt == "openai":
         raise ConfigError(f"{key}: a server renders chats with its own template; remove it")

@@ -226,14 +226,9 @@ class EdgeRuntime:
         ``local.chat_template``); the cloud gets the messages, not the edge's rendering, so the
         two models may be of different families. ``result.prompt_tokens`` counts the edge
         model's rendering. A model without a template gets the contents concatenated."""
-        if isinstance(messages, tuple):
-            messages = list(messages)
-        checked = check_messages(
-            [dict(m) if isinstance(m, Mapping) else m for m in messages]
-            if isinstance(messages, list)
-            else messages
-        )
-        return self._generate("", checked, task, stream=stream, **options)
+        if isinstance(messages, list | tuple):  # any mappings, as check_messages' plain dicts
+            messages = [dict(m) if isinstance(m, Mapping) else m for m in messages]
+        return self._generate("", check_messages(messages), task, stream=stream, **options)
 
     def _generate(
         self,
