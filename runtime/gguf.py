@@ -149,11 +149,11 @@ def _check_config(hf_dir: Path, config: Any, tok: Tokenizer) -> None:
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         refuse(f"rope_type {rope.get('rope_type')!r} (only default)")
+    from tandem.runtime.backends.fast_decode import sliding_window
+
     window = getattr(config, "sliding_window", None)
-    sliding = getattr(config, "use_sliding_window", True) and "sliding_attention" in (
-        getattr(config, "layer_types", None) or ["sliding_attention"]
-    )
-    if sliding and window is not None and window < config.max_position_embeddings:
+    slides = sliding_window(config) is not None  # some layer does (Qwen2: use_sliding_window)
+    if slides and window is not None and window < config.max_position_embeddings:
         refuse(f"sliding_window {window}")
 
 

@@ -64,7 +64,7 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     rope_type = rope.get("rope_type", "default")
     if "dynamic" in rope_type or rope_type == "longrope":
         return f"RoPE type {rope_type!r} changes with the sequence length"
-    if _window(cfg) is _MIXED:
+    if sliding_window(cfg) == MIXED:
         return "its layers mix full and sliding-window attention"
     params = list(model.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
@@ -189,8 +189,8 @@ class FastDecoder:
         self.n_vocab = cfg.vocab_size
         self.eps = float(cfg.rms_norm_eps)
         self.n_ctx = n_ctx or min(int(cfg.max_position_embeddings), DEFAULT_MAX_CTX)
-        window = _window(cfg)
-        assert window is not _MIXED
+        window = sliding_window(cfg)
+        assert window != MIXED
         self.window: int | None = window
         self.top_k = int(getattr(cfg, "num_experts_per_tok", 0))
         base = model.model
@@ -439,12 +439,12 @@ class FastSession:
         return rows
 
 
-_MIXED = -1  # _window: layers of both kinds
+MIXED = "mixed"  # sliding_window: layers of both kinds
 
 
-def _window(cfg) -> int | None:
+def sliding_window(cfg) -> int | str | None:
     """The sliding window every layer uses, None for full attention everywhere, or
-    :data:`_MIXED`. Qwen2 configs carry a ``sliding_window`` that only applies with
+    :data:`MIXED`. Qwen2 configs carry a ``sliding_window`` that only applies with
     ``use_sliding_window``; transformers 5 spells it per layer in ``layer_types``."""
     window = getattr(cfg, "sliding_window", None)
     kinds = set((getattr(cfg, "layer_types", None) or [])[: cfg.num_hidden_layers])
@@ -453,7 +453,7 @@ def _window(cfg) -> int | None:
             return None
         if kinds == {"sliding_attention"} and window:
             return int(window)
-        return _MIXED
+        return MIXED
     if getattr(cfg, "use_sliding_window", True) is False or not window:
         return None
     return int(window)
