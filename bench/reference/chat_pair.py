@@ -27,7 +27,6 @@ builds it into the cache (seconds).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -150,11 +149,11 @@ def build_cloud(out_dir: Path, *, seed: int = 0, hidden: int = 64, layers: int =
 
 
 def default_dir() -> Path:
-    """``$TANDEM_CACHE_DIR/chat`` or the user cache's."""
-    from platformdirs import user_cache_dir
+    """``chat-v{RECIPE_VERSION}`` beside the digits models (``$TANDEM_CACHE_DIR`` or the user
+    cache dir), as the other reference builds."""
+    from tandem.bench.reference.models import default_models_dir
 
-    root = os.environ.get("TANDEM_CACHE_DIR") or user_cache_dir("tandem")
-    return Path(root) / "chat"
+    return default_models_dir().with_name(f"chat-v{RECIPE_VERSION}")
 
 
 def build_chat_pair(
