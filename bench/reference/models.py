@@ -31,6 +31,7 @@ from tandem.runtime.manifest import (
     ModelEntry,
     TensorSpec,
     load_manifest,
+    manifest_lock,
     sha256_file,
     write_manifest,
 )
@@ -251,9 +252,10 @@ def _build_moe(out: Path, seed: int, say: Progress) -> None:
             metrics={"test_accuracy": accuracy(out / file, data.test.x, data.test.y)},
             description="MoE classifier, 8 SwiGLU experts, top-2",
         )
-    manifest = load_manifest(out)
-    models = [m for m in manifest.models if m.name != MOE] + [entry]
-    write_manifest(out, manifest.model_copy(update={"models": models}))
+    with manifest_lock(out):  # read, change, write: as tandem models add does
+        manifest = load_manifest(out)
+        models = [m for m in manifest.models if m.name != MOE] + [entry]
+        write_manifest(out, manifest.model_copy(update={"models": models}))
     say(f"{MOE}: test accuracy {entry.metrics['test_accuracy']:.3f}, {entry.size_bytes} bytes")
 
 
