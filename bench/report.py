@@ -1,45 +1,12 @@
-"""What every benchmark shares: latency statistics, the machine it ran on, a table, a JSON file."""
+"""Results files of ``tandem bench``: JSON-safe values (the machine comes from
+:func:`tandem.runtime.machine.machine`)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, core count, and GPU if torch sees one."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:
-        pass
-    return info
 
 
 def json_safe(obj: Any) -> Any:
@@ -53,76 +20,3 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return json_safe(obj.item())
     return obj
-
-
-def sample_us(fn: Callable[[], Any], n: int, warmup: int = 50) -> np.ndarray:
-    """Per-call wall time of ``fn`` in microseconds, ``n`` samples after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    out = np.empty(n)
-    clock = time.perf_counter_ns
-    for i in range(n):
-        t = clock()
-        fn()
-        out[i] = clock() - t
-    return out / 1e3
-
-
-def interleaved_us(
-    fns: dict[str, Callable[[], Any]], n: int, rounds: int = 5
-) -> dict[str, np.ndarray]:
-    """Sample each function in alternating rounds, so drift in machine load hits all alike."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            parts[k].append(sample_us(fn, max(1, n // rounds)))
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def pct(samples: np.ndarray) -> dict[str, float]:
-    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "n": len(samples)}
-
-
-def best_of_ms(fn: Callable[[], Any], repeat: int, min_time_s: float = 0.2) -> float:
-    """Median ms per call of ``fn`` over ``repeat`` timed runs (each long enough to time)."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    once = time.perf_counter() - t0
-    inner = max(1, int(min_time_s / repeat / max(once, 1e-9)))
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t0) / inner)
-    return float(np.median(times) * 1e3)
-
-
-def emit(
-    name: str,
-    title: str,
-    columns: list[str],
-    rows: list[list[Any]],
-    data: dict[str, Any],
-    json_path: str | None,
-) -> None:
-    """Print a table and write ``{machine, results}`` as JSON (default ``bench-<name>.json``)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    m = machine()
-    table = Table(
-        title=title,
-        caption=f"{m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if "gpu" in m else ""),
-    )
-    for c in columns:
-        table.add_column(c, justify="left" if c == columns[0] else "right")
-    for r in rows:
-        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r))
-    console = Console(width=None if sys.stdout.isatty() else 160)  # piped: don't cut columns
-    console.print(table)
-    path = Path(json_path or f"bench-{name}.json")
-    path.write_text(json.dumps({"benchmark": name, "machine": m, "results": data}, indent=2) + "\n")
-    Console().print(f"results written to {path}")

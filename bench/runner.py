@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from tandem.bench.load import LevelRun, Tick, level_json, run_level
-from tandem.bench.report import json_safe, machine
+from tandem.bench.report import json_safe
 from tandem.bench.scenario import LinkSpec, Scenario
 from tandem.bench.setup import Say, Setup, classify_call, generate_call, setup
 from tandem.bench.sweeps import load_sweep, rtt_sweep, threshold_sweep
 from tandem.runtime.errors import TandemError
+from tandem.runtime.machine import machine
 
 SCHEMA = "tandem-bench/1"
 PACKAGES = (

@@ -189,8 +189,8 @@ def _reference_cloud(
 
 
 def _digits_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) -> Setup:
-    from tandem.bench.reference.digits import load_workload
-    from tandem.bench.reference.models import CLOUD, EDGE, LABELS, build_reference_models
+    from tandem.reference.digits import load_workload
+    from tandem.reference.models import CLOUD, EDGE, LABELS, build_reference_models
     from tandem.runtime.manifest import load_manifest
 
     models = build_reference_models(progress=say)
@@ -233,7 +233,7 @@ def cloud_top1(
     endpoints: list[str], curve: tuple[Path, Path] | None, model: str, x: np.ndarray
 ) -> np.ndarray:
     """The cloud model's top class for every row of ``x`` (10 s a request of 256 rows)."""
-    from tandem.bench.reference.demo import cloud_logits
+    from tandem.reference.models import cloud_logits
     from tandem.runtime.client import CloudClient
 
     with CloudClient(endpoints, curve=curve) as client:
@@ -241,9 +241,8 @@ def cloud_top1(
 
 
 def _sort_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) -> Setup:
-    from tandem.bench.llm import CLOUD, EDGE_GGUF
-    from tandem.bench.reference import lm_task
-    from tandem.bench.reference.lm_models import build_llm_models
+    from tandem.reference import lm_task
+    from tandem.reference.lm_models import CLOUD, EDGE_GGUF, build_llm_models
     from tandem.runtime.manifest import load_manifest
 
     models = build_llm_models(progress=say)["dir"]

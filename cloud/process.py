@@ -44,7 +44,7 @@ class WorkerProcess:
         cfg = tmp / "worker.yaml"
         cfg.write_text(yaml.safe_dump(self.config.model_dump(mode="json")))
         ready = tmp / "ready"
-        cmd = [sys.executable, "-m", "tandem.runtime.cli", "cloud", "serve", "--config", str(cfg)]
+        cmd = [sys.executable, "-m", "tandem.cli", "cloud", "serve", "--config", str(cfg)]
         self.proc = subprocess.Popen(
             [*cmd, "--ready-file", str(ready), "--quiet"],
             stdout=subprocess.DEVNULL,

@@ -20,7 +20,7 @@ from tandem.kernels.arrays import as_numpy, on_gpu
 
 # From this many logits (N * C, N > 1) the parallel kernel wins: numba's thread pool costs
 # about 1 µs to wake, which a batch of a few hundred logits repays. Chosen on 2 cores from the
-# serial/parallel columns of `python -m tandem.bench.confidence` and a sweep of N = 2..128 at
+# serial/parallel columns of `python -m benchmarks.kernels.confidence` and a sweep of N = 2..128 at
 # C = 10, 100, 1000: the crossover lies between 320 and 1600 logits, and 512 loses at most
 # 0.3 µs on either side of it.
 PARALLEL_MIN_ELEMENTS = 512

@@ -21,7 +21,7 @@ import numpy as np
 from tandem.kernels.arrays import as_numpy, is_torch, like, on_gpu
 
 # Rows (tokens or slots) from which permute/combine run parallel: a row of H=512 floats is
-# ~0.1 µs of copying, the pool's wake-up ~1 µs. Chosen with `python -m tandem.bench.moe`.
+# ~0.1 µs of copying, the pool's wake-up ~1 µs. Chosen with `python -m benchmarks.kernels.moe`.
 PARALLEL_MIN_ROWS = 32
 
 

@@ -60,21 +60,6 @@ def _classifier_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == y).mean())
 
 
-def _sorting_accuracy(fmt: str, path: Path, n: int) -> float:
-    """Exact match of greedy answers on ``n`` held-out items of the reference sorting task,
-    spread over its difficulties, through the backend registry."""
-    from tandem.bench.reference.lm_task import DIFFICULTIES, evaluate
-    from tandem.runtime.backends import open_backend
-
-    per = max(1, n // len(DIFFICULTIES))
-    backend = open_backend(fmt, path, threads=2)
-    try:
-        acc = evaluate(backend, DIFFICULTIES, per)
-    finally:
-        backend.close()
-    return sum(acc.values()) / len(acc)
-
-
 class _Rows:
     """ONNX Runtime's CalibrationDataReader over an array, one batch of rows at a time."""
 
@@ -155,11 +140,13 @@ def quantize_gguf(
     *,
     qtype: str = "q8_0",
     eval_items: int = 0,
+    score: Callable[[str, Path, int], float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> QuantizeReport:
-    """Export ``hf_dir`` to GGUF (``q8_0`` or ``f16``). With ``eval_items`` > 0, the exact-match
-    accuracy on that many held-out items of the reference sorting task, per model: transformers
-    on ``hf_dir`` before, llama.cpp on the GGUF after (greedy)."""
+    """Export ``hf_dir`` to GGUF (``q8_0`` or ``f16``). With ``eval_items`` > 0 and a ``score``
+    (``score(format, path, n)``: an accuracy on ``n`` held-out items, such as
+    :func:`tandem.reference.lm_task.sorting_accuracy`), the accuracy per model: transformers on
+    ``hf_dir`` before, llama.cpp on the GGUF after."""
     from tandem.runtime.gguf import export_gguf
 
     hf_dir, dst = Path(hf_dir), Path(dst)
@@ -175,10 +162,10 @@ def quantize_gguf(
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(tmp_out, dst)
     before = after = None
-    if eval_items > 0:
-        say(f"scoring both models on {eval_items} held-out sorting items")
-        before = _sorting_accuracy("transformers", hf_dir, eval_items)
-        after = _sorting_accuracy("gguf", dst, eval_items)
+    if eval_items > 0 and score is not None:
+        say(f"scoring both models on {eval_items} held-out items")
+        before = score("transformers", hf_dir, eval_items)
+        after = score("gguf", dst, eval_items)
     return QuantizeReport(
         str(hf_dir), str(dst), qtype, size_of(hf_dir), size_of(dst), before, after, eval_items
     )

@@ -15,7 +15,7 @@ clock), so a budget errs on the generous side by one one-way latency.
 
 The header is length-prefixed so it decodes on its own: a bad payload can still be answered by
 request id. Header and payload share a frame because every frame costs a send and a receive
-call on both ends, a measurable share of a small round trip (``tandem.bench.wire``).
+call on both ends, a measurable share of a small round trip (``benchmarks.serving.wire``).
 
 Arrays never go through pickle. An array is a msgpack ext value whose data starts with a small
 fixed header (dtype code, ndim, shape) and then either the raw buffer (ext type

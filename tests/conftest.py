@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tandem.bench.reference.models import (
+from tandem.cloud.config import WorkerConfig
+from tandem.cloud.process import WorkerProcess
+from tandem.reference.models import (
     CLOUD,
     EDGE,
     LABELS,
@@ -31,8 +33,6 @@ from tandem.bench.reference.models import (
     manifest_entry,
     quantize_int8,
 )
-from tandem.cloud.config import WorkerConfig
-from tandem.cloud.process import WorkerProcess
 from tandem.runtime.manifest import Manifest, write_manifest
 
 

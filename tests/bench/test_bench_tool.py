@@ -314,7 +314,7 @@ def test_cli_runs_a_scenario_file(user_scenario, tmp_path: Path) -> None:
     f.write_text(yaml.safe_dump(sc.model_dump(mode="json", by_alias=True, exclude_none=True)))
     out = tmp_path / "cli-out"
     p = subprocess.run(
-        [sys.executable, "-m", "tandem.runtime.cli", "bench", "run", str(f), "--out", str(out),
+        [sys.executable, "-m", "tandem.cli", "bench", "run", str(f), "--out", str(out),
          "--no-plots", "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -326,7 +326,7 @@ def test_cli_runs_a_scenario_file(user_scenario, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("description: 'arm [/] test'\ntask: {source: digits}\nload: {concurrency: 0}\n")
     p = subprocess.run(
-        [sys.executable, "-m", "tandem.runtime.cli", "bench", "run", str(bad)],
+        [sys.executable, "-m", "tandem.cli", "bench", "run", str(bad)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 1 and "load" in p.stderr and "Traceback" not in p.stderr

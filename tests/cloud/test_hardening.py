@@ -13,8 +13,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tandem.bench.reference.models import CLOUD, EDGE, MOE
 from tandem.cloud.process import WorkerProcess
+from tandem.reference.models import CLOUD, EDGE, MOE
 from tandem.runtime import errors
 from tandem.runtime.client import CloudClient
 from tandem.runtime.wire import WIRE_DTYPES, Envelope, Kind, WireCodec

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.bench.reference.models import MOE
 from tandem.cloud.process import WorkerProcess
 from tandem.cloud.sharding import Shard, ShardedExperts
 from tandem.kernels import topk_gating
+from tandem.reference.models import MOE
 from tandem.runtime import errors
 from tandem.runtime.client import CloudClient
 from tandem.runtime.moe import MoEClassifier, experts_forward

@@ -20,10 +20,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tandem.bench.reference.models import CLOUD
 from tandem.cloud.config import GenerationSpec, WorkerConfig
 from tandem.cloud.process import WorkerProcess
 from tandem.cloud.streams import BLOCKED, GONE, SENT, StreamTable, parse_generate
+from tandem.reference.models import CLOUD
 from tandem.runtime import errors
 from tandem.runtime.backends.transformers_lm import TransformersBackend
 from tandem.runtime.client import CloudClient

@@ -14,8 +14,8 @@ import pytest
 import torch
 import zmq
 
-from tandem.bench.reference.models import CLOUD, MOE
 from tandem.cloud.process import WorkerProcess
+from tandem.reference.models import CLOUD, MOE
 from tandem.runtime import errors
 from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient

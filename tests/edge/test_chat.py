@@ -50,7 +50,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     require("transformers")
     require("llama_cpp")
     require("gguf")
-    from tandem.bench.reference.chat_pair import build_chat_pair
+    from tandem.reference.chat_pair import build_chat_pair
 
     out = build_chat_pair(tmp_path_factory.mktemp("chat"))
     root = out["chat-cloud"].parent

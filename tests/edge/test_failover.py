@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tandem.bench.reference.models import CLOUD
 from tandem.cloud.process import WorkerProcess
 from tandem.edge import EdgeRuntime, Tier
+from tandem.reference.models import CLOUD
 from tandem.runtime.client import CloudClient
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tandem.bench.reference.models import CLOUD
 from tandem.cloud.process import WorkerProcess
 from tandem.edge import EdgeRuntime, EscalationLog, Tier
+from tandem.reference.models import CLOUD
 from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest

@@ -124,7 +124,7 @@ def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
 def test_cli_policy_check(tmp_path: Path) -> None:
     good = write(tmp_path, GOOD)
     run = subprocess.run(
-        [sys.executable, "-m", "tandem.runtime.cli", "policy", "check", str(good)],
+        [sys.executable, "-m", "tandem.cli", "policy", "check", str(good)],
         capture_output=True,
         text=True,
     )
@@ -132,7 +132,7 @@ def test_cli_policy_check(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("threshold: 0.25", "threshold: 1.5"))
     run = subprocess.run(
-        [sys.executable, "-m", "tandem.runtime.cli", "policy", "check", str(bad)],
+        [sys.executable, "-m", "tandem.cli", "policy", "check", str(bad)],
         capture_output=True,
         text=True,
     )

@@ -17,14 +17,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tandem.bench.reference.models import CLOUD
+from tandem.cli import app
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
 from tandem.cloud.worker import CloudWorker
 from tandem.edge import EdgeRuntime, Tier
+from tandem.reference.models import CLOUD
 from tandem.router.policy import load_policy
 from tandem.runtime.backends.onnx import OnnxBackend
-from tandem.runtime.cli import app
 from tandem.runtime.client import CloudClient
 from tandem.runtime.curve import (
     ClientKeys,

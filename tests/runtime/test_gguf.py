@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.bench.reference import lm_task
+from tandem.reference import lm_task
 from tandem.runtime.errors import ConfigError
 from tandem.runtime.gguf import export_gguf
 from tandem.runtime.tokenizer import CharTokenizer

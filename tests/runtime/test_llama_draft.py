@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tandem.bench.reference import lm_task
+from tandem.reference import lm_task
 from tandem.runtime.errors import BackendError, ConfigError
 from tests.conftest import require
 from tests.lm import tiny_lm
@@ -114,7 +114,7 @@ def reference(ggufs) -> dict[str, tuple[str, str]]:
 @pytest.mark.parametrize("draft_name", ["target", "noisy", "other"])
 @pytest.mark.parametrize("gamma", [1, 4])
 def test_greedy_output_is_the_targets_own(ggufs, reference, draft_name, gamma):
-    from tandem.bench.spec_local import AcceptanceCounter
+    from benchmarks.llm.spec_local import AcceptanceCounter
 
     with _draft(ggufs[draft_name], num_pred_tokens=gamma) as draft:
         counter = AcceptanceCounter(draft)
@@ -136,7 +136,7 @@ def test_acceptance_counter_agrees_with_a_plain_count(ggufs):
     """The counter's totals equal a replay of llama-cpp-python's loop on the target's greedy
     sequence: each draft continues the sequence so far; the tokens it shares with the sequence
     are accepted, and the next draft starts after them and the target's own token."""
-    from tandem.bench.spec_local import AcceptanceCounter
+    from benchmarks.llm.spec_local import AcceptanceCounter
 
     with _draft(ggufs["noisy"], num_pred_tokens=4) as draft:
         counter = AcceptanceCounter(draft)
@@ -287,7 +287,7 @@ def test_bad_files_options_and_close(ggufs, tmp_path):
 
 
 def test_same_host_rows(ggufs):
-    from tandem.bench.spec_local import same_host
+    from benchmarks.llm.spec_local import same_host
 
     rows = same_host(
         ggufs["target"], ggufs["noisy"], PROMPTS[:2], max_tokens=16, repeat=1, gammas=(2,),

@@ -245,7 +245,7 @@ def server(gguf_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """``python -m llama_cpp.server`` on a free loopback port (the benchmark's launcher, with
     the server's own defaults for log-probs and interruption); its base URL."""
     require("openai")
-    from tandem.bench.llm import llama_server
+    from benchmarks.llm.end_to_end import llama_server
 
     log = tmp_path_factory.mktemp("server") / "server.log"
     with llama_server(gguf_f32, 1, log, n_ctx=128, logits_all=True, interrupt=True) as url:

@@ -12,10 +12,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from tandem.cli import app
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
 from tandem.runtime.backends.onnx import OnnxBackend
-from tandem.runtime.cli import app
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BackendError, ConfigError
 from tandem.runtime.manifest import (

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tandem.bench.llm import llama_server
-from tandem.runtime.cli import app
+from benchmarks.llm.end_to_end import llama_server
+from tandem.cli import app
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, Unavailable
 from tandem.runtime.generation import SamplingParams
 from tandem.runtime.manifest import MANIFEST_NAME, load_manifest, sha256_file, verify_entry

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tandem.bench.reference.chat_pair import CHATML, train_tokenizer
+from tandem.reference.chat_pair import CHATML, train_tokenizer
 from tandem.runtime.chat import ChatTemplate, check_messages
 from tandem.runtime.errors import BadRequest
 from tandem.runtime.hf_tokenizer import HFTokenizer
