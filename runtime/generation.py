@@ -167,6 +167,41 @@ class SessionLease(LogitsSession, Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class LocalGenerationBackend(GenerationBackend, Protocol):
+    """A language model whose tokens and KV caches live in this process (``gguf``,
+    ``transformers``): what speculative decoding needs on either side — the edge drafts on one,
+    a worker verifies on one. An ``openai`` backend is a :class:`GenerationBackend` only.
+    Callers ask ``isinstance(backend, LocalGenerationBackend)``, never ``hasattr``."""
+
+    n_ctx: int  # the longest sequence (prompt + answer) it takes, in tokens
+    n_vocab: int
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``, BOS first where the model adds one; with ``special`` (a
+        rendered chat template) control tokens are parsed. :class:`BadRequest` for text the
+        vocabulary cannot take."""
+        ...
+
+    def piece(self, token: int) -> bytes:
+        """The bytes ``token`` adds to the text (b"" for control tokens)."""
+        ...
+
+    @property
+    def eos_tokens(self) -> frozenset[int]:
+        """Tokens that end an answer."""
+        ...
+
+    def free_slots(self) -> int:
+        """Sequences that can still start (streams and leases share them)."""
+        ...
+
+    def lease(self, prompt: Sequence[int] = (), n_ctx: int | None = None) -> SessionLease:
+        """A sequence held until ``close()`` (its KV cache kept where it shares a prefix with
+        ``prompt``). :class:`~tandem.runtime.errors.OverloadedError` when none is free."""
+        ...
+
+
 def is_utf8(text: str) -> bool:
     """False for text that cannot be UTF-8 (lone surrogates, e.g. from a JSON ``\\ud800``)."""
     try:

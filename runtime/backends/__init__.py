@@ -24,13 +24,15 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from tandem.runtime.errors import ConfigError
-from tandem.runtime.generation import GenerationBackend
+from tandem.runtime.generation import GenerationBackend, LocalGenerationBackend
 from tandem.runtime.manifest import TensorSpec
 
 __all__ = [
     "BACKENDS",
     "GENERATION_FORMATS",
+    "ExpertsBackend",
     "GenerationBackend",
+    "LocalGenerationBackend",
     "ModelBackend",
     "backend_class",
     "open_backend",
@@ -62,6 +64,25 @@ class ModelBackend(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a batch that ``check_batch`` returned (no second check: the
         worker checks each request on arrival and runs their concatenation)."""
+        ...
+
+
+@runtime_checkable
+class ExpertsBackend(ModelBackend, Protocol):
+    """A :class:`ModelBackend` whose experts a worker serves one by one to a sharded MoE
+    (``tandem-moe``): callers ask ``isinstance(backend, ExpertsBackend)``."""
+
+    hosted: list[int]  # the experts this process holds
+
+    @property
+    def n_experts(self) -> int: ...
+
+    @property
+    def hidden(self) -> int: ...
+
+    def run_experts(self, experts: list[int], counts: list[int], rows: np.ndarray) -> np.ndarray:
+        """``rows`` (sum(counts), hidden) hold ``counts[i]`` rows for ``experts[i]``, in order;
+        each row through its expert, same order. :class:`BadRequest` for an expert not hosted."""
         ...
 
 
