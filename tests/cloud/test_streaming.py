@@ -21,15 +21,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tandem.cloud.config import GenerationSpec, WorkerConfig
+from tandem.cloud.payloads import parse_generate
 from tandem.cloud.process import WorkerProcess
-from tandem.cloud.streams import BLOCKED, GONE, SENT, StreamTable, parse_generate
+from tandem.cloud.streams import BLOCKED, GONE, SENT, WorkerStreams
 from tandem.reference.models import CLOUD
 from tandem.runtime import errors
 from tandem.runtime.backends.transformers_lm import TransformersBackend
 from tandem.runtime.client import CloudClient
+from tandem.runtime.client import RemoteChunk as Chunk
+from tandem.runtime.client import RemoteStream as GenerationCall
 from tandem.runtime.generation import SamplingParams, TokenStep, TokenStream
 from tandem.runtime.manifest import Manifest, load_manifest, write_manifest
-from tandem.runtime.streaming import Chunk, GenerationCall
 from tandem.runtime.wire import Envelope, Kind, WireCodec
 from tests.lm import lm_entry, tiny_lm
 from tests.peers import ThreadWorker, raw_socket
@@ -612,7 +614,7 @@ def test_a_worker_killed_mid_stream_interrupts_it_quickly(lm_models) -> None:
 
 # ---------------------------------------------------------------------- the stream table alone
 class FakeRoute:
-    """A ``send`` for a StreamTable: SENT (decoding what was sent), BLOCKED or GONE."""
+    """A ``send`` for a WorkerStreams: SENT (decoding what was sent), BLOCKED or GONE."""
 
     def __init__(self) -> None:
         self.state = SENT
@@ -624,14 +626,14 @@ class FakeRoute:
         return self.state
 
 
-def table_with(backend: Any, fake: FakeRoute, **spec: Any) -> StreamTable:
+def table_with(backend: Any, fake: FakeRoute, **spec: Any) -> WorkerStreams:
     def failure(model: str, e: Exception) -> errors.TandemError:
         return errors.BackendFailure(str(e), exception=type(e).__name__)
 
-    return StreamTable(GenerationSpec(**spec), {LM: backend}, WireCodec(), fake, failure)
+    return WorkerStreams(GenerationSpec(**spec), {LM: backend}, WireCodec(), fake, failure)
 
 
-def pump_until(table: StreamTable, done, timeout_s: float = 10.0) -> None:
+def pump_until(table: WorkerStreams, done, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         assert time.monotonic() < deadline

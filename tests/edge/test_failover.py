@@ -3,6 +3,7 @@ each request's deadline. Real worker processes, real sockets, a real kill."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import Counter
@@ -95,7 +96,29 @@ def test_a_thread_per_request_does_not_leak_sockets(worker) -> None:
             t.start()
             t.join()
         assert _open_fds() - before < 20  # one socket set reused, not one per thread
-        assert len(c._idle) == 1 and c._in_use == 0
+        assert len(c.pool._idle) == 1 and c.pool._in_use == 0
+
+
+def test_a_stream_collected_inside_a_pool_call_of_its_thread_does_not_deadlock(worker) -> None:
+    """The garbage collector may finalise a stream while its thread is inside a call that holds
+    the pool's (non-reentrant) lock; the finaliser must not take it."""
+    done = threading.Event()
+    with CloudClient(worker.endpoint) as c:
+
+        def run() -> None:
+            call = c.generate("no-such-model", "x")  # out and open: its finaliser cancels it
+            with c.pool._lock:  # as if the collector ran inside checkout() of this thread
+                del call
+                gc.collect()
+            done.set()
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(10)
+        assert done.is_set(), "the stream's finaliser deadlocked on the pool's lock"
+        c.health()  # the next checkout settles what the finaliser gave back
+        assert c.pool._in_use == 0 and c.pool._outstanding == [0]
+        assert len(c.pool._idle) == 1
 
 
 def test_closing_the_runtime_while_threads_are_in_infer_is_safe(make_policy, worker, digits_x):

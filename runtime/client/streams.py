@@ -1,8 +1,8 @@
-"""Streams from a cloud worker: what :meth:`CloudClient.generate
+"""Streams from a cloud worker, client side: what :meth:`CloudClient.generate
 <tandem.runtime.client.CloudClient.generate>` returns.
 
-**Streams** (:meth:`CloudClient.generate`): a :class:`GenerationCall` holds its socket set for
-the stream's whole life and yields :class:`Chunk` s; when the caller reads slower than the
+A :class:`RemoteStream` holds its socket set for the stream's whole life and yields
+:class:`RemoteChunk` s; when the caller reads slower than the
 worker sends, every chunk already received is merged into one. Until the first chunk, a lost
 worker, ``Overloaded`` or ``ShuttingDown`` fails over to another endpoint inside the deadline
 (same id), as a request does; after it, losing the worker (the same connection watch:
@@ -18,20 +18,22 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import zmq
 
-from tandem.runtime.client import (
-    _DONTWAIT,
-    _EVENTS,
-    _FAILOVER_ERRORS,
-    _MAX_ROUNDS,
-    _POLLIN,
-    _POLLOUT,
-    _WATCH_MS,
-    _error_of,
-    _ms_left,
+from tandem.runtime.client.pool import (
+    DONTWAIT,
+    EVENTS,
+    FAILOVER_ERRORS,
+    POLLIN,
+    POLLOUT,
+    WATCH_MS,
+    Failover,
+    Sockets,
+    WorkerPool,
+    error_of,
+    ms_left,
 )
 from tandem.runtime.errors import (
     DeadlineExceeded,
@@ -45,17 +47,14 @@ from tandem.runtime.errors import (
 )
 from tandem.runtime.wire import Envelope, Kind, frames_nbytes, recv_frames, send_frames
 
-if TYPE_CHECKING:
-    from tandem.runtime.client import CloudClient
-
 log = logging.getLogger(__name__)
 
-_MAX_MERGE = 1000  # chunk messages merged into one Chunk at most (ZeroMQ's default RCVHWM)
+_MAX_MERGE = 1000  # chunk messages merged into one RemoteChunk at most (ZeroMQ's default RCVHWM)
 _CONNECT_WAIT_S = 5.0  # how long a stream with no deadline waits for a connection
 
 
 @dataclass(frozen=True, slots=True)
-class Chunk:
+class RemoteChunk:
     """Consecutive tokens of a generated answer: ``seq`` is the index of the first one in the
     answer; ``logprobs`` (log p under the model) and ``entropies`` (nats; None where the
     backend cannot see them) have one value per token."""
@@ -67,7 +66,7 @@ class Chunk:
     entropies: tuple[float | None, ...]
 
     @classmethod
-    def merge(cls, chunks: Sequence[Chunk]) -> Chunk:
+    def merge(cls, chunks: Sequence[RemoteChunk]) -> RemoteChunk:
         """One chunk holding consecutive ``chunks``."""
         if len(chunks) == 1:
             return chunks[0]
@@ -80,9 +79,9 @@ class Chunk:
         )
 
 
-class GenerationCall:
+class RemoteStream:
     """One streaming generation (from :meth:`CloudClient.generate`): iterate for
-    :class:`Chunk` s. Afterwards ``end`` holds the worker's ``end`` payload (``finish_reason``,
+    :class:`RemoteChunk` s. Afterwards ``end`` holds the worker's ``end`` payload (``finish_reason``,
     ``tokens``, ``prompt_tokens``, ``model``, ``version``, ``timings``); ``text`` and
     ``tokens`` are what was received so far at any time.
 
@@ -93,7 +92,7 @@ class GenerationCall:
 
     def __init__(
         self,
-        client: CloudClient,
+        pool: WorkerPool,
         env: Envelope,
         timeout_s: float | None,
         first_token_s: float | None,
@@ -102,25 +101,23 @@ class GenerationCall:
         self.end: dict[str, Any] | None = None
         self.tokens = 0  # tokens received
         self._text: list[str] = []
-        self._client = client
+        self._pool = pool
         self._env = env
         now = time.monotonic()
         self._deadline = None if timeout_s is None else now + timeout_s
         self._first_deadline = None if first_token_s is None else now + first_token_s
         self._timeouts = (timeout_s, first_token_s)
         env.deadline = self._deadline
-        self._socks: list[zmq.Socket] | None = None
+        self._socks: Sockets | None = None
         self._i: int | None = None  # the endpoint streaming to us
         self._last_i = 0
-        self._tried: set[int] = set()
-        self._tries = 0
-        self._lost: TandemError | None = None
         self._open = False  # a generate is out and its end/error has not come
         self._done = False  # iteration is over
-        self._held: Envelope | None = None  # an end/error received behind merged chunks
-        self._socks = client._checkout()
+        self._stashed: Envelope | None = None  # an end/error received behind merged chunks
+        self._socks = pool.checkout()
+        self._tries = Failover(pool, self._socks, f"generate {self.id.hex()[:8]}")
         try:
-            self._send_next(first_try=True)
+            self._send_next()
         except BaseException:
             self._release(cancel=False)
             raise
@@ -137,12 +134,12 @@ class GenerationCall:
     @property
     def endpoint(self) -> str:
         """The worker this answer was last sent to (the one streaming it, once it streams)."""
-        return self._client.endpoints[self._last_i]
+        return self._pool.endpoints[self._last_i]
 
-    def __iter__(self) -> GenerationCall:
+    def __iter__(self) -> RemoteStream:
         return self
 
-    def __next__(self) -> Chunk:
+    def __next__(self) -> RemoteChunk:
         if self._done:
             raise StopIteration
         try:
@@ -159,65 +156,55 @@ class GenerationCall:
         """Cancel the stream if it has not ended, and give the sockets back. Idempotent."""
         self._release(cancel=True)
 
-    def __enter__(self) -> GenerationCall:
+    def __enter__(self) -> RemoteStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def __del__(self) -> None:
-        # interpreter shutdown, a closed context: nothing left to free
+        # A finaliser runs wherever the garbage collector happens to run — possibly inside a
+        # call of this thread that holds the pool's lock — so it takes no lock: the cancel is
+        # sent on this stream's own sockets, the rest is settled at the pool's next checkout.
+        # Interpreter shutdown, a closed context: nothing left to free.
         with contextlib.suppress(Exception):
-            self._release(cancel=True)
+            if self._socks is not None and not self._done:
+                self._done = True
+                i, self._i = self._i, None
+                if i is not None and self._open:
+                    self._send_cancel(i)
+                self._pool.give_back_later(self._socks, i)
+                self._socks = None
 
     # ------------------------------------------------------------------ sending
-    def _send_next(self, first_try: bool) -> None:
+    def _send_next(self) -> None:
         """Send the generate to the least loaded endpoint not tried yet."""
-        client, socks = self._client, self._socks
+        pool, socks = self._pool, self._socks
         assert socks is not None
-        if self._tries >= _MAX_ROUNDS * len(socks):
-            assert self._lost is not None
-            raise self._lost
         wait_until = min(
             (d for d in (self._deadline, self._first_deadline) if d is not None),
             default=time.monotonic() + _CONNECT_WAIT_S,
         )
-        i = client._pick(socks, self._tried, wait_until, first_try=first_try)
-        if i is None:  # only after an earlier try: _pick raises on the first
-            assert self._lost is not None
-            raise self._lost
-        self._tries += 1
-        self._tried.add(i)
-        if not first_try:
-            client.failovers += 1
+        i = self._tries.next_endpoint(wait_until)
         if self._first_deadline is not None:
-            self._env.payload["first_token_ms"] = _ms_left(self._first_deadline)
-        frames = client.codec.encode(self._env)  # per try: the budgets shrink
+            self._env.payload["first_token_ms"] = ms_left(self._first_deadline)
+        frames = pool.codec.encode(self._env)  # per try: the budgets shrink
         size = frames_nbytes(frames)
-        if size > client.codec.limits.max_message_bytes:
+        if size > pool.codec.limits.max_message_bytes:
             raise LimitExceeded(
                 f"generate request is {size} bytes, over max_message_bytes "
-                f"({client.codec.limits.max_message_bytes}): shorten the prompt"
+                f"({pool.codec.limits.max_message_bytes}): shorten the prompt"
             )
         send_frames(socks[i], frames)
-        with client._lock:
-            client._outstanding[i] += 1
+        pool.started(i)
         self._i = self._last_i = i
         self._open = True
 
     def _fail_over(self, err: TandemError) -> None:
         """Before the first chunk: try the next endpoint, or raise ``err`` when none is left."""
-        assert self._socks is not None
-        self._lost = err
         self._leave(cancel=isinstance(err, Unavailable))
-        if len(self._socks) == 1 and not isinstance(err, Unavailable):
-            raise err
-        if len(self._tried) == len(self._socks):
-            if not isinstance(err, Unavailable):
-                raise err  # every worker answered Overloaded/ShuttingDown: say so
-            self._tried.clear()  # every worker lost: retry whichever connects again in time
-        log.info("generate %s: %s; failing over", self.id.hex()[:8], err.message)
-        self._send_next(first_try=False)
+        self._tries.failed(err)
+        self._send_next()
 
     def _leave(self, cancel: bool) -> None:
         """Stop streaming from the current endpoint (best-effort cancel first)."""
@@ -225,27 +212,31 @@ class GenerationCall:
         if i is None or self._socks is None:
             return
         if cancel and self._open:
-            cancel_env = Envelope(kind=Kind.CANCEL, id=self.id, task=self._env.task)
-            # no connection: the worker frees the stream when it sees the peer gone
-            with contextlib.suppress(zmq.ZMQError):
-                send_frames(self._socks[i], self._client.codec.encode(cancel_env), _DONTWAIT)
+            self._send_cancel(i)
         self._open = False
-        with self._client._lock:
-            self._client._outstanding[i] -= 1
+        self._pool.done(i)
+
+    def _send_cancel(self, i: int) -> None:
+        """Best effort: with no connection, the worker frees the stream when it sees the peer
+        gone."""
+        assert self._socks is not None
+        cancel_env = Envelope(kind=Kind.CANCEL, id=self.id, task=self._env.task)
+        with contextlib.suppress(zmq.ZMQError):
+            send_frames(self._socks[i], self._pool.codec.encode(cancel_env), DONTWAIT)
 
     def _release(self, cancel: bool) -> None:
         self._done = True
         self._leave(cancel)
         socks, self._socks = self._socks, None
         if socks is not None:
-            self._client._checkin(socks)
+            self._pool.checkin(socks)
 
     # ------------------------------------------------------------------ receiving
-    def _next_chunk(self) -> Chunk | None:
+    def _next_chunk(self) -> RemoteChunk | None:
         """The next chunk (every chunk already received, merged), or None after the end."""
-        chunks: list[Chunk] = []
+        chunks: list[RemoteChunk] = []
         while len(chunks) < _MAX_MERGE:
-            env, self._held = self._held, None
+            env, self._stashed = self._stashed, None
             if env is None:
                 env = self._receive(block=not chunks)
                 if env is None:
@@ -254,14 +245,14 @@ class GenerationCall:
                 chunks.append(self._take_chunk(env.payload))
                 continue
             if chunks:  # the end (or error) after the chunks: deliver the chunks first
-                self._held = env
+                self._stashed = env
                 break
             if env.kind is Kind.END:
                 self._take_end(env.payload)
                 return None
             if env.kind is Kind.ERROR:
-                err = _error_of(env)
-                if self.tokens == 0 and isinstance(err, _FAILOVER_ERRORS):
+                err = error_of(env)
+                if self.tokens == 0 and isinstance(err, FAILOVER_ERRORS):
                     self._fail_over(err)
                     continue
                 self._open = False
@@ -269,27 +260,27 @@ class GenerationCall:
                     raise self._interrupted(f"worker is shutting down ({err.message})")
                 raise err
             raise MalformedMessage(f"a stream got a {env.kind.value!r} message")
-        return Chunk.merge(chunks) if chunks else None
+        return RemoteChunk.merge(chunks) if chunks else None
 
     def _receive(self, block: bool) -> Envelope | None:
         """The next message of this stream; None if ``block`` is false and none is waiting.
         Watches the deadlines and the connection while it blocks."""
-        codec = self._client.codec
+        codec = self._pool.codec
         while True:
             assert self._socks is not None and self._i is not None
             sock = self._socks[self._i]
             if block:
                 left = self._wait_ms()
                 try:
-                    if not (left >= _WATCH_MS or zmq.zmq_poll([(sock, _POLLIN)], left)):
+                    if not (left >= WATCH_MS or zmq.zmq_poll([(sock, POLLIN)], left)):
                         continue
                     frames = recv_frames(sock, 1, codec.limits.max_frames)
                 except zmq.Again:
-                    if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
+                    if not cast(int, sock.getsockopt(EVENTS)) & POLLOUT:
                         self._on_lost()
                     continue
             else:
-                if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+                if not cast(int, sock.getsockopt(EVENTS)) & POLLIN:
                     return None
                 frames = recv_frames(sock, 1, codec.limits.max_frames)
             try:
@@ -307,15 +298,15 @@ class GenerationCall:
         """ms to the nearest deadline that applies now (a large number without one); raises
         :class:`DeadlineExceeded` once one has passed."""
         total, first = self._timeouts
-        left = _WATCH_MS * 100
+        left = WATCH_MS * 100
         if self._deadline is not None:
-            left = _ms_left(self._deadline)
+            left = ms_left(self._deadline)
             if left <= 0:
                 raise DeadlineExceeded(
                     f"stream not finished within {total * 1e3:.1f} ms ({self.tokens} tokens)"
                 )
         if self._first_deadline is not None and self.tokens == 0:
-            first_left = _ms_left(self._first_deadline)
+            first_left = ms_left(self._first_deadline)
             if first_left <= 0:
                 raise DeadlineExceeded(f"no first token within {first * 1e3:.1f} ms")
             left = min(left, first_left)
@@ -336,7 +327,7 @@ class GenerationCall:
             tokens=self.tokens,
         )
 
-    def _take_chunk(self, p: Any) -> Chunk:
+    def _take_chunk(self, p: Any) -> RemoteChunk:
         if not (
             type(p) is dict
             and type(p.get("seq")) is int
@@ -352,7 +343,7 @@ class GenerationCall:
             raise MalformedMessage("chunk payload: {seq, tokens, text, logprobs, entropies}")
         if p["seq"] != self.tokens:
             raise MalformedMessage(f"chunk seq {p['seq']}, expected {self.tokens}: gap or repeat")
-        chunk = Chunk(
+        chunk = RemoteChunk(
             p["seq"], tuple(p["tokens"]), p["text"], tuple(p["logprobs"]), tuple(p["entropies"])
         )
         self.tokens += len(chunk.tokens)

@@ -1,31 +1,21 @@
 """A connection to one or several cloud workers: the edge's step 5 of the request path, and
 what an MoE dispatcher uses to reach its expert shards.
 
-ZeroMQ sockets are not thread-safe, so a request checks out a set of DEALER sockets (one per
-endpoint) from a small pool for its duration and returns it after: no socket is ever used by
-two threads at once, none is closed under a request in flight, and the number of sockets
-follows the number of concurrent requests, not of threads ever seen (a thread per request
-would otherwise leak a socket and a file descriptor per thread). Replies are matched by
-request id.
-
-**Several workers** (zguide's "Freelance" pattern, client side): a request goes to the
-connected worker with the fewest requests outstanding from this client. While it waits, the
-client watches the connection: when the worker is lost (ZeroMQ saw the TCP connection close,
-or its heartbeats went unanswered for ``heartbeat_timeout_ms``), the same request — same id —
-is sent to another worker inside what is left of the deadline. ``Overloaded`` and
+**Several workers**: a call goes to the connected worker with the fewest calls outstanding
+from this client. While it waits, the client watches the connection: when the worker is lost
+(ZeroMQ saw the TCP connection close, or its heartbeats went unanswered for
+``heartbeat_timeout_ms``), the same request — same id — is sent to another worker inside what
+is left of the deadline (:class:`~tandem.runtime.client.pool.Failover`). ``Overloaded`` and
 ``ShuttingDown`` answers fail over too. Request ids are idempotency keys: a worker that
 already answered an id answers a retry from its cache instead of running it again, and the
 client returns exactly one answer per call (a late reply to an earlier try is dropped).
 
-**Streams** (:meth:`CloudClient.generate`): see :mod:`tandem.runtime.streaming`.
+**Streams** (:meth:`CloudClient.generate`): :class:`~tandem.runtime.client.streams.RemoteStream`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -33,14 +23,24 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import zmq
 
+from tandem.runtime.client.pool import (
+    DONTWAIT,
+    EVENTS,
+    FAILOVER_ERRORS,
+    POLLIN,
+    POLLOUT,
+    WATCH_MS,
+    Failover,
+    Sockets,
+    WorkerPool,
+    ms_left,
+)
+from tandem.runtime.client.streams import RemoteStream
 from tandem.runtime.curve import ClientKeys
 from tandem.runtime.errors import (
     DeadlineExceeded,
     LimitExceeded,
     MalformedMessage,
-    OverloadedError,
-    ShuttingDown,
-    TandemError,
     Unavailable,
     WireError,
 )
@@ -57,19 +57,8 @@ from tandem.runtime.wire import (
 
 if TYPE_CHECKING:
     from tandem.runtime.generation import SamplingParams  # imports the kernels: only when used
-    from tandem.runtime.streaming import GenerationCall
 
 log = logging.getLogger(__name__)
-
-# plain ints: pyzmq's flag enums cost more than the calls they are passed to
-_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
-_DONTWAIT = int(zmq.DONTWAIT)
-# While waiting for a reply, the connection is checked this often (ms): how soon a dead
-# worker is noticed once ZeroMQ has dropped its connection.
-_WATCH_MS = 10
-_FAILOVER_ERRORS = (OverloadedError, ShuttingDown)
-_MAX_ROUNDS = 2  # tries per request: at most this many rounds over the endpoints
-_MAX_IDLE_SETS = 64  # socket sets kept for reuse; more concurrent requests make (and close) more
 
 
 class CloudClient:
@@ -107,64 +96,25 @@ class CloudClient:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise ValueError("CloudClient needs at least one endpoint")
-        self.down_backoff_s = down_backoff_s
-        self.heartbeat = (heartbeat_ivl_ms, heartbeat_timeout_ms)
-        self._down_until = 0.0  # monotonic time until which the link is taken as down
         self.codec = WireCodec(limits)
-        self._ctx = context or zmq.Context.instance()
-        self._idle: list[list[zmq.Socket]] = []  # socket sets not in use (LIFO: warm first)
-        self._in_use = 0
-        self._lock = threading.Lock()
-        self._closed = False
-        self._outstanding = [0] * len(self.endpoints)  # requests in flight, all threads
-        self._rotate = itertools.count()
-        self.failovers = 0
+        self.pool = WorkerPool(
+            self.endpoints,
+            self.codec,
+            context or zmq.Context.instance(),
+            down_backoff_s=down_backoff_s,
+            heartbeat=(heartbeat_ivl_ms, heartbeat_timeout_ms),
+            curve=self.curve,
+        )
 
     @property
     def endpoint(self) -> str:
         """The first endpoint (the only one for a single-worker client)."""
         return self.endpoints[0]
 
-    def _checkout(self) -> list[zmq.Socket]:
-        with self._lock:
-            if self._closed:
-                raise Unavailable("client is closed")
-            self._in_use += 1
-            if self._idle:
-                return self._idle.pop()
-        try:
-            return [self._new_socket(ep) for ep in self.endpoints]
-        except BaseException:
-            with self._lock:
-                self._in_use -= 1
-            raise
-
-    def _checkin(self, socks: list[zmq.Socket]) -> None:
-        with self._lock:
-            self._in_use -= 1
-            if not self._closed and len(self._idle) < _MAX_IDLE_SETS:
-                self._idle.append(socks)
-                return
-        for sock in socks:
-            sock.close(linger=0)
-
-    def _new_socket(self, endpoint: str) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a peer that is not there
-        sock.setsockopt(zmq.MAXMSGSIZE, self.codec.limits.max_message_bytes)
-        ivl, timeout = self.heartbeat
-        if ivl:
-            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
-        sock.setsockopt(zmq.RCVTIMEO, _WATCH_MS)  # how often a waiting request checks its link
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if self.curve is not None:
-            self.curve.apply(sock)
-        sock.connect(endpoint)
-        return sock
+    @property
+    def failovers(self) -> int:
+        """Tries sent to another worker after a first one, over the client's life."""
+        return self.pool.failovers
 
     def request(self, env: Envelope, timeout_s: float) -> Envelope:
         """Send ``env`` and wait up to ``timeout_s`` for its reply (failing over between
@@ -182,112 +132,49 @@ class CloudClient:
         """:meth:`request`, sent first to endpoint ``prefer`` (an index into ``endpoints``)
         when it is connected — a worker that holds state for the caller, e.g. a speculative
         session; returns the reply and the index of the endpoint that gave it."""
-        socks = self._checkout()
+        socks = self.pool.checkout()
         try:
             return self._request(socks, env, timeout_s, prefer)
         finally:
-            self._checkin(socks)
+            self.pool.checkin(socks)
 
     def notify(self, env: Envelope, prefer: int = 0) -> bool:
         """Send ``env`` to endpoint ``prefer`` without waiting for the reply (it is dropped
         when it comes): a clean-up such as closing a speculative session. False if that
         endpoint is not connected or its queue is full."""
-        socks = self._checkout()
+        socks = self.pool.checkout()
         try:
             sock = socks[prefer]
-            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
+            if not cast(int, sock.getsockopt(EVENTS)) & POLLOUT:
                 return False
             if env.deadline is None:
                 env.deadline = deadline_after(1.0)
             try:
-                send_frames(sock, self.codec.encode(env), _DONTWAIT)
+                send_frames(sock, self.codec.encode(env), DONTWAIT)
             except zmq.Again:
                 return False
             return True
         finally:
-            self._checkin(socks)
+            self.pool.checkin(socks)
 
     def _request(
-        self, socks: list[zmq.Socket], env: Envelope, timeout_s: float, prefer: int | None = None
+        self, socks: Sockets, env: Envelope, timeout_s: float, prefer: int | None = None
     ) -> tuple[Envelope, int]:
         deadline = deadline_after(timeout_s)
         if env.deadline is None or env.deadline > deadline:
             env.deadline = deadline
-        tried: set[int] = set()
-        lost: TandemError | None = None
-        for attempt in range(_MAX_ROUNDS * len(socks)):
-            i = self._pick(socks, tried, deadline, first_try=attempt == 0, prefer=prefer)
-            if i is None:
-                break
-            tried.add(i)
-            if attempt:
-                self.failovers += 1
-            with self._lock:
-                self._outstanding[i] += 1
+        tries = Failover(self.pool, socks, f"request {env.id.hex()[:8]}", prefer)
+        while True:
+            i = tries.next_endpoint(deadline)
+            self.pool.started(i)
             try:
                 return self._exchange(socks[i], self.endpoints[i], env, deadline, timeout_s), i
             except _WorkerLost as e:
-                lost = Unavailable(f"lost the connection to {self.endpoints[i]}: {e}")
-                log.info("%s; failing over", lost.message)
-            except _FAILOVER_ERRORS as e:
-                if len(self.endpoints) == 1:
-                    raise
-                lost = e
-                log.info("%s answered %s; failing over", self.endpoints[i], e.code)
+                tries.failed(Unavailable(f"lost the connection to {self.endpoints[i]}: {e}"))
+            except FAILOVER_ERRORS as e:
+                tries.failed(e)
             finally:
-                with self._lock:
-                    self._outstanding[i] -= 1
-            if len(tried) == len(socks):
-                if not isinstance(lost, Unavailable):
-                    raise lost  # every worker answered Overloaded/ShuttingDown: say so
-                tried.clear()  # every worker lost: retry whichever connects again in time
-        assert lost is not None  # the loop ends early only after a try that failed over
-        raise lost
-
-    def _pick(
-        self,
-        socks: list[zmq.Socket],
-        tried: set[int],
-        deadline: float,
-        first_try: bool,
-        prefer: int | None = None,
-    ) -> int | None:
-        """The connected worker not tried yet with the fewest outstanding requests (``prefer``
-        first, if it is connected and not tried), waiting for a connection until ``deadline``;
-        None when time ran out after an earlier try."""
-        if (
-            prefer is not None
-            and prefer not in tried
-            and 0 <= prefer < len(socks)
-            and cast(int, socks[prefer].getsockopt(_EVENTS)) & _POLLOUT
-        ):
-            return prefer
-        while True:
-            start = next(self._rotate)  # spreads ties
-            best, best_load = None, 0
-            for k in range(len(socks)):
-                i = (start + k) % len(socks)
-                if i in tried or not cast(int, socks[i].getsockopt(_EVENTS)) & _POLLOUT:
-                    continue
-                if best is None or self._outstanding[i] < best_load:
-                    best, best_load = i, self._outstanding[i]
-            if best is not None:
-                return best
-            # With IMMEDIATE set there is no queue toward an absent peer: wait for a
-            # connection (a fresh socket may still be connecting) at most until the deadline.
-            if first_try and time.monotonic() < self._down_until:
-                raise Unavailable(f"no connection to {', '.join(self.endpoints)} (link down)")
-            left = _ms_left(deadline)
-            if left <= 0:
-                if first_try:
-                    self._down_until = time.monotonic() + self.down_backoff_s
-                    raise Unavailable(
-                        f"no connection to {', '.join(self.endpoints)} (no worker listening, "
-                        "or a CurveZMQ handshake refused: check cloud.server_key/client_key "
-                        "against the worker's curve settings)"
-                    )
-                return None
-            zmq.zmq_poll([(s, _POLLOUT) for i, s in enumerate(socks) if i not in tried], left)
+                self.pool.done(i)
 
     def _exchange(
         self, sock: zmq.Socket, endpoint: str, env: Envelope, deadline: float, timeout_s: float
@@ -301,17 +188,17 @@ class CloudClient:
             )
         send_frames(sock, frames)
         while True:
-            left = _ms_left(deadline)
+            left = ms_left(deadline)
             if left <= 0:
                 raise DeadlineExceeded(f"no reply from {endpoint} within {timeout_s * 1e3:.1f} ms")
             try:
                 # a blocking receive (RCVTIMEO = _WATCH_MS) is one call; the last few ms before
                 # the deadline are waited for exactly with a poll
-                if not (left >= _WATCH_MS or zmq.zmq_poll([(sock, _POLLIN)], left)):
+                if not (left >= WATCH_MS or zmq.zmq_poll([(sock, POLLIN)], left)):
                     continue
                 frames = recv_frames(sock, 1, self.codec.limits.max_frames)
             except zmq.Again:
-                if not cast(int, sock.getsockopt(_EVENTS)) & _POLLOUT:
+                if not cast(int, sock.getsockopt(EVENTS)) & POLLOUT:
                     raise _WorkerLost("connection closed while waiting for the reply") from None
                 continue
             try:
@@ -359,9 +246,9 @@ class CloudClient:
         timeout_s: float | None = None,
         first_token_s: float | None = None,
         request_id: bytes | None = None,
-    ) -> GenerationCall:
+    ) -> RemoteStream:
         """Start streaming ``model``'s continuation of ``prompt`` on a worker; iterate the
-        returned :class:`GenerationCall` for :class:`Chunk` s, then read its ``end``.
+        returned :class:`RemoteStream` for :class:`RemoteChunk` s, then read its ``end``.
 
         With ``messages`` (a chat), the worker renders them with its model's own chat
         template and ``prompt`` is the assistant's text so far (``""`` for a new answer).
@@ -391,9 +278,7 @@ class CloudClient:
         env = Envelope(kind=Kind.GENERATE, task=task, tags=tags, payload=payload)
         if request_id is not None:
             env.id = request_id
-        from tandem.runtime.streaming import GenerationCall
-
-        return GenerationCall(self, env, timeout_s, first_token_s)
+        return RemoteStream(self.pool, env, timeout_s, first_token_s)
 
     def health(self, timeout_s: float = 2.0) -> dict[str, Any]:
         return self.request(Envelope(kind=Kind.HEALTH), timeout_s).payload
@@ -402,14 +287,9 @@ class CloudClient:
         return self.request(Envelope(kind=Kind.ECHO, payload=payload), timeout_s).payload
 
     def close(self) -> None:
-        """Close the client: new requests raise :class:`Unavailable`; requests in flight finish
-        on their own sockets, which close as they return. Safe from any thread."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for socks in idle:
-            for sock in socks:
-                sock.close(linger=0)
+        """Close the client: new calls raise :class:`Unavailable`; calls in flight finish on
+        their own sockets, which close as they return. Safe from any thread."""
+        self.pool.close()
 
     def __enter__(self) -> CloudClient:
         return self
@@ -418,17 +298,5 @@ class CloudClient:
         self.close()
 
 
-def _error_of(env: Envelope) -> TandemError:
-    try:
-        env.raise_if_error()
-    except TandemError as e:
-        return e
-    raise AssertionError("not an error envelope")
-
-
 class _WorkerLost(Exception):
     """The connection a request went out on closed before its reply came."""
-
-
-def _ms_left(deadline: float) -> int:
-    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))

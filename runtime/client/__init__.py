@@ -1,0 +1,14 @@
+"""The client side of the wire: calls from the edge (or an MoE dispatcher) to cloud workers.
+
+* :mod:`~tandem.runtime.client.pool` — socket sets, the choice of worker, and the one
+  failover loop (:class:`~tandem.runtime.client.pool.Failover`) every call runs;
+* :mod:`~tandem.runtime.client.requests` — :class:`CloudClient`: one request, one reply
+  (``infer``, ``health``, speculative ``verify`` rounds), and the entry to streams;
+* :mod:`~tandem.runtime.client.streams` — :class:`RemoteStream`: one generation streamed
+  from a worker as :class:`RemoteChunk` s.
+"""
+
+from tandem.runtime.client.requests import CloudClient
+from tandem.runtime.client.streams import RemoteChunk, RemoteStream
+
+__all__ = ["CloudClient", "RemoteChunk", "RemoteStream"]
