@@ -14,23 +14,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
+from tandem.edge.answer import Answer, log_record
 from tandem.edge.escalation_log import EscalationLog
-from tandem.edge.generation import (
-    AsyncGeneration,
-    GenerationStream,
+from tandem.edge.generate_task import (
+    AnswerStream,
+    AsyncAnswerStream,
     GenerationTask,
-    _Answer,
-    log_record,
     open_generation_task,
 )
 from tandem.kernels.confidence import confidence, confidence_row
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 Tags = Collection[str]
 _NO_TAGS: frozenset[str] = frozenset()
+MAX_ASYNC_STREAMS = 64  # threads that pull agenerate/achat streams; more streams wait for one
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -103,9 +105,26 @@ class EdgeRuntime:
 
     def __init__(self, policy: Policy, *, escalation_log: EscalationLog | None = None) -> None:
         self.policy = policy
-        if escalation_log is None and policy.escalation_log is not None:
+        self._clients: list[CloudClient] = []
+        self._tasks: dict[str, _Task] = {}
+        self._generators: dict[str, GenerationTask] = {}
+        self._streams: ThreadPoolExecutor | None = None
+        self.escalation_log = escalation_log
+        try:
+            self._open(policy)
+        except BaseException:  # a task failed to load: free what the others opened
+            self.close()
+            raise
+        self._default_task = next(iter(self._tasks)) if len(self._tasks) == 1 else None
+        self._default = self._tasks[self._default_task] if self._default_task else None
+        self._default_generator = (
+            next(iter(self._generators)) if len(self._generators) == 1 else None
+        )
+
+    def _open(self, policy: Policy) -> None:
+        if self.escalation_log is None and policy.escalation_log is not None:
             spec = policy.escalation_log
-            escalation_log = EscalationLog(
+            self.escalation_log = EscalationLog(
                 spec.path,
                 synchronous=spec.synchronous,
                 store_inputs=spec.store_inputs,
@@ -114,16 +133,14 @@ class EdgeRuntime:
                 max_rows=spec.max_rows,
                 max_age_s=spec.max_age_s,
             )
-        self.escalation_log = escalation_log
         clients: dict[tuple[Any, ...], CloudClient] = {}
-        self._tasks: dict[str, _Task] = {}
-        self._generators: dict[str, GenerationTask] = {}
         for name, tp in policy.tasks.items():
             client = None
             if tp.cloud is not None:
                 eps, curve = tuple(tp.cloud.all_endpoints), tp.cloud.curve_keys
                 if (eps, curve) not in clients:
                     clients[eps, curve] = CloudClient(eps, curve=curve)
+                    self._clients.append(clients[eps, curve])
                 client = clients[eps, curve]
             if isinstance(tp, GenerateTaskPolicy):
                 self._generators[name] = open_generation_task(name, tp, client)
@@ -149,13 +166,7 @@ class EdgeRuntime:
                 row_ndim=len(backend.input_spec.shape) - 1,
                 probabilities=tp.local.output == "probabilities",
             )
-        self._clients = list(clients.values())
         self._warm_up()
-        self._default_task = next(iter(self._tasks)) if len(self._tasks) == 1 else None
-        self._default = self._tasks[self._default_task] if self._default_task else None
-        self._default_generator = (
-            next(iter(self._generators)) if len(self._generators) == 1 else None
-        )
 
     def _warm_up(self) -> None:
         """Load the kernels (JIT or on-disk cache) and run each model once now, so the first
@@ -194,13 +205,13 @@ class EdgeRuntime:
         *,
         stream: bool = False,
         **options: Unpack[GenerateOptions],
-    ) -> GenerationResult | GenerationStream:
+    ) -> GenerationResult | AnswerStream:
         """Generate a continuation of ``prompt`` under the task's policy: locally, or by the
         cloud when the local model's token confidence is too low (up front, after a probe or
         mid-stream, as the policy's ``mode`` says).
 
         ``stream=False``: the whole :class:`GenerationResult`. ``stream=True``: a
-        :class:`GenerationStream` of :class:`GenerationChunk` (text, token ids, tier,
+        :class:`AnswerStream` of :class:`AnswerChunk` (text, token ids, tier,
         log-probs) whose ``result`` is set once it is exhausted. Options: ``max_tokens``,
         ``temperature`` (0: greedy), ``top_p``, ``seed``, ``stop``, ``tags``, ``deadline_ms``.
         ``max_tokens`` and ``stop`` default to the task's; ``deadline_ms`` (default: the task's) bounds the cloud's part of
@@ -217,7 +228,7 @@ class EdgeRuntime:
         *,
         stream: bool = False,
         **options: Unpack[GenerateOptions],
-    ) -> GenerationResult | GenerationStream:
+    ) -> GenerationResult | AnswerStream:
         """The assistant's next message in a chat, under the task's policy, as :meth:`generate`
         (same options, same result). ``messages``: ``[{"role": "user", "content": "Hi"}, ...]``.
 
@@ -244,7 +255,7 @@ class EdgeRuntime:
         tags: Tags = _NO_TAGS,
         deadline_ms: float | None = None,
         stream: bool = False,
-    ) -> GenerationResult | GenerationStream:
+    ) -> GenerationResult | AnswerStream:
         name = task if task is not None else self._default_generator
         t = self._generators.get(name) if name is not None else None
         if t is None:
@@ -257,8 +268,8 @@ class EdgeRuntime:
             stop=tuple(t.policy.stop if stop is None else stop),
         )
         budget = t.policy.deadline_ms if deadline_ms is None else deadline_ms
-        answer = _Answer(t, prompt, params, frozenset(tags), budget, new_request_id(), messages)
-        chunks = GenerationStream(answer, self._log_generation)
+        answer = Answer(t, prompt, params, frozenset(tags), budget, new_request_id(), messages)
+        chunks = AnswerStream(answer, self._log_generation)
         if stream:
             return chunks
         with chunks:
@@ -267,19 +278,29 @@ class EdgeRuntime:
         assert chunks.result is not None
         return chunks.result
 
-    def agenerate(self, prompt: str, task: str | None = None, **kwargs: Any) -> AsyncGeneration:
+    def agenerate(self, prompt: str, task: str | None = None, **kwargs: Any) -> AsyncAnswerStream:
         """:meth:`generate` for asyncio code: ``await rt.agenerate(...)`` gives the
         :class:`GenerationResult`; ``async for chunk in rt.agenerate(...)`` streams. The
-        generation runs in a worker thread."""
+        generation runs on the runtime's own threads for streams (at most
+        :data:`MAX_ASYNC_STREAMS` at once; more wait), not on asyncio's default executor."""
         kwargs.pop("stream", None)
-        return AsyncGeneration(lambda: self.generate(prompt, task, stream=True, **kwargs))
+        start = lambda: self.generate(prompt, task, stream=True, **kwargs)  # noqa: E731
+        return AsyncAnswerStream(start, self._stream_threads())
 
     def achat(
         self, messages: Sequence[Mapping[str, str]], task: str | None = None, **kwargs: Any
-    ) -> AsyncGeneration:
+    ) -> AsyncAnswerStream:
         """:meth:`chat` for asyncio code, as :meth:`agenerate`."""
         kwargs.pop("stream", None)
-        return AsyncGeneration(lambda: self.chat(messages, task, stream=True, **kwargs))
+        start = lambda: self.chat(messages, task, stream=True, **kwargs)  # noqa: E731
+        return AsyncAnswerStream(start, self._stream_threads())
+
+    def _stream_threads(self) -> ThreadPoolExecutor:
+        if self._streams is None:  # a race makes two: the loser is collected unused
+            self._streams = ThreadPoolExecutor(
+                MAX_ASYNC_STREAMS, thread_name_prefix="tandem-stream"
+            )
+        return self._streams
 
     # ------------------------------------------------------------------ one request
     def infer(
@@ -524,7 +545,7 @@ class EdgeRuntime:
             model_versions=results[0].model_versions,
         )
 
-    def _log_generation(self, answer: _Answer) -> None:
+    def _log_generation(self, answer: Answer) -> None:
         if self.escalation_log is None:
             return
         try:  # only queues the row; a robot must not stall on a log
@@ -542,10 +563,15 @@ class EdgeRuntime:
         }
 
     def close(self) -> None:
+        """Close the local models, the cloud clients and the escalation log (it writes what
+        it has queued first). Safe on a runtime that failed half-way through loading."""
         for g in self._generators.values():
-            g.backend.close()
+            with contextlib.suppress(Exception):
+                g.backend.close()
         for c in self._clients:
             c.close()
+        if self._streams is not None:
+            self._streams.shutdown(wait=False, cancel_futures=True)
         if self.escalation_log is not None:
             self.escalation_log.close()
 

@@ -73,6 +73,7 @@ class TokenStep:
     text: str
     logprob: float
     entropy: float | None = None
+    drafted: bool = False  # speculative decoding: the edge drafted it and the cloud accepted it
 
 
 class FinishReason:
@@ -266,44 +267,95 @@ def token_confidence(row: np.ndarray, token: int) -> tuple[float, float]:
     return float(row[token] - row[top1]) + math.log(max_prob), entropy
 
 
+class TokenText:
+    """Tokens as an answer shows them — the one token post-processing path, for the decode loop
+    (:func:`decode`) and the edge's speculative drafts alike: each token's bytes joined by an
+    incremental UTF-8 decoder (a character split over tokens shows once complete), EOS ends the
+    answer, and stop strings are held back while they could still begin and cut where they
+    hit (never shown). After ``ended``, nothing more is taken."""
+
+    def __init__(
+        self, piece: Callable[[int], bytes], eos: frozenset[int], stops: Sequence[str] = ()
+    ) -> None:
+        self._piece, self._eos = piece, eos
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopFilter(tuple(stops)) if stops else None
+        self.ended = False  # EOS or a stop string
+
+    def push(
+        self, token: int, logprob: float, entropy: float | None = None, *, drafted: bool = False
+    ) -> list[TokenStep]:
+        """The steps now safe to show after ``token`` (none once ``ended``)."""
+        if self.ended:
+            return []
+        if token in self._eos:
+            self.ended = True
+            return self.flush()
+        step = TokenStep(token, self._utf8.decode(self._piece(token)), logprob, entropy, drafted)
+        if self.stops is None:
+            return [step]
+        ready, self.ended = self.stops.push(step)
+        return ready
+
+    def flush(self) -> list[TokenStep]:
+        """What is held back, at the end of the answer (or of this tier's part of it)."""
+        return [] if self.stops is None else self.stops.flush()
+
+
 @dataclass(slots=True)
-class _StopFilter:
+class StopFilter:
     """Holds generated text back while it could still be the start of a stop string."""
 
     stops: tuple[str, ...]
-    held: list[TokenStep] = field(default_factory=list)
-    text: str = ""
+    pending: list[TokenStep] = field(default_factory=list)  # held back
+    text: str = ""  # their text
 
     def push(self, step: TokenStep) -> tuple[list[TokenStep], bool]:
         """Steps now safe to emit, and whether a stop string was hit (then the steps are
         those before it, the last one's text cut where the stop string starts)."""
-        self.held.append(step)
+        self.pending.append(step)
         self.text += step.text
         hit = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
         if hit >= 0:
-            out = self._cut(hit)
-            cut = hit - sum(len(s.text) for s in out)
-            if self.held and cut > 0:  # the token the stop string starts inside
-                first = self.held[0]
-                out.append(TokenStep(first.token, first.text[:cut], first.logprob, first.entropy))
-            self.held, self.text = [], ""
-            return out, True
+            return self.cut_at(hit), True
         keep = max((_overlap(self.text, s) for s in self.stops), default=0)
         return self._cut(len(self.text) - keep), False
 
+    def cut_at(self, hit: int) -> list[TokenStep]:
+        """The pending steps before character ``hit`` of their text (where a stop string
+        starts), the last one cut there; nothing stays pending."""
+        out = self._cut(hit)
+        cut = hit - sum(len(s.text) for s in out)
+        if self.pending and cut > 0:  # the token the stop string starts inside
+            first = self.pending[0]
+            out.append(
+                TokenStep(
+                    first.token, first.text[:cut], first.logprob, first.entropy, first.drafted
+                )
+            )
+        self.pending, self.text = [], ""
+        return out
+
+    def straddles(self, more: str) -> int | None:
+        """Where a stop string that begins in the pending text and goes on into ``more`` (text
+        that follows it from elsewhere: the cloud taking over) starts, or None."""
+        joined = self.text + more
+        hits = [i for i in (joined.find(s) for s in self.stops) if 0 <= i < len(self.text)]
+        return min(hits, default=None)
+
     def _cut(self, at: int) -> list[TokenStep]:
-        """Emit the held steps whose text ends at or before ``at``."""
+        """Emit the pending steps whose text ends at or before ``at``."""
         out: list[TokenStep] = []
         pos = 0
-        while self.held and pos + len(self.held[0].text) <= at:
-            step = self.held.pop(0)
+        while self.pending and pos + len(self.pending[0].text) <= at:
+            step = self.pending.pop(0)
             pos += len(step.text)
             out.append(step)
         self.text = self.text[pos:]
         return out
 
     def flush(self) -> list[TokenStep]:
-        out, self.held, self.text = self.held, [], ""
+        out, self.pending, self.text = self.pending, [], ""
         return out
 
 
@@ -329,30 +381,16 @@ def decode(
     reason. ``piece(token)`` is the token's bytes (UTF-8 is decoded incrementally, so a
     character split over tokens is shown once complete)."""
     rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stops = _StopFilter(params.stop) if params.stop else None
+    text = TokenText(piece, eos, params.stop)
     row = session.prefill(prompt)
     for i in range(params.max_tokens):
         if cancel is not None and cancel.is_set():
             return FinishReason.CANCELLED
         token = sample(row, params, rng)
-        if token in eos:
-            break
-        logprob, entropy = token_confidence(row, token)
-        step = TokenStep(token, utf8.decode(piece(token)), logprob, entropy)
-        if stops is None:
-            yield step
-        else:
-            ready, hit = stops.push(step)
-            yield from ready
-            if hit:
-                return FinishReason.STOP
+        yield from text.push(token, *token_confidence(row, token))
+        if text.ended:
+            return FinishReason.STOP
         if i + 1 < params.max_tokens:
             row = session.append(token)
-    else:
-        if stops is not None:
-            yield from stops.flush()
-        return FinishReason.LENGTH
-    if stops is not None:
-        yield from stops.flush()
-    return FinishReason.STOP
+    yield from text.flush()
+    return FinishReason.LENGTH

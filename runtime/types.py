@@ -46,7 +46,7 @@ class Result:
 
 
 @dataclass(slots=True)
-class GenerationChunk:
+class AnswerChunk:
     """Part of a streamed answer: the text and token ids one tier produced, with each token's
     log-probability under the model that produced it (NaN where an OpenAI-compatible server
     did not say). ``restart``: everything streamed before this chunk is withdrawn and the

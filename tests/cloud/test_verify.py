@@ -1,4 +1,4 @@
-"""Speculative verification on the worker (:mod:`tandem.cloud.speculation`), on real backends:
+"""Speculative verification on the worker (:mod:`tandem.cloud.verify`), on real backends:
 a tiny random Llama and Mixtral served with transformers and the Llama as a GGUF served with
 llama.cpp, drafted by a different tiny Llama (so drafts are often rejected) and by the target
 itself (so all are accepted).
@@ -20,21 +20,23 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 from scipy import stats
 
-from tandem.cloud.config import SpeculativeSpec, WorkerConfig
+from tandem.cloud.config import VerifySessionLimits, WorkerConfig
 from tandem.cloud.process import WorkerProcess
-from tandem.cloud.speculation import VerifyTable
-from tandem.edge.speculative import draft
+from tandem.cloud.verify import VerifyTable
+from tandem.edge.drafting import draft
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
 from tandem.runtime.generation import SamplingParams, distribution
 from tandem.runtime.manifest import Manifest, write_manifest
 from tandem.runtime.speculative import backend_vocab_digest, draft_rng, pack_draft_q
 from tandem.runtime.tokenizer import EOS
-from tandem.runtime.wire import Envelope, Kind
+from tandem.runtime.wire import Envelope, Kind, WireCodec
 from tests.conftest import require
 from tests.lm import gguf_entry, lm_entry, tiny_lm
+from tests.peers import raw_socket
 
 PROMPTS = ["sort:dcba=", "ab", "zz:q", "sort:qwerty=", "hello world", "a=b"]
 GREEDY = SamplingParams(max_tokens=16)
@@ -146,7 +148,7 @@ CLOUDS = ["cloud-llama", "cloud-moe", "cloud-gguf"]
 
 @pytest.mark.parametrize("model", CLOUDS)
 def test_greedy_is_the_targets_own_output(backends, model) -> None:
-    table = VerifyTable(SpeculativeSpec(), backends)
+    table = VerifyTable(VerifySessionLimits(), backends)
     target = backends[model]
     for i, prompt in enumerate(PROMPTS):
         want = own_greedy(target, prompt, GREEDY.max_tokens)
@@ -179,7 +181,7 @@ def test_sampling_matches_the_targets_distribution(backends, model, params, seed
     the target's distribution after the prompt, and the second's match its distribution
     after the most frequent first token. ``seeded``: each answer has its own seed, and the
     edge and the worker draw from it as they do (separate streams)."""
-    table = VerifyTable(SpeculativeSpec(), backends)
+    table = VerifyTable(VerifySessionLimits(), backends)
     target, prompt, n = backends[model], "sort:ab=", 2000
     rng = np.random.default_rng(5)
     answers = []  # an answer shorter than 2 tokens ended with EOS
@@ -228,7 +230,7 @@ def _payload(**kw: Any) -> dict[str, Any]:
 
 def test_sessions_lost_evicted_expired_and_ended(backends) -> None:
     d = digest(backends["cloud-llama"])
-    table = VerifyTable(SpeculativeSpec(max_sessions=2, ttl_s=0.3), backends)
+    table = VerifyTable(VerifySessionLimits(max_sessions=2, ttl_s=0.3), backends)
     r = table.run(_payload(vocab=d))
     assert r["prefilled"] == 2 and r["pos"] == 3 + r["accepted"] + 1
     again = table.run(_payload(pos=r["pos"], tokens=[], draft=[5, 6]))
@@ -257,7 +259,7 @@ def test_sessions_lost_evicted_expired_and_ended(backends) -> None:
 @pytest.mark.parametrize("model", ["cloud-llama", "cloud-gguf"])
 def test_starting_over_under_one_id_never_leaks_a_slot(backends, model) -> None:
     d = digest(backends[model])
-    table = VerifyTable(SpeculativeSpec(), backends)
+    table = VerifyTable(VerifySessionLimits(), backends)
     free = backends[model].free_slots()
     for _ in range(12):  # pos 0 again and again: one session, its old slot given back
         table.run(_payload(model=model, vocab=d))
@@ -269,7 +271,7 @@ def test_starting_over_under_one_id_never_leaks_a_slot(backends, model) -> None:
 
 def test_a_draft_longer_than_max_gamma_is_verified_in_part_and_q_ids_are_checked(backends):
     d = digest(backends["cloud-llama"])
-    table = VerifyTable(SpeculativeSpec(max_gamma=2), backends)
+    table = VerifyTable(VerifySessionLimits(max_gamma=2), backends)
     r = table.run(_payload(vocab=d, draft=[7, 8, 9, 10, 11]))
     assert r["accepted"] <= 2 and r["pos"] == 3 + r["accepted"] + 1
     bad = np.array([[7, -1]], np.int32)
@@ -281,7 +283,7 @@ def test_a_draft_longer_than_max_gamma_is_verified_in_part_and_q_ids_are_checked
 
 def test_a_stream_takes_a_context_from_an_idle_session(backends) -> None:
     gguf = backends["cloud-gguf"]
-    table = VerifyTable(SpeculativeSpec(), backends)
+    table = VerifyTable(VerifySessionLimits(), backends)
     for i in range(2):  # parallel=2: both contexts held by sessions
         table.run(_payload(model="cloud-gguf", session=bytes([i]) * 16, vocab=digest(gguf)))
     assert gguf.free_slots() == 0
@@ -293,7 +295,7 @@ def test_a_stream_takes_a_context_from_an_idle_session(backends) -> None:
 
 def test_a_llama_cpp_session_takes_a_context_and_gives_it_back(backends) -> None:
     d = digest(backends["cloud-gguf"])
-    table = VerifyTable(SpeculativeSpec(), backends)
+    table = VerifyTable(VerifySessionLimits(), backends)
     for i in range(5):  # parallel=2 contexts: older sessions are evicted for newer ones
         table.run(_payload(model="cloud-gguf", session=bytes([i]) * 16, vocab=d))
     assert len(table) == 2 and table.counters["verify_evicted"] == 3
@@ -324,7 +326,7 @@ def test_a_llama_cpp_session_takes_a_context_and_gives_it_back(backends) -> None
     ],
 )
 def test_bad_payloads_are_refused(backends, change, match) -> None:
-    table = VerifyTable(SpeculativeSpec(), backends)
+    table = VerifyTable(VerifySessionLimits(), backends)
     payload = {**_payload(vocab=digest(backends["cloud-llama"])), **change}
     with pytest.raises((BadRequest, UnknownModel), match=match):
         table.run(payload)
@@ -332,7 +334,7 @@ def test_bad_payloads_are_refused(backends, change, match) -> None:
 
 
 def test_a_bad_draft_distribution_is_refused(backends) -> None:
-    table = VerifyTable(SpeculativeSpec(), backends)
+    table = VerifyTable(VerifySessionLimits(), backends)
     good = _payload(vocab=digest(backends["cloud-llama"]), temperature=1.0)
     ids = np.array([[7, 8]], np.int32)
     for probs, match in [
@@ -389,3 +391,90 @@ def test_over_the_wire_retries_replay_and_the_worker_stays_up(worker, backends) 
         while client.health()["speculative"]["sessions"] and time.monotonic() < deadline:
             time.sleep(0.01)
         assert client.health()["speculative"]["sessions"] == 0
+
+
+# ---------------------------------------------------------------------- peers and streams
+def _exchange(sock: zmq.Socket, kind: Kind, payload: Any) -> Envelope:
+    """Send one request on a bare DEALER socket (one peer) and read its answer."""
+    sock.send_multipart(WireCodec().encode(Envelope(kind=kind, payload=payload)))
+    assert sock.poll(10_000), "worker did not answer"
+    return WireCodec().decode(sock.recv_multipart())
+
+
+def test_a_session_belongs_to_the_peer_that_opened_it(worker, backends) -> None:
+    """Another peer naming a session id it did not open is answered exactly as for an id never
+    made, and can neither advance nor end the session; its pos 0 opens a session of its own."""
+    d, sid = digest(backends["cloud-llama"]), b"p" * 16
+    owner, other = raw_socket(worker.endpoint), raw_socket(worker.endpoint)
+    try:
+        opened = _exchange(owner, Kind.VERIFY, _payload(session=sid, vocab=d))
+        assert opened.kind is Kind.RESULT
+        pos = opened.payload["pos"]
+        step = _payload(session=sid, pos=pos, tokens=[], draft=[])
+        unknown = _exchange(other, Kind.VERIFY, {**step, "session": b"u" * 16})
+        assert unknown.kind is Kind.ERROR and unknown.payload["code"] == "session_lost"
+        assert _exchange(other, Kind.VERIFY, step).payload == unknown.payload
+        end = {"model": "cloud-llama", "session": sid, "end": True}
+        assert _exchange(other, Kind.VERIFY, end).payload == {"closed": False}
+        own = _exchange(other, Kind.VERIFY, _payload(session=sid, vocab=d, draft=[]))
+        assert own.kind is Kind.RESULT and own.payload["pos"] == 4  # its own, from its prompt
+        assert _exchange(other, Kind.VERIFY, end).payload == {"closed": True}
+        after = _exchange(owner, Kind.VERIFY, step)  # the owner's session, untouched
+        assert after.kind is Kind.RESULT and after.payload["pos"] == pos + 1
+        assert _exchange(owner, Kind.VERIFY, end).payload == {"closed": True}
+    finally:
+        owner.close()
+        other.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_worker(models: Path) -> Iterator[WorkerProcess]:
+    """A worker with one llama.cpp context (generation.parallel 1): a verify session holding
+    it leaves none for a stream."""
+    require("llama_cpp")
+    cfg = WorkerConfig.model_validate(
+        {
+            "bind": "tcp://127.0.0.1:*",
+            "models_dir": str(models),
+            "models": ["cloud-gguf"],
+            "threads": 1,
+            "generation": {"parallel": 1},
+        }
+    )
+    with WorkerProcess(cfg) as w:
+        yield w
+
+
+def test_only_a_stream_that_starts_takes_a_sessions_context(gguf_worker, backends) -> None:
+    """A ``generate`` that is refused (a bad payload) leaves the verify session holding the
+    model's only context alone; one that starts takes the context (the session resyncs)."""
+    sock = raw_socket(gguf_worker.endpoint)
+    try:
+        opened = _exchange(
+            sock, Kind.VERIFY, _payload(model="cloud-gguf", vocab=digest(backends["cloud-gguf"]))
+        )
+        assert opened.kind is Kind.RESULT
+        pos = opened.payload["pos"]
+        for bad in (
+            {"model": "cloud-gguf", "prompt": 5},
+            {"model": "cloud-gguf", "prompt": "ab", "temprature": 1.0},
+            {"model": "cloud-gguf", "prompt": "ab", "max_tokens": 0},
+            {"model": "cloud-gguf", "prompt": "ab", "stop": ["x"] * 100},
+        ):
+            r = _exchange(sock, Kind.GENERATE, bad)
+            assert r.kind is Kind.ERROR and r.payload["code"] == "bad_request", bad
+        step = _payload(model="cloud-gguf", pos=pos, tokens=[], draft=[])
+        kept = _exchange(sock, Kind.VERIFY, step)
+        assert kept.kind is Kind.RESULT, kept.payload  # the session kept its context
+        stream = _exchange(sock, Kind.GENERATE, {"model": "cloud-gguf", "prompt": "ab"})
+        while stream.kind is Kind.CHUNK:
+            assert sock.poll(10_000), "worker did not answer"
+            stream = WireCodec().decode(sock.recv_multipart())
+        assert stream.kind is Kind.END
+        step = {**step, "pos": kept.payload["pos"]}
+        lost = _exchange(sock, Kind.VERIFY, step)  # the stream took its context
+        assert lost.kind is Kind.ERROR and lost.payload["code"] == "session_lost"
+        health = _exchange(sock, Kind.HEALTH, None).payload
+        assert health["speculative"]["verify_yielded"] == 1
+    finally:
+        sock.close()

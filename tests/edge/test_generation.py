@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,50 @@ def test_agenerate(models, edge_lm) -> None:
     with runtime(models, None) as rt:
         a, b = asyncio.run(both(rt))
     assert a == b == greedy(edge_lm, PROMPT, N)
+
+
+def test_agenerate_does_not_wait_on_asyncios_default_executor(models, edge_lm) -> None:
+    """Streams are pulled on the runtime's own threads: a default executor busy with other work
+    (``ainfer`` calls, the application's own ``to_thread``) does not hold a stream back."""
+
+    async def run(rt: EdgeRuntime) -> str:
+        loop = asyncio.get_running_loop()
+        release = threading.Event()
+        busy = [loop.run_in_executor(None, release.wait) for _ in range(64)]  # > its threads
+        try:
+            chunks = [c async for c in rt.agenerate(PROMPT)]
+        finally:
+            release.set()
+            await asyncio.gather(*busy)
+        return "".join(c.text for c in chunks)
+
+    with runtime(models, None) as rt:
+        text = asyncio.run(asyncio.wait_for(run(rt), 30))
+    assert text == greedy(edge_lm, PROMPT, N)
+
+
+def test_cancelling_an_async_stream_does_not_wait_for_the_token_in_flight(models) -> None:
+    """A task iterating a stream is cancelled while the stream waits for its next token (here:
+    a cloud that is not there, for up to 5 s): the cancellation takes effect at once, and the
+    stream is closed once that wait ends."""
+    dead = "tcp://127.0.0.1:9"
+
+    async def run(rt: EdgeRuntime) -> float:
+        async def read() -> None:
+            async for _ in rt.agenerate(PROMPT, tags={"critical"}, deadline_ms=5_000):
+                pass
+
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.3)  # inside the first next(): waiting for the cloud
+        t0 = time.perf_counter()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.perf_counter() - t0
+
+    with runtime(models, dead, deadline_ms=5_000) as rt:
+        waited = asyncio.run(run(rt))
+    assert waited < 2.0, f"the cancellation waited {waited:.1f} s for the token in flight"
 
 
 def test_bad_requests(models) -> None:

@@ -352,6 +352,25 @@ def test_labels_and_entropy_gate_checked_against_a_dynamic_class_axis(tmp_path: 
         EdgeRuntime.from_policy(tmp_path / "one.yaml")
 
 
+def test_a_task_that_fails_to_load_leaves_nothing_running(tmp_path: Path) -> None:
+    """Opening task b fails after task a and the escalation log are open: the runtime closes
+    what it opened (the log's writer thread would otherwise run for the life of the process)."""
+    from tandem.runtime.errors import TandemError
+
+    _dynamic_classes_model(tmp_path / "three.onnx", np.ones((4, 3), np.float32))
+    (tmp_path / "p.yaml").write_text(
+        "escalation_log: {path: esc.sqlite}\n"
+        "tasks:\n"
+        "  a:\n    local: {path: three.onnx}\n    gate: {metric: max_prob, threshold: 0.5}\n"
+        "  b:\n    local: {path: three.onnx, labels: [x, y]}\n"
+        "    gate: {metric: max_prob, threshold: 0.5}\n"
+    )
+    with pytest.raises(TandemError, match="2 labels"):
+        EdgeRuntime.from_policy(tmp_path / "p.yaml")
+    writers = [t for t in threading.enumerate() if t.name.startswith("tandem-escalation-log")]
+    assert not writers, f"left running: {writers}"
+
+
 @pytest.mark.integration
 def test_infer_batch_splits_escalations_to_the_cloud_row_limit(make_policy, worker) -> None:
     x = np.random.default_rng(1).uniform(0, 1, (25, 64)).astype(np.float32)

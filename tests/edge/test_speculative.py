@@ -177,6 +177,40 @@ def test_the_controller_falls_back_to_a_plain_stream_on_a_slow_link(models, work
     assert r.speculation["rounds"] == 0 and set(r.token_tiers) == {Tier.CLOUD}
 
 
+def test_a_stop_string_across_the_hand_over_to_a_stream_still_ends_the_answer(
+    models, worker, own
+) -> None:
+    """Drafting holds back text that may begin a stop string; when a plain stream takes over
+    there, a stop string that begins in that text and ends in the stream's must still end the
+    answer (the stream continues after the held text, and the edge checks the seam)."""
+    prompt = PROMPTS[0]
+    full = own("cloud-lm", prompt)
+    with runtime(models, worker.endpoint, speculative={"gamma": 1}) as rt:
+        ctl = rt._generators["t"].controller
+        ctl.choose = lambda remaining, first=False: 1 if first else STREAM  # one round, then stream
+        r = streamed(rt, prompt)
+        assert r.text == full and r.speculation["rounds"] == 1 and r.speculation["fallback"]
+        k = 1 + r.speculation["accepted"]  # tokens (one character each) drafting produced
+        stop = full[k - 1 : k + 1]  # its last character, and the stream's first
+        r = streamed(rt, prompt, stop=[stop])
+    assert r.speculation["fallback"]
+    assert r.text == full[: full.index(stop)] and r.finish_reason == "stop"
+
+
+def test_drafted_flags_survive_a_stop_string_cut() -> None:
+    """A drafted token cut by a stop string is still marked drafted (the flag rides on the
+    step, not on the identity of an object that the cut replaces)."""
+    from tandem.runtime.generation import TokenText
+
+    pieces = {1: b"ab", 2: b"cd", 3: b"xy"}
+    text = TokenText(pieces.__getitem__, frozenset({0}), stops=["c"])
+    out = text.push(1, -0.1, drafted=True) + text.push(2, -0.2, drafted=True)
+    assert text.ended and [(s.text, s.drafted) for s in out] == [("ab", True)]
+    text = TokenText(pieces.__getitem__, frozenset({0}), stops=["bc"])
+    out = text.push(1, -0.1, drafted=True) + text.push(2, -0.2)
+    assert text.ended and [(s.text, s.drafted) for s in out] == [("a", True)]
+
+
 def test_a_draft_model_with_another_vocabulary_streams_instead(models, worker, own) -> None:
     """Drafts are token ids: the worker refuses a different vocabulary, the edge streams."""
     other = tiny_lm(models.parent / "reversed-vocab", seed=3, chars=CHARS[::-1])

@@ -17,7 +17,7 @@ from tandem.runtime.generation import (
     SamplingParams,
     TokenStep,
     TokenStream,
-    _StopFilter,
+    StopFilter,
     decode,
     sample,
     token_confidence,
@@ -105,7 +105,7 @@ def test_held_prefix_is_released_when_it_is_no_stop():
 
 
 def test_stop_held_back_until_safe():
-    f = _StopFilter(("abc",))
+    f = StopFilter(("abc",))
     assert f.push(TokenStep(1, "xa", 0.0)) == ([], False)  # "a" might start "abc"
     out, hit = f.push(TokenStep(2, "bq", 0.0))
     assert [s.text for s in out] == ["xa", "bq"] and not hit

@@ -1,5 +1,5 @@
 """Speculative decoding on the edge (``mode: speculative``): the local model drafts, a worker
-verifies (:mod:`tandem.cloud.speculation`), round after round, until the answer ends.
+verifies (:mod:`tandem.cloud.verify`), round after round, until the answer ends.
 
 Each round: γ from the task's :class:`~tandem.runtime.speculative.GammaController`; the draft
 (the local model's tokens, greedy or sampled from
@@ -9,19 +9,19 @@ cloud's own token are the answer's next tokens, all of tier ``cloud``, those the
 marked in the chunk's ``drafted``. The tokens are the cloud model's answer: greedy, token for
 token; sampling, in distribution.
 
-When the controller says streaming is faster (a slow link), the rest of the answer is a plain
-cloud stream (``generate``, continuing the text). When the cloud fails (unreachable, deadline,
-a worker lost mid-answer), the edge finishes the answer from where it stands, marked
-``edge-degraded``, as in the other modes.
+:func:`speculate` only drafts and verifies: it yields the answer's next tokens and returns
+how it ended (:class:`Drafted`). The answer (:class:`tandem.edge.answer.Answer`) records the
+tokens and, when drafting hands over, moves on: to a plain cloud stream when the controller
+says streaming is faster (a slow link), or to the edge (``edge-degraded``) when the cloud
+fails, as in the other modes.
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,13 @@ from tandem.runtime.errors import (
     SessionLost,
     TandemError,
 )
-from tandem.runtime.generation import SamplingParams, SessionLease, TokenStep, _StopFilter
+from tandem.runtime.generation import (
+    LocalGenerationBackend,
+    SamplingParams,
+    SessionLease,
+    TokenStep,
+    TokenText,
+)
 from tandem.runtime.speculative import (
     STREAM,
     GammaController,
@@ -44,11 +50,11 @@ from tandem.runtime.speculative import (
     draft_rng,
     pack_draft_q,
 )
-from tandem.runtime.types import GenerationChunk, Tier
+from tandem.runtime.types import Tier
 from tandem.runtime.wire import Envelope, Kind
 
 if TYPE_CHECKING:
-    from tandem.edge.generation import _Answer
+    from tandem.edge.generate_task import GenerationTask
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +99,7 @@ def draft(
 
 
 @dataclass
-class _Stats:
+class DraftStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -122,27 +128,61 @@ class _Stats:
         }
 
 
-class _Verifier:
-    """The worker side of one answer: its session id, where it lives, what it holds."""
+@dataclass(frozen=True)
+class DraftRequest:
+    """What drafting needs of the answer it continues (read-only)."""
 
-    def __init__(self, a: _Answer, digest: str) -> None:
-        t = a.t
+    task: GenerationTask
+    prompt: str
+    messages: list[dict[str, str]] | None
+    text: str  # the answer so far: drafting continues after it
+    params: SamplingParams
+    tags: tuple[str, ...]
+    deadline_ms: float  # the cloud's part of the budget, counted from now
+    n_tokens: int  # tokens the answer has so far
+
+
+@dataclass
+class Drafted:
+    """How drafting ended: the answer's end (``finish_reason``), a hand-over to a plain cloud
+    stream (``stream_instead``: why; ``learn``: whether the controller may time it), or a
+    cloud failure (``error``: the edge finishes). ``pending`` holds back what may begin a
+    stop string, for the stream that takes over."""
+
+    finish_reason: str | None = None
+    stream_instead: str | None = None
+    learn: bool = True
+    error: TandemError | None = None
+    pending: TokenText | None = None
+    began: bool = False  # the controller was told an answer began (it is told when it ends)
+    local_ms: float = 0.0
+    cloud_ms: float = 0.0
+    stats: DraftStats = field(default_factory=DraftStats)
+
+
+class RemoteVerifySession:
+    """The worker's half of one speculative answer, seen from the edge: its session id, the
+    endpoint that holds it, and how many tokens it holds."""
+
+    def __init__(self, req: DraftRequest, digest: str) -> None:
+        t = req.task
         assert t.client is not None and t.policy.cloud is not None
-        self.a, self.client, self.model = a, t.client, t.policy.cloud.model
+        self.req, self.client, self.model = req, t.client, t.policy.cloud.model
         self.session = os.urandom(16)
         self.digest = digest
         self.n_vocab = int(t.backend.n_vocab)
         self.pos = 0  # tokens the worker's session holds (0: none)
         self.prefer: int | None = None
         self.open = False
-        self.deadline = time.monotonic() + a.deadline_ms / 1e3
+        self.deadline = time.monotonic() + req.deadline_ms / 1e3
 
     def round(
-        self, sequence: list[int], tokens: list[int], qs: list, stats: _Stats
+        self, sequence: list[int], tokens: list[int], qs: list, stats: DraftStats, left: int
     ) -> tuple[dict[str, Any], float]:
         """One verify request (again with the whole sequence if the worker lost the
-        session); the reply payload and its wall time."""
-        p = self.a.params
+        session), ``left`` tokens at most still to come; the reply payload and its wall
+        time."""
+        p = self.req.params
         payload: dict[str, Any] = {
             "model": self.model,
             "session": self.session,
@@ -150,7 +190,7 @@ class _Verifier:
             "temperature": float(p.temperature),
             "top_p": float(p.top_p),
             "seed": p.seed,
-            "max_tokens": max(p.max_tokens - len(self.a.tokens), 1),
+            "max_tokens": max(left, 1),
         }
         if p.temperature > 0 and tokens:
             payload["q_ids"], payload["q_probs"] = pack_draft_q(qs)
@@ -162,10 +202,7 @@ class _Verifier:
                 payload.update(pos=self.pos, tokens=sequence[self.pos :])
             left = self.deadline - time.monotonic()
             env = Envelope(
-                kind=Kind.VERIFY,
-                task=self.a.t.name,
-                tags=tuple(sorted(self.a.tags)),
-                payload=payload,
+                kind=Kind.VERIFY, task=self.req.task.name, tags=self.req.tags, payload=payload
             )
             try:
                 self.open = True
@@ -211,145 +248,107 @@ def _check_reply(p: Any, gamma: int, length: int, n_vocab: int) -> dict[str, Any
     return p
 
 
-def speculate(a: _Answer) -> Iterator[GenerationChunk]:
-    """The cloud's answer to ``a.prompt + a.text``, by drafting and verifying (see the module
-    docstring); records into ``a`` as every tier does."""
-    t = a.t
+def speculate(req: DraftRequest) -> Generator[list[TokenStep], None, Drafted]:
+    """The cloud's answer to ``req.prompt + req.text``, drafted here and verified by a worker
+    (see the module docstring): yields the answer's next steps (``drafted`` set on those the
+    edge drafted), returns how it ended."""
+    t = req.task
     backend, ctl = t.backend, t.controller
-    assert ctl is not None
-    a.escalated_at = len(a.tokens)
-    stats = _Stats()
-    eos = backend.eos_tokens
-    params = a.params
+    assert ctl is not None and isinstance(backend, LocalGenerationBackend)
+    out = Drafted()
+    stats, params = out.stats, req.params
     rng = draft_rng(params.seed) if params.temperature > 0 else None
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stops = _StopFilter(params.stop) if params.stop else None
+    text = out.pending = TokenText(backend.piece, backend.eos_tokens, params.stop)
     top_k = t.policy.speculative.draft_top_k
-    n_ctx = int(getattr(backend, "n_ctx", 0)) or 1 << 30
+    n_ctx, produced = backend.n_ctx, req.n_tokens
     try:
-        if a.messages is None:
-            sequence = backend.tokenize(a.prompt + a.text)
+        if req.messages is None:
+            sequence = backend.tokenize(req.prompt + req.text)
         else:
-            sequence = chat_tokens(backend, a.messages, a.text)
+            sequence = chat_tokens(backend, req.messages, req.text)
         lease = backend.lease(sequence)
     except OverloadedError:  # every local context drafting already: the cloud streams it
-        yield from _stream_rest(a, ctl, stats, "every local context is drafting")
-        a.speculation = stats.as_dict(ctl)
-        return
+        out.stream_instead = "every local context is drafting"
+        return out
     if t.vocab is None:
         t.vocab = backend_vocab_digest(backend)
-    worker = _Verifier(a, t.vocab)
+    worker = RemoteVerifySession(req, t.vocab)
     ctl.begin_answer()
-    ended = False  # EOS or a stop string
+    out.began = True
     try:
-        while not ended:
-            remaining = params.max_tokens - len(a.tokens)
+        while not text.ended:
+            remaining = params.max_tokens - produced
             if remaining <= 0:
-                a.finish_reason = "length"
+                out.finish_reason = "length"
                 break
             gamma = ctl.choose(remaining, first=not stats.rounds)
             if gamma != STREAM:  # the draft must fit the local model's context too
                 gamma = min(gamma, n_ctx - len(sequence) - 1)
             if gamma < 0:
-                worker.close()
-                if stops is not None and (held := stops.flush()):
-                    yield _chunk(a, held, set())
-                why = "faster (controller)" if n_ctx > len(sequence) + 1 else "local context full"
-                yield from _stream_rest(a, ctl, stats, why)
-                return
+                full = n_ctx <= len(sequence) + 1
+                out.stream_instead = "local context full" if full else "faster (controller)"
+                return out
             t0 = time.perf_counter()
-            tokens, qs = draft(lease, sequence, gamma, params, rng, eos, top_k)
+            tokens, qs = draft(lease, sequence, gamma, params, rng, backend.eos_tokens, top_k)
             draft_s = time.perf_counter() - t0
-            a.ms["local"] += draft_s * 1e3
+            out.local_ms += draft_s * 1e3
             try:
-                out, wall = worker.round(sequence, tokens, qs, stats)
+                reply, wall = worker.round(sequence, tokens, qs, stats, remaining)
             except BadRequest as e:
                 if stats.rounds:
                     raise
                 # refused before anything was verified (a prompt over the worker's limit, a
                 # different vocabulary): the cloud streams the answer instead
                 log.warning("task %s: the worker refused to verify (%s); streaming", t.name, e)
-                worker.close()
-                yield from _stream_rest(a, ctl, stats, f"refused: {e.message}", learn=False)
-                return
-            a.ms["cloud"] += wall * 1e3
-            n = out["accepted"]
+                out.stream_instead, out.learn = f"refused: {e.message}", False
+                return out
+            out.cloud_ms += wall * 1e3
+            n = reply["accepted"]
             stats.add(len(tokens), n)
-            new = [*tokens[:n], out["token"]][:remaining]
+            new = [*tokens[:n], reply["token"]][:remaining]
             sequence.extend(new)
+            produced += len(new)
             steps: list[TokenStep] = []
-            drafted: set[int] = set()
             for i, tok in enumerate(new):
-                if tok in eos:
-                    ended = True
-                    break
-                step = TokenStep(tok, utf8.decode(backend.piece(tok)), float(out["logprobs"][i]))
-                if i < n:
-                    drafted.add(id(step))
-                if stops is None:
-                    steps.append(step)
-                    continue
-                ready, hit = stops.push(step)
-                steps += ready
-                if hit:
-                    ended = True
-                    stops = None  # what it held is cut off
+                steps += text.push(tok, float(reply["logprobs"][i]), drafted=i < n)
+                if text.ended:
                     break
             ctl.observe_round(
                 len(tokens),
                 n,
                 draft_s=draft_s,
                 wall_s=wall,
-                compute_s=max(int(out.get("compute_us", 0)), 0) / 1e6,
-                prefilled=int(out.get("prefilled", 0)),
+                compute_s=max(int(reply.get("compute_us", 0)), 0) / 1e6,
+                prefilled=int(reply.get("prefilled", 0)),
                 round_s=time.perf_counter() - t0,
             )
             if steps:
-                yield _chunk(a, steps, drafted)
-        if stops is not None and (held := stops.flush()):
-            yield _chunk(a, held, set())
+                yield steps
+        out.finish_reason = out.finish_reason or "stop"  # "stop": EOS or a stop string
+        steps = text.flush()
+        if steps:
+            yield steps
     except TandemError as e:
-        a.cloud_failed(e)
+        out.error = e
     finally:
         lease.close()
         worker.close()
-        a.speculation = stats.as_dict(ctl)
-        a.ms["gamma"] = float(np.mean(stats.gammas)) if stats.gammas else 0.0
-        ctl.observe_answer(len(a.tokens) - (a.escalated_at or 0))
-    if a.cloud_error is not None:
-        yield from a.degrade()
+        out.pending = None if out.stream_instead is None else text
+    return out
 
 
-def _chunk(a: _Answer, steps: list[TokenStep], drafted: set[int]) -> GenerationChunk:
-    texts = [s.text for s in steps]
-    chunk = GenerationChunk(
-        "".join(texts),
-        [s.token for s in steps],
-        Tier.CLOUD,
-        [s.logprob for s in steps],
-        token_texts=texts,
-        drafted=[id(s) in drafted for s in steps],
-    )
-    return a._record(chunk)
-
-
-def _stream_rest(
-    a: _Answer, ctl: GammaController, stats: _Stats, why: str, learn: bool = True
-) -> Iterator[GenerationChunk]:
-    """The rest of the answer as a plain cloud stream, timed for the controller (``learn``)."""
-    stats.fallback, stats.fallback_reason = True, why
-    t0 = time.perf_counter()
+def observe_stream(ctl: GammaController, chunks: Iterator[Any], t0: float) -> Iterator[Any]:
+    """``chunks`` of a cloud stream that took over from drafting, timed for the controller
+    (time to the first token, then per token)."""
     first = last = None
     n = 0
-    for chunk in a.cloud_stream(a.text):
+    for chunk in chunks:
         now = time.perf_counter()
-        if chunk.tier is Tier.CLOUD:
-            chunk.drafted = [False] * len(chunk.tokens)
-            if chunk.tokens:
-                first = now if first is None else first
-                last = now
-                n += len(chunk.tokens)
+        if chunk.tier is Tier.CLOUD and chunk.tokens:
+            first = now if first is None else first
+            last = now
+            n += len(chunk.tokens)
         yield chunk
-    if learn and first is not None and last is not None:
+    if first is not None and last is not None:
         per_token = (last - first) / (n - 1) if n > 1 else float("nan")
         ctl.observe_stream(first - t0, per_token)
