@@ -578,8 +578,19 @@ def gateway(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_concurrent: Annotated[
-        int, typer.Option(help="Generations at once; one more gets 429.")
+        int, typer.Option(help="Generations at once; more wait in the queue.")
     ] = 8,
+    max_queued: Annotated[
+        int,
+        typer.Option(
+            help="Requests waiting for a generation slot (first come, first served); one "
+            "more gets 429. 0: no queue."
+        ),
+    ] = 64,
+    queue_timeout_s: Annotated[
+        float,
+        typer.Option(help="Longest wait for a slot, in seconds; past it the request gets 429."),
+    ] = 30.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body; more gets 413.")] = (
         1 << 20
     ),
@@ -592,7 +603,9 @@ def gateway(
     ] = False,
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) in
-    front of the router, for processes on the device that do not speak Python."""
+    front of the router, for processes on the device that do not speak Python. Past
+    --max-concurrent generations, requests queue (at most --max-queued, each for at most
+    --queue-timeout-s) as llama.cpp's server does; only then are they refused with 429."""
     import ipaddress
 
     from tandem.edge.gateway import serve
@@ -615,6 +628,8 @@ def gateway(
             port=port,
             max_concurrent=max_concurrent,
             max_body_bytes=max_body_bytes,
+            max_queued=max_queued,
+            queue_timeout_s=queue_timeout_s,
         )
     except TandemError as e:
         raise _fail(e) from None

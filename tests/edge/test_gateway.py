@@ -40,7 +40,7 @@ from tandem.edge import EdgeRuntime  # noqa: E402
 from tandem.edge.gateway import chat_messages, create_app  # noqa: E402
 from tandem.router.policy import policy_from_dict  # noqa: E402
 from tandem.runtime.errors import BadRequest  # noqa: E402
-from tandem.runtime.types import GenerationChunk, Tier  # noqa: E402
+from tandem.runtime.types import AnswerChunk, Tier  # noqa: E402
 from tests.lm import tiny_lm  # noqa: E402
 
 PROMPT = "sort: cab ="
@@ -421,6 +421,27 @@ def test_raw_http_errors_are_json_in_openai_shape(url: str) -> None:
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
+def test_json_nested_too_deeply_is_400_not_500(app: Any, url: str) -> None:
+    errors = app.state.gateway.errors
+    deep = b"[" * 5000 + b"]" * 5000
+    for path, body in [
+        ("/v1/completions", deep),
+        ("/v1/chat/completions", b'{"model": "sort", "messages": ' + deep + b"}"),
+        ("/v1/completions", b'{"model": "sort", "prompt": "ab", "metadata": ' + deep + b"}"),
+    ]:
+        status, _, answer = _raw(url, "POST", path, body)
+        assert status == 400, answer
+        err = json.loads(answer)["error"]
+        assert err["type"] == "invalid_request_error"
+        assert "nested too deeply" in err["message"]
+    # deep, yet parsed: refused by name, and the value quoted short, not whole
+    n = json.dumps({"model": "sort", "prompt": "ab", "n": json.loads("[" * 300 + "]" * 300)})
+    status, _, answer = _raw(url, "POST", "/v1/completions", n.encode())
+    err = json.loads(answer)["error"]
+    assert status == 400 and err["param"] == "n" and len(err["message"]) < 200
+    assert app.state.gateway.errors == errors  # no 500 among them
+
+
 # ---------------------------------------------------------------------------------- SSE
 def test_sse_framing_over_raw_http(url: str) -> None:
     req = {"model": "sort", "prompt": PROMPT, "max_tokens": 6, "stream": True, "logprobs": 1}
@@ -443,7 +464,7 @@ class ScriptedRuntime:
     any); a prompt of ``boom`` fails at once."""
 
     def __init__(
-        self, policy: Any, chunks: list[GenerationChunk], error: Exception | None = None
+        self, policy: Any, chunks: list[AnswerChunk], error: Exception | None = None
     ) -> None:
         self.policy, self.chunks, self.error = policy, chunks, error
 
@@ -453,7 +474,7 @@ class ScriptedRuntime:
             raise RuntimeError("exploded at once")
         chunks, error = self.chunks, self.error
 
-        def run() -> Iterator[GenerationChunk]:
+        def run() -> Iterator[AnswerChunk]:
             yield from chunks
             if error is not None:
                 raise error
@@ -462,7 +483,7 @@ class ScriptedRuntime:
             result = None
             it = run()
 
-            def __next__(self) -> GenerationChunk:
+            def __next__(self) -> AnswerChunk:
                 return next(self.it)
 
             def close(self) -> None:
@@ -472,7 +493,7 @@ class ScriptedRuntime:
 
 
 def test_an_error_after_the_stream_started_is_a_last_event(runtime: EdgeRuntime) -> None:
-    first = GenerationChunk("ab", [3, 4], Tier.EDGE, [-0.1, -0.2])
+    first = AnswerChunk("ab", [3, 4], Tier.EDGE, [-0.1, -0.2])
     scripted = ScriptedRuntime(runtime.policy, [first], RuntimeError("the model fell over"))
     app = create_app(scripted)  # type: ignore[arg-type]
     with running(app) as url:
@@ -503,8 +524,8 @@ def test_an_error_after_the_stream_started_is_a_last_event(runtime: EdgeRuntime)
 
 def test_a_restart_chunk_is_flagged_and_unknown_logprobs_are_null(runtime: EdgeRuntime) -> None:
     chunks = [
-        GenerationChunk("ab", [3], Tier.EDGE, [-0.5]),
-        GenerationChunk("xyz", [7, 8], Tier.CLOUD, [math.nan, -1.0], restart=True),
+        AnswerChunk("ab", [3], Tier.EDGE, [-0.5]),
+        AnswerChunk("xyz", [7, 8], Tier.CLOUD, [math.nan, -1.0], restart=True),
     ]
     app = create_app(ScriptedRuntime(runtime.policy, chunks))  # type: ignore[arg-type]
     with running(app) as url:
@@ -559,8 +580,8 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(
     assert client.completions.create(model="sort", prompt=PROMPT, max_tokens=3).choices
 
 
-def test_over_max_concurrent_is_429_with_retry_after(runtime: EdgeRuntime) -> None:
-    app = create_app(runtime, max_concurrent=1)
+def test_over_max_concurrent_with_no_queue_is_429_with_retry_after(runtime: EdgeRuntime) -> None:
+    app = create_app(runtime, max_concurrent=1, max_queued=0)  # refused at once, never queued
     with running(app) as url:
         conn, _ = _open_stream(url, LONG)
         try:
