@@ -167,7 +167,9 @@ class RemoteVerifySession:
     def __init__(self, req: DraftRequest, digest: str) -> None:
         t = req.task
         assert t.client is not None and t.policy.cloud is not None
-        self.req, self.client, self.model = req, t.client, t.policy.cloud.model
+        self.req, self.model = req, t.policy.cloud.model
+        # one socket set for the whole answer: the worker scopes the session to its peer
+        self.conn = t.client.connection()
         self.session = os.urandom(16)
         self.digest = digest
         self.n_vocab = int(t.backend.n_vocab)
@@ -206,7 +208,7 @@ class RemoteVerifySession:
             )
             try:
                 self.open = True
-                reply, self.prefer = self.client.request_via(env, max(left, 1e-3), self.prefer)
+                reply, self.prefer = self.conn.request_via(env, max(left, 1e-3), self.prefer)
             except SessionLost:
                 stats.resyncs += 1
                 if attempt:
@@ -220,14 +222,16 @@ class RemoteVerifySession:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Drop the worker's session if it may still hold one (without waiting)."""
+        """Drop the worker's session if it may still hold one (without waiting), and give
+        the connection back. Idempotent."""
         if self.open and self.prefer is not None:
             env = Envelope(
                 kind=Kind.VERIFY,
                 payload={"model": self.model, "session": self.session, "end": True},
             )
-            self.client.notify(env, self.prefer)
+            self.conn.notify(env, self.prefer)
         self.open = False
+        self.conn.close()
 
 
 def _check_reply(p: Any, gamma: int, length: int, n_vocab: int) -> dict[str, Any]:

@@ -8,7 +8,7 @@
   from a worker as :class:`RemoteChunk` s.
 """
 
-from tandem.runtime.client.requests import CloudClient
+from tandem.runtime.client.requests import CloudClient, Connection
 from tandem.runtime.client.streams import RemoteChunk, RemoteStream
 
-__all__ = ["CloudClient", "RemoteChunk", "RemoteStream"]
+__all__ = ["CloudClient", "Connection", "RemoteChunk", "RemoteStream"]

@@ -124,38 +124,17 @@ class CloudClient:
         Raises :class:`Unavailable` (no connection), :class:`DeadlineExceeded` (no reply in
         time), a :class:`WireError` (unreadable reply) or whatever error the worker answered.
         """
-        return self.request_via(env, timeout_s)[0]
-
-    def request_via(
-        self, env: Envelope, timeout_s: float, prefer: int | None = None
-    ) -> tuple[Envelope, int]:
-        """:meth:`request`, sent first to endpoint ``prefer`` (an index into ``endpoints``)
-        when it is connected — a worker that holds state for the caller, e.g. a speculative
-        session; returns the reply and the index of the endpoint that gave it."""
         socks = self.pool.checkout()
         try:
-            return self._request(socks, env, timeout_s, prefer)
+            return self._request(socks, env, timeout_s)[0]
         finally:
             self.pool.checkin(socks)
 
-    def notify(self, env: Envelope, prefer: int = 0) -> bool:
-        """Send ``env`` to endpoint ``prefer`` without waiting for the reply (it is dropped
-        when it comes): a clean-up such as closing a speculative session. False if that
-        endpoint is not connected or its queue is full."""
-        socks = self.pool.checkout()
-        try:
-            sock = socks[prefer]
-            if not cast(int, sock.getsockopt(EVENTS)) & POLLOUT:
-                return False
-            if env.deadline is None:
-                env.deadline = deadline_after(1.0)
-            try:
-                send_frames(sock, self.codec.encode(env), DONTWAIT)
-            except zmq.Again:
-                return False
-            return True
-        finally:
-            self.pool.checkin(socks)
+    def connection(self) -> Connection:
+        """A socket set held until its ``close()``: every call through it reaches a worker as
+        the same peer, as a speculative-decoding session needs (a worker scopes its sessions
+        to the peer that opened them)."""
+        return Connection(self)
 
     def _request(
         self, socks: Sockets, env: Envelope, timeout_s: float, prefer: int | None = None
@@ -292,6 +271,54 @@ class CloudClient:
         self.pool.close()
 
     def __enter__(self) -> CloudClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Connection:
+    """Calls that must reach the workers as one peer (:meth:`CloudClient.connection`): one
+    socket set, held from creation to ``close()``. Not thread-safe (one caller)."""
+
+    def __init__(self, client: CloudClient) -> None:
+        self._client = client
+        self._socks: Sockets | None = client.pool.checkout()
+
+    def request_via(
+        self, env: Envelope, timeout_s: float, prefer: int | None = None
+    ) -> tuple[Envelope, int]:
+        """:meth:`CloudClient.request`, sent first to endpoint ``prefer`` (an index into
+        ``endpoints``) when it is connected — the worker that holds the caller's session;
+        returns the reply and the index of the endpoint that gave it."""
+        if self._socks is None:
+            raise Unavailable("connection is closed")
+        return self._client._request(self._socks, env, timeout_s, prefer)
+
+    def notify(self, env: Envelope, prefer: int = 0) -> bool:
+        """Send ``env`` to endpoint ``prefer`` without waiting for the reply (it is dropped
+        when it comes): a clean-up such as closing a speculative session. False if that
+        endpoint is not connected or its queue is full."""
+        if self._socks is None:
+            return False
+        sock = self._socks[prefer]
+        if not cast(int, sock.getsockopt(EVENTS)) & POLLOUT:
+            return False
+        if env.deadline is None:
+            env.deadline = deadline_after(1.0)
+        try:
+            send_frames(sock, self._client.codec.encode(env), DONTWAIT)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Give the sockets back to the client's pool. Idempotent."""
+        socks, self._socks = self._socks, None
+        if socks is not None:
+            self._client.pool.checkin(socks)
+
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -365,18 +365,18 @@ def worker(models: Path):
 
 def test_over_the_wire_retries_replay_and_the_worker_stays_up(worker, backends) -> None:
     d = digest(backends["cloud-llama"])
-    with CloudClient(worker.endpoint) as client:
+    with CloudClient(worker.endpoint) as client, client.connection() as conn:
         env = Envelope(kind=Kind.VERIFY, payload=_payload(vocab=d))
-        first, i = client.request_via(env, 5.0)
+        first, i = conn.request_via(env, 5.0)
         assert i == 0 and first.kind is Kind.RESULT
         retry = Envelope(kind=Kind.VERIFY, payload=_payload(vocab=d))
         retry.id = env.id
-        again, _ = client.request_via(retry, 5.0)
+        again, _ = conn.request_via(retry, 5.0)
         assert again.payload == first.payload  # answered from the reply cache, not run again
         nxt = Envelope(
             kind=Kind.VERIFY, payload=_payload(pos=first.payload["pos"], tokens=[], draft=[])
         )
-        assert client.request(nxt, 5.0).payload["pos"] == first.payload["pos"] + 1
+        assert conn.request_via(nxt, 5.0)[0].payload["pos"] == first.payload["pos"] + 1
         for bad in ({"model": 3}, "junk", {"model": "cloud-llama", "session": 5}):
             with pytest.raises(BadRequest):
                 client.request(Envelope(kind=Kind.VERIFY, payload=bad), 5.0)
@@ -386,7 +386,7 @@ def test_over_the_wire_retries_replay_and_the_worker_stays_up(worker, backends) 
         end = Envelope(
             kind=Kind.VERIFY, payload={"model": "cloud-llama", "session": b"s" * 16, "end": True}
         )
-        assert client.notify(end, 0)
+        assert conn.notify(end, 0)
         deadline = time.monotonic() + 5
         while client.health()["speculative"]["sessions"] and time.monotonic() < deadline:
             time.sleep(0.01)

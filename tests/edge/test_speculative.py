@@ -197,6 +197,32 @@ def test_a_stop_string_across_the_hand_over_to_a_stream_still_ends_the_answer(
     assert r.text == full[: full.index(stop)] and r.finish_reason == "stop"
 
 
+def test_a_drafted_answer_keeps_its_peer_while_other_calls_take_sockets(models, worker) -> None:
+    """Between two verify rounds of one answer, other calls of the same client take socket
+    sets from its pool (here: one held outright). The answer's rounds still reach the worker
+    as the peer that opened the session: no resync."""
+    from tandem.edge.drafting import DraftRequest, DraftStats, RemoteVerifySession
+    from tandem.runtime.speculative import backend_vocab_digest
+
+    with runtime(models, worker.endpoint) as rt:
+        task = rt._generators["t"]
+        req = DraftRequest(task, PROMPTS[0], None, "", SamplingParams(max_tokens=N), (), 10_000, 0)
+        session = RemoteVerifySession(req, backend_vocab_digest(task.backend))
+        stats = DraftStats()
+        sequence = task.backend.tokenize(PROMPTS[0])
+        try:
+            out, _ = session.round(sequence, [], [], stats, N)
+            sequence.append(out["token"])
+            other = task.client.pool.checkout()  # another call in flight meanwhile
+            try:
+                session.round(sequence, [], [], stats, N - 1)
+            finally:
+                task.client.pool.checkin(other)
+        finally:
+            session.close()
+    assert stats.resyncs == 0
+
+
 def test_drafted_flags_survive_a_stop_string_cut() -> None:
     """A drafted token cut by a stop string is still marked drafted (the flag rides on the
     step, not on the identity of an object that the cut replaces)."""
