@@ -15,7 +15,7 @@ cost per row, and is not queued.
 
 A batch is whole requests in arrival order, whatever their row shapes: a model with a dynamic
 axis (a sequence length) gets requests of several shapes in one batch, and the worker runs
-each shape as its own backend call (``CloudWorker._run_batch``; the groups run in the order of
+each shape as its own backend call (``WorkerRequests.run_batch``; the groups run in the order of
 their first request), so the bounds above hold for the batch as a whole.
 """
 

@@ -130,9 +130,10 @@ class GenerationSpec(StrictModel):
     parallel: int = Field(default=4, ge=1, le=256)
 
 
-class SpeculativeSpec(StrictModel):
-    """Speculative verification (``verify`` requests): each session keeps the cloud model's KV
-    cache for one answer between the edge's rounds. At most ``max_sessions`` sessions holding
+class VerifySessionLimits(StrictModel):
+    """The YAML section ``speculative``: limits on the worker's speculative-verification
+    sessions (``verify`` requests), each of which keeps the cloud model's KV cache for one
+    answer between the edge's rounds. At most ``max_sessions`` sessions holding
     at most ``max_session_bytes`` of KV cache together; a session idle for ``ttl_s`` is
     dropped, and when a new one does not fit, the least recently used goes (its edge
     re-sends the prefix: slower, never wrong). A request drafts at most ``max_gamma`` tokens,
@@ -172,7 +173,7 @@ class WorkerConfig(StrictModel):
     socket: SocketSpec = SocketSpec()
     drain: DrainSpec = DrainSpec()
     generation: GenerationSpec = GenerationSpec()
-    speculative: SpeculativeSpec = SpeculativeSpec()
+    speculative: VerifySessionLimits = VerifySessionLimits()
     curve: CurveSpec | None = None
     # A bind that other hosts can reach needs curve, or this set (`--insecure`) on purpose.
     insecure: bool = False

@@ -5,6 +5,10 @@ id is not answered from here (the worker refuses it), so an id alone never fetch
 
 Bounded three ways: entries, bytes and age. Oldest entries go first (insertion order is age
 order because every entry lives the same ``ttl_s``).
+
+A retry of a request that is still queued is not in this cache: it joins the queued request
+(:class:`~tandem.cloud.requests.WorkerRequests`), which then answers every route it came on, at
+most :data:`MAX_JOINED_ROUTES` of them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from collections import OrderedDict
 from typing import Any
 
 from tandem.runtime.wire import Envelope, frames_nbytes
+
+# Routes a queued request is answered on: the one it came on and retries of its id that joined
+# it (a client failing over or reconnecting). A retry past them is refused at once, so resending
+# an id while it waits cannot grow the worker: this bounds each queued request's route list.
+MAX_JOINED_ROUTES = 16
 
 
 class ReplyCache:

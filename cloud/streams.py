@@ -1,12 +1,14 @@
 """The worker's generation streams: one ``generate`` request → ``chunk`` messages → one ``end``
 (or one ``error``). See :mod:`tandem.runtime.wire` for the payloads.
 
-Each active stream runs its backend's ``stream()`` on a thread of its own (the *producer*),
-which appends :class:`TokenStep` s to the stream's buffer and wakes the worker loop through a
-pipe that the loop polls beside its socket. The loop stays the only owner of the socket and
-the clock: each turn, :meth:`StreamTable.pump` sends every stream's pending tokens as one
-``chunk`` (so a chunk carries several tokens whenever the loop or the reader is slower than
-the model), expires streams past their deadlines, and sends the final ``end``/``error``.
+A request is parsed first (:func:`~tandem.cloud.payloads.parse_generate`); a stream that
+starts is a :class:`~tandem.cloud.worker_stream.WorkerStream`, whose backend's ``stream()``
+runs on a thread of its own (the *producer*), which appends :class:`TokenStep` s to the
+stream's buffer and wakes the worker loop through a pipe that the loop polls beside its
+socket. The loop stays the only owner of the socket and the clock: each turn,
+:meth:`WorkerStreams.pump` sends every stream's pending tokens as one ``chunk`` (so a chunk
+carries several tokens whenever the loop or the reader is slower than the model), expires
+streams past their deadlines, and sends the final ``end``/``error``.
 
 Everything is bounded:
 
@@ -42,17 +44,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import operator
 import os
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from tandem.cloud.config import GenerationSpec
-from tandem.runtime.chat import ChatBackend, Message, check_messages
+from tandem.cloud.payloads import parse_generate
+from tandem.cloud.worker_stream import WorkerStream
 from tandem.runtime.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -62,31 +63,14 @@ from tandem.runtime.errors import (
     UnknownModel,
 )
 from tandem.runtime.generation import (
-    MAX_STOP_STRINGS,
     FinishReason,
     GenerationBackend,
-    SamplingParams,
     TokenStep,
 )
-from tandem.runtime.wire import MAX_BUDGET_US, Envelope, Kind, WireCodec
+from tandem.runtime.wire import Envelope, Kind, WireCodec
 
 log = logging.getLogger(__name__)
 
-GENERATE_FIELDS = frozenset(
-    {
-        "model",
-        "prompt",
-        "messages",
-        "prefix",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "first_token_ms",
-    }
-)
-_MAX_STEP_CHARS = 64 * 1024  # one token's text: more is a backend bug, not a token
 _MAX_CHUNK_CHARS = 1024 * 1024  # text per chunk (a chunk also holds at most buffer_tokens)
 _MAX_CHUNKS_PER_TURN = 4  # per stream: the others' turn comes first
 _SEND_RETRY_S = 0.005  # how often a stream whose reader's queue is full tries again
@@ -97,176 +81,14 @@ SENT, BLOCKED, GONE = 0, errno.EAGAIN, errno.EHOSTUNREACH
 SendFn = Callable[[list[Any], list[Any]], int]
 
 
-@dataclass(frozen=True, slots=True)
-class GenerateRequest:
-    """A validated ``generate`` payload: a raw ``prompt``, or chat ``messages`` that the
-    model renders with its own template, continued after ``prefix`` (the assistant's text so
-    far, when the edge hands an answer over)."""
-
-    model: str
-    prompt: str  # "" with messages
-    params: SamplingParams
-    first_token_ms: int | None = None
-    messages: list[Message] | None = None
-    prefix: str = ""  # with messages
-
-    def start(self, backend: Any, cancel: threading.Event) -> Any:
-        """The backend's token stream for this request."""
-        if self.messages is None:
-            return backend.stream(self.prompt, self.params, cancel=cancel)
-        if not isinstance(backend, ChatBackend):
-            raise BadRequest(f"model {self.model!r} does not take chat messages; send a prompt")
-        return backend.stream_chat(self.messages, self.params, prefix=self.prefix, cancel=cancel)
-
-
-def _number(name: str, value: Any) -> float:
-    if type(value) is not float and type(value) is not int:
-        raise BadRequest(f"generate: {name} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def parse_generate(payload: Any, max_prompt_bytes: int) -> GenerateRequest:
-    """Check every field's type and size before building anything from it; a bad one raises
-    :class:`BadRequest` naming the field. ``model`` and ``prompt`` are required; the sampling
-    fields default to :class:`SamplingParams`' defaults."""
-    if type(payload) is not dict:
-        raise BadRequest("generate payload must be a map {model, prompt, max_tokens, ...}")
-    unknown = payload.keys() - GENERATE_FIELDS
-    if unknown:
-        shown = sorted(repr(k) for k in unknown)[:8]
-        raise BadRequest(f"generate: unknown field(s) {', '.join(shown)}")
-    model = payload.get("model")
-    if type(model) is not str:
-        raise BadRequest("generate: model must be a string")
-    messages = None
-    if "messages" in payload:
-        if "prompt" in payload:
-            raise BadRequest("generate: send a prompt or messages, not both")
-        messages = check_messages(payload["messages"])
-        prompt, prefix = "", payload.get("prefix", "")
-        if type(prefix) is not str:
-            raise BadRequest("generate: prefix must be a string")
-        texts = [prefix, *(v for m in messages for v in m.values())]
-    else:
-        if "prefix" in payload:
-            raise BadRequest("generate: prefix goes with messages")
-        prompt, prefix = payload.get("prompt"), ""
-        if type(prompt) is not str:
-            raise BadRequest("generate: prompt must be a string")
-        texts = [prompt]
-    # a str of n characters is at least n bytes of UTF-8: the cheap check first
-    if (
-        sum(map(len, texts)) > max_prompt_bytes
-        or sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) > max_prompt_bytes
-    ):
-        raise BadRequest(
-            f"generate: prompt over {max_prompt_bytes} bytes of UTF-8 (this worker's "
-            "generation.max_prompt_bytes)"
-        )
-    defaults = SamplingParams()
-    max_tokens = payload.get("max_tokens", defaults.max_tokens)
-    if type(max_tokens) is not int:
-        raise BadRequest("generate: max_tokens must be an integer")
-    seed = payload.get("seed")
-    if seed is not None and (type(seed) is not int or not 0 <= seed < 1 << 64):
-        raise BadRequest("generate: seed must be nil or an integer in [0, 2**64)")
-    stop = payload.get("stop", [])
-    if type(stop) is not list or len(stop) > MAX_STOP_STRINGS:
-        raise BadRequest(f"generate: stop must be a list of at most {MAX_STOP_STRINGS} strings")
-    first = payload.get("first_token_ms")
-    if first is not None and (type(first) is not int or not 0 <= first <= MAX_BUDGET_US // 1000):
-        raise BadRequest("generate: first_token_ms must be nil or an integer of ms >= 0")
-    params = SamplingParams(  # checks ranges and the stop strings; raises BadRequest
-        max_tokens=max_tokens,
-        temperature=_number("temperature", payload.get("temperature", defaults.temperature)),
-        top_p=_number("top_p", payload.get("top_p", defaults.top_p)),
-        seed=seed,
-        stop=tuple(stop),
-    )
-    return GenerateRequest(model, prompt, params, first, messages, prefix)
-
-
 def is_generation_backend(backend: Any) -> bool:
     """Whether a loaded backend streams tokens (a language model) rather than mapping arrays."""
     return isinstance(backend, GenerationBackend)
 
 
-class Stream:
-    """One active generation. The producer thread writes ``pending``, ``produced``,
-    ``done`` (under ``cond``) and its timestamps; the loop reads them and owns the rest."""
-
-    __slots__ = (
-        "answered",
-        "arrived",
-        "backend",
-        "blocked_since",
-        "cancel",
-        "cond",
-        "deadline",
-        "deadline_why",
-        "done",
-        "env",
-        "failure",
-        "final",
-        "final_until",
-        "finish_reason",
-        "finished_at",
-        "first_deadline",
-        "first_token_at",
-        "id",
-        "pending",
-        "produced",
-        "prompt_tokens",
-        "req",
-        "route",
-        "sent",
-        "started_at",
-        "thread",
-    )
-
-    def __init__(
-        self, route: list[Any], env: Envelope, req: GenerateRequest, backend: Any, now: float
-    ) -> None:
-        self.id = env.id
-        self.route = route
-        self.env = env
-        self.req = req
-        self.backend = backend
-        self.arrived = now
-        self.deadline = now  # set by the table: the budget, or max_stream_s if sooner
-        self.deadline_why = "budget"
-        self.first_deadline: float | None = (
-            None if req.first_token_ms is None else now + req.first_token_ms / 1e3
-        )
-        self.cancel = threading.Event()
-        self.cond = threading.Condition(threading.Lock())
-        self.pending: deque[TokenStep] = deque()
-        self.produced = 0  # tokens appended by the producer
-        self.sent = 0  # tokens sent in chunks
-        self.done = False  # the producer has returned (its TokenStream closed)
-        self.failure: BaseException | None = None
-        self.finish_reason: str | None = None
-        self.prompt_tokens = 0
-        self.started_at: float | None = None
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self.answered = False  # the final message went out, or cannot
-        self.final: list[Any] | None = None  # the final message's frames, not sent yet
-        self.final_until = 0.0
-        self.blocked_since: float | None = None  # the reader's queue has been full since
-        self.thread: threading.Thread | None = None
-
-    def stop_producer(self) -> None:
-        """Ask the producer to stop at the next token boundary; unsent tokens are dropped."""
-        self.cancel.set()
-        with self.cond:
-            self.pending.clear()
-            self.cond.notify_all()
-
-
-class StreamTable:
-    """The worker's active streams (see the module docstring). Only ``_produce`` runs off the
-    worker loop's thread.
+class WorkerStreams:
+    """The worker's active streams (see the module docstring). Everything here runs on the
+    worker loop's thread; each stream's producer (:meth:`WorkerStream.produce`) on its own.
 
     ``send(route, frames)`` sends without blocking and returns :data:`SENT`, :data:`BLOCKED`
     (the peer's queue is full) or :data:`GONE` (no such peer); ``backend_failure(model, exc)``
@@ -286,7 +108,7 @@ class StreamTable:
         self.codec = codec
         self._send = send
         self._backend_failure = backend_failure
-        self._streams: dict[bytes, Stream] = {}
+        self._streams: dict[bytes, WorkerStream] = {}
         self.counters: Counter[str] = Counter()
         self._s_per_token = _DEFAULT_S_PER_TOKEN
         self._woken = False
@@ -345,9 +167,16 @@ class StreamTable:
         return due
 
     # ------------------------------------------------------------------ messages
-    def start(self, route: list[Any], env: Envelope) -> None:
+    def start(
+        self,
+        route: list[Any],
+        env: Envelope,
+        make_room: Callable[[str, Any], object] | None = None,
+    ) -> None:
         """Admit a ``generate`` request and start its producer. Raises a :class:`TandemError`
-        (answered at once by the worker) when it cannot start; then nothing was started."""
+        (answered at once by the worker) when it cannot start; then nothing was started.
+        ``make_room(model, backend)`` frees a backend slot (a verify session's) for the
+        stream: called only once every check has passed, just before the stream starts."""
         req = parse_generate(env.payload, self.spec.max_prompt_bytes)
         running = self._streams.get(env.id)
         if running is not None:
@@ -370,8 +199,10 @@ class StreamTable:
                 f"retry in {wait_ms:.0f} ms or elsewhere",
                 retry_after_ms=wait_ms,
             )
+        if make_room is not None:
+            make_room(req.model, backend)
         now = time.monotonic()
-        s = Stream(route, env, req, backend, now)
+        s = WorkerStream(route, env, req, backend, now)
         limit = now + self.spec.max_stream_s
         if env.deadline is None or limit < env.deadline:
             s.deadline, s.deadline_why = (
@@ -381,7 +212,10 @@ class StreamTable:
         else:
             s.deadline = env.deadline
         s.thread = threading.Thread(
-            target=self._produce, args=(s,), name=f"tandem-stream-{env.id.hex()[:8]}", daemon=True
+            target=s.produce,
+            args=(self.spec.buffer_tokens, self._wake),
+            name=f"tandem-stream-{env.id.hex()[:8]}",
+            daemon=True,
         )
         self._streams[env.id] = s
         self.counters["started"] += 1
@@ -420,7 +254,7 @@ class StreamTable:
             if s.answered and s.done:
                 del self._streams[s.id]
 
-    def _advance(self, s: Stream, now: float) -> None:
+    def _advance(self, s: WorkerStream, now: float) -> None:
         if s.final is not None:
             self._send_final(s, now)
             return
@@ -477,7 +311,7 @@ class StreamTable:
                 reason = s.finish_reason or FinishReason.STOP
                 self._set_final(s, self._end(s, reason), now)
 
-    def _ready_steps(self, s: Stream) -> list[TokenStep]:
+    def _ready_steps(self, s: WorkerStream) -> list[TokenStep]:
         """The pending steps that fit one chunk (all of them, up to the text bound)."""
         out: list[TokenStep] = []
         chars = 0
@@ -488,16 +322,16 @@ class StreamTable:
             out.append(step)
         return out
 
-    def _fail(self, s: Stream, err: TandemError, now: float) -> None:
+    def _fail(self, s: WorkerStream, err: TandemError, now: float) -> None:
         s.stop_producer()
         self._set_final(s, s.env.error_reply(err), now)
 
-    def _set_final(self, s: Stream, env: Envelope, now: float) -> None:
+    def _set_final(self, s: WorkerStream, env: Envelope, now: float) -> None:
         s.final = self.codec.encode(env)
         s.final_until = now + self.spec.stall_timeout_ms / 1e3
         self._send_final(s, now)
 
-    def _send_final(self, s: Stream, now: float) -> None:
+    def _send_final(self, s: WorkerStream, now: float) -> None:
         assert s.final is not None
         result = self._send(s.route, s.final)
         if result == BLOCKED and now < s.final_until:
@@ -507,13 +341,13 @@ class StreamTable:
         s.answered = True
         s.final = None
 
-    def _gone(self, s: Stream) -> None:
+    def _gone(self, s: WorkerStream) -> None:
         """The reader's peer left (ROUTER_MANDATORY: unroutable): stop, tell no one."""
         s.stop_producer()
         s.answered = True
         self.counters["peer_gone"] += 1
 
-    def _as_error(self, s: Stream) -> TandemError:
+    def _as_error(self, s: WorkerStream) -> TandemError:
         e = s.failure
         if isinstance(e, OverloadedError):
             self.counters["overloaded"] += 1
@@ -528,7 +362,7 @@ class StreamTable:
         assert isinstance(e, Exception)
         return self._backend_failure(s.req.model, e)
 
-    def _end(self, s: Stream, reason: str) -> Envelope:
+    def _end(self, s: WorkerStream, reason: str) -> Envelope:
         now = time.monotonic()
 
         def ms(t: float | None) -> float | None:
@@ -560,47 +394,6 @@ class StreamTable:
         ]
         return round(max(1.0, min(left, default=0) * self._s_per_token * 1e3), 1)
 
-    # ------------------------------------------------------------------ the producer
-    def _produce(self, s: Stream) -> None:
-        """A stream's thread: run the backend, fill the buffer, wait while it is full."""
-        cap = self.spec.buffer_tokens
-        ts = None
-        try:
-            s.started_at = time.monotonic()
-            if s.cancel.is_set():
-                return
-            ts = s.req.start(s.backend, s.cancel)
-            s.prompt_tokens = operator.index(getattr(ts, "prompt_tokens", 0) or 0)
-            for raw in ts:
-                step = _checked(raw)
-                with s.cond:
-                    while len(s.pending) >= cap and not s.cancel.is_set():
-                        s.cond.wait()
-                    if s.cancel.is_set():
-                        break
-                    if s.first_token_at is None:
-                        s.first_token_at = time.monotonic()
-                    s.pending.append(step)
-                    s.produced += 1
-                self._wake()
-            else:
-                s.finish_reason = str(getattr(ts, "finish_reason", None) or FinishReason.STOP)
-        except Exception as e:
-            s.failure = e
-        finally:
-            try:
-                if ts is not None:
-                    # a server (format openai) reports the prompt's size at the end
-                    s.prompt_tokens = operator.index(getattr(ts, "prompt_tokens", 0) or 0)
-                    ts.close()  # frees the backend's slot (KV cache, context)
-            except Exception as e:
-                if s.failure is None:
-                    s.failure = e
-            s.finished_at = time.monotonic()
-            with s.cond:
-                s.done = True
-            self._wake()
-
     # ------------------------------------------------------------------ reporting
     def health(self) -> dict[str, Any]:
         c = self.counters
@@ -628,16 +421,7 @@ class StreamTable:
             os.close(self._wfd)
 
 
-def _checked(step: Any) -> TokenStep:
-    """A backend's step as plain, bounded values (what a chunk is built from)."""
-    token, text = operator.index(step.token), step.text
-    if type(text) is not str or len(text) > _MAX_STEP_CHARS:
-        raise TypeError(f"a token's text must be a str of at most {_MAX_STEP_CHARS} chars")
-    entropy = None if step.entropy is None else float(step.entropy)
-    return TokenStep(token, text, float(step.logprob), entropy)
-
-
-def _chunk(s: Stream, steps: list[TokenStep]) -> dict[str, Any]:
+def _chunk(s: WorkerStream, steps: list[TokenStep]) -> dict[str, Any]:
     return {
         "seq": s.sent,
         "tokens": [t.token for t in steps],

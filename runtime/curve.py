@@ -8,7 +8,11 @@ names its own secret key file and the worker's public key file.
 Curve encrypts every byte after the handshake and authenticates both ends: the client knows
 it talks to the holder of the worker's secret key, and the worker's ZAP handler (pyzmq's
 :class:`~zmq.auth.thread.ThreadAuthenticator`) admits only clients whose public key is in the
-allow-list. A refused client sees no connection at all; the worker logs its key.
+allow-list. A refused client sees no connection at all; the worker logs its key. A key
+taken off the allow-list stops being served within :data:`REVOCATION_CHECK_S`, on connections
+already open too: the worker checks the key of each message's sender
+(:meth:`ClientAllowList.admits`) and answers a revoked one
+:class:`~tandem.runtime.errors.Unauthorized`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import stat
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +36,10 @@ from tandem.runtime.errors import ConfigError
 
 _KEY_CHARS = 40  # a 32-byte Curve key in Z85
 _MAX_DENIED_KEYS = 1024  # distinct refused keys remembered for log throttling
+# How long a removed or replaced client key may still be served on a connection that was open
+# before (see ClientAllowList): the longest time between two looks at the directory.
+REVOCATION_CHECK_S = 1.0
+_RACY_NS = 2_000_000_000  # a file modified this recently may change again with the same stat
 
 
 def generate_keypair(
@@ -124,35 +135,104 @@ class ClientKeys:
 
 
 class ClientAllowList:
-    """pyzmq's Curve credentials callback: the public keys of ``DIR/*.key``. The directory is
-    read again when its mtime changes, so adding or removing a key file takes effect for the
-    next connection, without a restart. A refused key is logged at WARNING with its Z85 text
-    (the 1st, 2nd, 4th, 8th... time for each key: a client retrying is one story)."""
+    """pyzmq's Curve credentials callback, and the check of each message's sender: the public
+    keys of ``DIR/*.key``, read again whenever the directory's content changes (a file added,
+    removed, or edited in place: its name, size, mtime, ctime or inode changed), without a
+    restart.
 
-    def __init__(self, directory: str | Path, log: logging.Logger) -> None:
+    **Time bound.** A key removed or replaced is refused within :data:`REVOCATION_CHECK_S`
+    (1 s): a new connection at its handshake (the directory is looked at on every handshake),
+    a connection already open at its first message after that (:meth:`admits`, called by the
+    worker for every message, looks at the directory at most every ``check_every_s``). A file
+    that cannot be read as a key is skipped (logged at ERROR): a bad file never keeps a
+    revoked key alive. If the directory itself cannot be read, the keys last read stay.
+
+    A refused key is logged at WARNING with its Z85 text (the 1st, 2nd, 4th, 8th... time for
+    each key: a client retrying is one story)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        log: logging.Logger,
+        *,
+        check_every_s: float = REVOCATION_CHECK_S,
+    ) -> None:
         self.directory = Path(directory)
         self.log = log
+        self.check_every_s = check_every_s
         self.denied = 0
         self._denied_per_key: dict[bytes, int] = {}
-        self._mtime = -1
-        self.keys: set[bytes] = set()
-        self._reload()
+        self._lock = threading.Lock()  # the ZAP thread and the worker's loop both reload
+        self._signature: tuple[tuple[str, int, int, int, int], ...] | None = None
+        self._racy = False  # a file changed too recently for its stat to show the next edit
+        self._next_check = 0.0  # time.monotonic() of admits' next look at the directory
+        self.keys: frozenset[bytes] = frozenset()
+        self.reload()
 
-    def _reload(self) -> None:
-        try:
-            mtime = self.directory.stat().st_mtime_ns
-            if mtime == self._mtime:
+    def reload(self) -> None:
+        """Read the keys again if the directory's content changed. :class:`ConfigError` if
+        the directory cannot be read (the keys last read stay)."""
+        with self._lock:
+            started_ns = time.time_ns()
+            try:
+                signature = self._scan()
+            except OSError as e:
+                raise ConfigError(
+                    f"{self.directory}: cannot read allowed client keys: {e}"
+                ) from None
+            if signature == self._signature and not self._racy:
                 return
-            keys = set(zmq.auth.load_certificates(self.directory))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{self.directory}: cannot read allowed client keys: {e}") from None
-        self._mtime, self.keys = mtime, keys
+            keys = set()
+            for name, *_ in signature:
+                try:
+                    public, _secret = zmq.auth.load_certificate(self.directory / name)
+                except (OSError, ValueError) as e:  # removed meanwhile, or not a key file
+                    self.log.error("%s: not a client key, skipped (%s)", self.directory / name, e)
+                    continue
+                if _is_z85_key(public):
+                    keys.add(public)
+                else:
+                    self.log.error("%s: not a Curve public key, skipped", self.directory / name)
+            # As git's index does: a file modified within the clock's granularity of this read
+            # could change again with the same stat; read such files again next time.
+            self._racy = any(started_ns - mtime < _RACY_NS for _, _, mtime, _, _ in signature)
+            self._signature, self.keys = signature, frozenset(keys)
 
-    def callback(self, domain: str, key: bytes) -> bool:
+    def _scan(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """(name, size, mtime, ctime, inode) of each ``*.key`` file, by name."""
+        out = []
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if entry.name.endswith(".key") and not entry.name.startswith("."):
+                    try:
+                        st = entry.stat()
+                    except OSError:  # removed since the listing
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        out.append(
+                            (entry.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                        )
+        return tuple(sorted(out))
+
+    def _reload_logged(self) -> None:
         try:
-            self._reload()
+            self.reload()
         except ConfigError as e:  # the directory went away: keep the keys last read
             self.log.error("%s", e.message)
+
+    def admits(self, key: bytes, now: float) -> bool:
+        """Whether a message from the client with Z85 public ``key`` (its connection's
+        ``User-Id``, set by the ZAP handler) may be served now (``now``: a
+        ``time.monotonic()`` reading); looks at the directory at most every
+        ``check_every_s``."""
+        if now >= self._next_check:
+            self._next_check = now + self.check_every_s
+            self._reload_logged()
+        return key in self.keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The handshake's check (on the ZAP handler's thread)."""
+        self._reload_logged()
         if key in self.keys:
             return True
         self.denied += 1

@@ -7,7 +7,41 @@ raised again on the other side as the same class (:func:`error_from_wire`), so a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+MAX_CODE_CHARS = 64  # of an error's code from the wire; longer: not a code we know
+MAX_MESSAGE_CHARS = 4096  # of an error's message from the wire; longer is cut
+
+
+@dataclass(frozen=True, slots=True)
+class WireNumber:
+    """A number field of an error on the wire: finite and in ``[lo, hi]``; with ``integer``, an
+    int only (a float is refused, not rounded). ``bool`` is never a number here."""
+
+    lo: float
+    hi: float
+    integer: bool = False
+
+    def parse(self, value: Any) -> int | float | None:
+        """The value if it fits, else None (NaN and inf fail the range check)."""
+        number = type(value) is int or (type(value) is float and not self.integer)
+        if number and self.lo <= value <= self.hi:
+            return value if self.integer else float(value)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class WireText:
+    """A string field of an error on the wire, at most ``max_chars`` characters."""
+
+    max_chars: int
+
+    def parse(self, value: Any) -> str | None:
+        return value if type(value) is str and len(value) <= self.max_chars else None
+
+
+WireField = WireNumber | WireText
 
 
 class TandemError(Exception):
@@ -15,8 +49,9 @@ class TandemError(Exception):
 
     code: ClassVar[str] = "internal"
     # Attributes that travel with the error (besides code and message) and are set again on the
-    # other side, e.g. OverloadedError.retry_after_ms. Values must be msgpack-able scalars.
-    wire_fields: ClassVar[tuple[str, ...]] = ()
+    # other side, e.g. OverloadedError.retry_after_ms, each with the type and range a peer's
+    # value must have to be believed (:func:`error_from_wire`). Values are msgpack scalars.
+    wire_fields: ClassVar[dict[str, WireField]] = {}
 
     def __init__(self, message: str = "", **fields: Any) -> None:
         super().__init__(message)
@@ -90,7 +125,8 @@ class OverloadedError(TandemError):
     worker's estimate of when its queue will have drained), or elsewhere."""
 
     code = "overloaded"
-    wire_fields = ("retry_after_ms",)
+    # an hour at most: a longer wait is no hint
+    wire_fields: ClassVar[dict[str, WireField]] = {"retry_after_ms": WireNumber(0.0, 3.6e6)}
     retry_after_ms: float = 0.0
 
 
@@ -111,8 +147,16 @@ class BackendFailure(BackendError):
     worker answered with this and kept serving."""
 
     code = "backend.error"
-    wire_fields = ("exception",)
+    wire_fields: ClassVar[dict[str, WireField]] = {"exception": WireText(256)}  # a class name
     exception: str = ""
+
+
+class Unauthorized(TandemError):
+    """The worker no longer allows this client's CurveZMQ key: it was removed from (or changed
+    in) the worker's ``allowed_clients`` after the connection opened. Nothing was run. Not
+    retried elsewhere: ask the worker's operator to allow the key again."""
+
+    code = "unauthorized"
 
 
 class UnknownModel(TandemError):
@@ -138,7 +182,7 @@ class StreamInterrupted(TandemError):
     model, given ``prompt + text so far``); no END will come."""
 
     code = "stream.interrupted"
-    wire_fields = ("tokens",)
+    wire_fields: ClassVar[dict[str, WireField]] = {"tokens": WireNumber(0, 1 << 32, integer=True)}
     tokens: int = 0
 
 
@@ -161,12 +205,23 @@ def error_class(code: str) -> type[TandemError]:
 
 
 def error_from_wire(payload: dict[str, Any]) -> TandemError:
-    """The error an ``error`` envelope's payload ``{code, message, ...}`` describes. Unknown or
-    mistyped extra fields are ignored: a newer peer may send more."""
-    cls = error_class(str(payload.get("code", "internal")))
-    err = cls(str(payload.get("message", "")))
-    for name in cls.wire_fields:
-        value = payload.get(name)
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
+    """The error an ``error`` envelope's payload ``{code, message, ...}`` describes. Nothing in
+    it is trusted: a code that is not a short string counts as ``internal``, a message that is
+    not a string is dropped and a long one is cut to :data:`MAX_MESSAGE_CHARS`, and each of the
+    class's ``wire_fields`` is kept only if it has the declared type and range (else the class
+    default stays). Unknown extra fields are ignored: a newer peer may send more. The error
+    always reconstructs."""
+    code = payload.get("code")
+    ok_code = type(code) is str and len(code) <= MAX_CODE_CHARS
+    cls = error_class(code if ok_code else "internal")
+    message = payload.get("message")
+    if type(message) is not str:
+        message = ""
+    elif len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    err = cls(message)
+    for name, spec in cls.wire_fields.items():
+        value = spec.parse(payload.get(name))
+        if value is not None:
             setattr(err, name, value)
     return err

@@ -92,6 +92,15 @@ def cut_at_end(
     return accepted, token
 
 
+def shared_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common: how much of a KV cache that
+    holds ``a`` a sequence ``b`` can keep. ``shared_prefix([1, 5, 6, 9], [1, 5, 7]) == 2``;
+    ``shared_prefix([1, 5], [1, 5, 7]) == 2``; ``shared_prefix([], [3]) == 0``."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
 def draft_distribution(
     row: np.ndarray, params: SamplingParams, top_k: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -236,12 +236,33 @@ def recv_frames(sock: zmq.Socket, n_copied: int, max_frames: int = 1 << 20) -> l
     ``max_frames`` are read and dropped (the message is consumed, its memory is not kept);
     the ``max_frames + 1`` kept still tell the codec there were too many."""
     frames: list[Frame] = [sock.recv()]
+    _recv_rest(sock, frames, n_copied, max_frames)
+    return frames
+
+
+def recv_frames_with_user_id(
+    sock: zmq.Socket, n_copied: int, max_frames: int = 1 << 20
+) -> tuple[list[Frame], bytes]:
+    """:func:`recv_frames`, and the ``User-Id`` that the ZAP handler gave the sender's
+    connection at its handshake (for a CurveZMQ client of pyzmq's authenticator: its Z85
+    public key), ``b""`` if none. A frame object more than :func:`recv_frames`, so only for
+    sockets whose peers are authenticated."""
+    first = sock.recv(copy=False)
+    try:
+        user_id = first.get("User-Id").encode("ascii", "replace")
+    except zmq.ZMQError:  # no ZAP handler on this connection
+        user_id = b""
+    frames: list[Frame] = [first.bytes]
+    _recv_rest(sock, frames, n_copied, max_frames)
+    return frames, user_id
+
+
+def _recv_rest(sock: zmq.Socket, frames: list[Frame], n_copied: int, max_frames: int) -> None:
     while sock.getsockopt(_RCVMORE):
         if len(frames) > max_frames:
             sock.recv(copy=False)  # dropped
             continue
         frames.append(sock.recv() if len(frames) < n_copied else sock.recv(copy=False).buffer)
-    return frames
 
 
 class WireCodec:
@@ -249,18 +270,8 @@ class WireCodec:
 
     def __init__(self, limits: WireLimits | None = None) -> None:
         self.limits = limits or WireLimits()
-        lim = self.limits
         self._encoder = _Encoder(
             self.limits.frame_threshold_bytes, self.limits.max_envelope_bytes // 2
-        )
-        self._unpack_kw = dict(
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=lim.max_message_bytes,
-            max_str_len=lim.max_message_bytes,
-            max_ext_len=lim.max_message_bytes,
-            max_array_len=lim.max_array_elements,
-            max_map_len=lim.max_array_elements,
         )
 
     # ------------------------------------------------------------------ encode
@@ -360,9 +371,24 @@ class WireCodec:
                 raise LimitExceeded(f"payload holds more than {lim.max_containers} lists and maps")
             return container
 
+        # Every length msgpack reads is bounded by the bytes it reads from (at most
+        # max_envelope_bytes): a list of n elements takes at least n bytes, a map of n pairs 2n.
+        # msgpack allocates a list as its header says (older versions all of it, newer ones up
+        # to 10,000 slots) before it finds the elements missing, at each level of nesting.
+        n = len(raw)
         try:
             payload = msgpack.unpackb(
-                raw, ext_hook=ext_hook, list_hook=count, object_hook=count, **self._unpack_kw
+                raw,
+                ext_hook=ext_hook,
+                list_hook=count,
+                object_hook=count,
+                raw=False,
+                strict_map_key=True,
+                max_bin_len=n,
+                max_str_len=n,
+                max_ext_len=n,
+                max_array_len=n,
+                max_map_len=n // 2,
             )
         except WireError:
             raise

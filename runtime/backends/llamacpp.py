@@ -43,6 +43,7 @@ from tandem.runtime.generation import (
     token_confidence,
 )
 from tandem.runtime.manifest import sha256_file
+from tandem.runtime.speculative import shared_prefix
 
 GGUF_MAGIC = b"GGUF"
 _PIECE_BUF = 64  # bytes; longer pieces are fetched again with the size llama.cpp asks for
@@ -67,7 +68,7 @@ class _Session:
 
     @property
     def held(self) -> np.ndarray:
-        return self.llm.input_ids[: self.llm.n_tokens]
+        return _evaluated(self.llm)
 
     def extend(self, tokens: Sequence[int], n_rows: int) -> np.ndarray:
         """Run ``tokens``; the rows after each of the last ``n_rows``, from one llama.cpp batch
@@ -115,7 +116,7 @@ class _Session:
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Run ``tokens``, reusing the longest prefix this context already evaluated (at least
         the last token is run again: its logits row is not kept)."""
-        keep = min(_shared_prefix(self.llm, tokens), len(tokens) - 1)
+        keep = min(shared_prefix(self.held, tokens), len(tokens) - 1)
         if not self.rollback and keep < self.llm.n_tokens:
             keep = 0  # a recurrent state cannot be rolled back part of the way
         self.llm.n_tokens = keep
@@ -176,12 +177,9 @@ def _kv_bytes(llm: llama_cpp.Llama) -> int:
     return llm.n_ctx() * llama_cpp.llama_model_n_layer(model) * 2 * kv_width * 2
 
 
-def _shared_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
-    """How many leading ``tokens`` ``llm`` has evaluated already (its KV cache holds them)."""
-    held = llm.input_ids[: llm.n_tokens]
-    n = min(len(held), len(tokens))
-    differ = np.flatnonzero(held[:n] != np.asarray(tokens[:n], dtype=held.dtype))
-    return int(differ[0]) if differ.size else n
+def _evaluated(llm: llama_cpp.Llama) -> np.ndarray:
+    """The tokens ``llm`` has evaluated, in order (its KV cache holds them)."""
+    return llm.input_ids[: llm.n_tokens]
 
 
 class LlamaCppBackend(LocalStreams):
@@ -309,7 +307,9 @@ class LlamaCppBackend(LocalStreams):
                     f"model {self.name!r} has all its {self.parallel} contexts in use by streams "
                     f"and speculative sessions (parallel={self.parallel})"
                 )
-            best = max(range(len(self._free)), key=lambda i: _shared_prefix(self._free[i], ids))
+            best = max(
+                range(len(self._free)), key=lambda i: shared_prefix(_evaluated(self._free[i]), ids)
+            )
             return self._free.pop(best)
 
     def _checkin(self, llm: llama_cpp.Llama) -> None:

@@ -235,6 +235,37 @@ def test_a_retry_of_a_queued_request_joins_it(make_worker_config) -> None:
     assert counters["joined"] == 1 and counters["rows"] == 1
 
 
+def test_retries_of_a_queued_request_join_it_only_up_to_a_bound(make_worker_config) -> None:
+    """Resending an id while it waits in the queue cannot grow the worker: past
+    MAX_JOINED_ROUTES routes, a retry is refused at once (each message still gets exactly one
+    answer) and the request runs once."""
+    from tandem.cloud.idempotency import MAX_JOINED_ROUTES
+
+    extra = 2 * MAX_JOINED_ROUTES
+    cfg = make_worker_config(models=[CLOUD], batching={"max_wait_us": 2_000_000})
+    with WorkerProcess(cfg) as w:
+        codec, s = WireCodec(), raw_socket(w.endpoint)
+        env = infer_env(CLOUD, np.ones((1, 64), np.float32))
+        for _ in range(1 + extra):  # one request, then its retries while it waits 2 s
+            s.send_multipart(codec.encode(env), copy=False)
+        replies = []
+        while len(replies) < 1 + extra:
+            assert s.poll(10_000)
+            replies.append(codec.decode(s.recv_multipart()))
+        assert not s.poll(300)  # nothing more
+        s.close()
+        with CloudClient(w.endpoint) as c:
+            counters = c.health()["counters"]
+    assert all(r.id == env.id for r in replies)
+    results = [r for r in replies if r.kind is Kind.RESULT]
+    refused = [r for r in replies if r.kind is Kind.ERROR]
+    assert len(results) == MAX_JOINED_ROUTES and len(refused) == 1 + extra - MAX_JOINED_ROUTES
+    assert all(r.payload["code"] == "bad_request" for r in refused)
+    assert all(r.kind is Kind.ERROR for r in replies[: len(refused)])  # at once, before the run
+    assert counters["joined"] == MAX_JOINED_ROUTES - 1
+    assert counters["joins_refused"] == len(refused) and counters["rows"] == 1
+
+
 @pytest.mark.parametrize("shift_s", [-3600.0, 3600.0])
 def test_a_client_whose_wall_clock_is_off_by_an_hour_is_served(client, monkeypatch, shift_s):
     real = time.time

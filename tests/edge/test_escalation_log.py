@@ -207,6 +207,36 @@ def test_append_batch_writes_what_append_writes(tmp_path: Path) -> None:
         )
 
 
+SYNCHRONOUS = {"full": 2, "normal": 1}  # what PRAGMA synchronous reads back
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+def test_the_writer_commits_with_the_synchronous_mode_asked_for(db: Path, synchronous) -> None:
+    """``synchronous`` is a setting of a connection, not of the file: read it back on the
+    connection the writer commits with (SQLite's own default is full, so "normal" is the case
+    that shows it is set at all)."""
+    with EscalationLog(db, synchronous=synchronous) as log:
+        writer = log._db  # idle: nothing appended yet
+        assert writer is not None
+        assert writer.execute("PRAGMA synchronous").fetchone()[0] == SYNCHRONOUS[synchronous]
+        log.append(rec(1))
+        assert log.flush(10)  # and it writes with it
+    with sqlite3.connect(db) as other:  # a connection of its own keeps SQLite's default
+        assert other.execute("PRAGMA synchronous").fetchone()[0] == SYNCHRONOUS["full"]
+
+
+def test_the_policys_synchronous_mode_reaches_the_log_it_opens(make_policy, tmp_path) -> None:
+    for mode in ("normal", "full"):
+        policy = make_policy(None, name=f"{mode}.yaml")
+        text = policy.read_text().replace("synchronous: normal", f"synchronous: {mode}")
+        policy.write_text(text.replace("escalations.sqlite", f"{mode}.sqlite"))
+        with EdgeRuntime.from_policy(policy) as rt:
+            log = rt.escalation_log
+            assert log is not None and log.path == tmp_path / f"{mode}.sqlite"
+            assert log._db is not None
+            assert log._db.execute("PRAGMA synchronous").fetchone()[0] == SYNCHRONOUS[mode]
+
+
 def test_store_inputs_off_keeps_the_digest_only(db: Path) -> None:
     with EscalationLog(db, store_inputs=False) as log:
         log.append(rec(1))

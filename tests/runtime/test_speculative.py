@@ -24,6 +24,7 @@ from tandem.runtime.speculative import (
     draft_distribution,
     expected_tokens,
     pack_draft_q,
+    shared_prefix,
     verify,
     vocab_digest,
 )
@@ -53,6 +54,17 @@ def test_an_accepted_end_token_ends_the_answer() -> None:
     assert cut_at_end([5, 2, 7], 3, 9, eos) == (1, 2)  # the end token is the last one
     assert cut_at_end([5, 2, 7], 1, 9, eos) == (1, 9)  # not accepted: nothing changes
     assert cut_at_end([5, 6], 2, 2, eos) == (2, 2)
+
+
+def test_shared_prefix_counts_the_leading_tokens_in_common() -> None:
+    assert shared_prefix([1, 5, 6, 9], [1, 5, 7]) == 2
+    assert shared_prefix([1, 5], [1, 5, 7]) == shared_prefix([1, 5, 7], [1, 5]) == 2
+    assert shared_prefix([], [3]) == shared_prefix([3], []) == shared_prefix([], []) == 0
+    assert shared_prefix([4, 2], [3, 2]) == 0
+    # a llama.cpp context's evaluated tokens (intc) against a prompt's ids (Python ints)
+    held = np.array([1, 5, 6, 2**31 - 1], np.intc)
+    assert shared_prefix(held, [1, 5, 6, 2**31 - 1, 8]) == 4
+    assert shared_prefix(held, [1, 5, 6, 2**40]) == 3  # an id past int32 is no match
 
 
 def test_non_finite_logits_are_a_backend_error() -> None:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import math
 import struct
 import time
+import tracemalloc
 
 import msgpack
 import numpy as np
@@ -283,3 +285,116 @@ def test_envelope_frame_is_bounded_and_the_encoder_stays_under_it() -> None:
     out = codec.decode([bytes(f) if not isinstance(f, np.ndarray) else f.tobytes() for f in frames])
     for a, b in zip(many, out.payload, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- lengths msgpack believes
+def claiming(claim: int, *, levels: int = 1, marker: bytes = b"\xdd", pad: int = 0) -> list[bytes]:
+    """A message whose payload is ``levels`` nested array32 (``\\xdd``) or map32 (``\\xdf``)
+    headers, each claiming ``claim`` elements, then ``pad`` bytes of zeros."""
+    body = (marker + struct.pack(">I", claim)) * levels + b"\x00" * pad
+    return msg(header(kind="echo", rid=b"c" * 16), body)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        claiming(2**24 - 1),  # 5 bytes claiming 16M elements
+        claiming(2**24 - 1, levels=16),  # at each of 16 levels
+        claiming(2**24 - 1, marker=b"\xdf"),  # a map
+        claiming(2**24 - 1, pad=4 * 2**20 - 1024),  # the envelope's 4 MiB, all of it zeros
+    ],
+    ids=["one-list", "16-levels", "map", "padded-to-4-MiB"],
+)
+def test_a_message_claiming_more_elements_than_it_has_bytes_is_refused_before_building(
+    frames,
+) -> None:
+    codec = WireCodec()
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.WireError) as info:
+            codec.decode(frames)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.request_id == b"c" * 16  # answered by id
+    assert peak < 64 * 1024, f"{peak} bytes allocated for a {len(frames[0])}-byte message"
+
+
+def test_lists_and_maps_as_long_as_their_bytes_allow_still_decode() -> None:
+    n = 4 * 2**20 - 1024  # one-byte elements filling the envelope
+    env = Envelope(kind=Kind.ECHO, payload=[0] * n)
+    assert len(roundtrip(env).payload) == n
+    pairs = {str(i): 0 for i in range(10_000)}
+    assert roundtrip(Envelope(kind=Kind.ECHO, payload=pairs)).payload == pairs
+
+
+# ---------------------------------------------------------------- error fields from a peer
+ERROR_FIELDS = [  # class, field, a good value, bad values (wrong type, range, NaN/inf, huge)
+    (
+        errors.OverloadedError,
+        "retry_after_ms",
+        250.5,
+        ["250", b"250", True, None, -1.0, float("nan"), float("inf"), 1e300, [1], {"a": 1}],
+    ),
+    (errors.BackendFailure, "exception", "ValueError", [7, b"ValueError", None, "E" * 10_000]),
+    (errors.StreamInterrupted, "tokens", 12, ["12", 12.0, -1, True, 2**63, float("nan"), [12]]),
+]
+
+
+@pytest.mark.parametrize(("cls", "field", "good", "bads"), ERROR_FIELDS)
+def test_error_fields_from_a_peer_are_kept_only_with_their_declared_type(
+    cls, field, good, bads
+) -> None:
+    default = getattr(cls, field)
+    for bad in [good, *bads]:
+        # through the codec, as an error reply arrives
+        reply = Envelope(kind=Kind.ERROR, payload={"code": cls.code, "message": "m", field: bad})
+        with pytest.raises(cls) as info:
+            roundtrip(reply).raise_if_error()
+        err = info.value
+        assert err.message == "m"
+        value = getattr(err, field)
+        if bad is good:
+            assert value == good
+        else:
+            assert value == default and type(value) is type(default), bad
+    if cls is errors.OverloadedError:  # what the gateway does with it
+        err = errors.error_from_wire({"code": "overloaded", "retry_after_ms": "5000"})
+        assert math.ceil(err.retry_after_ms / 1e3) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    code=st.sampled_from(["overloaded", "backend.error", "stream.interrupted", "wire.limit"])
+    | st.none()
+    | st.integers()
+    | st.binary(max_size=10)
+    | st.text(max_size=100),
+    message=st.none() | st.integers() | st.text(max_size=50) | st.binary(max_size=10),
+    value=st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=300)
+    | st.binary(max_size=10)
+    | st.lists(st.integers(), max_size=3),
+)
+def test_any_error_payload_reconstructs_with_fields_of_their_declared_type(
+    code, message, value
+) -> None:
+    payload = {"code": code, "message": message}
+    payload |= {f: value for _, f, _, _ in ERROR_FIELDS}
+    err = errors.error_from_wire(payload)
+    assert isinstance(err, errors.TandemError) and type(err.message) is str
+    for name, spec in type(err).wire_fields.items():
+        v = getattr(err, name)
+        if isinstance(spec, errors.WireText):
+            assert type(v) is str and len(v) <= spec.max_chars
+        else:
+            assert type(v) in (int, float) and spec.lo <= v <= spec.hi and math.isfinite(v)
+
+
+def test_a_long_error_message_or_code_from_a_peer_is_bounded() -> None:
+    err = errors.error_from_wire({"code": "wire." * 100_000, "message": "x" * 1_000_000})
+    assert type(err) is errors.TandemError  # not a code we know (and not parsed dot by dot)
+    assert len(err.message) <= errors.MAX_MESSAGE_CHARS + 3

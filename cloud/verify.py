@@ -4,7 +4,8 @@ A session is one answer being verified: the cloud model's KV cache for its seque
 the answer so far), kept between the edge's rounds, so a round runs only the draft tokens. The
 math is :func:`tandem.runtime.speculative.verify`.
 
-Request payload (every field checked before use; unknown fields refused)::
+Request payload (every field checked before use, by
+:func:`~tandem.cloud.payloads.parse_verify`; unknown fields refused)::
 
     model       str
     session     16 bytes, chosen by the edge (random)
@@ -22,9 +23,15 @@ Request payload (every field checked before use; unknown fields refused)::
 
 Result payload: ``accepted`` (draft tokens kept), ``token`` (the model's own next token),
 ``logprobs`` (of the ``accepted + 1`` tokens, under the model at temperature 1), ``eos`` (the
-token ends the answer), ``done`` (the session is dropped: EOS, or ``max_tokens`` made), ``pos`` (the sequence length now: the edge's
-next ``pos``), ``prefilled`` (tokens run besides the draft: the prompt of a new session),
-``compute_us`` (this worker's time for the request) and ``version``.
+token ends the answer), ``done`` (the session is dropped: EOS, or ``max_tokens`` made), ``pos``
+(the sequence length now: the edge's next ``pos``), ``prefilled`` (tokens run besides the
+draft: the prompt of a new session), ``compute_us`` (this worker's time for the request) and
+``version``.
+
+A session belongs to the peer that opened it (its routing identity, as a stream's ``cancel``
+is checked against the stream's): a session id names a session only together with the peer
+that sends it, so another peer naming it is answered as for an id never made here, and can
+neither advance it nor end it (``pos`` 0 opens a session of its own).
 
 A session whose ``pos`` does not match — never made here, expired, evicted, or a lost reply
 left the edge behind — is answered :class:`SessionLost`; the edge sends the whole sequence
@@ -40,169 +47,46 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from tandem.cloud.config import SpeculativeSpec
+from tandem.cloud.config import VerifySessionLimits
+from tandem.cloud.payloads import VerifyRequest, parse_verify
+from tandem.runtime.backends import LocalGenerationBackend
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
-from tandem.runtime.generation import SamplingParams, SessionLease, token_confidence
-from tandem.runtime.speculative import backend_vocab_digest, cut_at_end, verify, verify_rng
+from tandem.runtime.generation import SessionLease, token_confidence
+from tandem.runtime.speculative import (
+    backend_vocab_digest,
+    cut_at_end,
+    shared_prefix,
+    verify,
+    verify_rng,
+)
 
 log = logging.getLogger(__name__)
 
-VERIFY_FIELDS = frozenset(
-    {
-        "model",
-        "session",
-        "pos",
-        "tokens",
-        "draft",
-        "q_ids",
-        "q_probs",
-        "temperature",
-        "top_p",
-        "seed",
-        "max_tokens",
-        "vocab",
-        "end",
-    }
-)
-SESSION_ID_BYTES = 16
-MAX_DRAFT = 64  # draft tokens a request may carry; those past speculative.max_gamma are ignored
-_Q_TOLERANCE = 1e-6  # how far a draft distribution's sum may be from 1
-
-
-@dataclass(slots=True)
-class VerifyRequest:
-    """A ``verify`` payload whose fields have the right types and sizes (token ranges are
-    checked against the model)."""
-
-    model: str
-    session: bytes
-    pos: int
-    tokens: list[int]
-    draft: list[int]
-    q_ids: np.ndarray | None
-    q_probs: np.ndarray | None
-    params: SamplingParams
-    max_tokens: int
-    vocab: str | None
-    end: bool
-
-
-def _int_list(p: dict, key: str, limit: int) -> list[int]:
-    v = p.get(key, [])
-    if type(v) is not list or len(v) > limit or any(type(t) is not int for t in v):
-        raise BadRequest(f"verify: {key} must be a list of at most {limit} integers")
-    return v
-
-
-def _number(p: dict, key: str, default: float) -> float:
-    v = p.get(key, default)
-    if type(v) is not float and type(v) is not int:
-        raise BadRequest(f"verify: {key} must be a number")
-    return float(v)
-
-
-def parse_verify(p: Any, spec: SpeculativeSpec) -> VerifyRequest:
-    """Check every field of a ``verify`` payload; :class:`BadRequest` naming the bad one."""
-    if type(p) is not dict:
-        raise BadRequest("verify payload must be a map {model, session, pos, tokens, draft, ...}")
-    unknown = p.keys() - VERIFY_FIELDS
-    if unknown:
-        raise BadRequest(f"verify: unknown field(s) {', '.join(sorted(map(repr, unknown))[:8])}")
-    model, session = p.get("model"), p.get("session")
-    if type(model) is not str:
-        raise BadRequest("verify: model must be a string")
-    if type(session) is not bytes or len(session) != SESSION_ID_BYTES:
-        raise BadRequest(f"verify: session must be {SESSION_ID_BYTES} bytes")
-    pos = p.get("pos", 0)
-    if type(pos) is not int or not 0 <= pos <= spec.max_prompt_tokens + (1 << 16):
-        raise BadRequest("verify: pos must be a non-negative integer")
-    tokens = _int_list(p, "tokens", spec.max_prompt_tokens)
-    draft = _int_list(p, "draft", MAX_DRAFT)
-    max_tokens = p.get("max_tokens", 1)
-    if type(max_tokens) is not int or not 1 <= max_tokens <= 1 << 16:
-        raise BadRequest("verify: max_tokens must be an integer in 1..65536")
-    seed = p.get("seed")
-    if seed is not None and (type(seed) is not int or not 0 <= seed < 1 << 64):
-        raise BadRequest("verify: seed must be nil or an integer in [0, 2**64)")
-    vocab = p.get("vocab")
-    if vocab is not None and (type(vocab) is not str or len(vocab) > 64):
-        raise BadRequest("verify: vocab must be a digest string")
-    end = p.get("end", False)
-    if type(end) is not bool:
-        raise BadRequest("verify: end must be a boolean")
-    params = SamplingParams(  # checks the ranges
-        max_tokens=max_tokens,
-        temperature=_number(p, "temperature", 0.0),
-        top_p=_number(p, "top_p", 1.0),
-        seed=seed,
-    )
-    q_ids, q_probs = p.get("q_ids"), p.get("q_probs")
-    if params.temperature > 0.0 and draft:
-        _check_q(q_ids, q_probs, draft, spec.max_support)
-    else:
-        q_ids = q_probs = None
-    if len(draft) > spec.max_gamma:  # verify a prefix: fewer accepted, never a wrong token
-        draft = draft[: spec.max_gamma]
-        if q_ids is not None and q_probs is not None:
-            q_ids, q_probs = q_ids[: spec.max_gamma], q_probs[: spec.max_gamma]
-    return VerifyRequest(
-        model, session, pos, tokens, draft, q_ids, q_probs, params, max_tokens, vocab, end
-    )
-
-
-def _check_q(q_ids: Any, q_probs: Any, draft: list[int], max_support: int) -> None:
-    """The draft distribution: (γ, k) arrays, probabilities that sum to 1 per row and give each
-    draft token a positive probability (it was drawn from them)."""
-    g = len(draft)
-    if not (
-        isinstance(q_ids, np.ndarray)
-        and isinstance(q_probs, np.ndarray)
-        and q_ids.dtype == np.int32
-        and q_probs.dtype == np.float64
-        and q_ids.ndim == 2
-        and q_ids.shape == q_probs.shape
-        and q_ids.shape[0] == g
-        and 1 <= q_ids.shape[1] <= max_support
-    ):
-        raise BadRequest(
-            f"verify: sampling needs q_ids (int32) and q_probs (float64) arrays shaped "
-            f"({g}, k), 1 <= k <= {max_support}"
-        )
-    if not (np.isfinite(q_probs).all() and (q_probs >= 0).all()):
-        raise BadRequest("verify: q_probs must be finite and non-negative")
-    if (np.abs(q_probs.sum(axis=1) - 1.0) > _Q_TOLERANCE).any():
-        raise BadRequest("verify: each row of q_probs must sum to 1")
-    drafted = np.asarray(draft)[:, None]
-    if not ((q_ids == drafted) & (q_probs > 0)).any(axis=1).all():
-        raise BadRequest("verify: each draft token needs a positive probability in its q row")
-
-
-def _shared_prefix(held: Any, tokens: list[int]) -> int:
-    """How many leading ``tokens`` a reused cache (``held``) already holds."""
-    n = min(len(held), len(tokens))
-    differ = np.flatnonzero(np.asarray(held[:n]) != np.asarray(tokens[:n]))
-    return int(differ[0]) if differ.size else n
+SessionKey = tuple[tuple[bytes, ...], bytes]  # (the opening peer's route, the session id)
 
 
 class Session:
     """One answer's state: its sequence (every token so far) and the backend session whose KV
     cache holds all of it but the last token."""
 
-    __slots__ = ("held", "id", "lease", "limit", "model", "rng", "sequence", "used")
+    __slots__ = ("key", "lease", "limit", "model", "n_cached", "rng", "sequence", "used")
 
     def __init__(
-        self, sid: bytes, model: str, lease: SessionLease, sequence: list[int], req: VerifyRequest
+        self,
+        key: SessionKey,
+        model: str,
+        lease: SessionLease,
+        sequence: list[int],
+        req: VerifyRequest,
     ) -> None:
-        self.id = sid
+        self.key = key
         self.model = model
         self.lease = lease
         self.sequence = sequence
-        self.held = _shared_prefix(lease.held, sequence[:-1])  # tokens its cache holds
+        self.n_cached = shared_prefix(lease.held, sequence[:-1])  # tokens its cache holds
         self.rng = verify_rng(req.params.seed, len(sequence))
         self.limit = len(sequence) + req.max_tokens  # the sequence's length when it is done
         self.used = time.monotonic()
@@ -212,10 +96,11 @@ class VerifyTable:
     """The worker's sessions (see the module docstring). Used by the worker loop's thread
     only."""
 
-    def __init__(self, spec: SpeculativeSpec, backends: dict[str, Any]) -> None:
-        self.spec = spec
+    def __init__(self, limits: VerifySessionLimits, backends: dict[str, Any]) -> None:
+        self.limits = limits
         self.backends = backends
-        self.sessions: OrderedDict[bytes, Session] = OrderedDict()  # least recently used first
+        # least recently used first
+        self.sessions: OrderedDict[SessionKey, Session] = OrderedDict()
         self.nbytes = 0
         self.counters: Counter[str] = Counter()
         self._digests: dict[str, str] = {}
@@ -223,13 +108,16 @@ class VerifyTable:
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def run(self, payload: Any) -> dict[str, Any]:
-        """Answer one ``verify`` payload (the result payload), or raise a TandemError."""
+    def run(self, payload: Any, route: Sequence[bytes] = ()) -> dict[str, Any]:
+        """Answer one ``verify`` payload from the peer at ``route`` (its routing frames: the
+        sessions it may name are those it opened) with the result payload, or raise a
+        TandemError."""
         t0 = time.perf_counter()
-        req = parse_verify(payload, self.spec)
+        req = parse_verify(payload, self.limits)
         backend = self._backend(req.model)
         self.expire(time.monotonic())
-        sess = self.sessions.get(req.session)
+        key = (tuple(route), req.session)
+        sess = self.sessions.get(key)
         if req.end:
             if sess is not None:
                 self._drop(sess)
@@ -247,12 +135,12 @@ class VerifyTable:
             )
         prefilled = 0
         if sess is None:
-            sess = self._open(req, backend)
-            prefilled = len(sess.sequence) - sess.held - 1
+            sess = self._open(key, req, backend)
+            prefilled = len(sess.sequence) - sess.n_cached - 1
         else:
             sess.sequence.extend(req.tokens)
             prefilled = len(req.tokens)
-            self.sessions.move_to_end(sess.id)
+            self.sessions.move_to_end(sess.key)
         try:
             out = self._round(sess, req, backend)
         except Exception:
@@ -272,7 +160,9 @@ class VerifyTable:
         )
         return out
 
-    def _round(self, sess: Session, req: VerifyRequest, backend: Any) -> dict[str, Any]:
+    def _round(
+        self, sess: Session, req: VerifyRequest, backend: LocalGenerationBackend
+    ) -> dict[str, Any]:
         seq, draft = sess.sequence, req.draft
         n_vocab = int(backend.n_vocab)
         if any(not 0 <= t < n_vocab for t in draft) or any(
@@ -282,15 +172,15 @@ class VerifyTable:
         if req.q_ids is not None and ((req.q_ids < 0) | (req.q_ids >= n_vocab)).any():
             raise BadRequest(f"verify: q_ids must be in 0..{n_vocab - 1}")
         lease = sess.lease
-        lease.truncate(sess.held)
-        rows = lease.extend(seq[sess.held :] + draft, len(draft) + 1)
+        lease.truncate(sess.n_cached)
+        rows = lease.extend(seq[sess.n_cached :] + draft, len(draft) + 1)
         accepted, token = verify(rows, draft, req.q_ids, req.q_probs, req.params, sess.rng)
         eos = backend.eos_tokens
         accepted, token = cut_at_end(draft, accepted, token, eos)
         lease.truncate(len(seq) + accepted)
         new = [*draft[:accepted], token]
         seq.extend(new)
-        sess.held = len(seq) - 1  # every token but the last: the next round runs it first
+        sess.n_cached = len(seq) - 1  # every token but the last: the next round runs it first
         return {
             "accepted": accepted,
             "token": token,
@@ -299,20 +189,22 @@ class VerifyTable:
             "pos": len(seq),
         }
 
-    def _backend(self, model: str) -> Any:
+    def _backend(self, model: str) -> LocalGenerationBackend:
         backend = self.backends.get(model)
         if backend is None:
             raise UnknownModel(f"no model {model!r} here; serving: {', '.join(self.backends)}")
-        if not hasattr(backend, "lease"):
+        if not isinstance(backend, LocalGenerationBackend):
             raise BadRequest(f"model {model!r} cannot verify drafts (not a gguf/transformers LM)")
         return backend
 
-    def _digest(self, model: str, backend: Any) -> str:
+    def _digest(self, model: str, backend: LocalGenerationBackend) -> str:
         if model not in self._digests:
             self._digests[model] = backend_vocab_digest(backend)
         return self._digests[model]
 
-    def _open(self, req: VerifyRequest, backend: Any) -> Session:
+    def _open(
+        self, key: SessionKey, req: VerifyRequest, backend: LocalGenerationBackend
+    ) -> Session:
         if not req.tokens:
             raise BadRequest("verify: a new session needs its prompt tokens (pos 0, tokens)")
         if req.vocab is None:
@@ -323,11 +215,10 @@ class VerifyTable:
                 f"{req.vocab!r}, expected {self._digest(req.model, backend)!r}): drafts are token "
                 "ids, so both models need the same tokenizer"
             )
-        n_ctx = int(getattr(backend, "n_ctx", 0)) or None
-        want = len(req.tokens) + req.max_tokens + self.spec.max_gamma + 1
-        if n_ctx is not None:
-            want = min(want, n_ctx)
-        while len(self.sessions) >= self.spec.max_sessions:
+        want = len(req.tokens) + req.max_tokens + self.limits.max_gamma + 1
+        if backend.n_ctx:
+            want = min(want, int(backend.n_ctx))
+        while len(self.sessions) >= self.limits.max_sessions:
             self._evict()
         while True:
             try:
@@ -336,18 +227,18 @@ class VerifyTable:
             except OverloadedError:
                 if not self._evict(req.model):
                     raise
-        if lease.nbytes > self.spec.max_session_bytes:
+        if lease.nbytes > self.limits.max_session_bytes:
             lease.close()
             raise OverloadedError(
                 f"a session of {req.model!r} needs {lease.nbytes} bytes of KV cache, over "
-                f"speculative.max_session_bytes ({self.spec.max_session_bytes})"
+                f"speculative.max_session_bytes ({self.limits.max_session_bytes})"
             )
-        while self.nbytes + lease.nbytes > self.spec.max_session_bytes:
+        while self.nbytes + lease.nbytes > self.limits.max_session_bytes:
             if not self._evict():  # the accounting is off: never loop on it
                 lease.close()
                 raise OverloadedError("no room for a speculative session")
-        sess = Session(req.session, req.model, lease, list(req.tokens), req)
-        self.sessions[sess.id] = sess
+        sess = Session(key, req.model, lease, list(req.tokens), req)
+        self.sessions[key] = sess
         self.nbytes += lease.nbytes
         self.counters["verify_sessions"] += 1
         return sess
@@ -356,8 +247,11 @@ class VerifyTable:
         """A stream of ``model`` is starting: if speculative sessions hold all of the model's
         slots (llama.cpp contexts, transformers streams), the least recently used gives its
         slot up (it resyncs; a stream could not)."""
-        free = getattr(backend, "free_slots", None)
-        if free is not None and free() == 0 and self._evict(model):
+        if (
+            isinstance(backend, LocalGenerationBackend)
+            and backend.free_slots() == 0
+            and self._evict(model)
+        ):
             self.counters["verify_yielded"] += 1
 
     def _evict(self, model: str | None = None) -> bool:
@@ -370,7 +264,7 @@ class VerifyTable:
         return False
 
     def _drop(self, sess: Session) -> None:
-        if self.sessions.pop(sess.id, None) is not None:
+        if self.sessions.pop(sess.key, None) is not None:
             self.nbytes -= sess.lease.nbytes
             sess.lease.close()
 
@@ -378,7 +272,7 @@ class VerifyTable:
         """Drop sessions idle for longer than ``ttl_s`` (the oldest are first)."""
         while self.sessions:
             sess = next(iter(self.sessions.values()))
-            if now - sess.used < self.spec.ttl_s:
+            if now - sess.used < self.limits.ttl_s:
                 return
             self.counters["verify_expired"] += 1
             self._drop(sess)
