@@ -20,7 +20,7 @@ import numpy as np
 from tandem.cloud.config import VerifySessionLimits
 from tandem.runtime.chat import ChatBackend, Message, check_messages
 from tandem.runtime.errors import BadRequest
-from tandem.runtime.generation import MAX_STOP_STRINGS, SamplingParams, TokenStream
+from tandem.runtime.generation import MAX_STOP_STRINGS, BackendStream, SamplingParams
 from tandem.runtime.wire import MAX_BUDGET_US
 
 GENERATE_FIELDS = frozenset(
@@ -135,7 +135,7 @@ class GenerateRequest:
     messages: list[Message] | None = None
     prefix: str = ""  # with messages
 
-    def start(self, backend: Any, cancel: threading.Event) -> TokenStream:
+    def start(self, backend: Any, cancel: threading.Event) -> BackendStream:
         """The backend's token stream for this request."""
         if self.messages is None:
             return backend.stream(self.prompt, self.params, cancel=cancel)

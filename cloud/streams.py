@@ -36,7 +36,7 @@ worker shutdown             ``error`` ``shutting_down``
 ==========================  =====================================================
 
 In every case but the first two the loop sets the stream's cancel event and wakes the
-producer, which closes the backend's :class:`TokenStream` at the next token boundary.
+producer, which closes the backend's :class:`BackendStream` at the next token boundary.
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ class WorkerStreams:
                 "tokens": s.sent,
                 "prompt_tokens": s.prompt_tokens,
                 "model": s.req.model,
-                "version": str(getattr(s.backend, "version", "")),
+                "version": str(s.backend.version),
                 "timings": {
                     "queue_ms": ms(s.started_at),
                     "ttft_ms": ms(s.first_token_at),

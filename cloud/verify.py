@@ -86,7 +86,7 @@ class Session:
         self.model = model
         self.lease = lease
         self.sequence = sequence
-        self.n_cached = shared_prefix(lease.held, sequence[:-1])  # tokens its cache holds
+        self.n_cached = shared_prefix(lease.cached_tokens, sequence[:-1])  # tokens its cache holds
         self.rng = verify_rng(req.params.seed, len(sequence))
         self.limit = len(sequence) + req.max_tokens  # the sequence's length when it is done
         self.used = time.monotonic()

@@ -2,7 +2,7 @@
 
 A :class:`WorkerStream` is shared by two threads, and this module is the boundary between
 them: its *producer* (:meth:`WorkerStream.produce`, on a thread of its own) runs the backend's
-:class:`~tandem.runtime.generation.TokenStream` and appends each checked step to ``pending``,
+:class:`~tandem.runtime.generation.BackendStream` and appends each checked step to ``pending``,
 waiting while ``buffer_tokens`` are unsent; the worker loop
 (:class:`~tandem.cloud.streams.WorkerStreams`) takes them from ``pending``, sends them, and
 owns every other field. They meet under ``cond``; the producer wakes the loop through the
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tandem.cloud.payloads import GenerateRequest
-from tandem.runtime.generation import FinishReason, TokenStep, TokenStream
+from tandem.runtime.generation import BackendStream, FinishReason, TokenStep
 from tandem.runtime.wire import Envelope
 
 _MAX_STEP_CHARS = 64 * 1024  # one token's text: more is a backend bug, not a token
@@ -77,7 +77,7 @@ class WorkerStream:
         self.pending: deque[TokenStep] = deque()
         self.produced = 0  # tokens appended by the producer
         self.sent = 0  # tokens sent in chunks
-        self.done = False  # the producer has returned (its TokenStream closed)
+        self.done = False  # the producer has returned (its BackendStream closed)
         self.failure: BaseException | None = None
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
@@ -100,7 +100,7 @@ class WorkerStream:
     def produce(self, buffer_tokens: int, wake: Callable[[], None]) -> None:
         """The stream's thread: run the backend, fill the buffer (at most ``buffer_tokens``
         unsent; then wait), call ``wake`` when the loop has something new."""
-        ts: TokenStream | None = None
+        ts: BackendStream | None = None
         try:
             self.started_at = time.monotonic()
             if self.cancel.is_set():

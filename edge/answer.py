@@ -44,11 +44,11 @@ from tandem.router.routing import Decision
 from tandem.runtime.chat import chat_tokens
 from tandem.runtime.errors import TandemError
 from tandem.runtime.generation import (
+    BackendStream,
     LocalGenerationBackend,
     SamplingParams,
     StopFilter,
     TokenStep,
-    TokenStream,
     TokenText,
 )
 from tandem.runtime.types import AnswerChunk, GenerationResult, Tier
@@ -102,7 +102,7 @@ class Answer:
         self.cloud_text = ""
         # the edge's first stream: its prompt size is the answer's (read at the end: a server,
         # format openai, reports it once its stream ends)
-        self._first: TokenStream | None = None
+        self._first: BackendStream | None = None
         self.edge_text = ""  # what the edge produced before any hand-off (for the log)
         self.edge_logprobs: list[float] = []
         self.cloud_error: TandemError | None = None
@@ -176,7 +176,7 @@ class Answer:
         else:
             yield from self._cloud(self.text)
 
-    def _midstream(self, steps: TokenStream) -> Iterator[AnswerChunk]:
+    def _midstream(self, steps: BackendStream) -> Iterator[AnswerChunk]:
         t = self.t
         self._to(Phase.MIDSTREAM)
         window, watching = t.policy.window, True
@@ -228,7 +228,7 @@ class Answer:
             left = min(left, backend.n_ctx - used)
         return left
 
-    def _local(self, prefix: str) -> TokenStream:
+    def _local(self, prefix: str) -> BackendStream:
         """The edge model's stream, continuing after ``prefix`` (the answer so far)."""
         params = replace(self.params, max_tokens=max(self._room(prefix), 1))
         if self.messages is None:
@@ -239,7 +239,7 @@ class Answer:
             self._first = steps
         return steps
 
-    def _timed(self, steps: TokenStream) -> Iterator[TokenStep]:
+    def _timed(self, steps: BackendStream) -> Iterator[TokenStep]:
         """``steps``, with the time spent in the local model counted."""
         while True:
             t0 = time.perf_counter()
@@ -252,7 +252,7 @@ class Answer:
             yield step
 
     def _local_rest(
-        self, steps: TokenStream, probe: list[TokenStep], tier: Tier
+        self, steps: BackendStream, probe: list[TokenStep], tier: Tier
     ) -> Iterator[AnswerChunk]:
         self._to(Phase.DEGRADED if tier is Tier.EDGE_DEGRADED else Phase.LOCAL)
         try:

@@ -280,10 +280,10 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers for ``items``: batched in transformers for a torch model, one stream at
     a time for a :class:`~tandem.runtime.generation.GenerationBackend`."""
-    tok = tokenizer or CharTokenizer(CHARS)
-    if hasattr(model_or_backend, "stream"):
-        from tandem.runtime.generation import SamplingParams
+    from tandem.runtime.generation import GenerationBackend, SamplingParams
 
+    tok = tokenizer or CharTokenizer(CHARS)
+    if isinstance(model_or_backend, GenerationBackend):
         return [
             "".join(
                 s.text

@@ -140,7 +140,7 @@ class ChatBackend(Protocol):
         prefix: str = "",
         cancel: threading.Event | None = None,
     ) -> Any:
-        """The assistant's answer to ``messages`` (a :class:`~tandem.runtime.generation.TokenStream`),
+        """The assistant's answer to ``messages`` (a :class:`~tandem.runtime.generation.BackendStream`),
         continuing after ``prefix``."""
         ...
 

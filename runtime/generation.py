@@ -4,7 +4,7 @@
 * :class:`TokenStep` — one generated token: id, the text it adds, its log-probability under the
   model (temperature 1) and the entropy of the distribution it was drawn from (nats).
 * :class:`GenerationBackend` — the Protocol: ``stream(prompt, params, cancel=)`` returns a
-  :class:`TokenStream` (iterate for steps; afterwards ``finish_reason`` says why it ended).
+  :class:`BackendStream` (iterate for steps; afterwards ``finish_reason`` says why it ended).
 * :class:`LogitsSession` and :func:`decode` — the decode loop for backends that expose each
   step's logits row (llama.cpp, transformers): sampling, token confidence from
   :func:`tandem.kernels.confidence_row`, EOS, stop strings (held back until they cannot be the
@@ -82,7 +82,7 @@ class FinishReason:
     CANCELLED = "cancelled"
 
 
-class TokenStream:
+class BackendStream:
     """An iterator of :class:`TokenStep`; once exhausted, ``finish_reason`` is set and
     ``prompt_tokens`` says how many tokens the prompt took. ``close()`` stops the generation
     (the backend's state is released at the next token boundary)."""
@@ -92,7 +92,7 @@ class TokenStream:
         self.prompt_tokens = prompt_tokens
         self.finish_reason: str | None = None
 
-    def __iter__(self) -> TokenStream:
+    def __iter__(self) -> BackendStream:
         return self
 
     def __next__(self) -> TokenStep:
@@ -120,7 +120,7 @@ class GenerationBackend(Protocol):
 
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
-    ) -> TokenStream:
+    ) -> BackendStream:
         """Generate a continuation of ``prompt``. Raises :class:`BadRequest` for a prompt the
         model cannot take (unknown characters, longer than its context)."""
         ...
@@ -151,7 +151,7 @@ class SessionLease(LogitsSession, Protocol):
     nbytes: int  # memory the session holds (its KV cache)
 
     @property
-    def held(self) -> Sequence[int]:
+    def cached_tokens(self) -> Sequence[int]:
         """The tokens in the cache, in order."""
         ...
 

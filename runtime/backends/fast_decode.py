@@ -389,7 +389,7 @@ class FastSession:
         self.release: Callable[[], None] | None = None
 
     @property
-    def held(self) -> list[int]:
+    def cached_tokens(self) -> list[int]:
         return self.tokens
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:

@@ -35,9 +35,9 @@ from tandem.runtime.backends.local import LocalStreams
 from tandem.runtime.chat import ChatTemplate
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
+    BackendStream,
     SamplingParams,
     TokenStep,
-    TokenStream,
     check_fits,
     decode,
     token_confidence,
@@ -67,7 +67,7 @@ class _Session:
         self.nbytes = _kv_bytes(llm)
 
     @property
-    def held(self) -> np.ndarray:
+    def cached_tokens(self) -> np.ndarray:
         return _evaluated(self.llm)
 
     def extend(self, tokens: Sequence[int], n_rows: int) -> np.ndarray:
@@ -116,7 +116,7 @@ class _Session:
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Run ``tokens``, reusing the longest prefix this context already evaluated (at least
         the last token is run again: its logits row is not kept)."""
-        keep = min(shared_prefix(self.held, tokens), len(tokens) - 1)
+        keep = min(shared_prefix(self.cached_tokens, tokens), len(tokens) - 1)
         if not self.rollback and keep < self.llm.n_tokens:
             keep = 0  # a recurrent state cannot be rolled back part of the way
         self.llm.n_tokens = keep
@@ -290,12 +290,12 @@ class LlamaCppBackend(LocalStreams):
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None
-    ) -> TokenStream:
+    ) -> BackendStream:
         check_fits(self.name, len(ids), params, self.n_ctx)
         llm = self._checkout(ids)
         steps = self._steps(llm, ids, params, cancel)
         next(steps)  # started, so close() or garbage collection runs its `finally`
-        return TokenStream(steps, prompt_tokens=len(ids))  # type: ignore[arg-type]
+        return BackendStream(steps, prompt_tokens=len(ids))  # type: ignore[arg-type]
 
     def _checkout(self, ids: Sequence[int]) -> llama_cpp.Llama:
         """The free context sharing the longest prefix with ``ids``."""

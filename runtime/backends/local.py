@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 from tandem.runtime.chat import ChatTemplate, Message, chat_tokens
-from tandem.runtime.generation import SamplingParams, TokenStream
+from tandem.runtime.generation import BackendStream, SamplingParams
 
 
 class LocalStreams:
@@ -20,12 +20,12 @@ class LocalStreams:
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None
-    ) -> TokenStream:
+    ) -> BackendStream:
         raise NotImplementedError
 
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
-    ) -> TokenStream:
+    ) -> BackendStream:
         """A continuation of ``prompt`` (tokenized as plain text: no control tokens)."""
         return self._stream_ids(self.tokenize(prompt), params, cancel)
 
@@ -36,7 +36,7 @@ class LocalStreams:
         *,
         prefix: str = "",
         cancel: threading.Event | None = None,
-    ) -> TokenStream:
+    ) -> BackendStream:
         """The assistant's answer to ``messages``, rendered with the model's chat template,
         continuing after ``prefix``."""
         return self._stream_ids(chat_tokens(self, messages, prefix), params, cancel)

@@ -29,7 +29,7 @@ import openai
 
 from tandem.runtime.chat import Message
 from tandem.runtime.errors import BackendError, BadRequest, OverloadedError, Unavailable
-from tandem.runtime.generation import FinishReason, SamplingParams, TokenStep, TokenStream
+from tandem.runtime.generation import BackendStream, FinishReason, SamplingParams, TokenStep
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
@@ -78,7 +78,7 @@ class OpenAIBackend:
 
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
-    ) -> TokenStream:
+    ) -> BackendStream:
         """Send the request now (so a refused one raises here); tokens arrive as the stream is
         iterated. ``cancel`` is noticed between chunks and closes the HTTP stream."""
         body = {**self._body(params), "prompt": prompt, "logprobs": 1}
@@ -91,7 +91,7 @@ class OpenAIBackend:
         *,
         prefix: str = "",
         cancel: threading.Event | None = None,
-    ) -> TokenStream:
+    ) -> BackendStream:
         """The server's model answers ``messages`` with its own chat template (see the module
         docstring for ``prefix``)."""
         body = {**self._body(params), "messages": list(messages), "logprobs": True}
@@ -117,21 +117,21 @@ class OpenAIBackend:
             body["stop"] = list(params.stop)
         return body
 
-    def _start(self, create, body, parse, cancel, extra=None) -> TokenStream:
+    def _start(self, create, body, parse, cancel, extra=None) -> BackendStream:
         try:
             response = create(**body, extra_body={**self.extra_body, **(extra or {})} or None)
         except openai.OpenAIError as e:
             _raise(e, self.url)
-        holder: list[TokenStream] = []  # the stream, for the prompt size once it is known
+        holder: list[BackendStream] = []  # the stream, for the prompt size once it is known
         steps = self._steps(response, holder, parse, cancel)
         next(steps)  # started, so close() or garbage collection closes the HTTP stream
-        holder.append(TokenStream(steps))  # type: ignore[arg-type]
+        holder.append(BackendStream(steps))  # type: ignore[arg-type]
         return holder[0]
 
     def _steps(
         self,
         response: Any,
-        holder: list[TokenStream],
+        holder: list[BackendStream],
         parse: Any,
         cancel: threading.Event | None,
     ) -> Generator[TokenStep | None, None, str]:

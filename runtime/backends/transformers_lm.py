@@ -29,9 +29,9 @@ from tandem.runtime.backends.local import LocalStreams
 from tandem.runtime.chat import ChatTemplate
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
+    BackendStream,
     SamplingParams,
     SessionLease,
-    TokenStream,
     check_fits,
     decode,
 )
@@ -50,7 +50,7 @@ class _Session:
     def __init__(self, model: torch.nn.Module, n_ctx: int) -> None:
         self.model = model
         self.cache = None
-        self.held: list[int] = []
+        self.cached_tokens: list[int] = []
         cfg = model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -71,11 +71,11 @@ class _Session:
             use_cache=True,
         )
         self.cache = out.cache
-        self.held.extend(int(t) for t in ids)
+        self.cached_tokens.extend(int(t) for t in ids)
         return out.logits[0, -n_rows:].float().numpy()
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        self.cache, self.held = None, []
+        self.cache, self.cached_tokens = None, []
         return self._run(tokens)[0]
 
     def append(self, token: int) -> np.ndarray:
@@ -90,9 +90,9 @@ class _Session:
         return self._run(tokens, n_rows).copy()
 
     def truncate(self, n: int) -> None:
-        if n < len(self.held) and self.cache is not None:
+        if n < len(self.cached_tokens) and self.cache is not None:
             self.cache.crop(n)
-        del self.held[n:]
+        del self.cached_tokens[n:]
 
     def close(self) -> None:
         release, self.release = self.release, None
@@ -230,7 +230,7 @@ class TransformersBackend(LocalStreams):
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None
-    ) -> TokenStream:
+    ) -> BackendStream:
         check_fits(self.name, len(ids), params, self.n_ctx)
         if not self._slots.acquire(blocking=False):
             raise OverloadedError(
@@ -238,7 +238,7 @@ class TransformersBackend(LocalStreams):
             )
         steps = self._steps(ids, params, cancel)
         next(steps)  # started, so close() or garbage collection runs its `finally`
-        return TokenStream(steps, prompt_tokens=len(ids))
+        return BackendStream(steps, prompt_tokens=len(ids))
 
     def _steps(self, ids, params, cancel):
         try:

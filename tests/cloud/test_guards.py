@@ -15,7 +15,7 @@ import zmq
 
 from tandem.cloud.config import WorkerConfig
 from tandem.runtime.backends import ExpertsBackend
-from tandem.runtime.generation import FinishReason, SamplingParams, TokenStep, TokenStream
+from tandem.runtime.generation import BackendStream, FinishReason, SamplingParams, TokenStep
 from tandem.runtime.manifest import TensorSpec
 from tandem.runtime.wire import Envelope, Kind, WireCodec
 from tests.peers import ThreadWorker, raw_socket
@@ -95,14 +95,14 @@ class RecordingLM:
 
     def stream(
         self, prompt: str, params: SamplingParams, *, cancel: threading.Event | None = None
-    ) -> TokenStream:
+    ) -> BackendStream:
         self.rec.record("stream", prompt)
 
         def steps():
             yield TokenStep(token=1, text="ok", logprob=-0.1)
             return FinishReason.STOP
 
-        return TokenStream(steps(), prompt_tokens=len(prompt))
+        return BackendStream(steps(), prompt_tokens=len(prompt))
 
     def warm_up(self) -> None:
         pass

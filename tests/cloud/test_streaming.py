@@ -30,7 +30,7 @@ from tandem.runtime.backends.transformers_lm import TransformersBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.client import RemoteChunk as Chunk
 from tandem.runtime.client import RemoteStream as GenerationCall
-from tandem.runtime.generation import SamplingParams, TokenStep, TokenStream
+from tandem.runtime.generation import BackendStream, SamplingParams, TokenStep
 from tandem.runtime.manifest import Manifest, load_manifest, write_manifest
 from tandem.runtime.wire import Envelope, Kind, WireCodec
 from tests.lm import lm_entry, tiny_lm
@@ -152,7 +152,7 @@ class SlowLM:
         self.inner, self.first_s, self.per_token_s = inner, first_s, per_token_s
         self.name, self.version = inner.name, inner.version
 
-    def stream(self, prompt, params, *, cancel=None) -> TokenStream:
+    def stream(self, prompt, params, *, cancel=None) -> BackendStream:
         ts = self.inner.stream(prompt, params, cancel=cancel)
         cancel = cancel or threading.Event()
 
@@ -166,7 +166,7 @@ class SlowLM:
             finally:
                 ts.close()
 
-        return TokenStream(steps(), ts.prompt_tokens)
+        return BackendStream(steps(), ts.prompt_tokens)
 
     def warm_up(self) -> None:
         pass
@@ -183,7 +183,7 @@ class BrokenLM(SlowLM):
         super().__init__(inner)
         self.good = good
 
-    def stream(self, prompt, params, *, cancel=None) -> TokenStream:
+    def stream(self, prompt, params, *, cancel=None) -> BackendStream:
         if self.good is None:
             raise RuntimeError("no GPU today")
         ts = self.inner.stream(prompt, params, cancel=cancel)
@@ -197,7 +197,7 @@ class BrokenLM(SlowLM):
             finally:
                 ts.close()
 
-        return TokenStream(steps(), ts.prompt_tokens)
+        return BackendStream(steps(), ts.prompt_tokens)
 
 
 def thread_config(**generation: Any) -> WorkerConfig:

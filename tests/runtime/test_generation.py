@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tandem.runtime.generation import (
+    BackendStream,
     FinishReason,
     SamplingParams,
-    TokenStep,
-    TokenStream,
     StopFilter,
+    TokenStep,
     decode,
     sample,
     token_confidence,
@@ -60,7 +60,7 @@ def run(
     table = [b""] + [p.encode() if isinstance(p, str) else p for p in pieces]
     session = Scripted(range(1, len(table)), len(table))
     params = SamplingParams(max_tokens=max_tokens or len(pieces) + 1, stop=stop)
-    stream = TokenStream(
+    stream = BackendStream(
         decode(session, [5], params, piece=table.__getitem__, eos=frozenset({EOS}), cancel=cancel)
     )
     steps = list(stream)
@@ -157,7 +157,7 @@ def test_cancel_before_and_during():
 
     cancel = threading.Event()
     table = [b"", b"a", b"b", b"c"]
-    stream = TokenStream(
+    stream = BackendStream(
         decode(
             Scripted([1, 2, 3], 4),
             [5],
@@ -175,7 +175,7 @@ def test_cancel_before_and_during():
 
 def test_close_marks_cancelled():
     table = [b"", b"a", b"b"]
-    stream = TokenStream(
+    stream = BackendStream(
         decode(Scripted([1, 2], 3), [5], SamplingParams(), piece=table.__getitem__, eos=frozenset())
     )
     next(stream)

@@ -18,7 +18,7 @@ from tandem.runtime.errors import (
     OverloadedError,
     Unavailable,
 )
-from tandem.runtime.generation import FinishReason, SamplingParams, TokenStep, TokenStream
+from tandem.runtime.generation import BackendStream, FinishReason, SamplingParams, TokenStep
 from tandem.runtime.manifest import sha256_file
 from tandem.runtime.tokenizer import CharTokenizer
 from tests.conftest import require
@@ -296,7 +296,7 @@ def test_remote_cancel_then_serve_again(remote, reference):
     cancel.set()
     assert list(stream) == [] and stream.finish_reason == FinishReason.CANCELLED
     assert first.text == reference["hello world"][0].text
-    closed: TokenStream = remote.stream("1+2=", GREEDY)
+    closed: BackendStream = remote.stream("1+2=", GREEDY)
     closed.close()
     assert text(remote.stream("1+2=", GREEDY)) == text(reference["1+2="])
 
