@@ -1,0 +1,42 @@
+"""What every command of the ``tandem`` CLI shares: the command groups and the consoles."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from tandem.runtime.errors import TandemError
+
+app = typer.Typer(
+    help="Tandem: edge-cloud collaborative inference.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(
+    help="Build the reference models, or register your own.", no_args_is_help=True
+)
+cloud_app = typer.Typer(help="Run and query cloud workers.", no_args_is_help=True)
+policy_app = typer.Typer(help="Check routing policy files.", no_args_is_help=True)
+keys_app = typer.Typer(help="CurveZMQ key pairs for workers and clients.", no_args_is_help=True)
+quantize_app = typer.Typer(
+    help="Make a model smaller: int8 ONNX, or GGUF for llama.cpp.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+app.add_typer(quantize_app, name="quantize")
+app.add_typer(cloud_app, name="cloud")
+app.add_typer(policy_app, name="policy")
+app.add_typer(keys_app, name="keys")
+bench_app = typer.Typer(
+    help="Measure a deployment: latency per tier, accuracy, escalations, over emulated links.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(e: TandemError) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {e.message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)

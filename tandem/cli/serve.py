@@ -1,0 +1,245 @@
+"""``tandem cloud``, ``tandem keys``, ``tandem generate`` and ``tandem gateway``: run a worker, ask one, secure the link, and answer from the edge."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tandem.cli.common import (
+    app,
+    cloud_app,
+    console,
+    err_console,
+    fail,
+    keys_app,
+)
+from tandem.runtime.errors import TandemError
+
+
+@cloud_app.command("serve")
+def cloud_serve(
+    config: Annotated[Path, typer.Option(help="Worker config YAML.")],
+    bind: Annotated[str | None, typer.Option(help="Override the config's bind address.")] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write the bound endpoint here once serving.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="Log warnings only.")] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option(help="Allow a non-loopback bind without curve (plain text, any client)."),
+    ] = False,
+) -> None:
+    """Serve the models of a models directory on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
+    from tandem.cloud.config import load_worker_config
+    from tandem.cloud.worker import CloudWorker
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_worker_config(config)
+        if bind:
+            cfg = cfg.model_copy(update={"bind": bind})
+        if insecure:
+            cfg = cfg.model_copy(update={"insecure": True})
+        worker = CloudWorker(cfg)
+    except TandemError as e:
+        raise fail(e) from None
+
+    def ready(endpoint: str) -> None:
+        if ready_file:
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(endpoint)
+            tmp.replace(ready_file)
+        if not quiet:
+            err_console.print(f"serving {', '.join(worker.backends)} on {endpoint}")
+
+    try:
+        code = worker.serve(ready)
+    except TandemError as e:
+        raise fail(e) from None
+    raise typer.Exit(code=code)
+
+
+@cloud_app.command("health")
+def cloud_health(
+    endpoint: Annotated[str, typer.Argument(help="e.g. tcp://127.0.0.1:5555")],
+    timeout_ms: Annotated[int, typer.Option(help="How long to wait.")] = 2000,
+    client_key: Annotated[
+        Path | None, typer.Option(help="Curve: this client's NAME.key_secret file.")
+    ] = None,
+    server_key: Annotated[
+        Path | None, typer.Option(help="Curve: the worker's public NAME.key file.")
+    ] = None,
+) -> None:
+    """Ask a worker for its models, versions and queue depth."""
+    from tandem.runtime.client import CloudClient
+    from tandem.runtime.errors import ConfigError
+
+    try:
+        if (client_key is None) != (server_key is None):
+            raise ConfigError("give both --client-key and --server-key (Curve), or neither")
+        curve = (client_key, server_key) if client_key and server_key else None
+        with CloudClient(endpoint, curve=curve) as client:
+            info = client.health(timeout_ms / 1e3)
+    except TandemError as e:
+        raise fail(e) from None
+    console.print_json(json.dumps(info))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write the pair (created if missing).")
+    ],
+    name: Annotated[
+        str, typer.Option(help="File name stem: NAME.key, NAME.key_secret.")
+    ] = "worker",
+    force: Annotated[bool, typer.Option(help="Replace an existing pair of that name.")] = False,
+) -> None:
+    """Write a CurveZMQ key pair: NAME.key (public, share it) and NAME.key_secret (keep it)."""
+    from tandem.runtime.curve import generate_keypair
+
+    try:
+        public, secret = generate_keypair(directory, name, force=force)
+    except TandemError as e:
+        raise fail(e) from None
+    console.print(f"public key  {public}", highlight=False, soft_wrap=True)
+    console.print(
+        f"secret key  {secret}  (mode 0600: never share it)", highlight=False, soft_wrap=True
+    )
+    console.print(
+        "if this is a worker's pair: its config gets curve: {secret_key: "
+        f"{secret}, allowed_clients: DIR_OF_CLIENT_KEYS}}, and each client's policy gets "
+        f"cloud.server_key: {public}\n"
+        f"if this is a robot's (client's) pair: copy {public} into the worker's "
+        f"allowed_clients directory, and the robot's policy gets cloud.client_key: {secret}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    policy: Annotated[Path, typer.Option(help="Policy YAML with a generation task.")],
+    task: Annotated[str | None, typer.Option(help="The task (default: the only one).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Default: the task's.")] = None,
+    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+    tag: Annotated[list[str] | None, typer.Option(help="Request tags, e.g. private.")] = None,
+) -> None:
+    """Generate through the router and stream the answer, coloured by tier (edge green, cloud
+    blue, edge-degraded yellow); then the tiers, confidence and timings."""
+    from tandem.edge import EdgeRuntime
+
+    colours = {"edge": "green", "cloud": "blue", "edge-degraded": "yellow"}
+    try:
+        with EdgeRuntime.from_policy(policy) as rt:
+            stream = rt.generate(
+                prompt,
+                task,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                tags=tag or (),
+                stream=True,
+            )
+            with stream:
+                for chunk in stream:
+                    if chunk.restart:
+                        console.print("\n[dim](restarted by the cloud)[/dim]")
+                    style = colours[chunk.tier.value]
+                    if chunk.drafted and chunk.token_texts:  # drafted and accepted: underlined
+                        for text, drafted in zip(chunk.token_texts, chunk.drafted, strict=True):
+                            s = f"{style} underline" if drafted else style
+                            console.print(text, style=s, end="", highlight=False)
+                        continue
+                    console.print(chunk.text, style=style, end="", highlight=False)
+            r = stream.result
+    except TandemError as e:
+        raise fail(e) from None
+    console.print()
+    assert r is not None
+    conf = "n/a" if r.confidence is None else f"{r.confidence:.3f}"
+    timings = ", ".join(f"{k} {v:.1f} ms" for k, v in r.timings.items() if k != "gamma")
+    err_console.print(
+        f"[dim]tiers {', '.join(t.value for t in r.tiers)}; {r.reason}; confidence {conf}; "
+        f"finish {r.finish_reason}; {timings}[/dim]",
+        highlight=False,
+    )
+    if r.speculation is not None:
+        s = r.speculation
+        rate = "n/a" if s["acceptance"] is None else f"{s['acceptance']:.0%}"
+        err_console.print(
+            f"[dim]speculative: {s['rounds']} verify rounds, {s['accepted']}/{s['drafted']} "
+            f"drafted tokens accepted ({rate}, underlined), mean γ {r.timings['gamma']:.1f}"
+            f"{', then streamed' if s['fallback'] else ''}[/dim]",
+            highlight=False,
+        )
+
+
+@app.command()
+def gateway(
+    policy: Annotated[Path, typer.Option(help="Policy YAML with generation tasks.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Generations at once; more wait in the queue.")
+    ] = 8,
+    max_queued: Annotated[
+        int,
+        typer.Option(
+            help="Requests waiting for a generation slot (first come, first served); one "
+            "more gets 429. 0: no queue."
+        ),
+    ] = 64,
+    queue_timeout_s: Annotated[
+        float,
+        typer.Option(help="Longest wait for a slot, in seconds; past it the request gets 429."),
+    ] = 30.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; more gets 413.")] = (
+        1 << 20
+    ),
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            help="Allow a non-loopback address: the gateway has no authentication, and a "
+            "client's tags drive the policy's rules."
+        ),
+    ] = False,
+) -> None:
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) in
+    front of the router, for processes on the device that do not speak Python. Past
+    --max-concurrent generations, requests queue (at most --max-queued, each for at most
+    --queue-timeout-s) as llama.cpp's server does; only then are they refused with 429."""
+    import ipaddress
+
+    from tandem.edge.gateway import serve
+    from tandem.runtime.errors import ConfigError
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    try:
+        if not (loopback or insecure):
+            raise ConfigError(
+                f"--host {host} is reachable from other hosts, and the gateway has no "
+                "authentication (any client could use the models, and its tags drive the "
+                "policy's rules): bind a loopback address, or pass --insecure"
+            )
+        serve(
+            policy,
+            host=host,
+            port=port,
+            max_concurrent=max_concurrent,
+            max_body_bytes=max_body_bytes,
+            max_queued=max_queued,
+            queue_timeout_s=queue_timeout_s,
+        )
+    except TandemError as e:
+        raise fail(e) from None
