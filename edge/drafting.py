@@ -59,17 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def controller_for(policy: Any) -> GammaController:
-    """The controller a task's ``speculative`` settings ask for."""
-    spec = policy.speculative
-    return GammaController(
-        gamma=None if spec.gamma == "auto" else spec.gamma,
-        max_gamma=spec.max_gamma,
-        prior_acceptance=spec.prior_acceptance,
-        fallback=spec.fallback,
-    )
-
-
 def draft(
     lease: SessionLease,
     sequence: list[int],

@@ -69,7 +69,7 @@ them: at most ``max_queued`` wait (default 64), each at most ``queue_timeout_s``
 the event loop never blocks and a client is watched while its answer is made. A client that
 disconnects (while queued, mid-stream, or before a non-streamed answer is ready), or that
 stops reading a stream for ``write_timeout_s`` (30 s), has its
-:class:`~tandem.edge.generate_task.AnswerStream` closed (local decoding and the cloud's
+:class:`~tandem.edge.answer_streams.AnswerStream` closed (local decoding and the cloud's
 stream stop at the next token) and its slot given back at once.
 
 **Modules.** This one is the public face and the server runner (:func:`serve`); the request

@@ -40,7 +40,7 @@ from tandem.router.policy import GenerateTaskPolicy
 from tandem.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
-    from tandem.edge.generate_task import AnswerStream
+    from tandem.edge.answer_streams import AnswerStream
     from tandem.edge.runtime import EdgeRuntime
 
 log = logging.getLogger("tandem.edge.gateway")

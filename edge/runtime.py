@@ -16,34 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
 from tandem.edge.answer import Answer, log_record
+from tandem.edge.answer_streams import AnswerStream, AsyncAnswerStream
+from tandem.edge.classify_task import ClassifyTask, open_classify_task
 from tandem.edge.escalation_log import EscalationLog
-from tandem.edge.generate_task import (
-    AnswerStream,
-    AsyncAnswerStream,
-    GenerationTask,
-    open_generation_task,
-)
+from tandem.edge.generate_task import GenerationTask, open_generation_task
 from tandem.kernels.confidence import confidence, confidence_row
-from tandem.router.policy import GenerateTaskPolicy, Policy, TaskPolicy, load_policy
-from tandem.router.routing import Decision, TaskRouter
-from tandem.runtime.backends.onnx import OnnxBackend
+from tandem.router.policy import GenerateTaskPolicy, Policy, load_policy
 from tandem.runtime.chat import check_messages
 from tandem.runtime.client import CloudClient
-from tandem.runtime.errors import BadRequest, DeadlineExceeded, TandemError
+from tandem.runtime.errors import BadRequest
 from tandem.runtime.generation import SamplingParams, check_prompt
-from tandem.runtime.registry import class_count
-from tandem.runtime.types import GenerationResult, Result, Tier
+from tandem.runtime.types import GenerationResult, Result
 from tandem.runtime.wire import new_request_id
 
 log = logging.getLogger(__name__)
@@ -65,48 +57,13 @@ class GenerateOptions(TypedDict, total=False):
     deadline_ms: float | None  # the cloud's part of the answer; default: the task's
 
 
-@dataclass
-class _Task:
-    """A task's policy compiled into the objects that serve it."""
-
-    name: str
-    policy: TaskPolicy
-    router: TaskRouter
-    backend: OnnxBackend
-    client: CloudClient | None
-    labels: list[str] | None
-    n_classes: int
-    versions: dict[str, str]
-    row_ndim: int
-    probabilities: bool  # the local model emits probabilities (logged to logits here)
-
-    def label(self, index: int) -> Any:
-        if index < 0:
-            return None
-        return self.labels[index] if self.labels else index
-
-    def edge_result(
-        self, logits: np.ndarray, top1: int, score: float, reason: str, timings: dict[str, float]
-    ) -> Result:
-        return Result(
-            output=logits,
-            index=top1,
-            label=self.label(top1),
-            tier=Tier.EDGE,
-            confidence=score,
-            reason=reason,
-            timings=timings,
-            model_versions=dict(self.versions),
-        )
-
-
 class EdgeRuntime:
     """Answers on the device when the local model is confident, escalates otherwise."""
 
     def __init__(self, policy: Policy, *, escalation_log: EscalationLog | None = None) -> None:
         self.policy = policy
         self._clients: list[CloudClient] = []
-        self._tasks: dict[str, _Task] = {}
+        self._tasks: dict[str, ClassifyTask] = {}
         self._generators: dict[str, GenerationTask] = {}
         self._streams: ThreadPoolExecutor | None = None
         self.escalation_log = escalation_log
@@ -145,27 +102,7 @@ class EdgeRuntime:
             if isinstance(tp, GenerateTaskPolicy):
                 self._generators[name] = open_generation_task(name, tp, client)
                 continue
-            backend = OnnxBackend(tp.local.path, version=tp.local.version, threads=tp.local.threads)
-            n_classes = class_count(backend)  # runs a zero row if the class axis is dynamic
-            if tp.local.labels and len(tp.local.labels) != n_classes:
-                raise TandemError(
-                    f"task {name!r}: {len(tp.local.labels)} labels for a model with "
-                    + (f"{n_classes} classes" if n_classes else "no class axis")
-                )
-            router = TaskRouter(tp)
-            router.gate.check_classes(n_classes or 0, task=name)
-            self._tasks[name] = _Task(
-                name=name,
-                policy=tp,
-                router=router,
-                backend=backend,
-                client=client,
-                labels=tp.local.labels,
-                n_classes=n_classes or 0,
-                versions={"edge": backend.version},
-                row_ndim=len(backend.input_spec.shape) - 1,
-                probabilities=tp.local.output == "probabilities",
-            )
+            self._tasks[name] = open_classify_task(name, tp, client)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -185,7 +122,7 @@ class EdgeRuntime:
     def tasks(self) -> list[str]:
         return [*self._tasks, *self._generators]
 
-    def _task(self, task: str | None) -> _Task:
+    def _task(self, task: str | None) -> ClassifyTask:
         name = task if task is not None else self._default_task
         t = self._tasks.get(name) if name is not None else None
         if t is None:
@@ -325,7 +262,7 @@ class EdgeRuntime:
         batch = x[None] if x.ndim == t.row_ndim else x
         if len(batch) != 1:
             raise BadRequest(f"infer takes one input, got a batch of {len(batch)}; use infer_batch")
-        logits = self._local(t, batch)[0]
+        logits = t.local(batch)[0]
         t1 = time.perf_counter()
         top1, max_prob, margin, entropy = confidence_row(logits)
         router = t.router
@@ -336,8 +273,18 @@ class EdgeRuntime:
             timings = {"local": (t1 - t0) * 1e3, "route": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
             return t.edge_result(logits, top1, score, decision.reason, timings)
         budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
-        return self._escalate(
-            t, batch, logits[None], [top1], [score], [decision], tags, t0, t1, t2, budget_ms
+        return t.escalate(
+            batch,
+            logits[None],
+            [top1],
+            [score],
+            [decision],
+            tags,
+            t0,
+            t1,
+            t2,
+            budget_ms,
+            self.escalation_log,
         )[0]
 
     async def ainfer(
@@ -370,7 +317,7 @@ class EdgeRuntime:
             raise BadRequest(f"infer_batch takes (N, ...) inputs, got shape {batch.shape}")
         if len(batch) == 0:
             return []
-        logits = self._local(t, batch)
+        logits = t.local(batch)
         t1 = time.perf_counter()
         stats = confidence(logits)
         rule = t.router.pre_route(tags)
@@ -388,8 +335,7 @@ class EdgeRuntime:
         step = t.policy.cloud.max_rows if t.policy.cloud is not None else 1
         for k in range(0, len(escalated), step):  # requests the worker's row limit accepts
             esc = escalated[k : k + step]
-            answers = self._escalate(
-                t,
+            answers = t.escalate(
                 batch[esc],
                 logits[esc],
                 [int(stats.top1[i]) for i in esc],
@@ -400,6 +346,7 @@ class EdgeRuntime:
                 t1,
                 t2,
                 budget_ms,
+                self.escalation_log,
             )
             for i, r in zip(esc, answers, strict=True):
                 results[i] = r
@@ -411,139 +358,6 @@ class EdgeRuntime:
                     logits[i], int(stats.top1[i]), scores[i], d.reason, timings
                 )
         return results  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ internals
-    def _local(self, t: _Task, batch: np.ndarray) -> np.ndarray:
-        out = t.backend.predict(batch)
-        if t.probabilities:
-            with np.errstate(divide="ignore"):
-                out = np.log(out)
-        return out
-
-    def _escalate(
-        self,
-        t: _Task,
-        inputs: np.ndarray,
-        edge_logits: np.ndarray,
-        top1: list[int],
-        scores: list[float],
-        decisions: list[Decision],
-        tags: Tags,
-        t0: float,
-        t1: float,
-        t2: float,
-        budget_ms: float,
-    ) -> list[Result]:
-        """Send ``inputs`` to the cloud within what is left of ``budget_ms``; fall back to the
-        edge answers (degraded) on any failure; log every row."""
-        n = len(inputs)
-        assert t.client is not None and t.policy.cloud is not None
-        wire_id = new_request_id()  # the request's id on the wire too: one id end to end
-        request_id = wire_id.hex()
-        left_s = budget_ms / 1e3 - (time.perf_counter() - t0)
-        cloud_out: np.ndarray | None = None
-        error: TandemError | None = None
-        versions = dict(t.versions)
-        worker_ms: dict[str, float] = {}  # the worker's own clock: its queue and its model run
-        try:
-            if left_s <= 0:
-                raise DeadlineExceeded("deadline spent before the cloud could be asked")
-            reply = t.client.infer(
-                t.policy.cloud.model,
-                inputs,
-                task=t.name,
-                tags=tuple(sorted(tags)),
-                timeout_s=left_s,
-                request_id=wire_id,
-            )
-            if reply["outputs"].shape != edge_logits.shape:
-                raise BadRequest(
-                    f"cloud answered shape {reply['outputs'].shape}, the edge model "
-                    f"{edge_logits.shape}"
-                )
-            cloud_out = reply["outputs"]
-            for ours, theirs in (("cloud_queue", "queue_ms"), ("cloud_compute", "run_ms")):
-                v = reply.get(theirs)
-                if isinstance(v, int | float) and math.isfinite(v) and v >= 0:
-                    worker_ms[ours] = float(v)
-            versions["cloud"] = (
-                f"{reply.get('model', t.policy.cloud.model)}@{reply.get('version', '?')}"
-            )
-        except TandemError as e:
-            error = e
-            log.info("task %s: cloud failed (%s), answering on the edge", t.name, e.code)
-        t3 = time.perf_counter()
-        timings = {
-            "local": (t1 - t0) * 1e3,
-            "route": (t2 - t1) * 1e3,
-            "cloud": (t3 - t2) * 1e3,
-            **worker_ms,
-            "total": (t3 - t0) * 1e3,
-        }
-        results = []
-        for i in range(n):
-            if cloud_out is not None:
-                out, tier, reason = cloud_out[i], Tier.CLOUD, decisions[i].reason
-                index = int(np.argmax(out))
-            else:
-                out, tier, index = edge_logits[i], Tier.EDGE_DEGRADED, top1[i]
-                reason = f"{decisions[i].reason}; cloud-{error.code if error else 'error'}"
-            results.append(
-                Result(
-                    output=out,
-                    index=index,
-                    label=t.label(index),
-                    tier=tier,
-                    confidence=scores[i],
-                    reason=reason,
-                    timings=dict(timings),
-                    model_versions=dict(versions),
-                    request_id=f"{request_id}:{i}" if n > 1 else request_id,
-                )
-            )
-        if self.escalation_log is not None:
-            try:  # only queues the rows; storage failures are counted in stats(), never raised
-                self._log(t, inputs, edge_logits, cloud_out, top1, scores, results, tags, error)
-            except Exception:  # the answer still goes back: a robot must not stall on a log
-                log.exception("task %s: escalation log append failed", t.name)
-            t4 = time.perf_counter()
-            for r in results:
-                r.timings["log"] = (t4 - t3) * 1e3
-                r.timings["total"] = (t4 - t0) * 1e3
-        return results
-
-    def _log(
-        self,
-        t: _Task,
-        inputs: np.ndarray,
-        edge_logits: np.ndarray,
-        cloud_out: np.ndarray | None,
-        top1: list[int],
-        scores: list[float],
-        results: list[Result],
-        tags: Tags,
-        error: TandemError | None,
-    ) -> None:
-        """Queue the rows for the log's writer thread (copies of the writeable arrays, no
-        per-row objects): this is all an escalated request pays for the log."""
-        assert self.escalation_log is not None
-        self.escalation_log.append_batch(
-            ts_ms=time.time_ns() // 1_000_000,  # wall clock: a log timestamp, not a deadline
-            task=t.name,
-            tier=results[0].tier.value,
-            request_ids=[r.request_id or "" for r in results],
-            reasons=[r.reason for r in results],
-            tags=sorted(tags),
-            inputs=inputs,
-            edge_outputs=edge_logits,
-            edge_labels=[i if i >= 0 else None for i in top1],
-            edge_confidences=scores,
-            cloud_outputs=cloud_out,  # None unless the cloud answered
-            cloud_labels=None if cloud_out is None else [r.index for r in results],
-            error=f"{error.code}: {error.message}" if error else None,
-            timings_ms=results[0].timings,
-            model_versions=results[0].model_versions,
-        )
 
     def _log_generation(self, answer: Answer) -> None:
         if self.escalation_log is None:
