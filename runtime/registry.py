@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from tandem.runtime.manifest import (
     sha256_file,
     write_manifest,
 )
+from tandem.runtime.model_files import copy_checked, head_bytes, place, size_of
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +195,7 @@ def add_model(
     digest = sha256_file(src, follow_symlinks=outside)
     version = digest[:12] if version is None else version
     fields: dict[str, Any] = {**base, "version": version, "sha256": digest}
-    fields["size_bytes"] = _size(src)
+    fields["size_bytes"] = size_of(src)
     _entry({**fields, "file": "model"}, where)  # bad fields: fail now
     n_classes = None
     if fmt == "onnx":
@@ -231,7 +230,7 @@ def detect_format(source: str | Path) -> str:
         raise ConfigError(f"{src}: no such file or directory")
     if not src.is_file():
         raise ConfigError(f"{src}: not a regular file or directory ({EXPECTED})")
-    head = _head(src)
+    head = head_bytes(src)
     if head[:4] == GGUF_MAGIC:
         return "gguf"
     if src.suffix.lower() == ".gguf":
@@ -290,20 +289,6 @@ def _kind(
     return fmt
 
 
-def _head(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(8)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
-def _size(src: Path) -> int:
-    if src.is_file():
-        return src.stat().st_size
-    return sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
-
-
 def _entry(fields: dict[str, Any], where: str) -> ModelEntry:
     return validate_config(fields, ModelEntry, source=where)
 
@@ -342,11 +327,11 @@ def _commit(
         copy_to = None
         if src is not None:
             assert entry.sha256 is not None
-            file, copy_to = _place(src, root.resolve(), entry.sha256, manifest, old)
+            file, copy_to = place(src, root.resolve(), entry.sha256, manifest, old)
             where = f"{root / MANIFEST_NAME}: model {entry.name!r}"
             entry = _entry({**entry.model_dump(), "file": file}, where)
             if copy_to is not None:
-                _copy(src, copy_to, entry.sha256)
+                copy_checked(src, copy_to, entry.sha256)
         models = list(manifest.models)
         if old is None:
             models.append(entry)
@@ -475,74 +460,3 @@ def _check_labels(src: Path, backend: OnnxBackend, labels: Sequence[str] | None)
             f"has {n_classes} classes{counted}"
         )
     return n_classes
-
-
-def _place(
-    src: Path, root: Path, digest: str, manifest: Manifest, replacing: int | None
-) -> tuple[str, Path | None]:
-    """The entry's ``file`` for ``src`` (a file, or a transformers directory), and where to
-    copy it (None: no copy needed)."""
-    real = src.resolve()
-    if real == root:
-        raise ConfigError(f"{src} is the models directory itself; put the model in a folder")
-    if real.is_relative_to(root):
-        return real.relative_to(root).as_posix(), None
-    dest = root / src.name
-    if not (dest.exists() or dest.is_symlink()):
-        return src.name, dest
-    same_kind = not dest.is_symlink() and (dest.is_dir() if src.is_dir() else dest.is_file())
-    if same_kind and _digest_or_none(dest) == digest:
-        return src.name, None  # the same bytes are already there
-    users = [i for i, m in enumerate(manifest.models) if m.file == src.name]
-    if replacing is None or users != [replacing] or not same_kind:
-        what = "directory" if src.is_dir() else "file"
-        raise ConfigError(
-            f"{dest} already exists and differs from {src}; rename one of them "
-            f"(the {what} is copied into the models directory under its own name)"
-        )
-    return src.name, dest  # the file of the entry being replaced, used by no other
-
-
-def _digest_or_none(path: Path) -> str | None:
-    try:
-        return sha256_file(path)
-    except ConfigError:  # a directory holding symlinks: not what was checked
-        return None
-
-
-def _copy(src: Path, dest: Path, digest: str) -> None:
-    """Copy a file or directory through a temporary one in the same folder, so ``dest`` is
-    never half-written, and check the copy's digest is the one that was checked (the source
-    did not change meanwhile)."""
-    if src.is_dir():
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-        try:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-            _same_digest(src, tmp, digest)
-            if dest.exists():  # the directory of the entry being replaced
-                old = Path(
-                    tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old")
-                )
-                os.replace(dest, old / dest.name)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copy(src, name)  # content and permission bits (mkstemp made it 0600)
-        _same_digest(src, Path(name), digest)
-        os.replace(name, dest)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
-def _same_digest(src: Path, copy: Path, digest: str) -> None:
-    if sha256_file(copy) != digest:
-        raise ConfigError(f"{src} changed while it was being registered; add it again")
