@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tandem.bench.plots import fmt_ms
+from tandem.bench.report import fmt_ms, is_num
 from tandem.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def _window_spread_pct(level: dict[str, Any]) -> float:
     spread = 0.0
     for key in ("throughput", "p99_ms"):
         values = [w.get(key) for w in used]
-        values = [v for v in values if _num(v)]
+        values = [v for v in values if is_num(v)]
         if len(values) >= 2 and sum(values) > 0:
             spread = max(spread, (max(values) - min(values)) / (sum(values) / len(values)))
     return spread * 100
@@ -218,7 +218,7 @@ def _timed(
     higher_is_better: bool,
     note: str = "",
 ) -> Row:
-    a, b = (a if _num(a) else None), (b if _num(b) else None)
+    a, b = (a if is_num(a) else None), (b if is_num(b) else None)
     ratio = b / a if a is not None and b is not None and a > 0 else None
     flag: Flag = ""
     if ratio is not None and ratio > 0:
@@ -231,11 +231,11 @@ def _timed(
 def _share(
     level: str, metric: str, a: Any, b: Any, n: tuple[Any, Any], higher_is_better: bool
 ) -> Row:
-    a, b = (a if _num(a) else None), (b if _num(b) else None)
+    a, b = (a if is_num(a) else None), (b if is_num(b) else None)
     ratio = b / a if a is not None and b is not None and a > 0 else None
     if a is None or b is None:
         return Row(level, metric, "%", a, b, ratio)
-    na, nb = (max(1, int(x)) if _num(x) else 1 for x in n)
+    na, nb = (max(1, int(x)) if is_num(x) else 1 for x in n)
     se = math.sqrt(a * (1 - a) / na + b * (1 - b) / nb)
     band = max(SHARE_SIGMAS * se, 1e-9)
     flag: Flag = ""
@@ -281,7 +281,3 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)

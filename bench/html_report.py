@@ -1,4 +1,6 @@
-"""One self-contained HTML page for a ``tandem bench run`` results dict (schema tandem-bench/1).
+"""One self-contained HTML page for a ``tandem bench run`` results dict (schema tandem-bench/1):
+the page, its summary and the measured levels here; the sweeps' sections in
+:mod:`tandem.bench.html_sweeps`; CSS and cell text in :mod:`tandem.bench.html_format`.
 
 Plots are embedded as ``data:`` URIs and the CSS is inline: the file can be mailed or attached
 to an issue and opens offline. No JavaScript. Every string taken from the results is escaped
@@ -8,16 +10,29 @@ to an issue and opens offline. No JavaScript. Every string taken from the result
 from __future__ import annotations
 
 import base64
-import math
 import struct
-from html import escape
 from pathlib import Path
 from typing import Any
 
-from tandem.bench.plots import DPI as PLOT_DPI
-from tandem.bench.plots import fmt_ms as _ms
+from tandem.bench.html_format import (
+    CSS,
+    esc,
+    int_text,
+    load_text,
+    network_text,
+    num_text,
+    pct_text,
+    rate_text,
+    stability_badge,
+    stability_text,
+    table_head,
+)
+from tandem.bench.html_sweeps import load_sweep_html, rtt_sweep_html, threshold_sweep_html
+from tandem.bench.plot_layout import DPI as PLOT_DPI
+from tandem.bench.report import fmt_ms, is_num
+from tandem.bench.stats import SPLIT as SPLIT_STAGES
+from tandem.bench.stats import TIERS
 
-TIERS = ("edge", "cloud", "edge-degraded")
 PLOT_CAPTIONS = {
     "accuracy_escalation": "Accuracy against escalation rate over the confidence-threshold "
     "sweep (colour: p95 latency). The line is the Pareto front; the ring is the policy's "
@@ -28,56 +43,6 @@ PLOT_CAPTIONS = {
     "knee, the last point before p99 grows faster than throughput.",
 }
 PLOT_ORDER = ("accuracy_escalation", "latency_cdf", "latency_vs_rtt", "throughput_vs_p99")
-SPLIT_STAGES = ("local", "gate", "network", "cloud_queue", "cloud_compute")
-
-CSS = """
-:root { --fg: #1f2328; --muted: #656d76; --line: #d8dee4; --zebra: #f6f8fa; --accent: #3a6ea5;
-        --ok: #1a7f37; --bad: #cf222e; --warn-bg: #fff1f0; --ok-bg: #e6f4ea; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--fg); background: #fff; line-height: 1.45;
-       font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1180px; margin: 0 auto; padding: 28px 32px 60px; }
-h1 { font-size: 26px; margin: 0 0 4px; }
-h2 { font-size: 20px; margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 16px; margin: 22px 0 8px; }
-.sub { color: var(--muted); margin: 0 0 16px; }
-.desc { white-space: pre-wrap; background: var(--zebra); border-left: 3px solid var(--accent);
-        padding: 10px 14px; margin: 12px 0 18px; border-radius: 0 4px 4px 0; }
-dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 3px 18px; margin: 0; }
-dl.meta dt { color: var(--muted); }
-dl.meta dd { margin: 0; }
-table { border-collapse: collapse; margin: 6px 0 14px; font-size: 13.5px; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right;
-         white-space: nowrap; }
-th { background: var(--zebra); font-weight: 600; border-bottom: 2px solid var(--line); }
-th:first-child, td:first-child, td.text, th.text { text-align: left; }
-td { font-variant-numeric: tabular-nums; }
-tbody tr:nth-child(even) { background: #fbfcfd; }
-tr.total td { font-weight: 600; border-top: 2px solid var(--line); }
-tr.unused td { color: #9aa1a9; }
-tr.pareto td:first-child { font-weight: 600; }
-tr.chosen { background: #fff4d6 !important; }
-.scroll { overflow-x: auto; }
-.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12.5px;
-         font-weight: 600; vertical-align: 1px; }
-.badge.ok { background: var(--ok-bg); color: var(--ok); }
-.badge.bad { background: var(--warn-bg); color: var(--bad); border: 1px solid #ffb3ad; }
-.level { border: 1px solid var(--line); border-radius: 6px; padding: 4px 18px 8px; margin: 16px 0; }
-.level.unstable { border-color: #ffb3ad; }
-.facts { color: var(--muted); font-size: 13.5px; margin: 0 0 6px; }
-.facts b { color: var(--fg); font-weight: 600; }
-.cols { display: flex; flex-wrap: wrap; gap: 0 36px; align-items: flex-start; }
-figure { margin: 18px 0 28px; }
-figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
-figcaption { color: var(--muted); font-size: 13.5px; margin-top: 6px; max-width: 900px; }
-.muted { color: var(--muted); }
-.callout { background: var(--warn-bg); border: 1px solid #ffb3ad; border-radius: 6px;
-           padding: 8px 14px; color: #82071e; font-size: 14px; }
-.mark { font-weight: 600; }
-.mark.chosen { color: #b26b00; }
-.mark.pareto { color: var(--accent); }
-footer { margin-top: 40px; color: var(--muted); font-size: 12.5px; }
-"""
 
 
 def write_html(results: dict[str, Any], pngs: dict[str, Path], path: Path) -> Path:
@@ -98,13 +63,13 @@ def render_html(results: dict[str, Any], pngs: dict[str, Path]) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>tandem bench: {_e(name)}</title>",
+        f"<title>tandem bench: {esc(name)}</title>",
         f"<style>{CSS}</style></head><body><main>",
-        f"<h1>tandem bench: {_e(name)}</h1>",
-        f'<p class="sub">{_e(_subline(results))}</p>',
+        f"<h1>tandem bench: {esc(name)}</h1>",
+        f'<p class="sub">{esc(_subline(results))}</p>',
     ]
     if scenario.get("description"):
-        parts.append(f'<div class="desc">{_e(scenario["description"])}</div>')
+        parts.append(f'<div class="desc">{esc(scenario["description"])}</div>')
     parts.append(_machine(results))
     if levels:
         parts.append(_overview(levels))
@@ -115,14 +80,14 @@ def render_html(results: dict[str, Any], pngs: dict[str, Path]) -> str:
     if any(lv.get("llm") for lv in levels):
         parts.append(_llm(levels))
     if results.get("threshold_sweep"):
-        parts.append(_threshold_sweep(results["threshold_sweep"]))
+        parts.append(threshold_sweep_html(results["threshold_sweep"]))
     if results.get("rtt_sweep"):
-        parts.append(_rtt_sweep(results["rtt_sweep"], levels))
+        parts.append(rtt_sweep_html(results["rtt_sweep"], levels))
     if results.get("load_sweep"):
-        parts.append(_load_sweep(results["load_sweep"]))
+        parts.append(load_sweep_html(results["load_sweep"]))
     parts.append(_packages(results))
     parts.append(
-        f"<footer>schema {_e(results.get('schema'))} · generated by tandem bench</footer>"
+        f"<footer>schema {esc(results.get('schema'))} · generated by tandem bench</footer>"
         "</main></body></html>\n"
     )
     return "\n".join(parts)
@@ -138,8 +103,8 @@ def _subline(results: dict[str, Any]) -> str:
         s.get("kind"),
         f"{s['load_mode']} loop" if s.get("load_mode") else None,
         f"started {results['started_at']}" if results.get("started_at") else None,
-        f"{_num_text(results.get('duration_s'), '.0f')} s"
-        if _num(results.get("duration_s"))
+        f"{num_text(results.get('duration_s'), '.0f')} s"
+        if is_num(results.get("duration_s"))
         else None,
         s.get("file"),
     ]
@@ -157,12 +122,12 @@ def _machine(results: dict[str, Any]) -> str:
         ("tandem-infer", pkgs.get("tandem-infer")),
         ("Git revision", m.get("git") or "unknown"),
     ]
-    items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows if v)
+    items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows if v)
     return f'<dl class="meta">{items}</dl>'
 
 
 def _overview(levels: list[dict[str, Any]]) -> str:
-    head = _head(
+    head = table_head(
         [
             "level",
             "network",
@@ -183,16 +148,16 @@ def _overview(levels: list[dict[str, Any]]) -> str:
         lat = (lv.get("all") or {}).get("latency_ms") or {}
         rows.append(
             "<tr>"
-            f"<td>{_e(lv.get('label'))}</td>"
-            f'<td class="text">{_e(_network_text(lv.get("network")))}</td>'
-            f'<td class="text">{_e(_load_text(lv.get("load")))}</td>'
-            f"<td>{_int(lv.get('requests'))}</td>"
-            f"<td>{_rate(lv.get('throughput'))}</td>"
-            f"<td>{_pct(lv.get('escalation_rate'))}</td>"
-            f"<td>{_pct(lv.get('accuracy'))}</td>"
-            f"<td>{_ms(lat.get('p50'))}</td><td>{_ms(lat.get('p99'))}</td>"
-            f"<td>{_int(sum((lv.get('errors') or {}).values()))}</td>"
-            f"<td>{_stability_badge(lv)}</td>"
+            f"<td>{esc(lv.get('label'))}</td>"
+            f'<td class="text">{esc(network_text(lv.get("network")))}</td>'
+            f'<td class="text">{esc(load_text(lv.get("load")))}</td>'
+            f"<td>{int_text(lv.get('requests'))}</td>"
+            f"<td>{rate_text(lv.get('throughput'))}</td>"
+            f"<td>{pct_text(lv.get('escalation_rate'))}</td>"
+            f"<td>{pct_text(lv.get('accuracy'))}</td>"
+            f"<td>{fmt_ms(lat.get('p50'))}</td><td>{fmt_ms(lat.get('p99'))}</td>"
+            f"<td>{int_text(sum((lv.get('errors') or {}).values()))}</td>"
+            f"<td>{stability_badge(lv)}</td>"
             "</tr>"
         )
     unstable = [str(lv.get("label")) for lv in levels if lv.get("stable") is False]
@@ -200,7 +165,7 @@ def _overview(levels: list[dict[str, Any]]) -> str:
     if unstable:
         note = (
             '<p class="callout">⚠ Not stable: <b>'
-            + _e(", ".join(unstable))
+            + esc(", ".join(unstable))
             + "</b>. Throughput or p99 kept moving between windows, so these figures average "
             "over a drifting system; rerun longer or on a quieter machine before comparing.</p>"
         )
@@ -220,8 +185,8 @@ def _plots(pngs: dict[str, Path]) -> str:
         size = _png_css_size(png)
         dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
         out.append(
-            f'<figure><img alt="{_e(name)}"{dims} src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>"
+            f'<figure><img alt="{esc(name)}"{dims} src="data:image/png;base64,{data}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
         )
     return "\n".join(out)
 
@@ -238,13 +203,13 @@ def _level(index: int, lv: dict[str, Any]) -> str:
     stable = lv.get("stable") is not False
     out = [
         f'<section class="level{"" if stable else " unstable"}">',
-        f"<h3>{index + 1}. {_e(lv.get('label'))} {_stability_badge(lv)}</h3>",
-        f'<p class="facts">network <b>{_e(_network_text(lv.get("network"), full=True))}</b>'
-        f" · load <b>{_e(_load_text(lv.get('load'), full=True))}</b>"
-        f" · <b>{_int(lv.get('requests'))}</b> answers in <b>{_num_text(lv.get('duration_s'), '.1f')} s</b>"
-        f" · <b>{_rate(lv.get('throughput'))}</b>/s"
-        f" · escalated <b>{_pct(lv.get('escalation_rate'))}</b>"
-        f" · accuracy <b>{_pct(lv.get('accuracy'))}</b></p>",
+        f"<h3>{index + 1}. {esc(lv.get('label'))} {stability_badge(lv)}</h3>",
+        f'<p class="facts">network <b>{esc(network_text(lv.get("network"), full=True))}</b>'
+        f" · load <b>{esc(load_text(lv.get('load'), full=True))}</b>"
+        f" · <b>{int_text(lv.get('requests'))}</b> answers in <b>{num_text(lv.get('duration_s'), '.1f')} s</b>"
+        f" · <b>{rate_text(lv.get('throughput'))}</b>/s"
+        f" · escalated <b>{pct_text(lv.get('escalation_rate'))}</b>"
+        f" · accuracy <b>{pct_text(lv.get('accuracy'))}</b></p>",
         _tier_table(lv),
         '<div class="cols">',
         _windows(lv),
@@ -256,7 +221,7 @@ def _level(index: int, lv: dict[str, Any]) -> str:
 
 
 def _tier_table(lv: dict[str, Any]) -> str:
-    head = _head(
+    head = table_head(
         [
             "tier",
             "answers",
@@ -282,12 +247,12 @@ def _tier_table(lv: dict[str, Any]) -> str:
 def _tier_row(name: str, s: dict[str, Any], cls: str) -> str:
     lat = s.get("latency_ms") or {}
     cells = "".join(
-        f"<td>{_ms(lat.get(q))}</td>" for q in ("p50", "p90", "p95", "p99", "p99.9", "max")
+        f"<td>{fmt_ms(lat.get(q))}</td>" for q in ("p50", "p90", "p95", "p99", "p99.9", "max")
     )
     return (
-        f'<tr class="{cls}"><td>{_e(name)}</td><td>{_int(s.get("count"))}</td>'
-        f"<td>{_pct(s.get('share'))}</td>{cells}<td>{_rate(s.get('throughput'))}</td>"
-        f"<td>{_pct(s.get('accuracy'))}</td></tr>"
+        f'<tr class="{cls}"><td>{esc(name)}</td><td>{int_text(s.get("count"))}</td>'
+        f"<td>{pct_text(s.get('share'))}</td>{cells}<td>{rate_text(s.get('throughput'))}</td>"
+        f"<td>{pct_text(s.get('accuracy'))}</td></tr>"
     )
 
 
@@ -300,12 +265,12 @@ def _windows(lv: dict[str, Any]) -> str:
     for i, w in enumerate(windows):
         cls = "" if i in used else "unused"
         rows.append(
-            f'<tr class="{cls}"><td>{i + 1}</td><td>{_num_text(w.get("t_s"), ".1f")}</td>'
-            f"<td>{_int(w.get('n'))}</td><td>{_rate(w.get('throughput'))}</td>"
-            f"<td>{_ms(w.get('p99_ms'))}</td><td>{'✓' if i in used else ''}</td></tr>"
+            f'<tr class="{cls}"><td>{i + 1}</td><td>{num_text(w.get("t_s"), ".1f")}</td>'
+            f"<td>{int_text(w.get('n'))}</td><td>{rate_text(w.get('throughput'))}</td>"
+            f"<td>{fmt_ms(w.get('p99_ms'))}</td><td>{'✓' if i in used else ''}</td></tr>"
         )
-    head = _head(["window", "end s", "answers", "throughput /s", "p99 ms", "used"])
-    note = f'<p class="muted" style="font-size:13px;margin:0">{_e(_stability_text(lv))}</p>'
+    head = table_head(["window", "end s", "answers", "throughput /s", "p99 ms", "used"])
+    note = f'<p class="muted" style="font-size:13px;margin:0">{esc(stability_text(lv))}</p>'
     return f"<div><h4>Stability windows</h4>{note}<table>{head}<tbody>{''.join(rows)}</tbody></table></div>"
 
 
@@ -316,12 +281,12 @@ def _split(split: dict[str, Any] | None) -> str:
         s for s in split if s not in SPLIT_STAGES
     )
     rows = "".join(
-        f"<tr><td>{_e(s.replace('_', ' '))}</td>"
-        + "".join(f"<td>{_ms((split[s] or {}).get(q))}</td>" for q in ("mean", "p50", "p99"))
+        f"<tr><td>{esc(s.replace('_', ' '))}</td>"
+        + "".join(f"<td>{fmt_ms((split[s] or {}).get(q))}</td>" for q in ("mean", "p50", "p99"))
         + "</tr>"
         for s in stages
     )
-    head = _head(["stage", "mean ms", "p50 ms", "p99 ms"])
+    head = table_head(["stage", "mean ms", "p50 ms", "p99 ms"])
     return (
         "<div><h4>Escalation split</h4>"
         '<p class="muted" style="font-size:13px;margin:0">escalated answers that the cloud answered</p>'
@@ -333,12 +298,10 @@ def _errors(errors: dict[str, Any]) -> str:
     if not errors:
         return '<div><h4>Errors</h4><p class="muted">none</p></div>'
     rows = "".join(
-        f"<tr><td>{_e(k)}</td><td>{_int(v)}</td></tr>"
+        f"<tr><td>{esc(k)}</td><td>{int_text(v)}</td></tr>"
         for k, v in sorted(errors.items(), key=lambda kv: -(kv[1] or 0))
     )
-    return (
-        f"<div><h4>Errors</h4><table>{_head(['type', 'count'])}<tbody>{rows}</tbody></table></div>"
-    )
+    return f"<div><h4>Errors</h4><table>{table_head(['type', 'count'])}<tbody>{rows}</tbody></table></div>"
 
 
 def _llm(levels: list[dict[str, Any]]) -> str:
@@ -346,25 +309,27 @@ def _llm(levels: list[dict[str, Any]]) -> str:
     lat_rows, tok_rows = [], []
     for lv in with_llm:
         llm = lv["llm"]
-        label = f"<td>{_e(lv.get('label'))}</td>"
+        label = f"<td>{esc(lv.get('label'))}</td>"
         ttft, itl = llm.get("ttft_ms") or {}, llm.get("itl_ms") or {}
         cells = "".join(
-            f"<td>{_ms(d.get(q))}</td>" for d in (ttft, itl) for q in ("p50", "p95", "p99", "max")
+            f"<td>{fmt_ms(d.get(q))}</td>"
+            for d in (ttft, itl)
+            for q in ("p50", "p95", "p99", "max")
         )
         lat_rows.append(f"<tr>{label}{cells}</tr>")
         by_tier = llm.get("tokens_by_tier") or {}
-        tier_cells = "".join(f"<td>{_int(by_tier.get(t))}</td>" for t in TIERS)
+        tier_cells = "".join(f"<td>{int_text(by_tier.get(t))}</td>" for t in TIERS)
         tok_rows.append(
-            f"<tr>{label}<td>{_rate(llm.get('tokens_per_s'))}</td>"
-            f"<td>{_rate(llm.get('tokens_per_s_per_stream'))}</td>"
-            f"<td>{_int(llm.get('output_tokens'))}</td>{tier_cells}"
-            f"<td>{_int(llm.get('drafted'))}</td><td>{_int(llm.get('accepted'))}</td>"
-            f"<td>{_pct(llm.get('acceptance'))}</td></tr>"
+            f"<tr>{label}<td>{rate_text(llm.get('tokens_per_s'))}</td>"
+            f"<td>{rate_text(llm.get('tokens_per_s_per_stream'))}</td>"
+            f"<td>{int_text(llm.get('output_tokens'))}</td>{tier_cells}"
+            f"<td>{int_text(llm.get('drafted'))}</td><td>{int_text(llm.get('accepted'))}</td>"
+            f"<td>{pct_text(llm.get('acceptance'))}</td></tr>"
         )
-    lat_head = _head(
+    lat_head = table_head(
         ["level"] + [f"{m} {q}" for m in ("TTFT", "ITL") for q in ("p50", "p95", "p99", "max")]
     )
-    tok_head = _head(
+    tok_head = table_head(
         ["level", "tokens/s", "per stream", "output tokens"]
         + [f"by {t}" for t in TIERS]
         + ["drafted", "accepted", "acceptance"]
@@ -379,209 +344,11 @@ def _llm(levels: list[dict[str, Any]]) -> str:
     )
 
 
-def _threshold_sweep(sweep: dict[str, Any]) -> str:
-    points = sweep.get("points") or []
-    pareto = set(sweep.get("pareto") or [])
-    chosen = sweep.get("chosen")
-    current = sweep.get("current")
-    current_i = None
-    if _num(current) and points:
-        current_i = min(
-            range(len(points)), key=lambda i: abs((points[i].get("threshold") or 0) - current)
-        )
-    target = sweep.get("target") or {}
-    if _num(target.get("accuracy")):
-        target_text = f"accuracy ≥ {_pct(target['accuracy'])}"
-    elif _num(target.get("escalation_rate")):
-        target_text = f"escalation ≤ {_pct(target['escalation_rate'])}"
-    else:
-        target_text = "none"
-    facts = [
-        f"metric <b>{_e(sweep.get('metric'))}</b>",
-        f"method <b>{_e(sweep.get('method'))}</b>",
-        f"current threshold <b>{_num_text(current, 'g')}</b>",
-        f"target <b>{_e(target_text)}</b>",
-    ]
-    if isinstance(chosen, int) and 0 <= chosen < len(points):
-        facts.append(f"chosen <b>{_num_text(points[chosen].get('threshold'), 'g')}</b>")
-    elif sweep.get("target"):
-        facts.append('<span class="badge bad">no threshold meets the target</span>')
-    for key, label in (("edge_only", "edge only"), ("cloud_only", "cloud only")):
-        ref = sweep.get(key) or {}
-        if ref:
-            facts.append(
-                f"{label}: <b>{_pct(ref.get('accuracy'))}</b>, p95 <b>{_ms(ref.get('p95_ms'))} ms</b>"
-            )
-    rows = []
-    for i, p in enumerate(points):
-        classes = [
-            c
-            for c, on in (
-                ("pareto", i in pareto),
-                ("chosen", i == chosen),
-                ("current", i == current_i),
-            )
-            if on
-        ]
-        marks = []
-        if i == chosen:
-            marks.append('<span class="mark chosen">★ chosen</span>')
-        if i in pareto:
-            marks.append('<span class="mark pareto">● Pareto</span>')
-        if i == current_i:
-            marks.append('<span class="mark">◆ current</span>')
-        rows.append(
-            f'<tr class="{" ".join(classes)}"><td>{_num_text(p.get("threshold"), "g")}</td>'
-            f"<td>{_pct(p.get('accuracy'))}</td><td>{_pct(p.get('escalation_rate'))}</td>"
-            f'<td>{_ms(p.get("p95_ms"))}</td><td class="text">{" ".join(marks)}</td></tr>'
-        )
-    head = _head(["threshold", "accuracy", "escalated", "p95 ms", ""])
-    return (
-        '<h2>Threshold sweep</h2><p class="facts">' + " · ".join(facts) + "</p>"
-        '<p class="muted">Each item\'s edge and cloud outcome replayed at each threshold; p95 is '
-        "the mixture of the first level's measured edge and cloud latencies at that escalation "
-        "rate. "
-        "● on the Pareto front (no other threshold is as accurate with fewer escalations and a "
-        f"lower p95); ★ {_e(_chosen_rule(target))}; ◆ nearest the policy's current threshold.</p>"
-        f"<table>{head}<tbody>{''.join(rows)}</tbody></table>"
-    )
-
-
-def _chosen_rule(target: dict[str, Any]) -> str:
-    if _num(target.get("escalation_rate")):
-        return "the most accurate threshold within the escalation target"
-    return "the threshold meeting the target with the fewest escalations"
-
-
-def _rtt_sweep(entries: list[dict[str, Any]], levels: list[dict[str, Any]]) -> str:
-    tiers = [
-        t
-        for t in (*TIERS, "all")
-        if any((e.get(q) or {}).get(t) is not None for e in entries for q in ("p50_ms", "p95_ms"))
-    ]
-    cols = ["profile", "level", "RTT ms"] + [f"{t} p50 / p95 ms" for t in tiers]
-    rows = []
-    for e in sorted(entries, key=lambda e: e.get("rtt_ms") or 0):
-        li = e.get("level")
-        label = levels[li].get("label") if isinstance(li, int) and 0 <= li < len(levels) else None
-        cells = "".join(
-            f"<td>{_ms((e.get('p50_ms') or {}).get(t))} / {_ms((e.get('p95_ms') or {}).get(t))}</td>"
-            for t in tiers
-        )
-        rows.append(
-            f"<tr><td>{_e(e.get('profile'))}</td>"
-            f'<td class="text">{_e(label) if label else "–"}</td>'
-            f"<td>{_num_text(e.get('rtt_ms'), 'g')}</td>{cells}</tr>"
-        )
-    head = _head(cols, left=2)
-    return f"<h2>RTT sweep</h2><table>{head}<tbody>{''.join(rows)}</tbody></table>"
-
-
-def _load_sweep(sweep: dict[str, Any]) -> str:
-    x = sweep.get("x") or ("rate" if sweep.get("mode") == "open" else "concurrency")
-    knee = sweep.get("knee")
-    rows = []
-    for i, p in enumerate(sweep.get("points") or []):
-        mark = '<span class="mark chosen">knee</span>' if i == knee else ""
-        rows.append(
-            f'<tr class="{"chosen" if i == knee else ""}"><td>{_num_text(p.get("x"), "g")}</td>'
-            f"<td>{_rate(p.get('throughput'))}</td><td>{_ms(p.get('p99_ms'))}</td>"
-            f'<td class="text">{mark}</td></tr>'
-        )
-    head = _head([str(x), "throughput /s", "p99 ms", ""])
-    return f"<h2>Load sweep</h2><table>{head}<tbody>{''.join(rows)}</tbody></table>"
-
-
 def _packages(results: dict[str, Any]) -> str:
     pkgs = (results.get("machine") or {}).get("packages") or {}
     if not pkgs:
         return ""
     rows = "".join(
-        f'<tr><td>{_e(k)}</td><td class="text">{_e(v)}</td></tr>' for k, v in sorted(pkgs.items())
+        f'<tr><td>{esc(k)}</td><td class="text">{esc(v)}</td></tr>' for k, v in sorted(pkgs.items())
     )
-    return f"<h2>Packages</h2><table>{_head(['package', 'version'], left=2)}<tbody>{rows}</tbody></table>"
-
-
-# -- formatting ----------------------------------------------------------------------------
-
-
-def _head(cols: list[str], left: int = 1) -> str:
-    """A table head; the first ``left`` columns hold text and are left-aligned."""
-    cells = "".join(
-        f'<th class="text">{_e(c)}</th>' if i < left else f"<th>{_e(c)}</th>"
-        for i, c in enumerate(cols)
-    )
-    return f"<thead><tr>{cells}</tr></thead>"
-
-
-def _stability_badge(lv: dict[str, Any]) -> str:
-    if lv.get("stable") is False:
-        return '<span class="badge bad">⚠ not stable</span>'
-    if lv.get("stable") is True:
-        return '<span class="badge ok">stable</span>'
-    return '<span class="muted">–</span>'
-
-
-def _stability_text(lv: dict[str, Any]) -> str:
-    pct = lv.get("stability_pct")
-    rule = f"±{_num_text(pct, 'g')}%" if _num(pct) else "the rule"
-    used = len(lv.get("used_windows") or [])
-    if lv.get("stable") is False:
-        return (
-            f"not stable: windows never agreed within {rule}; all {used} measured windows reported"
-        )
-    return f"stable: the last {used} windows agree within {rule}"
-
-
-def _network_text(net: dict[str, Any] | None, full: bool = False) -> str:
-    if not net:
-        return "–"
-    text = str(net.get("profile") or "custom")
-    if _num(net.get("rtt_ms")):
-        text += f" (RTT {net['rtt_ms']:g} ms"
-        if full and _num(net.get("jitter_ms")) and net["jitter_ms"]:
-            text += f" ± {net['jitter_ms']:g}"
-        text += ")"
-    if full and net.get("bandwidth"):
-        text += f", {net['bandwidth']}"
-    if full and net.get("outages"):
-        spans = ", ".join(f"{a:g}–{b:g} s" for a, b in net["outages"])
-        text += f", outages {spans}"
-    return text
-
-
-def _load_text(load: dict[str, Any] | None, full: bool = False) -> str:
-    if not load:
-        return "–"
-    if load.get("mode") == "open":
-        text = f"open, {_num_text(load.get('rate'), 'g')}/s"
-        if full and _num(load.get("achieved_rate")):
-            text += f" (achieved {_rate(load['achieved_rate'])}/s)"
-        return text
-    return f"closed, concurrency {_num_text(load.get('concurrency'), 'g')}"
-
-
-def _e(v: Any) -> str:
-    return "" if v is None else escape(str(v))
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _num_text(v: Any, spec: str) -> str:
-    return format(v, spec) if _num(v) else "–"
-
-
-def _int(v: Any) -> str:
-    return f"{int(v):,}" if _num(v) else "–"
-
-
-def _pct(v: Any) -> str:
-    return f"{v * 100:.1f}%" if _num(v) else "–"
-
-
-def _rate(v: Any) -> str:
-    if not _num(v):
-        return "–"
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return f"<h2>Packages</h2><table>{table_head(['package', 'version'], left=2)}<tbody>{rows}</tbody></table>"

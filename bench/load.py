@@ -1,11 +1,11 @@
-"""Load generation and measurement for ``tandem bench``: closed and open loop, windows, the
-stability rule, HDR histograms per tier.
+"""Load generation for ``tandem bench``: closed and open loop, windows, the stability rule.
 
-A *call* answers one item (its index) and says how: an :class:`Outcome`. :func:`run_level`
-drives calls at one load point and measures them in windows:
+A *call* answers one item (its index) and says how: an :class:`~tandem.bench.stats.Outcome`.
+:func:`run_level` drives calls at one load point and measures them in windows:
 
 * **closed loop** — ``concurrency`` threads, each sending its next request when its answer
-  arrives; latency from send to answer.
+  arrives; latency from send to answer (:func:`closed_loop`, which the developer benchmarks
+  drive for a fixed time through :func:`run_closed`).
 * **open loop** — requests arrive as a Poisson process at ``rate`` per second (the intended
   send times are drawn ahead, from a seeded generator) and run on up to ``max_in_flight``
   threads; latency is counted from the **intended** send time, so time a request spent waiting
@@ -17,9 +17,8 @@ stops once the last ``stable_windows`` windows agree — each window's throughpu
 ``stability_pct`` percent of their mean (perf_analyzer's rule) — and reports those windows; at
 ``max_windows`` it stops and says it never stabilised (and reports every measured window).
 Everything is bounded: windows, requests (``max_requests``), threads, the open loop's queue.
-
-Latencies go into HDR histograms (``hdrhistogram``: 1 µs to 10 min, 3 significant digits), one
-per tier and one for all answers, per window; windows merge by adding histograms.
+What a window holds is a :class:`~tandem.bench.stats.Stats`; the level's JSON is
+:func:`tandem.bench.report.level_json`.
 """
 
 from __future__ import annotations
@@ -28,174 +27,86 @@ import itertools
 import math
 import queue
 import random
+import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from hdrh.histogram import HdrHistogram
+from tandem.bench.stats import Outcome, Stats, failed
 
-TIERS = ("edge", "cloud", "edge-degraded")
-SPLIT = ("local", "gate", "network", "cloud_queue", "cloud_compute")
-PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
-_HIGHEST_US = 600_000_000  # 10 min
 _JOIN_S = 60.0  # how long in-flight calls may take to finish once a level stops
 
-
-def histogram() -> HdrHistogram:
-    return HdrHistogram(1, _HIGHEST_US, 3)
-
-
-def record_ms(h: HdrHistogram, ms: float) -> None:
-    """Record ``ms`` (clamped into the histogram's 1 µs .. 10 min range)."""
-    if math.isfinite(ms):
-        h.record_value(min(max(round(ms * 1e3), 1), _HIGHEST_US))
-
-
-@dataclass(slots=True)
-class GenSample:
-    """What one streamed answer did. Times in ms from when the call started."""
-
-    ttft_ms: float | None
-    itl_ms: list[float]
-    tokens: int
-    duration_ms: float
-    drafted: int = 0
-    accepted: int = 0
-    by_tier: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Outcome:
-    """One call's result. ``tier`` None: the call failed with ``error`` (an error type name);
-    ``correct`` None: no label. ``split``: an escalated answer's parts in ms (local, gate,
-    network, cloud_queue, cloud_compute)."""
-
-    tier: str | None = None
-    error: str | None = None
-    detail: str | None = None  # the error's message
-    correct: bool | None = None
-    escalated: bool = False
-    split: dict[str, float] | None = None
-    gen: GenSample | None = None
-
-
+T = TypeVar("T")
 Call = Callable[[int], Outcome]
+Entry = tuple[float, Any, float, float]
+"""What a driver records per answer: ``(time done, outcome, latency ms, queued ms)``
+(``time.perf_counter`` seconds); an outcome None marks a request sent (open loop)."""
+Tick = Callable[[dict[str, Any]], None]
 
 
-class Stats:
-    """Everything measured over some span: histograms per tier, counts, errors."""
+def item_counter(
+    stop: threading.Event, *, max_requests: int = sys.maxsize, n_items: int = sys.maxsize
+) -> Callable[[], int | None]:
+    """``take()`` for a driver's threads: the item each next request answers (0, 1, 2 ...
+    cycled over ``n_items``; one shared counter, so no two threads send the same request),
+    None once ``max_requests`` were taken or ``stop`` is set."""
+    counter = itertools.count()
 
-    def __init__(self) -> None:
-        self.lat: dict[str, HdrHistogram] = {}  # per tier; all answers: all_latency()
-        self._all: HdrHistogram | None = None  # all_latency()'s cache, until the next add
-        self.count: Counter[str] = Counter()
-        self.correct: Counter[str] = Counter()  # per tier, answers with a label that were right
-        self.labelled: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.error_examples: dict[str, str] = {}  # one message per error type
-        self.escalated = 0
-        self.sent = 0  # requests started (open loop: arrivals)
-        self.lag: HdrHistogram | None = None  # open loop: intended send time -> call started
-        self.split: dict[str, HdrHistogram] = {}
-        self.split_sum: Counter[str] = Counter()
-        self.gen_ttft: HdrHistogram | None = None
-        self.gen_itl: HdrHistogram | None = None
-        self.gen: Counter[str] = Counter()  # tokens, drafted, accepted, tier:<t>
-        self.gen_rate_sum = 0.0  # sum of per-answer tokens/s
-        self.span_s = 0.0  # wall time this covers
+    def take() -> int | None:
+        i = next(counter)
+        return None if i >= max_requests or stop.is_set() else i % n_items
 
-    def add(self, o: Outcome, latency_ms: float, queued_ms: float) -> None:
-        if queued_ms > 0:
-            if self.lag is None:
-                self.lag = histogram()
-            record_ms(self.lag, queued_ms)
-        tier = o.tier
-        if tier is None:
-            kind = o.error or "error"
-            self.errors[kind] += 1
-            if o.detail and len(self.error_examples) < 32:
-                self.error_examples.setdefault(kind, o.detail)
-            return
-        lat = self.lat
-        h = lat.get(tier)
-        if h is None:
-            h = lat[tier] = histogram()
-        record_ms(h, latency_ms)
-        self._all = None
-        self.count[tier] += 1
-        if o.escalated:
-            self.escalated += 1
-        if o.correct is not None:
-            self.labelled[tier] += 1
-            self.correct[tier] += o.correct
-        if o.split:
-            for k, v in o.split.items():
-                h = self.split.get(k)
-                if h is None:
-                    h = self.split[k] = histogram()
-                record_ms(h, v)
-                self.split_sum[k] += v
-        g = o.gen
-        if g is not None:
-            if self.gen_ttft is None:
-                self.gen_ttft, self.gen_itl = histogram(), histogram()
-            assert self.gen_itl is not None
-            if g.ttft_ms is not None:
-                record_ms(self.gen_ttft, g.ttft_ms + queued_ms)
-            for v in g.itl_ms:
-                record_ms(self.gen_itl, v)
-            self.gen.update(
-                {"answers": 1, "tokens": g.tokens, "drafted": g.drafted, "accepted": g.accepted}
-            )
-            self.gen.update({f"tier:{t}": n for t, n in g.by_tier.items()})
-            if g.duration_ms > 0:
-                self.gen_rate_sum += g.tokens / (g.duration_ms / 1e3)
-
-    def merge(self, other: Stats) -> None:
-        for k, h in other.lat.items():
-            self.lat.setdefault(k, histogram()).add(h)
-        self._all = None
-        for k, h in other.split.items():
-            self.split.setdefault(k, histogram()).add(h)
-        for name in ("count", "correct", "labelled", "errors", "split_sum", "gen"):
-            getattr(self, name).update(getattr(other, name))
-        for k, v in other.error_examples.items():
-            self.error_examples.setdefault(k, v)
-        self.escalated += other.escalated
-        self.sent += other.sent
-        self.gen_rate_sum += other.gen_rate_sum
-        self.span_s += other.span_s
-        for name in ("lag", "gen_ttft", "gen_itl"):  # the histograms a run may not have
-            theirs = getattr(other, name)
-            if theirs is not None:
-                if getattr(self, name) is None:
-                    setattr(self, name, histogram())
-                getattr(self, name).add(theirs)
-
-    @property
-    def answers(self) -> int:
-        return sum(self.count.values())
-
-    def p99_ms(self) -> float | None:
-        h = self.all_latency()
-        return h.get_value_at_percentile(99.0) / 1e3 if h.get_total_count() else None
-
-    def all_latency(self) -> HdrHistogram:
-        """Every answer's latency: the tiers' histograms added (recording each answer once
-        per tier, not twice, keeps the per-request cost down)."""
-        if self._all is None:
-            self._all = histogram()
-            for h in self.lat.values():
-                self._all.add(h)
-        return self._all
-
-    def throughput(self) -> float:
-        return self.answers / self.span_s if self.span_s > 0 else 0.0
+    return take
 
 
+def closed_loop(
+    call: Callable[[int], T],
+    clients: int,
+    take: Callable[[], int | None],
+    put: Callable[[Entry], Any],
+) -> list[threading.Thread]:
+    """The closed loop: ``clients`` threads (returned unstarted), each sending its next request
+    when its answer arrives — ``call(i)`` for each ``i`` that ``take()`` gives, until it gives
+    None — and putting ``(time done, outcome, latency ms, 0.0)`` for each answer. A call that
+    raises is an answer too, :func:`~tandem.bench.stats.failed`'s outcome: a failed request is a
+    measurement, not a crash of the driver."""
+
+    def client() -> None:
+        clock, record, answer = time.perf_counter, put, call  # the hot loop: no lock, no lookups
+        while (i := take()) is not None:
+            t0 = clock()
+            try:
+                o: Any = answer(i)
+            except Exception as e:
+                o = failed(e)
+            t1 = clock()
+            record((t1, o, (t1 - t0) * 1e3, 0.0))
+
+    return [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+
+
+def run_closed(call: Callable[[int], T], clients: int, seconds: float) -> tuple[list[Entry], float]:
+    """The closed loop for a fixed time, as the developer benchmarks run it: ``clients``
+    threads call ``call(0)``, ``call(1)`` ... (see :func:`closed_loop`) until ``seconds`` have
+    passed; calls in flight then finish and count. Returns every answer's entry and the wall
+    time (s) from the start until the last call returned."""
+    stop = threading.Event()
+    done: deque[Entry] = deque()
+    threads = closed_loop(call, clients, item_counter(stop), done.append)
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    time.sleep(seconds)
+    stop.set()
+    for th in threads:
+        th.join()
+    return list(done), time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------- one level
 @dataclass
 class Window:
     t_s: float  # end, seconds since measurement started
@@ -298,13 +209,6 @@ def _safe(call: Call, i: int) -> Outcome:
         return failed(e)
 
 
-def failed(e: Exception) -> Outcome:
-    return Outcome(error=type(e).__name__, detail=str(e)[:300])
-
-
-Tick = Callable[[dict[str, Any]], None]
-
-
 def run_level(
     call: Call,
     n_items: int,
@@ -336,27 +240,10 @@ def run_level(
         raise ValueError(f"mode must be 'closed' or 'open', got {mode!r}")
     box = _Box()
     stop = threading.Event()
-    counter = itertools.count()
+    take = item_counter(stop, max_requests=max_requests, n_items=n_items)
     threads: list[threading.Thread] = []
-
-    def take() -> int | None:
-        i = next(counter)
-        return None if i >= max_requests or stop.is_set() else i
-
     if mode == "closed":
-
-        def client() -> None:
-            clock, put = time.perf_counter, box.q.append  # the hot loop: no lock, no lookups
-            while (i := take()) is not None:
-                t0 = clock()
-                try:
-                    o = call(i % n_items)
-                except Exception as e:  # as _safe
-                    o = failed(e)
-                t1 = clock()
-                put((t1, o, (t1 - t0) * 1e3, 0.0))
-
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(int(point))]
+        threads = closed_loop(call, int(point), take, box.q.append)
     else:
         pending: queue.Queue[tuple[int, float] | None] = queue.Queue(maxsize=100_000)
 
@@ -367,7 +254,7 @@ def run_level(
                     continue
                 i, intended = job
                 t0 = time.perf_counter()
-                o = _safe(call, i % n_items)
+                o = _safe(call, i)
                 t1 = time.perf_counter()
                 box.q.append((t1, o, (t1 - intended) * 1e3, (t0 - intended) * 1e3))
 
@@ -478,113 +365,3 @@ def _sleep_ticking(
                 "p99_ms": p99,
             }
         )
-
-
-# ---------------------------------------------------------------------- results
-_CDF_FRACTIONS = [i / 50 for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9999, 1.0]
-
-
-def latency_json(h: HdrHistogram) -> dict[str, float | None]:
-    """p50 .. p99.9, max and mean in ms (None when nothing was recorded)."""
-    if not h.get_total_count():
-        return {k: None for k in (*PERCENTILES, "max", "mean")}
-    out: dict[str, float | None] = {
-        k: h.get_value_at_percentile(p) / 1e3 for k, p in PERCENTILES.items()
-    }
-    out["max"] = h.get_max_value() / 1e3
-    out["mean"] = h.get_mean_value() / 1e3
-    return out
-
-
-def cdf_json(h: HdrHistogram) -> list[list[float]]:
-    """``[[ms, fraction], ...]`` ascending, from the histogram's percentiles."""
-    if not h.get_total_count():
-        return []
-    pts: list[list[float]] = []
-    for f in _CDF_FRACTIONS:
-        v = h.get_value_at_percentile(f * 100) / 1e3
-        if pts and v <= pts[-1][0]:
-            pts[-1][1] = f
-        else:
-            pts.append([v, f])
-    return pts
-
-
-def _pcts(h: HdrHistogram, total: float) -> dict[str, float]:
-    n = h.get_total_count()
-    return {
-        "mean": total / n if n else 0.0,
-        "p50": h.get_value_at_percentile(50) / 1e3,
-        "p99": h.get_value_at_percentile(99) / 1e3,
-    }
-
-
-def level_json(run: LevelRun, **head: Any) -> dict[str, Any]:
-    """One level in the results schema (``head``: label, network, load, ...)."""
-    s = run.stats
-    n = s.answers
-    span = s.span_s
-
-    def tier(key: str) -> dict[str, Any]:
-        h = s.all_latency() if key == "all" else s.lat[key]
-        c = h.get_total_count()
-        lab = sum(s.labelled.values()) if key == "all" else s.labelled[key]
-        ok = sum(s.correct.values()) if key == "all" else s.correct[key]
-        return {
-            "count": c,
-            "share": c / n if n else 0.0,
-            "throughput": c / span if span > 0 else 0.0,
-            "accuracy": ok / lab if lab else None,
-            "latency_ms": latency_json(h),
-            "cdf": cdf_json(h),
-        }
-
-    out = dict(head)
-    out.update(
-        stable=run.stable,
-        windows=[
-            {
-                "t_s": w.t_s,
-                "n": w.stats.answers,
-                "throughput": w.stats.throughput(),
-                "p99_ms": w.stats.p99_ms(),
-            }
-            for w in run.windows
-        ],
-        used_windows=run.used,
-        duration_s=span,
-        requests=n + sum(s.errors.values()),
-        sent=s.sent or n + sum(s.errors.values()),  # closed loop: each request sent is answered
-        throughput=s.throughput(),
-        escalation_rate=s.escalated / n if n else None,
-        accuracy=tier("all")["accuracy"],
-        errors=dict(s.errors),
-        error_examples=dict(s.error_examples),
-        all=tier("all"),
-        tiers={t: tier(t) for t in TIERS if s.count[t]},
-        split_ms=(
-            {k: _pcts(s.split[k], s.split_sum[k]) for k in SPLIT if k in s.split}
-            if s.split
-            else None
-        ),
-        # open loop: how late the tool started calls after their intended send time (its own
-        # timer and thread hand-off; queueing behind busy calls counts here too)
-        send_lag_ms=None if s.lag is None else latency_json(s.lag),
-        warmup_answers=run.warmup_answers,
-        drained=run.drained,
-        llm=None,
-    )
-    if s.gen_ttft is not None and s.gen_itl is not None:
-        g = s.gen
-        out["llm"] = {
-            "ttft_ms": latency_json(s.gen_ttft),
-            "itl_ms": latency_json(s.gen_itl),
-            "tokens_per_s": g["tokens"] / span if span > 0 else 0.0,
-            "tokens_per_s_per_stream": s.gen_rate_sum / g["answers"] if g["answers"] else None,
-            "output_tokens": g["tokens"],
-            "drafted": g["drafted"],
-            "accepted": g["accepted"],
-            "acceptance": g["accepted"] / g["drafted"] if g["drafted"] else None,
-            "tokens_by_tier": {t: g[f"tier:{t}"] for t in TIERS if g[f"tier:{t}"]},
-        }
-    return out

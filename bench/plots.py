@@ -1,4 +1,5 @@
-"""PNG figures of a ``tandem bench run`` results dict (schema ``tandem-bench/1``).
+"""PNG figures of a ``tandem bench run`` results dict (schema ``tandem-bench/1``): what each
+figure shows. How they look and where their labels go is :mod:`tandem.bench.plot_layout`.
 
 matplotlib is imported inside the functions, so the CLI starts without it, and only through
 ``matplotlib.figure.Figure`` with an Agg canvas: no pyplot, no backend switch, no rcParams
@@ -7,32 +8,37 @@ changes, so figures can be drawn from any thread. Latencies are ms, rates per se
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tandem.bench.plot_layout import (
+    ACCENT,
+    DPI,
+    LABEL_SIZE,
+    SMALL,
+    TIER_COLORS,
+    label_box,
+    line_label,
+    log_ticks,
+    new_figure,
+    place_label,
+    points_px,
+    polyline_px,
+    set_titles,
+    style_axes,
+    tex_safe,
+)
+from tandem.bench.report import fmt_ms, is_num
+from tandem.bench.stats import TIERS
+
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure, SubFigure
-    from matplotlib.text import Annotation
+    from matplotlib.figure import Figure
     from matplotlib.transforms import Bbox
 
-DPI = 130
-TIERS = ("edge", "cloud", "edge-degraded")
-TIER_COLORS = {
-    "edge": "#2a9d8f",
-    "cloud": "#3a6ea5",
-    "edge-degraded": "#e07a2f",
-    "all": "#3d3d3d",
-}
-ACCENT = "#d62839"
 # Up to this many levels the CDF figure has one panel per level; beyond, the first level only.
 MAX_CDF_PANELS = 4
-TITLE_SIZE = 13.5
-LABEL_SIZE = 10.5
-SMALL = 9.0
 
 
 def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -69,7 +75,7 @@ def latency_cdf(results: dict[str, Any]) -> Figure | None:
     shown = levels if len(levels) <= MAX_CDF_PANELS else levels[:1]
     n = len(shown)
     nrows, ncols = (1, n) if n <= 2 else (2, 2)
-    fig, body = _figure(8.6 if n == 1 else 5.9 * ncols, 5.8 if n == 1 else 6.2 * nrows)
+    fig, body = new_figure(8.6 if n == 1 else 5.9 * ncols, 5.8 if n == 1 else 6.2 * nrows)
     axes = body.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
     all_x: list[float] = []
     for ax, level in zip(axes, shown, strict=False):
@@ -85,13 +91,13 @@ def latency_cdf(results: dict[str, Any]) -> Figure | None:
                 lw=2.4 if tier == "all" else 1.9,
                 ls=(0, (4, 1.6)) if tier == "all" else "-",
                 label=(
-                    f"{_t(tier)}  p50 {fmt_ms(lat.get('p50'))} · p99 {fmt_ms(lat.get('p99'))} ms"
+                    f"{tex_safe(tier)}  p50 {fmt_ms(lat.get('p50'))} · p99 {fmt_ms(lat.get('p99'))} ms"
                     f"  (n={stats.get('count', 0):,})"
                 ),
                 zorder=3,
             )
             for q, y in (("p50", 0.5), ("p99", 0.99)):
-                if _num(lat.get(q)) and lat[q] > 0:
+                if is_num(lat.get(q)) and lat[q] > 0:
                     ax.plot(lat[q], y, "o", ms=5, color=color, mec="white", mew=0.9, zorder=4)
         for y, name in ((0.5, "p50"), (0.99, "p99")):
             ax.axhline(y, color="0.55", lw=0.8, ls=":", zorder=1)
@@ -118,7 +124,7 @@ def latency_cdf(results: dict[str, Any]) -> Figure | None:
             handlelength=2.6,
             columnspacing=1.6,
         )
-        _style(ax)
+        style_axes(ax)
     for ax in axes[n:]:
         ax.set_visible(False)
     axes[0].set_xscale("log")
@@ -126,7 +132,7 @@ def latency_cdf(results: dict[str, Any]) -> Figure | None:
         axes[0].set_xlim(min(all_x) / 1.3, max(all_x) * 1.3)
     axes[0].set_ylim(0, 1.02)
     if all_x:
-        _log_ticks(axes[0].xaxis, min(all_x), max(all_x))
+        log_ticks(axes[0].xaxis, min(all_x), max(all_x))
     for ax in axes[:n]:
         ax.set_xlabel("latency (ms, log scale)", fontsize=LABEL_SIZE)
         ax.set_ylabel("fraction of answers", fontsize=LABEL_SIZE)
@@ -134,7 +140,7 @@ def latency_cdf(results: dict[str, Any]) -> Figure | None:
     what = "Latency CDF by tier"
     if len(levels) > n:
         what += f" (level 1 of {len(levels)})"
-    _title(fig, body, results, what)
+    set_titles(fig, body, results, what)
     return fig
 
 
@@ -150,19 +156,21 @@ def accuracy_escalation(results: dict[str, Any]) -> Figure | None:
     idx = [
         i
         for i, p in enumerate(raw)
-        if _num(p.get("accuracy")) and _num(p.get("escalation_rate")) and _num(p.get("threshold"))
+        if is_num(p.get("accuracy"))
+        and is_num(p.get("escalation_rate"))
+        and is_num(p.get("threshold"))
     ]
     if not idx:
         return None
     x = {i: raw[i]["escalation_rate"] * 100 for i in idx}
     y = {i: raw[i]["accuracy"] * 100 for i in idx}
-    fig, body = _figure(9.6, 6.6)
+    fig, body = new_figure(9.6, 6.6)
     ax = body.subplots()
 
     pareto = sorted((i for i in sweep.get("pareto") or [] if i in x), key=lambda i: x[i])
     if len(pareto) > 1:
         ax.plot([x[i] for i in pareto], [y[i] for i in pareto], color="0.2", lw=1.6, zorder=2)
-    colored = [i for i in idx if _num(raw[i].get("p95_ms"))]
+    colored = [i for i in idx if is_num(raw[i].get("p95_ms"))]
     if colored:
         sc = ax.scatter(
             [x[i] for i in colored],
@@ -186,26 +194,26 @@ def accuracy_escalation(results: dict[str, Any]) -> Figure | None:
     line_labels = []
     for key, tier, side in (("edge_only", "edge", "right"), ("cloud_only", "cloud", "left")):
         ref = sweep.get(key) or {}
-        if not _num(ref.get("accuracy")):
+        if not is_num(ref.get("accuracy")):
             continue
         acc = ref["accuracy"] * 100
         ys.append(acc)
         label = f"{tier} only: {acc:.1f}%"
-        if _num(ref.get("p95_ms")):
+        if is_num(ref.get("p95_ms")):
             label += f", p95 {fmt_ms(ref['p95_ms'])} ms"
         ax.axhline(acc, color=TIER_COLORS[tier], lw=1.3, ls=":", zorder=1)
         line_labels.append(
-            _line_label(ax, acc, label, TIER_COLORS[tier], side, above=side == "left")
+            line_label(ax, acc, label, TIER_COLORS[tier], side, above=side == "left")
         )
     target = sweep.get("target") or {}
-    if _num(target.get("accuracy")):
+    if is_num(target.get("accuracy")):
         t = target["accuracy"] * 100
         ys.append(t)
         ax.axhline(t, color=ACCENT, lw=1.3, ls="--", zorder=1)
         line_labels.append(
-            _line_label(ax, t, f"target: accuracy ≥ {t:.4g}%", ACCENT, "right", False)
+            line_label(ax, t, f"target: accuracy ≥ {t:.4g}%", ACCENT, "right", False)
         )
-    if _num(target.get("escalation_rate")):
+    if is_num(target.get("escalation_rate")):
         t = target["escalation_rate"] * 100
         ax.axvline(t, color=ACCENT, lw=1.3, ls="--", zorder=1)
         line_labels.append(
@@ -225,7 +233,7 @@ def accuracy_escalation(results: dict[str, Any]) -> Figure | None:
         )
 
     current_i = None
-    if _num(sweep.get("current")):
+    if is_num(sweep.get("current")):
         current_i = min(idx, key=lambda i: abs(raw[i]["threshold"] - sweep["current"]))
     chosen_i = sweep.get("chosen") if sweep.get("chosen") in x else None
     if current_i is not None:
@@ -267,27 +275,29 @@ def accuracy_escalation(results: dict[str, Any]) -> Figure | None:
         fontsize=SMALL + 0.5,
         frameon=False,
     )
-    _style(ax)
+    style_axes(ax)
     metric = sweep.get("metric") or "confidence"
-    _title(fig, body, results, f"Accuracy vs escalation, {_t(str(metric))} threshold sweep")
+    set_titles(
+        fig, body, results, f"Accuracy vs escalation, {tex_safe(str(metric))} threshold sweep"
+    )
 
     # Annotations last, once the layout is final, where they cover the least.
     fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
     avoid = [t.get_window_extent(renderer) for t in line_labels]
-    avoid += _points_px(ax, [(x[i], y[i]) for i in idx], 9)
-    avoid += _polyline_px(ax, [(x[i], y[i]) for i in pareto], 6)
+    avoid += points_px(ax, [(x[i], y[i]) for i in idx], 9)
+    avoid += polyline_px(ax, [(x[i], y[i]) for i in pareto], 6)
     box = {"boxstyle": "round,pad=0.4", "fc": "white", "ec": "0.55", "lw": 0.8}
     arrow = {"arrowstyle": "-|>", "color": "0.25", "lw": 1.0, "shrinkB": 10, "shrinkA": 2}
     placed: list[Bbox] = []
     if chosen_i is not None:
         head = "chosen = current" if chosen_i == current_i else "chosen"
         text = f"{head}: τ = {_thr(raw[chosen_i]['threshold'])}\n{_point_text(raw[chosen_i])}"
-        ann = _place(ax, renderer, text, (x[chosen_i], y[chosen_i]), avoid, box, arrow)
-        placed.append(_ann_box(ann, renderer))
+        ann = place_label(ax, renderer, text, (x[chosen_i], y[chosen_i]), avoid, box, arrow)
+        placed.append(label_box(ann, renderer))
     if current_i is not None and current_i != chosen_i:
         text = f"current: τ = {_thr(sweep['current'])}\n{_point_text(raw[current_i])}"
-        ann = _place(
+        ann = place_label(
             ax, renderer, text, (x[current_i], y[current_i]), avoid, box, arrow, hard=placed
         )
     return fig
@@ -298,7 +308,7 @@ def latency_vs_rtt(results: dict[str, Any]) -> Figure | None:
     profile. None without an RTT sweep."""
     from matplotlib.lines import Line2D
 
-    entries = [e for e in results.get("rtt_sweep") or [] if _num(e.get("rtt_ms"))]
+    entries = [e for e in results.get("rtt_sweep") or [] if is_num(e.get("rtt_ms"))]
     if not entries:
         return None
     entries.sort(key=lambda e: e["rtt_ms"])
@@ -306,18 +316,18 @@ def latency_vs_rtt(results: dict[str, Any]) -> Figure | None:
     tiers = [
         t
         for t in (*TIERS, "all")
-        if any(_num((e.get(q) or {}).get(t)) for e in entries for q in ("p50_ms", "p95_ms"))
+        if any(is_num((e.get(q) or {}).get(t)) for e in entries for q in ("p50_ms", "p95_ms"))
     ]
     if not tiers:
         return None
-    fig, body = _figure(9.2, 5.6)
+    fig, body = new_figure(9.2, 5.6)
     ax = body.subplots()
     values: list[float] = []
     for tier in tiers:
         color = TIER_COLORS.get(tier, "#777777")
         for q, ls, marker in (("p50_ms", "-", "o"), ("p95_ms", "--", "s")):
             ys = [(e.get(q) or {}).get(tier) for e in entries]
-            ys = [v if _num(v) else math.nan for v in ys]
+            ys = [v if is_num(v) else math.nan for v in ys]
             values += [v for v in ys if not math.isnan(v)]
             ax.plot(
                 rtts,
@@ -342,12 +352,14 @@ def latency_vs_rtt(results: dict[str, Any]) -> Figure | None:
     else:
         span = max(rtts) - min(rtts) or max(rtts) or 1.0
         ax.set_xlim(min(rtts) - 0.06 * span, max(rtts) + 0.06 * span)
-    ax.set_xticks(rtts, [f"{_t(str(e.get('profile', '?')))}\n{e['rtt_ms']:g} ms" for e in entries])
+    ax.set_xticks(
+        rtts, [f"{tex_safe(str(e.get('profile', '?')))}\n{e['rtt_ms']:g} ms" for e in entries]
+    )
     ax.minorticks_off()
     pos = [v for v in values if v > 0]
     if pos and max(pos) / min(pos) > 20:
         ax.set_yscale("log")
-        _log_ticks(ax.yaxis, min(pos), max(pos))
+        log_ticks(ax.yaxis, min(pos), max(pos))
         ax.set_ylabel("latency (ms, log scale)", fontsize=LABEL_SIZE)
     else:
         ax.set_ylim(0, (max(values) if values else 1) * 1.12)
@@ -369,8 +381,8 @@ def latency_vs_rtt(results: dict[str, Any]) -> Figure | None:
         frameon=False,
         handlelength=2.6,
     )
-    _style(ax)
-    _title(fig, body, results, "Latency vs network round trip")
+    style_axes(ax)
+    set_titles(fig, body, results, "Latency vs network round trip")
     return fig
 
 
@@ -379,11 +391,11 @@ def throughput_vs_p99(results: dict[str, Any]) -> Figure | None:
     or offered rate, the knee highlighted. None without a load sweep."""
     sweep = results.get("load_sweep") or {}
     all_points = sweep.get("points") or []
-    pts = [p for p in all_points if _num(p.get("throughput")) and _num(p.get("p99_ms"))]
+    pts = [p for p in all_points if is_num(p.get("throughput")) and is_num(p.get("p99_ms"))]
     if not pts:
         return None
     open_mode = (sweep.get("x") or sweep.get("mode")) in ("rate", "open")
-    fig, body = _figure(9.0, 5.6)
+    fig, body = new_figure(9.0, 5.6)
     ax = body.subplots()
     xs = [p["throughput"] for p in pts]
     ys = [p["p99_ms"] for p in pts]
@@ -396,7 +408,7 @@ def throughput_vs_p99(results: dict[str, Any]) -> Figure | None:
         )
     if min(ys) > 0 and max(ys) / min(ys) > 10:
         ax.set_yscale("log")
-        _log_ticks(ax.yaxis, min(ys), max(ys))
+        log_ticks(ax.yaxis, min(ys), max(ys))
         ax.set_ylabel("p99 latency (ms, log scale)", fontsize=LABEL_SIZE)
         ax.set_ylim(min(ys) / 1.35, max(ys) * 1.35)
     else:
@@ -406,19 +418,19 @@ def throughput_vs_p99(results: dict[str, Any]) -> Figure | None:
     ax.set_xlim(max(0.0, min(xs) - 0.12 * span), max(xs) + 0.1 * span)
     what = "offered rate" if open_mode else "concurrency"
     ax.set_xlabel(f"throughput (answers/s); point labels: {what}", fontsize=LABEL_SIZE)
-    _style(ax)
-    _title(fig, body, results, "Throughput vs p99 latency")
+    style_axes(ax)
+    set_titles(fig, body, results, "Throughput vs p99 latency")
 
     fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
-    avoid = _points_px(ax, list(zip(xs, ys, strict=True)), 9)
-    avoid += _polyline_px(ax, list(zip(xs, ys, strict=True)), 4)
+    avoid = points_px(ax, list(zip(xs, ys, strict=True)), 9)
+    avoid += polyline_px(ax, list(zip(xs, ys, strict=True)), 4)
     if knee_p is not None and knee_p in pts:
-        avoid += _points_px(ax, [(knee_p["throughput"], knee_p["p99_ms"])], 18)
+        avoid += points_px(ax, [(knee_p["throughput"], knee_p["p99_ms"])], 18)
     for p in pts:
         if p is knee_p:
             continue  # the knee's box names it
-        ann = _place(
+        ann = place_label(
             ax,
             renderer,
             _load_label(p.get("x"), open_mode),
@@ -430,9 +442,9 @@ def throughput_vs_p99(results: dict[str, Any]) -> Figure | None:
             fontsize=SMALL + 0.5,
             color="0.2",
         )
-        avoid.append(_ann_box(ann, renderer))
+        avoid.append(label_box(ann, renderer))
     if knee_p is not None and knee_p in pts:
-        _place(
+        place_label(
             ax,
             renderer,
             f"knee at {_load_label(knee_p.get('x'), open_mode)}\n"
@@ -446,166 +458,14 @@ def throughput_vs_p99(results: dict[str, Any]) -> Figure | None:
     return fig
 
 
-# -- layout helpers ------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float) -> tuple[Figure, SubFigure]:
-    """A figure on an Agg canvas and the sub-figure to draw in (its title: the machine)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subfigures(1, 1)
-
-
-def _title(fig: Figure, body: SubFigure, results: dict[str, Any], what: str) -> None:
-    scenario = (results.get("scenario") or {}).get("name") or "unnamed scenario"
-    fig.suptitle(f"{what}: {_t(str(scenario))}", fontsize=TITLE_SIZE, weight="bold")
-    body.suptitle(_t(_machine_line(results)), fontsize=SMALL + 1, color="0.35")
-
-
-def _machine_line(results: dict[str, Any]) -> str:
-    """``"<cpu>, <cores> cores[, <gpu>]"`` from the results' machine block."""
-    m = results.get("machine") or {}
-    text = f"{m.get('cpu') or 'unknown cpu'}, {m.get('cores') or '?'} cores"
-    if m.get("gpu"):
-        text += f", {m['gpu']}"
-    return text
-
-
-def _style(ax: Axes) -> None:
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.spines[["left", "bottom"]].set_color("0.35")
-    ax.grid(True, which="major", color="0.9", lw=0.8, zorder=0)
-    ax.set_axisbelow(True)
-    ax.tick_params(labelsize=SMALL, color="0.35")
-
-
-def _log_ticks(axis: Any, lo: float, hi: float) -> None:
-    """Plain-number ticks on a log axis: 1-2-5 steps, denser when the data spans little."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
-
-    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
-    subs = (1.0, 2.0, 5.0) if decades > 1.5 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
-    axis.set_major_locator(LogLocator(base=10, subs=subs))
-    axis.set_minor_locator(NullLocator())
-    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-
-
-def _line_label(ax: Axes, y: float, text: str, color: str, side: str, above: bool) -> Any:
-    return ax.text(
-        0.995 if side == "right" else 0.005,
-        y,
-        text,
-        transform=ax.get_yaxis_transform(),
-        ha=side,
-        va="bottom" if above else "top",
-        fontsize=SMALL,
-        color=color,
-        bbox={"fc": "white", "ec": "none", "alpha": 0.85, "pad": 1.5},
-        zorder=5,
-    )
-
-
-def _points_px(ax: Axes, points: Sequence[tuple[float, float]], radius: float) -> list[Bbox]:
-    """Display-space boxes of ``radius`` px around data points."""
-    if not points:
-        return []
-    return _boxes(ax.transData.transform(points), radius)
-
-
-def _polyline_px(ax: Axes, points: Sequence[tuple[float, float]], radius: float) -> list[Bbox]:
-    """Small boxes every few px along a polyline in data space, to keep labels off it."""
-    if len(points) < 2:
-        return []
-    px = ax.transData.transform(points)
-    samples = []
-    for (x0, y0), (x1, y1) in itertools.pairwise(px):
-        steps = max(1, int(math.hypot(x1 - x0, y1 - y0) / (radius * 1.5)))
-        samples += [(x0 + (x1 - x0) * k / steps, y0 + (y1 - y0) * k / steps) for k in range(steps)]
-    return _boxes(samples, radius)
-
-
-def _boxes(points_px: Any, radius: float) -> list[Bbox]:
-    from matplotlib.transforms import Bbox
-
-    return [Bbox([[x - radius, y - radius], [x + radius, y + radius]]) for x, y in points_px]
-
-
-def _place(
-    ax: Axes,
-    renderer: Any,
-    text: str,
-    xy: tuple[float, float],
-    avoid: list[Bbox],
-    bbox: dict[str, Any] | None,
-    arrow: dict[str, Any] | None,
-    distances: Sequence[float] = (40, 70, 105, 145),
-    fontsize: float = SMALL + 0.5,
-    hard: Sequence[Bbox] = (),
-    **kw: Any,
-) -> Annotation:
-    """Annotate ``xy`` (data) with ``text`` where its box stays inside the axes and overlaps
-    the fewest ``avoid`` boxes (display px) and none of the ``hard`` ones (other labels) if it
-    can; nearer and diagonal positions win ties."""
-    from matplotlib.text import Text
-    from matplotlib.transforms import Bbox
-
-    ann = ax.annotate(
-        text,
-        xy,
-        xytext=(0, 0),
-        textcoords="offset pixels",
-        ha="center",
-        va="center",
-        fontsize=fontsize,
-        multialignment="left",
-        bbox=bbox,
-        arrowprops=arrow,
-        zorder=6,
-        **kw,
-    )
-    ann.set_in_layout(False)
-    size = Text.get_window_extent(ann, renderer)  # the text alone, not the arrow
-    pad = fontsize * 0.6 * DPI / 72 if bbox else 2.0
-    w, h = size.width / 2 + pad, size.height / 2 + pad
-    px, py = ax.transData.transform(xy)
-    frame = ax.get_window_extent(renderer)
-    angles = (135, 315, 45, 225, 90, 270, 180, 0, 160, 200, 20, 340, 110, 250, 70, 290)
-    best: tuple[float, float, float] | None = None
-    for rank, angle in enumerate(angles):
-        c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-        for d in distances:
-            cx, cy = px + c * (d + w), py + s * (d + h)
-            box = Bbox([[cx - w, cy - h], [cx + w, cy + h]])
-            outside = max(
-                frame.x0 - box.x0, box.x1 - frame.x1, frame.y0 - box.y0, box.y1 - frame.y1, 0
-            )
-            hits = sum(box.overlaps(b) for b in avoid)
-            clash = sum(box.overlaps(b) for b in hard)
-            cost = outside * 100 + clash * 1000 + hits * 10 + d / 40 + rank * 0.02
-            if best is None or cost < best[0]:
-                best = (cost, cx - px, cy - py)
-    assert best is not None
-    ann.xyann = (best[1], best[2])
-    return ann
-
-
-def _ann_box(ann: Annotation, renderer: Any) -> Bbox:
-    """Where an annotation's text box landed (display px; its patch's own extent is in unit
-    coordinates until drawn), padded as the box is."""
-    return ann.get_window_extent(renderer).padded(6)
-
-
 # -- small helpers -------------------------------------------------------------------------
 
 
 def _level_title(level: dict[str, Any]) -> str:
-    parts = [_t(str(level.get("label") or "level"))]
-    if _num(level.get("throughput")):
+    parts = [tex_safe(str(level.get("label") or "level"))]
+    if is_num(level.get("throughput")):
         parts.append(f"{level['throughput']:.4g}/s")
-    if _num(level.get("escalation_rate")):
+    if is_num(level.get("escalation_rate")):
         parts.append(f"{level['escalation_rate'] * 100:.0f}% escalated")
     return "  ·  ".join(parts)
 
@@ -625,48 +485,23 @@ def _cdf_xy(stats: dict[str, Any]) -> tuple[list[float], list[float]]:
     pairs = [
         (float(p[0]), float(p[1]))
         for p in stats.get("cdf") or []
-        if len(p) == 2 and _num(p[0]) and _num(p[1]) and p[0] > 0
+        if len(p) == 2 and is_num(p[0]) and is_num(p[1]) and p[0] > 0
     ]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _point_text(p: dict[str, Any]) -> str:
     text = f"accuracy {p['accuracy'] * 100:.1f}%, escalated {p['escalation_rate'] * 100:.1f}%"
-    if _num(p.get("p95_ms")):
+    if is_num(p.get("p95_ms")):
         text += f"\np95 {fmt_ms(p['p95_ms'])} ms"
     return text
 
 
 def _load_label(x: Any, open_mode: bool) -> str:
-    if not _num(x):
+    if not is_num(x):
         return "?"
     return f"{x:g}/s" if open_mode else f"c={x:g}"
 
 
 def _thr(v: float) -> str:
-    return f"{v:.3f}".rstrip("0").rstrip(".") if _num(v) else "?"
-
-
-def fmt_ms(v: Any) -> str:
-    """A latency in ms with sensible digits: 0.412, 3.21, 12.3, 145, 2,300; "–" for null."""
-    if not _num(v):
-        return "–"
-    a = abs(v)
-    if a >= 1000:
-        return f"{v:,.0f}"
-    if a >= 100:
-        return f"{v:.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    if a >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3f}"
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _t(s: str) -> str:
-    """User text for matplotlib: a ``$`` would start mathtext."""
-    return s.replace("$", r"\$")
+    return f"{v:.3f}".rstrip("0").rstrip(".") if is_num(v) else "?"

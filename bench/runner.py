@@ -24,7 +24,6 @@ import contextlib
 import datetime as dt
 import json
 import platform
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -32,8 +31,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tandem.bench.load import LevelRun, Tick, level_json, run_level
-from tandem.bench.report import json_safe
+from tandem.bench.load import LevelRun, Tick, run_level
+from tandem.bench.ports import free_ports
+from tandem.bench.report import json_safe, level_json
 from tandem.bench.scenario import LinkSpec, Scenario
 from tandem.bench.setup import Say, Setup, classify_call, generate_call, setup
 from tandem.bench.sweeps import load_sweep, rtt_sweep, threshold_sweep
@@ -50,7 +50,7 @@ PACKAGES = (
 # ---------------------------------------------------------------------- levels
 def link_of(p: str | LinkSpec | None) -> Any:
     """The netem :class:`LinkProfile` for a scenario profile (None: no relay)."""
-    from tandem.bench.netem import LinkProfile, profile
+    from tandem.bench.link import LinkProfile, profile
 
     if p is None:
         return None
@@ -76,12 +76,6 @@ def network_json(link: Any, outages: list[tuple[float, float]]) -> dict[str, Any
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def relays(
     endpoints: list[str],
@@ -97,7 +91,7 @@ def relays(
         return
     from tandem.bench.netem import start_relay
 
-    listens = [f"tcp://127.0.0.1:{_free_port()}" for _ in endpoints]
+    listens = [f"tcp://127.0.0.1:{p}" for p in free_ports(len(endpoints))]
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(log.open("ab"))
 

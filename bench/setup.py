@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from tandem.bench.load import GenSample, Outcome
 from tandem.bench.scenario import Scenario
+from tandem.bench.stats import GenSample, Outcome
 from tandem.runtime.errors import ConfigError, TandemError
 
 Say = Callable[[str], None]

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tandem.bench.load import PERCENTILES, SPLIT, TIERS
+from tandem.bench.stats import PERCENTILES, SPLIT, TIERS
 
 
 def _ms(v: float | None) -> str:

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from tandem.bench.load import TIERS, LevelRun
+from tandem.bench.load import LevelRun
 from tandem.bench.scenario import Scenario
 from tandem.bench.setup import Say, Setup, cloud_top1
+from tandem.bench.stats import TIERS
 from tandem.runtime.errors import TandemError
 
 

@@ -1,4 +1,5 @@
-"""What every developer benchmark shares: timing loops, latency percentiles, a table, a JSON file."""
+"""What every developer benchmark shares: timing loops, latency percentiles, a table (captioned
+with the machine: CPU model, cores, GPU if any), a JSON file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tandem.bench.report import json_safe
 from tandem.runtime.machine import machine
 
 
@@ -99,3 +101,26 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]], note: str
     for r in rows:
         table.add_row(*(str(v) for v in r))
     Console(width=None if sys.stdout.isatty() else 170).print(table)
+
+
+def write_results(
+    path: Path,
+    benchmark: str,
+    settings: dict[str, Any],
+    results: Any,
+    load_average: tuple[float, float],
+) -> None:
+    """Write ``{benchmark, machine, load_average_1min, settings, results}`` to ``path`` as JSON
+    (NaN and ±inf as null) and say where. ``load_average``: the 1-minute load average at the
+    start and at the end of the run."""
+    from rich.console import Console
+
+    doc = {
+        "benchmark": benchmark,
+        "machine": machine(),
+        "load_average_1min": {"start": load_average[0], "end": load_average[1]},
+        "settings": settings,
+        "results": results,
+    }
+    path.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
+    Console().print(f"results written to {path}")

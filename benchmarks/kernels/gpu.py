@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tandem.kernels import combine, confidence, moe_align, permute, topk_gating
+from tandem.runtime.machine import machine
 
 
 def _t(a) -> torch.Tensor:
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: this benchmark runs Triton kernels on a GPU", file=sys.stderr)
         return 2
     rows = run()
+    m = machine()
+    print(f"host: {m['cpu']}, {m['cores']} cores")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(f"{'op':24} {'shape':24} {'tandem µs':>10} {'torch µs':>10} {'ratio':>7}")
     for r in rows:
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['speedup']:6.2f}×"
         )
     if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}))
+        doc = {"device": torch.cuda.get_device_name(), "machine": m, "rows": rows}
+        args.json.write_text(json.dumps(doc))
     return 0
 
 

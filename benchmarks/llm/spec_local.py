@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -56,11 +55,9 @@ import numpy.typing as npt
 from llama_cpp import Llama, llama_model_n_ctx_train
 from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
 
-from benchmarks.common import print_table
-from tandem.bench.report import json_safe
+from benchmarks.common import print_table, write_results
 from tandem.reference import lm_task
 from tandem.runtime.backends.llama_draft import GGUFDraftModel
-from tandem.runtime.machine import machine
 
 GAMMAS = (2, 4, 8)
 LENGTHS = (20, 21, 22, 23, 24)  # letters per prompt: held-out items of the sorting task
@@ -328,25 +325,18 @@ def main(argv: list[str] | None = None) -> int:
         f"load average (1 min) {load_before[0]:.2f} → {load_after[0]:.2f}; "
         f"{time.perf_counter() - started:.0f} s",
     )
-    out = Path(args.json or "bench-spec-local.json")
-    doc = {
-        "benchmark": "spec_local",
-        "machine": machine(),
-        "load_average_1min": {"start": load_before[0], "end": load_after[0]},
-        "settings": {
-            "target": str(args.target),
-            "draft": str(args.draft),
-            "prompts": len(prompts),
-            "max_tokens": args.max_tokens,
-            "threads": args.threads,
-            "repeat": args.repeat,
-            "gammas": list(gammas),
-            "n_ctx": args.n_ctx,
-        },
-        "results": rows,
+    settings = {
+        "target": str(args.target),
+        "draft": str(args.draft),
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "gammas": list(gammas),
+        "n_ctx": args.n_ctx,
     }
-    out.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
-    print(f"results written to {out}")
+    out = Path(args.json or "bench-spec-local.json")
+    write_results(out, "spec_local", settings, rows, (load_before[0], load_after[0]))
     if bad := [r["row"] for r in rows if not r["identical"]]:
         print(f"outputs differ from the target alone: {', '.join(bad)}", file=sys.stderr)
         return 1

@@ -28,6 +28,9 @@ process's CPU time per answer (all its threads, ZeroMQ's I/O thread included) sa
 client side's time goes even when the worker, not the client, sets the rate. Last, per level,
 **generator only**: ``run_level`` with a call that returns at once — the load generator's own
 ceiling, no I/O.
+
+The bare and client loops (:func:`_measure_threads`) are deliberately not the tool's closed
+loop (:mod:`tandem.bench.load`): they are what it is measured against.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ import numpy as np
 import zmq
 
 from benchmarks.common import emit
-from tandem.bench.load import Outcome, run_level
+from tandem.bench.load import run_level
+from tandem.bench.stats import Outcome
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
 from tandem.runtime.client import CloudClient

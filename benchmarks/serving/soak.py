@@ -10,7 +10,9 @@ grows.
   ``--down`` seconds later.
 * Load: ``--threads`` client threads share one :class:`EdgeRuntime` (policy: the three
   endpoints, every request tagged ``critical`` so it escalates, escalation log on with
-  retention), paced to ``--rate`` requests/s in all.
+  retention), paced to ``--rate`` requests/s in all: ``tandem bench``'s closed loop
+  (:func:`tandem.bench.load.closed_loop`), request ``i`` sent no sooner than ``i / rate`` s
+  after the start.
 * Every ``--window`` seconds a row: throughput, p50/p99, share answered by the cloud,
   errors by type, each worker's RSS.
 
@@ -26,12 +28,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
 
 from benchmarks.common import emit
+from tandem.bench.load import Entry, closed_loop, item_counter
+from tandem.bench.ports import free_ports
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
 from tandem.edge import EdgeRuntime, Tier
@@ -40,6 +44,21 @@ from tandem.reference.models import CLOUD, EDGE, build_reference_models
 from tandem.runtime.manifest import load_manifest
 
 RSS_GROWTH_LIMIT = 0.10
+
+
+class _Answer(NamedTuple):
+    """One answered call: when it was sent (s after the start), its request id, how it was
+    answered (``cloud``, or the reason it was not) and its latency."""
+
+    t: float
+    request_id: str
+    kind: str
+    ms: float
+
+
+def _answers(entries: list[Entry]) -> list[_Answer]:
+    """The answered calls among the driver's entries (the others raised: lost)."""
+    return [o for _, o, _, _ in entries if isinstance(o, _Answer)]
 
 
 def rss_mb(pid: int) -> float:
@@ -52,23 +71,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class _Fleet:
     """Three workers on fixed ports; ``kill(i)`` and ``restart(i)``; RSS samples per life."""
 
     def __init__(self, models_dir: Path) -> None:
-        self.endpoints = [f"tcp://127.0.0.1:{p}" for p in _free_ports(3)]
+        self.endpoints = [f"tcp://127.0.0.1:{p}" for p in free_ports(3)]
         self.models_dir = models_dir
         self.procs: list[WorkerProcess | None] = [None] * 3
         self.lives: list[list[list[tuple[float, float]]]] = [[], [], []]  # (t, MB) per life
@@ -126,9 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     fleet = _Fleet(models)
     for i in range(3):
         fleet.start(i)
-    results: list[tuple[float, str, str, float]] = []  # (t sent, request id, tier/reason, ms)
+    entries: list[Entry] = []  # every call: (t done, _Answer or failed Outcome, ms, 0)
     lock = threading.Lock()
-    calls = [0] * args.threads
     stop = threading.Event()
     duration = args.minutes * 60
 
@@ -154,26 +160,20 @@ def main(argv: list[str] | None = None) -> None:
         with EdgeRuntime.from_policy(path) as rt:
             t_start = time.monotonic()
 
-            def client(k: int) -> None:
-                j = 0
-                while not stop.is_set():
-                    due = t_start + (j * args.threads + k) / args.rate
-                    j += 1
-                    time.sleep(max(0.0, due - time.monotonic()))
-                    t0 = time.monotonic()
-                    try:
-                        r = rt.infer(xs[j % len(xs)], tags={"critical"})
-                    except Exception:  # a lost request: counted as calls - results
-                        with lock:
-                            calls[k] += 1
-                        continue
-                    ms = (time.monotonic() - t0) * 1e3
-                    kind = "cloud" if r.tier is Tier.CLOUD else r.reason.rpartition("cloud-")[2]
-                    with lock:
-                        calls[k] += 1
-                        results.append((t0 - t_start, r.request_id or "", kind, ms))
+            def call(i: int) -> _Answer:
+                """Request ``i``, sent at its turn of the pace (``--rate`` in all)."""
+                time.sleep(max(0.0, t_start + i / args.rate - time.monotonic()))
+                t0 = time.monotonic()
+                r = rt.infer(xs[i % len(xs)], tags={"critical"})
+                ms = (time.monotonic() - t0) * 1e3
+                kind = "cloud" if r.tier is Tier.CLOUD else r.reason.rpartition("cloud-")[2]
+                return _Answer(t0 - t_start, r.request_id or "", kind, ms)
 
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(args.threads)]
+            def put(entry: Entry) -> None:
+                with lock:
+                    entries.append(entry)
+
+            threads = closed_loop(call, args.threads, item_counter(stop), put)
             for t in threads:
                 t.start()
             rows, windows = [], []
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 if now - w_start >= args.window:
                     rss = fleet.sample(now)
                     with lock:
-                        win = [r for r in results if w_start <= r[0] < now]
+                        win = [r for r in _answers(entries) if w_start <= r.t < now]
                     windows.append(_window(w_start, now, win, rss))
                     rows.append(_row(windows[-1]))
                     w = windows[-1]
@@ -212,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
             log_stats = rt.stats().get("escalation_log")
         fleet.stop()
 
-    ids = Counter(r[1] for r in results)
+    results = _answers(entries)
+    ids = Counter(r.request_id for r in results)
     duplicated = sum(c - 1 for c in ids.values() if c > 1)
-    lost = sum(calls) - len(results)
+    lost = len(entries) - len(results)  # calls that raised
     growth = _rss_growth(fleet.lives)
     all_ms = np.array([r[3] for r in results])
     summary = {

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from hdrh.histogram import HdrHistogram
 
-from tandem.bench.load import Outcome, level_json, record_ms, run_level
+from tandem.bench.load import run_level
+from tandem.bench.report import level_json
 from tandem.bench.runner import run_scenario
 from tandem.bench.scenario import (
     bundled_scenarios,
@@ -23,6 +24,7 @@ from tandem.bench.scenario import (
     load_scenario,
     scenario_from_dict,
 )
+from tandem.bench.stats import Outcome, record_ms
 from tandem.bench.sweeps import knee, mixture_quantile, pareto
 from tandem.runtime.errors import ConfigError
 from tests.conftest import write_policy

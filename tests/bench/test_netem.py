@@ -17,20 +17,14 @@ from typing import Any
 import pytest
 import zmq
 
-from tandem.bench.netem import (
-    PROFILES,
-    LinkProfile,
-    LinkSchedule,
-    Relay,
-    custom,
-    profile,
-    start_relay,
-)
+from tandem.bench.link import PROFILES, LinkProfile, LinkSchedule, custom, profile
+from tandem.bench.netem import start_relay
+from tandem.bench.relay import Relay
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.process import WorkerProcess
 from tandem.runtime import errors
 from tandem.runtime.client import CloudClient
-from tandem.runtime.generation import SamplingParams, TokenStep, TokenStream
+from tandem.runtime.generation import BackendStream, SamplingParams, TokenStep
 from tandem.runtime.wire import Envelope, Kind, WireCodec
 from tests.peers import ThreadWorker, raw_socket
 
@@ -319,7 +313,7 @@ class SpellingLM:
 
     name, version = "spell", "t-1"
 
-    def stream(self, prompt: str, params: SamplingParams, *, cancel=None) -> TokenStream:
+    def stream(self, prompt: str, params: SamplingParams, *, cancel=None) -> BackendStream:
         cancel = cancel or threading.Event()
         text = (prompt[::-1] * params.max_tokens)[: params.max_tokens]
 
@@ -330,7 +324,7 @@ class SpellingLM:
                 yield TokenStep(token=ord(ch), text=ch, logprob=-0.01 * i, entropy=0.5)
             return "length"
 
-        return TokenStream(steps(), len(prompt))
+        return BackendStream(steps(), len(prompt))
 
     def warm_up(self) -> None:
         pass

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.llm.end_to_end --quick`` runs every section end to end on a tiny-budget build of
+"""``python -m benchmarks.llm --quick`` runs every section end to end on a tiny-budget build of
 the reference language models and writes finite figures for each. Slow: it builds models,
 starts a worker and a llama_cpp.server. The figures themselves are not asserted."""
 
@@ -25,6 +25,7 @@ def test_quick_run_writes_every_section_with_finite_numbers(tmp_path: Path) -> N
     for module in ("llama_cpp", "gguf", "openai", "transformers"):
         require(module)
     from benchmarks.llm import end_to_end as llm
+    from benchmarks.llm.cascade import GATES
     from tandem.reference.lm_models import build_llm_models
 
     models = tmp_path / "models"
@@ -67,12 +68,12 @@ def test_quick_run_writes_every_section_with_finite_numbers(tmp_path: Path) -> N
                 assert _finite(s[k]), (side, k)
 
     c = r["cascade"]
-    assert set(c["modes"]) == {"edge only", "cloud only", *llm.GATES}
+    assert set(c["modes"]) == {"edge only", "cloud only", *GATES}
     gap = c["cloud_accuracy"] > c["edge_accuracy"]
     for name, m in c["modes"].items():
         for k in ("accuracy", "escalation_rate", "latency_p50_ms", "latency_p95_ms"):
             assert _finite(m[k]), (name, k)
-        if name in llm.GATES:
+        if name in GATES:
             assert 0.0 <= m["threshold"] <= 1.0
             assert _finite(m["cpt80"]) if gap else m["cpt80"] is None
             # the offline sweep and the live run agree at the calibrated threshold
