@@ -39,7 +39,7 @@ import numpy as np
 from tandem.edge.drafting import DraftRequest, observe_stream, speculate
 from tandem.edge.escalation_rows import EscalationRecord
 from tandem.edge.generate_task import GenerationTask
-from tandem.router.policy import EscalationMode, Handoff, TokenGateMetric
+from tandem.router.policy import EscalationMode, Handoff
 from tandem.router.routing import Decision
 from tandem.runtime.chat import chat_tokens
 from tandem.runtime.errors import TandemError
@@ -185,7 +185,7 @@ class Answer:
                 yield self._emit([step], Tier.EDGE)
                 if not watching:
                     continue
-                score = t.gate.score(self.logprobs[-window:])
+                score = t.gate.window_score(self.logprobs, window)
                 if t.gate.accepts(score) or len(self.tokens) >= self.params.max_tokens:
                     continue
                 decision = t.router.decide(score, not math.isnan(score))
@@ -205,13 +205,8 @@ class Answer:
             steps.close()
 
     def _score(self, probe: list[TokenStep]) -> float:
-        gate = self.t.gate
-        if gate.metric is TokenGateMetric.FIRST_ENTROPY:
-            first = probe[0].entropy if probe else None
-            return gate.score([], first, self.t.n_vocab)
-        if not probe:  # the model ended at once (EOS): nothing to doubt
-            return 1.0
-        return gate.score([s.logprob for s in probe])
+        first = probe[0].entropy if probe else None
+        return self.t.gate.probe_score([s.logprob for s in probe], first, self.t.n_vocab)
 
     # ------------------------------------------------------------------ the edge
     def _room(self, prefix: str) -> int:

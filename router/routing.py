@@ -92,6 +92,21 @@ class TokenGate:
             return math.exp(lp.min())
         return math.exp(np.quantile(lp, self.quantile))
 
+    def probe_score(
+        self, logprobs: Sequence[float], first_entropy: float | None = None, n_vocab: int = 0
+    ) -> float:
+        """The score an answer's probe (its first tokens: ``probe_tokens``, or one up front)
+        is decided on: :meth:`score`, except that a probe with no tokens (the model ended at
+        once, EOS) leaves nothing to doubt: 1.0."""
+        if self.metric is not TokenGateMetric.FIRST_ENTROPY and not len(logprobs):
+            return 1.0
+        return self.score(logprobs, first_entropy, n_vocab)
+
+    def window_score(self, logprobs: Sequence[float], window: int) -> float:
+        """The score mode midstream watches as an answer grows: :meth:`score` of the last
+        ``window`` tokens."""
+        return self.score(logprobs[-window:])
+
     def accepts(self, score: float) -> bool:
         """False for NaN (unknown confidence is never accepted)."""
         if self.metric is TokenGateMetric.FIRST_ENTROPY:

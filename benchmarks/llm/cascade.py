@@ -110,12 +110,11 @@ def answer_score(
     if task.mode is EscalationMode.UPFRONT:
         return math.nan if first_entropy is None else first_entropy
     if task.mode is EscalationMode.PROBE:
-        held = list(logprobs[: task.probe_tokens])
-        return gate.score(held) if held else 1.0
+        return gate.probe_score(list(logprobs[: task.probe_tokens]))
     if not logprobs:  # midstream: nothing generated, nothing to doubt
         return math.inf
-    w = task.window
-    return min(gate.score(logprobs[max(0, k - w) : k]) for k in range(1, len(logprobs) + 1))
+    lp = list(logprobs)
+    return min(gate.window_score(lp[:k], task.window) for k in range(1, len(lp) + 1))
 
 
 def _confidence(task: GenerateTaskPolicy, score: float) -> float:
