@@ -8,6 +8,7 @@ from typing import Any
 
 import zmq
 
+from tandem.bench.ports import free_ports
 from tandem.runtime.wire import Envelope, WireCodec
 
 
@@ -62,3 +63,8 @@ class ThreadWorker:
     def __exit__(self, *exc: Any) -> None:
         if self._thread.is_alive():
             self.stop()
+
+
+def free_endpoint() -> str:
+    """A TCP endpoint on loopback that nothing listened on a moment ago."""
+    return f"tcp://127.0.0.1:{free_ports()[0]}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import sqlite3
 import threading
 import time
@@ -23,6 +22,7 @@ from tandem.edge import escalation_log as esc
 from tandem.edge.escalation_log import array_to_npy, npy_to_array
 from tandem.router.policy import policy_from_dict
 from tandem.runtime.errors import ConfigError
+from tests.peers import free_endpoint
 
 POISON = "poison"
 
@@ -500,14 +500,10 @@ def test_records_never_loads_the_table(db: Path) -> None:
 
 
 # ---------------------------------------------------------------- inside EdgeRuntime
-def free_port_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def test_a_broken_log_never_reaches_infer(make_policy, tmp_path: Path, digits_x) -> None:
-    policy = make_policy(free_port_endpoint(), threshold=1.0, deadline_ms=30)
+    policy = make_policy(free_endpoint(), threshold=1.0, deadline_ms=30)
     db = tmp_path / "escalations.sqlite"
     with EdgeRuntime.from_policy(policy) as rt:
         assert rt.escalation_log is not None and rt.escalation_log.path == db

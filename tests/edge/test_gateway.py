@@ -36,6 +36,7 @@ uvicorn = _need("uvicorn")
 openai = _need("openai")
 transformers = _need("transformers")
 
+from tandem.bench.ports import free_ports  # noqa: E402
 from tandem.edge import EdgeRuntime  # noqa: E402
 from tandem.edge.gateway import chat_messages, create_app  # noqa: E402
 from tandem.router.policy import policy_from_dict  # noqa: E402
@@ -48,10 +49,6 @@ LONG = {"model": "sort", "prompt": PROMPT, "max_tokens": 490, "stream": True}  #
 
 
 # ---------------------------------------------------------------------------------- fixtures
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +69,7 @@ def _policy(model_dir: Path) -> dict:
             "down": {  # always escalates, to a cloud nobody serves
                 "kind": "generate",
                 "local": local,
-                "cloud": {"endpoint": f"tcp://127.0.0.1:{_free_port()}", "model": "x"},
+                "cloud": {"endpoint": f"tcp://127.0.0.1:{free_ports()[0]}", "model": "x"},
                 "gate": {"metric": "token_min", "threshold": 0.999},
                 "mode": "probe",
                 "probe_tokens": 4,
@@ -612,7 +609,7 @@ def test_chat_messages_refuses_what_it_cannot_render() -> None:
 def test_serve_runs_a_policy_file_until_sigterm(model_dir: Path, tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump({"tasks": {"sort": _policy(model_dir)["tasks"]["sort"]}}))
-    port = _free_port()
+    port = free_ports()[0]
     code = (
         "import sys; from tandem.edge.gateway import serve; "
         "serve(sys.argv[1], port=int(sys.argv[2]), log_level='warning'); print('returned')"

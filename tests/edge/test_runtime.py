@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,17 +16,12 @@ from tandem.reference.models import CLOUD
 from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest
+from tests.peers import free_endpoint
 
 
 def infer_count(endpoint: str) -> int:
     with CloudClient(endpoint) as c:
         return c.health()["counters"].get("infer", 0)
-
-
-def free_port_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def test_edge_only_policy_answers_locally(make_policy, tiny_models: Path, digits_x) -> None:
@@ -80,9 +74,7 @@ def test_critical_tag_escalates_even_when_confident(make_policy, worker, digits_
 
 
 def test_worker_down_degrades_within_the_deadline(make_policy, digits_x) -> None:
-    with EdgeRuntime.from_policy(
-        make_policy(free_port_endpoint(), threshold=1.0, deadline_ms=50)
-    ) as rt:
+    with EdgeRuntime.from_policy(make_policy(free_endpoint(), threshold=1.0, deadline_ms=50)) as rt:
         t0 = time.perf_counter()
         r = rt.infer(digits_x[0])
         elapsed_ms = (time.perf_counter() - t0) * 1e3
@@ -226,7 +218,7 @@ def test_nan_logits_escalate_and_are_never_a_confident_answer(tmp_path, digits_x
     policy = tmp_path / "p.yaml"
     policy.write_text(
         f"tasks:\n  t:\n    local: {{path: nan.onnx}}\n    gate: {{threshold: 0.0}}\n"
-        f"    cloud: {{endpoint: '{free_port_endpoint()}', model: m}}\n    deadline_ms: 30\n"
+        f"    cloud: {{endpoint: '{free_endpoint()}', model: m}}\n    deadline_ms: 30\n"
     )
     with EdgeRuntime.from_policy(policy) as rt:
         r = rt.infer(np.zeros(64, np.float32))
@@ -323,7 +315,7 @@ def test_dynamic_class_axis_escalates_on_the_entropy_gate(tmp_path: Path) -> Non
     (tmp_path / "p.yaml").write_text(
         "tasks:\n  t:\n    local: {path: dyn.onnx, labels: [a, b, c]}\n"
         "    gate: {metric: entropy, threshold: 0.5}\n"
-        f"    cloud: {{endpoint: '{free_port_endpoint()}', model: m}}\n"
+        f"    cloud: {{endpoint: '{free_endpoint()}', model: m}}\n"
         "    deadline_ms: 50\n"
     )
     with EdgeRuntime.from_policy(tmp_path / "p.yaml") as rt:

@@ -183,7 +183,7 @@ def test_an_openai_server_renders_chats_with_its_own_template(pair, edge, tmp_pa
     server renders the messages with the template the GGUF carries, and answers as our own
     llama.cpp backend does (greedy); a hand-off's text so far goes as an assistant message."""
     require("openai")
-    from benchmarks.llm.end_to_end import llama_server
+    from benchmarks.llm.llama_server import llama_server
     from tandem.runtime.backends.openai_http import OpenAIBackend
     from tandem.runtime.chat import chat_tokens
 

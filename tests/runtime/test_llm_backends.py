@@ -4,13 +4,13 @@ same weights, and the OpenAI-compatible client against a real llama-cpp-python s
 from __future__ import annotations
 
 import gc
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tandem.bench.ports import free_ports
 from tandem.runtime.errors import (
     BackendError,
     BadRequest,
@@ -234,18 +234,12 @@ def test_bad_files(tmp_path, gguf_f32):
 # --- OpenAIBackend against a real server ---------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(gguf_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m llama_cpp.server`` on a free loopback port (the benchmark's launcher, with
     the server's own defaults for log-probs and interruption); its base URL."""
     require("openai")
-    from benchmarks.llm.end_to_end import llama_server
+    from benchmarks.llm.llama_server import llama_server
 
     log = tmp_path_factory.mktemp("server") / "server.log"
     with llama_server(gguf_f32, 1, log, n_ctx=128, logits_all=True, interrupt=True) as url:
@@ -322,7 +316,7 @@ def test_remote_errors(remote, server):
 def test_server_down_is_unavailable():
     from tandem.runtime.backends.openai_http import OpenAIBackend
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_ports()[0]}"
     with pytest.raises(Unavailable, match=f"{url}/v1: cannot connect"):
         OpenAIBackend(url, timeout_s=2)
     backend = OpenAIBackend(url, model="m", version="1", timeout_s=2)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks.llm.end_to_end import llama_server
+from benchmarks.llm.llama_server import llama_server
+from tandem.bench.ports import free_ports
 from tandem.cli import app
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, Unavailable
 from tandem.runtime.generation import SamplingParams
@@ -34,12 +34,6 @@ KEY_VAR = "TANDEM_TEST_REGISTRY_KEY"
 KEY = "registry-test-key"  # the test server's key; not a secret
 PROMPT = "hello world"
 GREEDY = SamplingParams(max_tokens=8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +267,7 @@ def test_a_local_server_cannot_draft() -> None:
 
     task = {
         "kind": "generate",
-        "local": {"format": "openai", "url": f"http://127.0.0.1:{_free_port()}"},
+        "local": {"format": "openai", "url": f"http://127.0.0.1:{free_ports()[0]}"},
         "gate": {"metric": "token_min", "threshold": 0.5},
         "mode": "speculative",
     }
@@ -377,7 +371,7 @@ def test_bad_server_arguments(tmp_path: Path, kwargs: dict[str, Any], match: str
 
 def test_an_unreachable_server_is_refused(tmp_path: Path) -> None:
     require("openai")
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_ports()[0]}"
     with pytest.raises(Unavailable, match=f"{url}/v1: cannot connect"):
         add_model(tmp_path / "models", url=url, name="r", timeout_s=5)
     result = CliRunner().invoke(
