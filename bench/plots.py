@@ -1,5 +1,7 @@
 """PNG figures of a ``tandem bench run`` results dict (schema ``tandem-bench/1``): what each
 figure shows. How they look and where their labels go is :mod:`tandem.bench.plot_layout`.
+(Over 500 lines: one short function per figure, read one at a time; splitting them further
+would only scatter the list of figures.)
 
 matplotlib is imported inside the functions, so the CLI starts without it, and only through
 ``matplotlib.figure.Figure`` with an Agg canvas: no pyplot, no backend switch, no rcParams

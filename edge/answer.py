@@ -1,6 +1,7 @@
 """One answer on the edge, as a small explicit state machine (:class:`Answer`): a local language
 model, a token-confidence gate, and the cloud taking over up front, after a probe, mid-stream,
-or by verifying the edge's drafts.
+or by verifying the edge's drafts. (Over 500 lines: the whole state machine is kept in one
+module on purpose, so that every move of an answer can be read in one place.)
 
 Phases (:class:`Phase`) and what moves an answer between them::
 

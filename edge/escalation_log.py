@@ -1,4 +1,6 @@
 """The escalation log: every request the edge sent (or tried to send) to the cloud.
+(Over 500 lines: one class, whose bounded queue, writer thread, retention and crash recovery
+share one lock and one set of invariants.)
 
 SQLite in WAL mode, one row per escalation. Co-evolution trains on this table later, so it is
 not digits-specific: arrays are stored as ``.npy`` bytes (dtype and shape included, never

@@ -1,4 +1,6 @@
-"""Tandem's wire protocol: a msgpack envelope over ZeroMQ multipart messages.
+"""Tandem's wire protocol: a msgpack envelope over ZeroMQ multipart messages. (Over 500 lines:
+the format and every check a message passes before use are one unit; split, a limit could be
+read in one file and missed in the other.)
 
 A message is a list of frames::
 
