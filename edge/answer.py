@@ -465,6 +465,7 @@ class Answer:
             prompt_tokens=None if self._first is None else self._first.prompt_tokens,
             request_id=self.request_id.hex() if self.escalated_at is not None else None,
             speculation=self.speculation,
+            phases=[p.value for p in self.phases],
         )
 
 

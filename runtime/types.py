@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -89,6 +89,9 @@ class GenerationResult:
     # speculative decoding (mode speculative, escalated): rounds, drafted, accepted,
     # acceptance, gammas (γ per round), fallback (the rest streamed), the controller's estimates
     speculation: dict[str, Any] | None = None
+    # the answer's path through the edge's state machine (tandem.edge.answer.Phase values),
+    # e.g. ["route", "probe", "cloud", "degraded", "done"]
+    phases: list[str] = field(default_factory=list)
 
     @property
     def degraded(self) -> bool:

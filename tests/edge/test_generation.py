@@ -119,9 +119,10 @@ def test_rules_private_stays_and_critical_goes(models, worker, edge_lm, cloud_lm
     with runtime(models, worker.endpoint) as rt:
         text, r = streamed(rt, tags={"private"})
         assert text == greedy(edge_lm, PROMPT, N) and r.tiers == [Tier.EDGE]
-        assert r.reason == "rule:private"
+        assert r.reason == "rule:private" and r.phases == ["route", "local", "done"]
         text, r = streamed(rt, tags={"critical"})
     assert text == greedy(cloud_lm, PROMPT, N) and r.tiers == [Tier.CLOUD]
+    assert r.phases == ["route", "cloud", "done"]
     assert r.escalated_at == 0 and r.model_versions["cloud"].startswith("cloud-lm@")
 
 
@@ -133,6 +134,7 @@ def test_probe_then_continue(models, worker, edge_lm, cloud_lm) -> None:
     assert r.token_tiers[:4] == [Tier.EDGE] * 4
     assert text == prefix + greedy(cloud_lm, PROMPT + prefix, N - 4)
     assert r.confidence is not None and r.confidence < ALWAYS
+    assert r.phases == ["route", "probe", "cloud", "done"]
 
 
 def test_probe_then_restart_and_upfront(models, worker, cloud_lm) -> None:
@@ -167,6 +169,7 @@ def test_midstream_continue_and_restart(models, worker, edge_lm, cloud_lm) -> No
     prefix = greedy(edge_lm, PROMPT, 1)
     assert r.escalated_at == 1 and r.tiers == [Tier.EDGE, Tier.CLOUD]
     assert text == prefix + greedy(cloud_lm, PROMPT + prefix, N - 1)
+    assert r.phases == ["route", "midstream", "cloud", "done"]
     with runtime(models, worker.endpoint, mode="midstream", handoff="restart") as rt:
         chunks = list(rt.generate(PROMPT, stream=True))
         text, r = streamed(rt)
@@ -182,6 +185,7 @@ def test_cloud_down_the_edge_finishes_degraded(models, edge_lm, tmp_path) -> Non
     assert r.tiers == [Tier.EDGE, Tier.EDGE_DEGRADED] and r.degraded
     assert r.token_tiers[3:] == [Tier.EDGE_DEGRADED] * (N - 3)
     assert "cloud-" in r.reason
+    assert r.phases == ["route", "probe", "cloud", "degraded", "done"]
 
 
 def test_cloud_killed_mid_stream(models, edge_lm, tmp_path) -> None:

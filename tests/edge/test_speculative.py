@@ -175,6 +175,7 @@ def test_the_controller_falls_back_to_a_plain_stream_on_a_slow_link(models, work
     assert r.text == own("cloud-lm", PROMPTS[1])
     assert r.speculation is not None and r.speculation["fallback"]
     assert r.speculation["rounds"] == 0 and set(r.token_tiers) == {Tier.CLOUD}
+    assert r.phases == ["route", "probe", "drafting", "cloud", "done"]
 
 
 def test_a_stop_string_across_the_hand_over_to_a_stream_still_ends_the_answer(
