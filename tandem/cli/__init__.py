@@ -90,4 +90,3 @@ def main() -> None:
     # per training or decode step (FACTS). Set before torch is imported; the user's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
-
