@@ -135,10 +135,11 @@ class Answer:
             yield from self._probe()
         self._finish()
 
-    def cancel(self) -> None:
-        """The caller stopped reading: the answer ends here, as ``cancelled``."""
+    def cancel(self, why: str = "cancelled") -> None:
+        """The caller stopped reading (``cancelled``), or the answer raised (``error``): it
+        ends here."""
         if self.result is None:
-            self.finish_reason = "cancelled"
+            self.finish_reason = why
             self._finish()
 
     def _probe(self) -> Iterator[AnswerChunk]:
@@ -265,6 +266,7 @@ class Answer:
         came from the cloud after a restart, the edge's own text still stands: nothing was
         withdrawn)."""
         if self._room(self.text) <= 0:
+            self._to(Phase.DEGRADED)
             self.finish_reason = "length"
             return
         yield from self._local_rest(self._local(self.text), [], Tier.EDGE_DEGRADED)

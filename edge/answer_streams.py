@@ -23,6 +23,7 @@ class AnswerStream:
         self._chunks = answer.run()
         self._on_done = on_done
         self._done = False
+        self._failed = False  # the answer raised: closing it ends it as an error
 
     def __iter__(self) -> AnswerStream:
         return self
@@ -32,6 +33,9 @@ class AnswerStream:
             return next(self._chunks)
         except StopIteration:
             self._complete()
+            raise
+        except BaseException:
+            self._failed = True
             raise
 
     @property
@@ -45,7 +49,7 @@ class AnswerStream:
 
     def close(self) -> None:
         self._chunks.close()
-        self._answer.cancel()
+        self._answer.cancel("error" if self._failed else "cancelled")
         self._complete()
 
     def __enter__(self) -> AnswerStream:
@@ -65,22 +69,25 @@ class AsyncAnswerStream:
     def __init__(self, start: Callable[[], AnswerStream], executor: Executor) -> None:
         self._start = start
         self._executor = executor
+        self._stream: AnswerStream | None = None
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def __await__(self):
-        return self._run(self._collect).__await__()
+        return self._result().__await__()
 
-    def _collect(self) -> GenerationResult:
-        with self._start() as s:
-            for _ in s:
-                pass
-        assert s.result is not None
-        return s.result
+    async def _result(self) -> GenerationResult:
+        async for _ in self._pull():  # cancelling the awaiting task closes the stream too
+            pass
+        assert self._stream is not None and self._stream.result is not None
+        return self._stream.result
 
-    async def __aiter__(self) -> AsyncIterator[AnswerChunk]:
-        s = await self._run(self._start)
+    def __aiter__(self) -> AsyncIterator[AnswerChunk]:
+        return self._pull()
+
+    async def _pull(self) -> AsyncIterator[AnswerChunk]:
+        s = self._stream = await self._run(self._start)
         done = object()
         pending: asyncio.Future | None = None
         try:

@@ -263,12 +263,13 @@ def speculate(req: DraftRequest) -> Generator[list[TokenStep], None, Drafted]:
     except OverloadedError:  # every local context drafting already: the cloud streams it
         out.stream_instead = "every local context is drafting"
         return out
-    if t.vocab is None:
-        t.vocab = backend_vocab_digest(backend)
-    worker = RemoteVerifySession(req, t.vocab)
-    ctl.begin_answer()
-    out.began = True
-    try:
+    worker: RemoteVerifySession | None = None
+    try:  # from here on the lease is held: every way out closes it
+        if t.vocab is None:
+            t.vocab = backend_vocab_digest(backend)
+        worker = RemoteVerifySession(req, t.vocab)
+        ctl.begin_answer()
+        out.began = True
         while not text.ended:
             remaining = params.max_tokens - produced
             if remaining <= 0:
@@ -325,7 +326,8 @@ def speculate(req: DraftRequest) -> Generator[list[TokenStep], None, Drafted]:
         out.error = e
     finally:
         lease.close()
-        worker.close()
+        if worker is not None:
+            worker.close()
         out.pending = None if out.stream_instead is None else text
     return out
 

@@ -102,6 +102,7 @@ from tandem.edge.gateway_app import (
     QUEUE_TIMEOUT_S,
     WRITE_TIMEOUT_S,
     Gateway,
+    GatewayLimits,
     create_app,
 )
 from tandem.edge.gateway_errors import APIError, api_error
@@ -130,6 +131,7 @@ __all__ = [
     "AdmissionQueue",
     "Gateway",
     "GatewayCall",
+    "GatewayLimits",
     "TandemOptions",
     "api_error",
     "chat_messages",
@@ -145,22 +147,17 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
-    max_concurrent: int = MAX_CONCURRENT,
-    max_body_bytes: int = MAX_BODY_BYTES,
-    max_queued: int = MAX_QUEUED,
-    queue_timeout_s: float = QUEUE_TIMEOUT_S,
+    limits: GatewayLimits | None = None,
     log_level: str = "info",
+    **kw: Any,
 ) -> None:
     """Serve the gateway with uvicorn; returns after SIGINT or SIGTERM (a graceful shutdown:
     streams still open get 5 s). ``policy``: a policy file, a :class:`Policy`, or a running
     :class:`EdgeRuntime` (which the caller keeps and closes; one made here is closed before
-    this returns, so its escalation log is flushed).
-
-    ``max_concurrent``: generations at once (default 8). ``max_queued``: requests past that
-    which wait for a slot, first come first served (default 64; 0: refuse at once with 429).
-    ``queue_timeout_s``: the longest a request waits for a slot before it is refused with
-    429 (default 30 s). ``max_body_bytes``: a larger request body is refused with 413
-    (default 1 MiB)."""
+    this returns, so its escalation log is flushed). ``limits``, or its fields as keywords:
+    :class:`GatewayLimits` (generations at once, the queue and its wait, body size, write
+    timeout)."""
+    limits = limits or GatewayLimits(**kw)
     import uvicorn
 
     owned = not isinstance(policy, EdgeRuntime)
@@ -171,13 +168,7 @@ def serve(
     else:
         runtime = EdgeRuntime.from_policy(policy)
     try:
-        app = create_app(
-            runtime,
-            max_concurrent=max_concurrent,
-            max_body_bytes=max_body_bytes,
-            max_queued=max_queued,
-            queue_timeout_s=queue_timeout_s,
-        )
+        app = create_app(runtime, limits)
         config = uvicorn.Config(
             app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
@@ -50,6 +51,36 @@ MAX_CONCURRENT = 8  # generations in flight; more wait in the queue
 MAX_QUEUED = 64  # requests waiting for a generation slot; one more is refused with 429
 QUEUE_TIMEOUT_S = 30.0  # a request that waited this long for a slot is refused with 429
 WRITE_TIMEOUT_S = 30.0  # a stream whose client takes nothing this long is closed
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """The gateway's bounds, in one place (``Gateway``, ``create_app``, ``serve`` and
+    ``tandem gateway`` all take them). ``max_concurrent``: generations at once.
+    ``max_queued``: requests past that which wait for a slot, first come first served (0:
+    refuse at once). ``queue_timeout_s``: the longest one waits; a full queue or a wait past
+    it is 429 with ``Retry-After``. ``max_body_bytes``: a larger body is 413.
+    ``write_timeout_s``: a stream whose client takes no event for this long is closed and its
+    slot given back."""
+
+    max_concurrent: int = MAX_CONCURRENT
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_queued: int = MAX_QUEUED
+    queue_timeout_s: float = QUEUE_TIMEOUT_S
+    write_timeout_s: float = WRITE_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.max_body_bytes < 1:
+            raise ConfigError("max_concurrent and max_body_bytes must be at least 1")
+        if not self.write_timeout_s > 0:
+            raise ConfigError(f"write_timeout_s must be over 0 (got {self.write_timeout_s})")
+        if self.max_queued < 0 or not self.queue_timeout_s >= 0:
+            raise ConfigError(
+                "the gateway's queue needs max_queued >= 0 and a wait limit >= 0 s "
+                f"(got {self.max_queued}, {self.queue_timeout_s})"
+            )
+
+
 _END = object()
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -70,15 +101,10 @@ class Gateway:
     The limits are :func:`create_app`'s."""
 
     def __init__(
-        self,
-        runtime: EdgeRuntime,
-        *,
-        max_concurrent: int = MAX_CONCURRENT,
-        max_body_bytes: int = MAX_BODY_BYTES,
-        max_queued: int = MAX_QUEUED,
-        queue_timeout_s: float = QUEUE_TIMEOUT_S,
-        write_timeout_s: float = WRITE_TIMEOUT_S,
+        self, runtime: EdgeRuntime, limits: GatewayLimits | None = None, **kw: Any
     ) -> None:
+        """``limits``, or its fields as keywords (see :class:`GatewayLimits`)."""
+        self.limits = limits = limits or GatewayLimits(**kw)
         self.runtime = runtime
         self.tasks = {
             name: tp
@@ -87,13 +113,11 @@ class Gateway:
         }
         if not self.tasks:
             raise ConfigError("the policy has no 'kind: generate' task: nothing to serve")
-        if max_concurrent < 1 or max_body_bytes < 1:
-            raise ConfigError("max_concurrent and max_body_bytes must be at least 1")
-        if not write_timeout_s > 0:
-            raise ConfigError(f"write_timeout_s must be over 0 (got {write_timeout_s})")
-        self.max_concurrent, self.max_body_bytes = max_concurrent, max_body_bytes
-        self.write_timeout_s = write_timeout_s
-        self.admission = AdmissionQueue(max_concurrent, max_queued, queue_timeout_s)
+        self.max_concurrent, self.max_body_bytes = limits.max_concurrent, limits.max_body_bytes
+        self.write_timeout_s = limits.write_timeout_s
+        self.admission = AdmissionQueue(
+            limits.max_concurrent, limits.max_queued, limits.queue_timeout_s
+        )
         self.served = self.cancelled = self.errors = 0
         self.created = int(time.time())
         self._limiter: anyio.CapacityLimiter | None = None
@@ -312,32 +336,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return APIError(status, str(getattr(exc, "detail", "")) or "error").response()
 
 
-def create_app(
-    runtime: EdgeRuntime,
-    *,
-    max_concurrent: int = MAX_CONCURRENT,
-    max_body_bytes: int = MAX_BODY_BYTES,
-    max_queued: int = MAX_QUEUED,
-    queue_timeout_s: float = QUEUE_TIMEOUT_S,
-    write_timeout_s: float = WRITE_TIMEOUT_S,
-) -> Starlette:
+def create_app(runtime: EdgeRuntime, limits: GatewayLimits | None = None, **kw: Any) -> Starlette:
     """The gateway as a Starlette (ASGI) app serving ``runtime``'s generation tasks; the
     :class:`Gateway` (counters) is ``app.state.gateway``. The caller owns ``runtime``.
-
-    ``max_concurrent``: generations at once (default 8). ``max_queued``: requests past that
-    which wait for a slot, first come first served (default 64; 0: refuse at once).
-    ``queue_timeout_s``: how long one waits before it is refused (default 30 s). A full queue
-    or a wait past the limit is 429 with ``Retry-After``. ``max_body_bytes``: a larger body
-    is 413 (default 1 MiB). ``write_timeout_s``: a stream whose client takes no event for
-    this long is closed and its slot given back (default 30 s)."""
-    gw = Gateway(
-        runtime,
-        max_concurrent=max_concurrent,
-        max_body_bytes=max_body_bytes,
-        max_queued=max_queued,
-        queue_timeout_s=queue_timeout_s,
-        write_timeout_s=write_timeout_s,
-    )
+    ``limits``, or its fields as keywords: :class:`GatewayLimits`."""
+    gw = Gateway(runtime, limits, **kw)
     app = Starlette(
         routes=[
             Route("/v1/models", gw.models, methods=["GET"]),

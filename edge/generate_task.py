@@ -79,18 +79,22 @@ def open_generation_task(
     if local.chat_template is not None:
         options["chat_template"] = _read_template(name, local.format, local.chat_template)
     backend = open_backend(local.format, source, **options)
-    backend.warm_up()
-    speculative = tp.mode is EscalationMode.SPECULATIVE
-    return GenerationTask(
-        name=name,
-        policy=tp,
-        router=TaskRouter(tp),
-        backend=backend,
-        client=client,
-        n_vocab=backend.n_vocab if isinstance(backend, LocalGenerationBackend) else 0,
-        versions={"edge": backend.version},
-        controller=controller_for(tp) if speculative else None,
-    )
+    try:
+        backend.warm_up()
+        speculative = tp.mode is EscalationMode.SPECULATIVE
+        return GenerationTask(
+            name=name,
+            policy=tp,
+            router=TaskRouter(tp),
+            backend=backend,
+            client=client,
+            n_vocab=backend.n_vocab if isinstance(backend, LocalGenerationBackend) else 0,
+            versions={"edge": backend.version},
+            controller=controller_for(tp) if speculative else None,
+        )
+    except BaseException:  # the task is not registered: nobody else would close its model
+        backend.close()
+        raise
 
 
 def _read_template(task: str, fmt: str, path: Path) -> str:

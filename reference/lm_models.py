@@ -108,14 +108,7 @@ def default_llm_dir() -> Path:
 
 def register_tandem_experts() -> None:
     """Import the module that registers ``experts_implementation="tandem"``."""
-    for module in ("tandem.runtime.moe", "tandem.cloud.moe"):
-        try:
-            importlib.import_module(module)
-            return
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-    raise ImportError("no Tandem module registers the 'tandem' experts implementation")
+    importlib.import_module("tandem.runtime.moe")
 
 
 def make_model(recipe: Recipe, n_vocab: int, seed: int) -> Any:

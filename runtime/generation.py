@@ -20,9 +20,9 @@ from __future__ import annotations
 import codecs
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -177,6 +177,20 @@ class LocalGenerationBackend(GenerationBackend, Protocol):
 
     n_ctx: int  # the longest sequence (prompt + answer) it takes, in tokens
     n_vocab: int
+    control_tokens: Mapping[int, str]  # id → text of the control tokens (in vocab digests)
+    chat: Any  # its tandem.runtime.chat.ChatTemplate (chat_tokens renders with it)
+
+    def stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        params: SamplingParams,
+        *,
+        prefix: str = "",
+        cancel: threading.Event | None = None,
+    ) -> BackendStream:
+        """The assistant's answer to ``messages``, rendered by ``chat``, continuing after
+        ``prefix``."""
+        ...
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         """Token ids of ``text``, BOS first where the model adds one; with ``special`` (a

@@ -124,7 +124,7 @@ class Kind(StrEnum):
     END = "end"  # payload {"finish_reason", "tokens", "prompt_tokens", ..., "timings"}
     CANCEL = "cancel"  # same id as the generate; payload nil; answered by the stream's end
     # speculative decoding: score draft tokens in a session's KV cache; answered by a result
-    # (see tandem.cloud.speculation for the payloads)
+    # (see tandem.cloud.verify for the payloads)
     VERIFY = "verify"
 
 

@@ -3,7 +3,8 @@
 * :mod:`~tandem.runtime.client.pool` — socket sets, the choice of worker, and the one
   failover loop (:class:`~tandem.runtime.client.pool.Failover`) every call runs;
 * :mod:`~tandem.runtime.client.requests` — :class:`CloudClient`: one request, one reply
-  (``infer``, ``health``, speculative ``verify`` rounds), and the entry to streams;
+  (``infer``, ``health``, ``echo``), the entry to streams, and :class:`Connection`: calls
+  that must reach a worker as one peer (the rounds of a speculative ``verify`` session);
 * :mod:`~tandem.runtime.client.streams` — :class:`RemoteStream`: one generation streamed
   from a worker as :class:`RemoteChunk` s.
 """

@@ -114,6 +114,10 @@ class RemoteStream:
         self._open = False  # a generate is out and its end/error has not come
         self._done = False  # iteration is over
         self._stashed: Envelope | None = None  # an end/error received behind merged chunks
+        # encoded now: the finaliser may run inside this thread's own encode (msgpack's packer
+        # is not reentrant), so it must not encode
+        cancel = Envelope(kind=Kind.CANCEL, id=self.id, task=env.task)
+        self._cancel_frames = pool.codec.encode(cancel)
         self._socks = pool.checkout()
         self._tries = Failover(pool, self._socks, f"generate {self.id.hex()[:8]}")
         try:
@@ -220,9 +224,8 @@ class RemoteStream:
         """Best effort: with no connection, the worker frees the stream when it sees the peer
         gone."""
         assert self._socks is not None
-        cancel_env = Envelope(kind=Kind.CANCEL, id=self.id, task=self._env.task)
         with contextlib.suppress(zmq.ZMQError):
-            send_frames(self._socks[i], self._pool.codec.encode(cancel_env), DONTWAIT)
+            send_frames(self._socks[i], self._cancel_frames, DONTWAIT)
 
     def _release(self, cancel: bool) -> None:
         self._done = True

@@ -201,6 +201,10 @@ def gateway(
         float,
         typer.Option(help="Longest wait for a slot, in seconds; past it the request gets 429."),
     ] = 30.0,
+    write_timeout_s: Annotated[
+        float,
+        typer.Option(help="A stream whose client takes nothing this long (s) is closed."),
+    ] = 30.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body; more gets 413.")] = (
         1 << 20
     ),
@@ -218,7 +222,7 @@ def gateway(
     --queue-timeout-s) as llama.cpp's server does; only then are they refused with 429."""
     import ipaddress
 
-    from tandem.edge.gateway import serve
+    from tandem.edge.gateway import GatewayLimits, serve
     from tandem.runtime.errors import ConfigError
 
     try:
@@ -232,14 +236,13 @@ def gateway(
                 "authentication (any client could use the models, and its tags drive the "
                 "policy's rules): bind a loopback address, or pass --insecure"
             )
-        serve(
-            policy,
-            host=host,
-            port=port,
+        limits = GatewayLimits(
             max_concurrent=max_concurrent,
             max_body_bytes=max_body_bytes,
             max_queued=max_queued,
             queue_timeout_s=queue_timeout_s,
+            write_timeout_s=write_timeout_s,
         )
+        serve(policy, host=host, port=port, limits=limits)
     except TandemError as e:
         raise fail(e) from None

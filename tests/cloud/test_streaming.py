@@ -27,9 +27,7 @@ from tandem.cloud.streams import BLOCKED, GONE, SENT, WorkerStreams
 from tandem.reference.models import CLOUD
 from tandem.runtime import errors
 from tandem.runtime.backends.transformers_lm import TransformersBackend
-from tandem.runtime.client import CloudClient
-from tandem.runtime.client import RemoteChunk as Chunk
-from tandem.runtime.client import RemoteStream as GenerationCall
+from tandem.runtime.client import CloudClient, RemoteChunk, RemoteStream
 from tandem.runtime.generation import BackendStream, SamplingParams, TokenStep
 from tandem.runtime.manifest import Manifest, load_manifest, write_manifest
 from tandem.runtime.wire import Envelope, Kind, WireCodec
@@ -105,7 +103,7 @@ def wait_idle(c: CloudClient, timeout_s: float = 5.0) -> dict[str, Any]:
         time.sleep(0.02)
 
 
-def read_all(call: GenerationCall, pause_s: float = 0.0) -> list[Chunk]:
+def read_all(call: RemoteStream, pause_s: float = 0.0) -> list[RemoteChunk]:
     chunks = []
     for chunk in call:
         chunks.append(chunk)
@@ -114,7 +112,7 @@ def read_all(call: GenerationCall, pause_s: float = 0.0) -> list[Chunk]:
     return chunks
 
 
-def assert_contiguous(chunks: list[Chunk]) -> None:
+def assert_contiguous(chunks: list[RemoteChunk]) -> None:
     seq = 0
     for c in chunks:
         assert c.seq == seq, f"chunk seq {c.seq}, expected {seq}"
@@ -122,7 +120,7 @@ def assert_contiguous(chunks: list[Chunk]) -> None:
         seq += len(c.tokens)
 
 
-def assert_same_answer(chunks: list[Chunk], steps: list[TokenStep]) -> None:
+def assert_same_answer(chunks: list[RemoteChunk], steps: list[TokenStep]) -> None:
     assert_contiguous(chunks)
     assert [t for c in chunks for t in c.tokens] == [s.token for s in steps]
     assert "".join(c.text for c in chunks) == "".join(s.text for s in steps)
@@ -255,7 +253,7 @@ def test_a_slow_reader_gets_merged_chunks_with_the_same_text(client, backend) ->
 def test_two_concurrent_streams_on_one_worker_both_complete(client, backend) -> None:
     prompts = ["abc", "hello world"]
     params = SamplingParams(max_tokens=150)
-    got: dict[str, list[Chunk]] = {}
+    got: dict[str, list[RemoteChunk]] = {}
 
     def run(prompt: str) -> None:
         with client.generate(LM, prompt, params, timeout_s=30) as call:
@@ -566,7 +564,7 @@ def test_a_backend_exception_is_a_typed_error_after_the_chunks(backend, good) ->
         CloudClient(w.endpoint) as c,
     ):
         call = c.generate(LM, "abc", timeout_s=5)
-        got: list[Chunk] = []
+        got: list[RemoteChunk] = []
         with pytest.raises(errors.BackendFailure) as e:
             for chunk in call:
                 got.append(chunk)

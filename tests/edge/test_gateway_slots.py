@@ -279,10 +279,19 @@ def test_the_gateway_refuses_a_bad_queue_configuration(runtime: EdgeRuntime) -> 
             create_app(runtime, **bad)
 
 
-@pytest.mark.parametrize("flag", ["--max-queued", "--queue-timeout-s"])
-def test_the_cli_passes_the_queue_flags_on(model_dir: Path, tmp_path: Path, flag: str) -> None:
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("--max-queued", "max_queued >= 0"),
+        ("--queue-timeout-s", "max_queued >= 0"),
+        ("--write-timeout-s", "write_timeout_s must be over 0"),
+    ],
+)
+def test_the_cli_passes_the_limits_on(
+    model_dir: Path, tmp_path: Path, flag: str, said: str
+) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump({"tasks": {"sort": _policy(model_dir)["tasks"]["sort"]}}))
     r = CliRunner().invoke(cli, ["gateway", "--policy", str(policy), "--port", "1", flag, "-1"])
     assert r.exit_code == 1  # refused before serving anything
-    assert "max_queued >= 0" in r.output  # by the gateway's own check: the value got there
+    assert said in r.output  # by the gateway's own check: the value got there

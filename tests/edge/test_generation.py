@@ -294,6 +294,36 @@ def test_cancelling_an_async_stream_does_not_wait_for_the_token_in_flight(models
     assert waited < 2.0, f"the cancellation waited {waited:.1f} s for the token in flight"
 
 
+def test_cancelling_an_awaited_generation_closes_it(models) -> None:
+    """``await rt.agenerate(...)`` cancelled: the generation is closed as soon as the call in
+    flight returns (here the wait for a cloud that is not there), not run to its end."""
+    from tandem.edge.answer_streams import AsyncAnswerStream
+
+    dead = "tcp://127.0.0.1:9"
+    with runtime(models, dead, deadline_ms=1_000) as rt:
+        started = []
+
+        def start():
+            started.append(rt.generate(PROMPT, stream=True, tags={"critical"}))
+            return started[-1]
+
+        async def answer() -> None:
+            await AsyncAnswerStream(start, rt._stream_threads())
+
+        async def run() -> None:
+            task = asyncio.create_task(answer())
+            await asyncio.sleep(0.3)  # inside the first next(): waiting for the cloud
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(2.0)  # the cloud's wait ends (1 s), the close follows
+
+        asyncio.run(run())
+        r = started[0].result
+    assert r is not None and r.finish_reason == "cancelled", r and r.finish_reason
+    assert len(r.tokens) < N
+
+
 def test_bad_requests(models) -> None:
     with runtime(models, None) as rt:
         with pytest.raises(BadRequest, match="unknown task"):
