@@ -263,17 +263,7 @@ class LlamaCppBackend(LocalStreams):
             raise BadRequest(
                 f"model {self.name!r}: characters {''.join(lost)!r} are not in its vocabulary"
             )
-        if not ids:
-            raise BadRequest(f"model {self.name!r}: the prompt is empty")
-        return ids
-
-    def piece(self, token: int) -> bytes:
-        """The bytes ``token`` adds to the text (b"" for control tokens)."""
-        return self._pieces[token]
-
-    @property
-    def eos_tokens(self) -> frozenset[int]:
-        return self._eos
+        return self._non_empty(ids)
 
     def free_slots(self) -> int:
         """Contexts not in use (by a stream or a lease)."""

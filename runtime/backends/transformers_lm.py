@@ -195,17 +195,7 @@ class TransformersBackend(LocalStreams):
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         """Token ids of ``text`` (see :meth:`tandem.runtime.tokenizer.Tokenizer.encode`)."""
         ids = self.tokenizer.encode(text, special=special)
-        if not ids:
-            raise BadRequest(f"model {self.name!r}: the prompt is empty")
-        return ids
-
-    def piece(self, token: int) -> bytes:
-        """The bytes ``token`` adds to the text (b"" for the specials)."""
-        return self._pieces[token]
-
-    @property
-    def eos_tokens(self) -> frozenset[int]:
-        return self._eos
+        return self._non_empty(ids)
 
     def free_slots(self) -> int:
         """Sequences that can still start (streams and leases share ``max_streams``)."""
