@@ -65,7 +65,8 @@ class EdgeRuntime:
         self._clients: list[CloudClient] = []
         self._tasks: dict[str, ClassifyTask] = {}
         self._generators: dict[str, GenerationTask] = {}
-        self._streams: ThreadPoolExecutor | None = None
+        # threads that pull agenerate/achat streams: made on first use, at most MAX_ASYNC_STREAMS
+        self._streams = ThreadPoolExecutor(MAX_ASYNC_STREAMS, thread_name_prefix="tandem-stream")
         self.escalation_log = escalation_log
         try:
             self._open(policy)
@@ -233,10 +234,6 @@ class EdgeRuntime:
         return AsyncAnswerStream(start, self._stream_threads())
 
     def _stream_threads(self) -> ThreadPoolExecutor:
-        if self._streams is None:  # a race makes two: the loser is collected unused
-            self._streams = ThreadPoolExecutor(
-                MAX_ASYNC_STREAMS, thread_name_prefix="tandem-stream"
-            )
         return self._streams
 
     # ------------------------------------------------------------------ one request
@@ -384,8 +381,7 @@ class EdgeRuntime:
                 g.backend.close()
         for c in self._clients:
             c.close()
-        if self._streams is not None:
-            self._streams.shutdown(wait=False, cancel_futures=True)
+        self._streams.shutdown(wait=False, cancel_futures=True)
         if self.escalation_log is not None:
             self.escalation_log.close()
 
