@@ -5,12 +5,13 @@ module on purpose, so that every move of an answer can be read in one place.)
 
 Phases (:class:`Phase`) and what moves an answer between them::
 
-    ROUTE ──rule: edge──────────────────────────────► LOCAL ───────────────► DONE
-      │  └─rule: cloud────────────────────────────► CLOUD | DRAFTING
-      └─gate─► PROBE ──accept──► LOCAL                     │
-      │          └──escalate──► CLOUD | DRAFTING           │ cloud failed
-      └─gate─► MIDSTREAM ──escalate──► CLOUD               ▼
-                                   DRAFTING ──slower──► CLOUD ──failed──► DEGRADED ──► DONE
+    ROUTE ─┬─ a rule: edge ─────────────────────► LOCAL ─────────────────────► DONE
+           ├─ a rule: cloud ────────────────────► CLOUD or DRAFTING
+           ├─ probe, upfront, speculative ──────► PROBE ─┬─ accepted ────────► LOCAL
+           │                                             └─ escalated ───────► CLOUD or DRAFTING
+           └─ midstream ────────────────────────► MIDSTREAM ── escalated ─────► CLOUD
+    DRAFTING ── streaming is faster, or refused ─► CLOUD
+    CLOUD or DRAFTING ── the cloud failed ──────► DEGRADED (the edge finishes) ► DONE
 
 An answer records what it yields, so the caller's stream and the final
 :class:`GenerationResult` are the same tokens — none duplicated, none lost, each marked with the
@@ -284,10 +285,12 @@ class Answer:
         t = self.t
         assert t.client is not None and t.policy.cloud is not None
         self._to(Phase.CLOUD)
-        stops = None if pending is None else pending.stops
-        held = [] if stops is None else list(stops.pending)
-        prefix += "" if stops is None else stops.text
-        kept = 0 if restart else len(self.tokens) + len(held)
+        # text held back across the hand-over: the cloud continues after it
+        stops = pending.stops if pending is not None else None
+        if stops is not None and not stops.pending:
+            stops = None
+        prefix += stops.text if stops is not None else ""
+        kept = 0 if restart else len(self.tokens) + (len(stops.pending) if stops else 0)
         if self.escalated_at is None:  # a drafted answer handing over keeps its own
             self.escalated_at = kept
         left_ms = self.deadline_ms  # the cloud's part: counted from when it is asked
@@ -313,7 +316,7 @@ class Answer:
                     chunk = AnswerChunk(c.text, list(c.tokens), Tier.CLOUD, list(c.logprobs))
                     chunk.restart = restart and first
                     first = False
-                    if stops is None or not held:
+                    if stops is None:
                         yield self._record(chunk)
                         continue
                     waiting.append(chunk)
@@ -326,8 +329,9 @@ class Answer:
                         return
                     if len(more) >= max(map(len, stops.stops)):  # no stop can straddle now
                         yield from self._release(stops, waiting)
-                        held = []
-                yield from self._release(stops, waiting) if held else ()
+                        stops = None
+                if stops is not None:
+                    yield from self._release(stops, waiting)
                 end = call.end or {}
             self.finish_reason = end.get("finish_reason", "stop")
             self.versions["cloud"] = f"{end.get('model', t.policy.cloud.model)}@" + str(

@@ -50,7 +50,7 @@ from tandem.runtime.speculative import (
     draft_rng,
     pack_draft_q,
 )
-from tandem.runtime.types import Tier
+from tandem.runtime.types import AnswerChunk, Tier
 from tandem.runtime.wire import Envelope, Kind
 
 if TYPE_CHECKING:
@@ -332,7 +332,9 @@ def speculate(req: DraftRequest) -> Generator[list[TokenStep], None, Drafted]:
     return out
 
 
-def observe_stream(ctl: GammaController, chunks: Iterator[Any], t0: float) -> Iterator[Any]:
+def observe_stream(
+    ctl: GammaController, chunks: Iterator[AnswerChunk], t0: float
+) -> Iterator[AnswerChunk]:
     """``chunks`` of a cloud stream that took over from drafting, timed for the controller
     (time to the first token, then per token)."""
     first = last = None

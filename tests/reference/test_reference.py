@@ -51,6 +51,7 @@ def test_full_build_is_deterministic_with_a_clear_gap(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # builds every model from scratch: 90-100 s on 2 idle cores
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path / "cache")}
