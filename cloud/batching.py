@@ -25,8 +25,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from tandem.cloud.config import QueueSpec
 from tandem.runtime.errors import OverloadedError
 
@@ -40,7 +38,7 @@ class Pending:
 
     routes: list[list[Any]]  # ZeroMQ routing frames to answer on (more: retries of the same id)
     env: Any  # the request Envelope
-    inputs: np.ndarray  # (rows, ...)
+    inputs: Any  # (rows, ...) array; None for a request that runs off the loop (verify, experts)
     nbytes: int  # bytes held while queued (the message's frames)
     arrived: float  # time.monotonic() at arrival
 

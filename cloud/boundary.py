@@ -50,13 +50,22 @@ class BackendBoundary:
         ``backend.error``."""
         try:
             return fn(*args)
-        except BackendError:
-            self.counters["backend_errors"] += 1
-            raise
-        except TandemError:
-            raise
         except Exception as e:
-            raise self.failure(model, e) from None
+            err = self.as_error(model, e)
+            if err is e:
+                raise
+            raise err from None
+
+    def as_error(self, model: str, e: BaseException) -> TandemError:
+        """What :meth:`call` answers for ``e`` raised by backend code (here, or on an engine
+        or offload thread): a TandemError as it is (a :class:`BackendError` counted), anything
+        else as :meth:`failure`."""
+        if isinstance(e, BackendError):
+            self.counters["backend_errors"] += 1
+        if isinstance(e, TandemError):
+            return e
+        assert isinstance(e, Exception)
+        return self.failure(model, e)
 
     def failure(self, model: str, e: Exception) -> BackendFailure:
         """The typed error for an exception that backend code raised (a batch's ``run``, or a

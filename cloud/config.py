@@ -112,13 +112,20 @@ class DrainSpec(StrictModel):
 
 
 class GenerationSpec(StrictModel):
-    """Streaming generation (``generate`` requests). Each active stream holds a thread and a
-    backend slot (a KV cache), so they are bounded: ``max_streams`` at once (one more is
+    """Streaming generation (``generate`` requests) and the engines. Each active stream holds
+    a backend slot (a KV cache), so they are bounded: ``max_streams`` at once (one more is
     answered ``Overloaded`` with a retry-after hint); a stream's tokens waiting to be sent are
     at most ``buffer_tokens`` (then the model waits for the reader: backpressure); a prompt is
     at most ``max_prompt_bytes`` of UTF-8. A stream whose reader takes nothing for
     ``stall_timeout_ms`` is cancelled, and none runs longer than ``max_stream_s``, whatever
-    budget it was sent with (a stream with no budget still ends)."""
+    budget it was sent with (a stream with no budget still ends).
+
+    ``engine`` (default true): each local language model (gguf, transformers) has one engine
+    thread that steps all its streams and speculative sessions together (continuous
+    batching, :mod:`tandem.cloud.engine`); a step holds at most ``step_tokens`` tokens, a
+    prompt runs in chunks of ``prefill_chunk``, and prompts waiting for their first step hold
+    at most ``max_queued_prefill`` tokens (UTF-8 bytes before tokenizing). false: a thread
+    per stream, decoding alone (verify rounds still run on the engine)."""
 
     max_streams: int = Field(default=8, ge=1, le=4096)
     buffer_tokens: int = Field(default=256, ge=1, le=1 << 16)
@@ -128,6 +135,10 @@ class GenerationSpec(StrictModel):
     # llama.cpp contexts per gguf model (each holds a KV cache): its concurrent streams and
     # speculative sessions together
     parallel: int = Field(default=4, ge=1, le=256)
+    engine: bool = True
+    step_tokens: int = Field(default=512, ge=1, le=1 << 16)
+    prefill_chunk: int = Field(default=256, ge=1, le=1 << 16)
+    max_queued_prefill: int = Field(default=1 << 18, ge=1)
 
 
 class VerifySessionLimits(StrictModel):

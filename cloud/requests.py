@@ -36,6 +36,7 @@ import numpy as np
 from tandem.cloud.batching import MicroBatcher, Pending
 from tandem.cloud.boundary import BackendBoundary, checked_rows, run_rows
 from tandem.cloud.config import WorkerConfig
+from tandem.cloud.engine import Mailbox, Offload
 from tandem.cloud.idempotency import MAX_JOINED_ROUTES, ReplyCache
 from tandem.cloud.streams import is_generation_backend
 from tandem.cloud.verify import VerifyTable
@@ -70,6 +71,7 @@ class WorkerRequests:
         verifier: VerifyTable,
         send: SendFn,
         stopping: threading.Event,
+        mailbox: Mailbox,
     ) -> None:
         self.config = config
         self.backends = backends
@@ -88,6 +90,10 @@ class WorkerRequests:
         # known once: a runtime Protocol check costs microseconds per call
         self._generators = {n for n, b in backends.items() if is_generation_backend(b)}
         self._experts = {n for n, b in backends.items() if isinstance(b, ExpertsBackend)}
+        self._post = mailbox.post
+        max_queued = config.queue.max_requests_per_model
+        self._offloads = {n: Offload(n, mailbox, max_queued) for n in self._experts}
+        self.inflight = 0  # requests running off this thread (experts, verify rounds)
 
     # ------------------------------------------------------------------ admission
     def admit(self, route: list[Any], env: Envelope, body: list[Frame]) -> None:
@@ -117,15 +123,34 @@ class WorkerRequests:
             raise ShuttingDown("worker is draining; send new work elsewhere")
         if env.expired():
             raise DeadlineExceeded("no time budget left when the request reached the worker")
-        if env.kind is Kind.EXPERTS:
-            self._send(route, self.result_frames(env, self._run_experts(env)))
+        if env.kind is Kind.EXPERTS:  # on the model's offload thread
+            name, call = self._experts_call(env)
+            item = self._hold(route, env)
+            try:
+                self._offloads[name].submit(call, lambda out, e: self._done(item, name, out, e))
+            except BaseException:
+                self._release(item)
+                raise
             return
-        if env.kind is Kind.VERIFY:  # at once, on this thread: one forward over the draft
+        if env.kind is Kind.VERIFY:  # a round on the model's engine
             p = env.payload
             model = str(p.get("model")) if isinstance(p, dict) else "?"
-            # route: the session's owner
-            out = self.boundary.call(model, self.verifier.run, p, route)
-            self._send(route, self.result_frames(env, out))
+            item = self._hold(route, env)
+            try:
+                # route: the session's owner
+                out = self.boundary.call(
+                    model,
+                    self.verifier.begin,
+                    p,
+                    route,
+                    self._post,
+                    lambda out, e: self._done(item, model, out, e),
+                )
+            except BaseException:
+                self._release(item)
+                raise
+            if out is not None:  # answered at once (an end)
+                self._done(item, model, out, None)
             return
         p = env.payload
         if not isinstance(p, dict) or not isinstance(p.get("model"), str):
@@ -166,8 +191,9 @@ class WorkerRequests:
                 f"{lim.max_rows} rows and {lim.max_request_bytes} bytes per request: split it"
             )
 
-    def _run_experts(self, env: Envelope) -> dict[str, Any]:
-        """An expert-shard request: run at once (its rows are already one batch per expert)."""
+    def _experts_call(self, env: Envelope) -> tuple[str, Callable[[], dict[str, Any]]]:
+        """An expert-shard request, checked: its model and the call that runs it (its rows
+        are already one batch per expert)."""
         p = env.payload
         shape = "experts payload: {model, experts: [int], counts: [int], rows: array}"
         if not isinstance(p, dict):
@@ -177,19 +203,49 @@ class WorkerRequests:
             raise UnknownModel(f"no MoE model {name!r} here")
         backend: ExpertsBackend = self.backends[name]
         n_experts = backend.n_experts
-        experts, counts = p.get("experts"), p.get("counts")
+        experts, counts, rows = p.get("experts"), p.get("counts"), p.get("rows")
         if not (
             isinstance(experts, list)
             and isinstance(counts, list)
-            and isinstance(p.get("rows"), np.ndarray)
+            and isinstance(rows, np.ndarray)
             and len(experts) == len(counts) <= n_experts  # bounded before any loop over them
             and all(type(v) is int for v in (*experts, *counts))
         ):
             raise BadRequest(f"{shape}, one count per expert, at most {n_experts}")
-        self._check_size(p["rows"])
-        out = self.boundary.call(backend.name, backend.run_experts, experts, counts, p["rows"])
-        self.counters["expert_rows"] += len(p["rows"])
-        return {"rows": out, "version": backend.version}
+        self._check_size(rows)
+
+        self.counters["expert_rows"] += len(rows)
+
+        def call() -> dict[str, Any]:
+            return {"rows": backend.run_experts(experts, counts, rows), "version": backend.version}
+
+        return name, call
+
+    # ------------------------------------------------------------------ work off this thread
+    def _hold(self, route: list[Any], env: Envelope) -> Pending:
+        """Remember a request whose answer comes later (retries of its id join it)."""
+        item = Pending([route], env, None, 0, time.monotonic())
+        self._queued[env.id] = item
+        self.inflight += 1
+        return item
+
+    def _release(self, item: Pending) -> None:
+        if self._queued.get(item.env.id) is item:
+            del self._queued[item.env.id]
+            self.inflight -= 1
+
+    def _done(self, item: Pending, model: str, out: Any, error: BaseException | None) -> None:
+        """The answer of a request that ran elsewhere (on this thread, posted back)."""
+        self._release(item)
+        if error is not None:
+            self._reply_error(item, self.boundary.as_error(model, error))
+            return
+        try:
+            frames = self.result_frames(item.env, out)
+        except TandemError as e:
+            self._reply_error(item, e)
+            return
+        self._reply_all(item, frames)
 
     # ------------------------------------------------------------------ batches
     def run_batch(self, model: str, batch: list[Pending]) -> None:
@@ -284,6 +340,11 @@ class WorkerRequests:
 
     def _reply_error(self, item: Pending, err: TandemError) -> None:
         self._reply_all(item, self.codec.encode(item.env.error_reply(err)))
+
+    def close(self) -> None:
+        """Stop the offload threads (what they hold queued runs first)."""
+        for offload in self._offloads.values():
+            offload.close()
 
     def expire(self, now: float) -> None:
         """Forget replies and verify sessions past their time (the loop's housekeeping)."""

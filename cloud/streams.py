@@ -41,10 +41,8 @@ producer, which closes the backend's :class:`BackendStream` at the next token bo
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -52,6 +50,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tandem.cloud.config import GenerationSpec
+from tandem.cloud.engine import Engine
+from tandem.cloud.engine_stream import StreamJob
 from tandem.cloud.payloads import parse_generate
 from tandem.cloud.worker_stream import WorkerStream
 from tandem.runtime.errors import (
@@ -102,6 +102,8 @@ class WorkerStreams:
         codec: WireCodec,
         send: SendFn,
         backend_failure: Callable[[str, Exception], TandemError],
+        wake: Callable[[], None],
+        engines: dict[str, Engine] | None = None,
     ) -> None:
         self.spec = spec
         self.backends = backends
@@ -111,41 +113,14 @@ class WorkerStreams:
         self._streams: dict[bytes, WorkerStream] = {}
         self.counters: Counter[str] = Counter()
         self._s_per_token = _DEFAULT_S_PER_TOKEN
-        self._woken = False
-        self._pipe_lock = threading.Lock()  # a producer never writes to a closed (reused) fd
-        self._closed = False
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._rfd, False)
-        os.set_blocking(self._wfd, False)
+        self._wake = wake
+        self._engines = engines or {}
 
     # ------------------------------------------------------------------ the loop's view
-    @property
-    def wake_fd(self) -> int:
-        """Readable when a producer has something for the loop: poll it beside the socket."""
-        return self._rfd
-
     @property
     def active(self) -> int:
         """Streams in the table: running, or finishing (final message or producer pending)."""
         return len(self._streams)
-
-    def clear_wake(self) -> None:
-        """Empty the wake pipe. Call before :meth:`pump`: a producer that appends after this
-        writes again."""
-        self._woken = False
-        try:
-            while os.read(self._rfd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _wake(self) -> None:  # producer threads
-        if self._woken:
-            return
-        self._woken = True
-        with self._pipe_lock, contextlib.suppress(BlockingIOError):  # full: the loop is awake
-            if not self._closed:
-                os.write(self._wfd, b"\0")
 
     def next_due(self, now: float) -> float | None:
         """The earliest time :meth:`pump` has something to do without being woken (a deadline,
@@ -211,6 +186,13 @@ class WorkerStreams:
             )
         else:
             s.deadline = env.deadline
+        engine = self._engines.get(req.model)
+        if engine is not None:  # stepped with the model's other sequences
+            s.resume = engine.poke
+            engine.submit(StreamJob(s, self.spec.buffer_tokens, self._wake))
+            self._streams[env.id] = s
+            self.counters["started"] += 1
+            return
         s.thread = threading.Thread(
             target=s.produce,
             args=(self.spec.buffer_tokens, self._wake),
@@ -295,9 +277,12 @@ class WorkerStreams:
             s.sent += len(steps)
             s.blocked_since = None
             with s.cond:
+                was_full = len(s.pending) >= self.spec.buffer_tokens
                 for _ in steps:
                     s.pending.popleft()
                 s.cond.notify_all()
+            if was_full and s.resume is not None:
+                s.resume()
         else:
             return  # more is pending: next_due says so
         if done:
@@ -410,15 +395,9 @@ class WorkerStreams:
         }
 
     def close(self) -> None:
-        """Stop every producer and close the wake pipe (the worker has stopped serving)."""
+        """Stop every producer (the worker has stopped serving)."""
         for s in self._streams.values():
             s.stop_producer()
-        with self._pipe_lock:
-            if self._closed:
-                return
-            self._closed = True
-            os.close(self._rfd)
-            os.close(self._wfd)
 
 
 def _chunk(s: WorkerStream, steps: list[TokenStep]) -> dict[str, Any]:

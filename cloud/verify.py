@@ -38,8 +38,14 @@ left the edge behind — is answered :class:`SessionLost`; the edge sends the wh
 again with ``pos`` 0 (slower, never wrong). Sessions are bounded in number
 (``speculative.max_sessions``) and memory (``max_session_bytes``; a backend session's KV
 cache), expire after ``ttl_s`` idle, and the least recently used goes first when a new one
-needs room (a llama.cpp context or a transformers stream slot included). A request runs on
-the worker loop's thread, at once: a verify pass is one forward over γ+1 tokens.
+needs room (a llama.cpp sequence or a transformers stream slot included).
+
+A round runs on the model's engine (:mod:`tandem.cloud.engine`) as a sequence with γ + 1
+positions in that step, beside the model's streams and other sessions; a new session's prompt
+runs first, in prefill chunks. The table stays on the socket thread: it admits the request,
+marks the session busy (one round at a time: another request for it is answered
+``Overloaded`` with a retry hint; it is neither evicted nor expired meanwhile), and answers
+once the engine posts the round's result back.
 """
 
 from __future__ import annotations
@@ -47,10 +53,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from tandem.cloud.config import VerifySessionLimits
+from tandem.cloud.engine import Engine, Job
 from tandem.cloud.payloads import VerifyRequest, parse_verify
 from tandem.runtime.backends import LocalGenerationBackend
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
@@ -70,35 +79,115 @@ SessionKey = tuple[tuple[bytes, ...], bytes]  # (the opening peer's route, the s
 
 class Session:
     """One answer's state: its sequence (every token so far) and the backend session whose KV
-    cache holds all of it but the last token."""
+    cache holds all of it but the last token. ``busy`` while a round runs on the engine (the
+    engine alone touches ``lease`` and ``sequence`` then)."""
 
-    __slots__ = ("key", "lease", "limit", "model", "n_cached", "rng", "sequence", "used")
+    __slots__ = (
+        "busy",
+        "closing",
+        "key",
+        "lease",
+        "limit",
+        "model",
+        "n_cached",
+        "rng",
+        "sequence",
+        "used",
+        "want",
+    )
 
     def __init__(
-        self,
-        key: SessionKey,
-        model: str,
-        lease: SessionLease,
-        sequence: list[int],
-        req: VerifyRequest,
+        self, key: SessionKey, model: str, sequence: list[int], req: VerifyRequest
     ) -> None:
         self.key = key
         self.model = model
-        self.lease = lease
+        self.lease: SessionLease | None = None  # opened by the first round, on the engine
         self.sequence = sequence
-        self.n_cached = shared_prefix(lease.cached_tokens, sequence[:-1])  # tokens its cache holds
+        self.n_cached = 0  # tokens its cache holds
         self.rng = verify_rng(req.params.seed, len(sequence))
         self.limit = len(sequence) + req.max_tokens  # the sequence's length when it is done
         self.used = time.monotonic()
+        self.busy = False
+        self.closing = False  # ended (or dropped) while busy: dropped when the round is back
+        self.want = 0  # the context the lease is opened for
+
+
+class VerifyRound(Job):
+    """One verify request on the model's engine: opens the session's lease (a new session),
+    rolls its cache back to what it keeps, runs the draft (a new session: its prompt first, in
+    the engine's prefill chunks), and applies :func:`~tandem.runtime.speculative.verify`.
+    ``done(result, error)`` runs on the socket thread, posted through ``post``."""
+
+    def __init__(
+        self,
+        sess: Session,
+        req: VerifyRequest,
+        post: Callable[[Callable[[], None]], None],
+        done: Callable[[dict[str, Any] | None, BaseException | None], None],
+    ) -> None:
+        self.sess = sess
+        self.req = req
+        self._post = post
+        self._done = done
+        self.todo: list[int] = []
+        self.n_rows = len(req.draft) + 1
+        self.prefill = len(sess.sequence) if sess.lease is None else 0
+        self.prefilled = len(req.tokens)  # tokens run besides the draft and the last one
+
+    def start(self, backend: Any) -> None:
+        sess = self.sess
+        if sess.lease is None:
+            sess.lease = backend.lease(sess.sequence, sess.want)
+            sess.n_cached = shared_prefix(sess.lease.cached_tokens, sess.sequence[:-1])
+            self.prefilled = len(sess.sequence) - sess.n_cached - 1
+        sess.lease.truncate(sess.n_cached)
+        self.lease = sess.lease  # the session's: it stays open after the round
+        self.todo = sess.sequence[sess.n_cached :] + self.req.draft
+        self._eos = backend.eos_tokens
+
+    def take(self, rows: np.ndarray) -> None:
+        sess, req = self.sess, self.req
+        seq, draft = sess.sequence, req.draft
+        accepted, token = verify(rows, draft, req.q_ids, req.q_probs, req.params, sess.rng)
+        accepted, token = cut_at_end(draft, accepted, token, self._eos)
+        assert sess.lease is not None
+        sess.lease.truncate(len(seq) + accepted)
+        new = [*draft[:accepted], token]
+        seq.extend(new)
+        sess.n_cached = len(seq) - 1  # every token but the last: the next round runs it first
+        out = {
+            "accepted": accepted,
+            "token": token,
+            "logprobs": [token_confidence(rows[i], t)[0] for i, t in enumerate(new)],
+            "eos": token in self._eos,
+            "pos": len(seq),
+        }
+        self.done = True
+        self._post(lambda: self._done(out, None))
+
+    def fail(self, exc: BaseException) -> None:
+        self._post(lambda: self._done(None, exc))
+
+
+def _check_ids(req: VerifyRequest, n_vocab: int) -> None:
+    if any(not 0 <= t < n_vocab for t in req.draft) or any(
+        not 0 <= t < n_vocab for t in req.tokens
+    ):
+        raise BadRequest(f"verify: token ids must be in 0..{n_vocab - 1}")
+    if req.q_ids is not None and ((req.q_ids < 0) | (req.q_ids >= n_vocab)).any():
+        raise BadRequest(f"verify: q_ids must be in 0..{n_vocab - 1}")
 
 
 class VerifyTable:
     """The worker's sessions (see the module docstring). Used by the worker loop's thread
-    only."""
+    only; each model's leases are opened, run and closed on its engine (``engines``)."""
 
-    def __init__(self, limits: VerifySessionLimits, backends: dict[str, Any]) -> None:
+    def __init__(
+        self, limits: VerifySessionLimits, backends: dict[str, Any], engines: dict[str, Engine]
+    ) -> None:
         self.limits = limits
         self.backends = backends
+        self.engines = engines
         # least recently used first
         self.sessions: OrderedDict[SessionKey, Session] = OrderedDict()
         self.nbytes = 0
@@ -108,10 +197,18 @@ class VerifyTable:
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def run(self, payload: Any, route: Sequence[bytes] = ()) -> dict[str, Any]:
-        """Answer one ``verify`` payload from the peer at ``route`` (its routing frames: the
-        sessions it may name are those it opened) with the result payload, or raise a
-        TandemError."""
+    def begin(
+        self,
+        payload: Any,
+        route: Sequence[bytes],
+        post: Callable[[Callable[[], None]], None],
+        done: Callable[[dict[str, Any] | None, BaseException | None], None],
+    ) -> dict[str, Any] | None:
+        """Take one ``verify`` payload from the peer at ``route`` (its routing frames: the
+        sessions it may name are those it opened): the result payload now (an ``end``), or
+        None once its round is on the model's engine — ``done(result, error)`` then runs on
+        this thread (through ``post``) with the round's result payload or error. Raises a
+        TandemError for a request that cannot run."""
         t0 = time.perf_counter()
         req = parse_verify(payload, self.limits)
         backend = self._backend(req.model)
@@ -122,6 +219,12 @@ class VerifyTable:
             if sess is not None:
                 self._drop(sess)
             return {"closed": sess is not None}
+        if sess is not None and sess.busy:
+            raise OverloadedError(
+                "a verify round of this session is still running: send the next one after its "
+                "answer",
+                retry_after_ms=5.0,
+            )
         if sess is not None and (
             sess.model != req.model or req.pos == 0 or len(sess.sequence) != req.pos
         ):
@@ -133,23 +236,50 @@ class VerifyTable:
                 "no speculative session with that id holds the sequence up to pos "
                 f"{req.pos} (expired, evicted or never made): send the whole sequence, pos 0"
             )
-        prefilled = 0
+        _check_ids(req, int(backend.n_vocab))
         if sess is None:
             sess = self._open(key, req, backend)
-            prefilled = len(sess.sequence) - sess.n_cached - 1
         else:
             sess.sequence.extend(req.tokens)
-            prefilled = len(req.tokens)
             self.sessions.move_to_end(sess.key)
+        new = sess.lease is None
+
+        def finish(out: dict[str, Any] | None, error: BaseException | None) -> None:
+            sess.busy = False
+            sess.used = time.monotonic()
+            if new and sess.lease is not None:
+                self.nbytes += sess.lease.nbytes
+            if error is not None or out is None:
+                self._drop(sess)  # its cache may hold anything now: never reuse it
+                done(None, error or RuntimeError("verify round ended without a result"))
+                return
+            result = self._result(out, sess, req, round_.prefilled, t0, backend)
+            if result["done"] or sess.closing:
+                self._drop(sess)
+            else:
+                self._fit_bytes(sess)
+            done(result, None)
+
+        sess.busy = True
+        round_ = VerifyRound(sess, req, post, finish)
         try:
-            out = self._round(sess, req, backend)
-        except Exception:
-            self._drop(sess)  # its cache may hold anything now: never reuse it
-            raise
-        sess.used = time.monotonic()
-        out["done"] = out["eos"] or len(sess.sequence) >= sess.limit
-        if out["done"]:
+            self.engines[req.model].submit(round_)
+        except BaseException:
+            sess.busy = False
             self._drop(sess)
+            raise
+        return None
+
+    def _result(
+        self,
+        out: dict[str, Any],
+        sess: Session,
+        req: VerifyRequest,
+        prefilled: int,
+        t0: float,
+        backend: Any,
+    ) -> dict[str, Any]:
+        out["done"] = out["eos"] or len(sess.sequence) >= sess.limit
         self.counters["verify_rounds"] += 1
         self.counters["verify_drafted"] += len(req.draft)
         self.counters["verify_accepted"] += out["accepted"]
@@ -159,35 +289,6 @@ class VerifyTable:
             version=backend.version,
         )
         return out
-
-    def _round(
-        self, sess: Session, req: VerifyRequest, backend: LocalGenerationBackend
-    ) -> dict[str, Any]:
-        seq, draft = sess.sequence, req.draft
-        n_vocab = int(backend.n_vocab)
-        if any(not 0 <= t < n_vocab for t in draft) or any(
-            not 0 <= t < n_vocab for t in req.tokens
-        ):
-            raise BadRequest(f"verify: token ids must be in 0..{n_vocab - 1}")
-        if req.q_ids is not None and ((req.q_ids < 0) | (req.q_ids >= n_vocab)).any():
-            raise BadRequest(f"verify: q_ids must be in 0..{n_vocab - 1}")
-        lease = sess.lease
-        lease.truncate(sess.n_cached)
-        rows = lease.extend(seq[sess.n_cached :] + draft, len(draft) + 1)
-        accepted, token = verify(rows, draft, req.q_ids, req.q_probs, req.params, sess.rng)
-        eos = backend.eos_tokens
-        accepted, token = cut_at_end(draft, accepted, token, eos)
-        lease.truncate(len(seq) + accepted)
-        new = [*draft[:accepted], token]
-        seq.extend(new)
-        sess.n_cached = len(seq) - 1  # every token but the last: the next round runs it first
-        return {
-            "accepted": accepted,
-            "token": token,
-            "logprobs": [token_confidence(rows[i], t)[0] for i, t in enumerate(new)],
-            "eos": token in eos,
-            "pos": len(seq),
-        }
 
     def _backend(self, model: str) -> LocalGenerationBackend:
         backend = self.backends.get(model)
@@ -202,9 +303,7 @@ class VerifyTable:
             self._digests[model] = backend_vocab_digest(backend)
         return self._digests[model]
 
-    def _open(
-        self, key: SessionKey, req: VerifyRequest, backend: LocalGenerationBackend
-    ) -> Session:
+    def _open(self, key: SessionKey, req: VerifyRequest, backend: Any) -> Session:
         if not req.tokens:
             raise BadRequest("verify: a new session needs its prompt tokens (pos 0, tokens)")
         if req.vocab is None:
@@ -219,29 +318,28 @@ class VerifyTable:
         if backend.n_ctx:
             want = min(want, int(backend.n_ctx))
         while len(self.sessions) >= self.limits.max_sessions:
-            self._evict()
-        while True:
-            try:
-                lease = backend.lease(req.tokens, want)
-                break
-            except OverloadedError:
-                if not self._evict(req.model):
-                    raise
-        if lease.nbytes > self.limits.max_session_bytes:
-            lease.close()
-            raise OverloadedError(
-                f"a session of {req.model!r} needs {lease.nbytes} bytes of KV cache, over "
-                f"speculative.max_session_bytes ({self.limits.max_session_bytes})"
-            )
-        while self.nbytes + lease.nbytes > self.limits.max_session_bytes:
-            if not self._evict():  # the accounting is off: never loop on it
-                lease.close()
-                raise OverloadedError("no room for a speculative session")
-        sess = Session(key, req.model, lease, list(req.tokens), req)
+            if not self._evict():
+                raise OverloadedError(
+                    "every speculative session is running a round; retry soon", retry_after_ms=5.0
+                )
+        self.make_room(req.model, backend)
+        sess = Session(key, req.model, list(req.tokens), req)
+        sess.want = want
         self.sessions[key] = sess
-        self.nbytes += lease.nbytes
         self.counters["verify_sessions"] += 1
         return sess
+
+    def _fit_bytes(self, keep: Session) -> None:
+        """Evict the least recently used sessions while the table holds more KV cache than
+        ``max_session_bytes`` (a new session's size is known once its lease is open)."""
+        while self.nbytes > self.limits.max_session_bytes:
+            victim = next((s for s in self.sessions.values() if not s.busy and s is not keep), None)
+            if victim is None:
+                if keep.key in self.sessions and self.nbytes > self.limits.max_session_bytes:
+                    self._drop(keep)
+                return
+            self.counters["verify_evicted"] += 1
+            self._drop(victim)
 
     def make_room(self, model: str, backend: Any) -> None:
         """A stream of ``model`` is starting: if speculative sessions hold all of the model's
@@ -255,18 +353,27 @@ class VerifyTable:
             self.counters["verify_yielded"] += 1
 
     def _evict(self, model: str | None = None) -> bool:
-        """Drop the least recently used session (of ``model``, if given); False if none."""
+        """Drop the least recently used idle session (of ``model``, if given); False if
+        none."""
         for sess in self.sessions.values():
-            if model is None or sess.model == model:
+            if not sess.busy and (model is None or sess.model == model):
                 self.counters["verify_evicted"] += 1
                 self._drop(sess)
                 return True
         return False
 
     def _drop(self, sess: Session) -> None:
-        if self.sessions.pop(sess.key, None) is not None:
-            self.nbytes -= sess.lease.nbytes
-            sess.lease.close()
+        """Forget a session and close its lease on its engine; a busy one is dropped when its
+        round is back."""
+        if sess.busy:
+            sess.closing = True
+            return
+        if self.sessions.pop(sess.key, None) is None:
+            return
+        lease, sess.lease = sess.lease, None
+        if lease is not None:
+            self.nbytes -= lease.nbytes
+            self.engines[sess.model].call(lease.close)
 
     def expire(self, now: float) -> None:
         """Drop sessions idle for longer than ``ttl_s`` (the oldest are first)."""
@@ -274,11 +381,15 @@ class VerifyTable:
             sess = next(iter(self.sessions.values()))
             if now - sess.used < self.limits.ttl_s:
                 return
+            if sess.busy:  # running now: it is not idle
+                self.sessions.move_to_end(sess.key)
+                continue
             self.counters["verify_expired"] += 1
             self._drop(sess)
 
     def close(self) -> None:
         for sess in list(self.sessions.values()):
+            sess.busy = False
             self._drop(sess)
 
     def health(self) -> dict[str, Any]:

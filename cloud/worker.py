@@ -50,11 +50,12 @@ import zmq
 
 from tandem.cloud.boundary import BackendBoundary, BadOutput
 from tandem.cloud.config import WorkerConfig
+from tandem.cloud.engine import Engine, Mailbox
 from tandem.cloud.loading import check_security, load_backends
 from tandem.cloud.requests import WorkerRequests
 from tandem.cloud.streams import BLOCKED, GONE, SENT, WorkerStreams, is_generation_backend
 from tandem.cloud.verify import VerifyTable
-from tandem.runtime.backends import ModelBackend
+from tandem.runtime.backends import LocalGenerationBackend, ModelBackend
 from tandem.runtime.curve import (
     ClientAllowList,
     configure_server,
@@ -111,7 +112,20 @@ class CloudWorker:
         self.counters: Counter[str] = Counter()
         self._stop = threading.Event()
         self.boundary = BackendBoundary(self.counters)
-        self.verifier = VerifyTable(config.speculative, self.backends)
+        self.mailbox = Mailbox()
+        gen = config.generation
+        self.engines = {
+            name: Engine(
+                name,
+                b,
+                step_tokens=gen.step_tokens,
+                prefill_chunk=gen.prefill_chunk,
+                max_queued_prefill=gen.max_queued_prefill,
+            )
+            for name, b in self.backends.items()
+            if isinstance(b, LocalGenerationBackend)
+        }
+        self.verifier = VerifyTable(config.speculative, self.backends, self.engines)
         self.requests = WorkerRequests(
             config,
             self.backends,
@@ -121,6 +135,7 @@ class CloudWorker:
             self.verifier,
             self._send,
             self._stop,
+            self.mailbox,
         )
         self.batcher = self.requests.batcher
         self.streams: WorkerStreams | None = None  # made by serve(): it holds a pipe
@@ -185,6 +200,8 @@ class CloudWorker:
             self.codec,
             self._try_send,
             self.boundary.failure,
+            self.mailbox.wake,
+            self.engines if self.config.generation.engine else None,
         )
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         restore = self._install_signal_handlers()
@@ -203,7 +220,12 @@ class CloudWorker:
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
             self.streams.close()
+            self.requests.close()  # runs what its offload threads hold
+            for engine in self.engines.values():
+                engine.close()  # fails what it still holds (ShuttingDown)
+            self.mailbox.drain()  # answers what the engines and offloads posted last
             self.verifier.close()
+            self.mailbox.close()
             sock.close()
             if auth is not None:
                 auth.stop()  # after the socket: it must never be open without its handler
@@ -221,7 +243,8 @@ class CloudWorker:
     def _loop(self, sock: zmq.Socket) -> None:
         streams, requests, batcher = self.streams, self.requests, self.batcher
         assert streams is not None
-        wake_fd = streams.wake_fd
+        mailbox = self.mailbox
+        wake_fd = mailbox.fd
         authenticated = self._allow is not None
         grace_until: float | None = None
         while True:
@@ -231,7 +254,12 @@ class CloudWorker:
             # the loop ends.
             if self.draining and grace_until is None and streams.active:
                 streams.shutdown()
-            if self.draining and grace_until is None and batcher.depth == 0:
+            if (
+                self.draining
+                and grace_until is None
+                and batcher.depth == 0
+                and requests.inflight == 0
+            ):
                 log.info("drained; refusing new work for %d ms", self.config.drain.grace_ms)
                 grace_until = now + self.config.drain.grace_ms / 1e3
             if grace_until is not None and now >= grace_until:
@@ -242,8 +270,8 @@ class CloudWorker:
                 timeout = max(0, min(timeout, int((due - now) * 1e3 + 0.999)))
             if grace_until is not None:
                 timeout = min(timeout, max(0, int((grace_until - now) * 1e3)))
-            streaming = streams.active > 0
-            if streaming:
+            streaming = streams.active > 0 or requests.inflight > 0
+            if streams.active:
                 sdue = streams.next_due(now)
                 if sdue is not None:
                     timeout = max(0, min(timeout, int((sdue - now) * 1e3 + 0.999)))
@@ -270,8 +298,8 @@ class CloudWorker:
             now = time.monotonic()
             for model, batch in batcher.take_ready(now, flush=self.draining):
                 requests.run_batch(model, batch)
-            if streams.active:
-                streams.clear_wake()  # before pump: a producer appending after it wakes again
+            if streaming:
+                mailbox.drain()  # before pump: a producer appending after it wakes again
                 streams.pump(time.monotonic())
             requests.expire(now)
 
@@ -389,6 +417,7 @@ class CloudWorker:
             "counters": dict(self.counters),
             "streams": self.streams.health() if self.streams is not None else {"active": 0},
             "speculative": self.verifier.health(),
+            "engines": {name: e.health() for name, e in self.engines.items()},
         }
 
 

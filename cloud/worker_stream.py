@@ -52,6 +52,7 @@ class WorkerStream:
         "produced",
         "prompt_tokens",
         "req",
+        "resume",
         "route",
         "sent",
         "started_at",
@@ -89,6 +90,8 @@ class WorkerStream:
         self.final_until = 0.0
         self.blocked_since: float | None = None  # the reader's queue has been full since
         self.thread: threading.Thread | None = None
+        # with an engine: wakes it when the stream may run again (tokens taken, or cancelled)
+        self.resume: Callable[[], None] | None = None
 
     def stop_producer(self) -> None:
         """Ask the producer to stop at the next token boundary; unsent tokens are dropped."""
@@ -96,6 +99,8 @@ class WorkerStream:
         with self.cond:
             self.pending.clear()
             self.cond.notify_all()
+        if self.resume is not None:
+            self.resume()
 
     def produce(self, buffer_tokens: int, wake: Callable[[], None]) -> None:
         """The stream's thread: run the backend, fill the buffer (at most ``buffer_tokens``
@@ -108,7 +113,7 @@ class WorkerStream:
             ts = self.req.start(self.backend, self.cancel)
             self.prompt_tokens = operator.index(ts.prompt_tokens)
             for raw in ts:
-                step = _checked(raw)
+                step = checked(raw)
                 with self.cond:
                     while len(self.pending) >= buffer_tokens and not self.cancel.is_set():
                         self.cond.wait()
@@ -138,7 +143,7 @@ class WorkerStream:
             wake()
 
 
-def _checked(step: Any) -> TokenStep:
+def checked(step: Any) -> TokenStep:
     """A backend's step as plain, bounded values (what a chunk is built from)."""
     token, text = operator.index(step.token), step.text
     if type(text) is not str or len(text) > _MAX_STEP_CHARS:

@@ -217,6 +217,28 @@ class LocalGenerationBackend(GenerationBackend, Protocol):
         ...
 
 
+BatchItem = tuple[SessionLease, Sequence[int], int]
+"""One sequence's share of a batched forward: (its lease, the tokens to append, how many
+logits rows to return — those after each of the last ``n_rows`` tokens; 0 for a prefill chunk
+whose logits nobody reads)."""
+
+
+@runtime_checkable
+class BatchedBackend(Protocol):
+    """A :class:`LocalGenerationBackend` whose leases run together: one forward over several
+    sequences, each at its own position (continuous batching, as vLLM and llama.cpp's server
+    step every active sequence at once). The worker's engine (:mod:`tandem.cloud.engine`)
+    steps streams and speculative sessions through it."""
+
+    def run_batch(self, work: Sequence[BatchItem]) -> list[np.ndarray]:
+        """For each ``(lease, tokens, n_rows)`` of ``work`` (leases of this backend, each at
+        most once): append ``tokens`` to the lease's sequence and return the logits after each
+        of the last ``n_rows`` of them, float32 ``(n_rows, n_vocab)``, a copy. Token ids outside
+        the vocabulary or a sequence past its context raise :class:`BadRequest` before anything
+        runs; on any failure no lease's ``cached_tokens`` changed."""
+        ...
+
+
 def is_utf8(text: str) -> bool:
     """False for text that cannot be UTF-8 (lone surrogates, e.g. from a JSON ``\\ud800``)."""
     try:

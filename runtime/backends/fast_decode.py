@@ -27,6 +27,9 @@ attention is not taken.
 Both match transformers' forward to float32 rounding at every step
 (``tests/runtime/test_fast_decode.py``). :func:`unsupported_reason` says why a model cannot
 take this path; the backend then falls back to transformers' forward.
+
+(Over 500 lines: the numpy step, its batched form for the worker's engine and the torch
+prefill are one model's arithmetic over the same weight views and tables.)
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ class _Linear:
         return cls(w, w.numpy(), b, b.numpy())
 
     def gemv(self, x: np.ndarray) -> np.ndarray:
-        """The one-token path: float32 ``x`` (1, K) → (1, N), numpy in and out."""
-        y = skinny_linear(x, self.w_np)
+        """The numpy path: float32 ``x`` (R, K) → (R, N)."""
+        y = _mm(x, self.w_np)
         if self.b_np is not None:
             y += self.b_np
         return y
@@ -225,43 +228,63 @@ class FastDecoder:
     def steps(
         self, tokens: Sequence[int], pos: int, k_cache: np.ndarray, v_cache: np.ndarray
     ) -> np.ndarray:
-        """Run a few tokens (up to :data:`~tandem.kernels.linear.SKINNY_MAX_ROWS`: a decode
-        step, or a speculative draft to verify) at positions ``pos, pos + 1, ...``, in numpy
-        around the skinny kernel (a numpy operation costs a fraction of a torch one at these
-        sizes; every weight row is streamed once for all T tokens). Same arithmetic and caches
-        as :meth:`forward`; returns the logits after each token, (T, n_vocab)."""
-        t = len(tokens)
-        end = pos + t
-        lo = 0 if self.window is None else max(0, pos - self.window + 1)
-        cos, sin = self.cos_np[pos:end, None], self.sin_np[pos:end, None]  # (T, 1, 2, hd / 2)
+        """Run a few tokens (a decode step, or a speculative draft to verify) at positions
+        ``pos, pos + 1, ...``: :meth:`batch` for one sequence; the logits after each token,
+        (T, n_vocab)."""
+        return self.batch([(k_cache, v_cache, pos, tokens, len(tokens))])[0]
+
+    def batch(self, work: Sequence[BatchRun]) -> list[np.ndarray]:
+        """Several sequences in one pass, each ``(k_cache, v_cache, pos, tokens, n_rows)``: its
+        caches (layers, kv_heads, n_ctx, head_dim), where its new ``tokens`` start, and how many
+        logits rows it wants (those after its last ``n_rows`` tokens). In numpy: every
+        projection, the router and each selected expert run once over the rows of all the
+        sequences together (each weight row streamed once per step, whatever the batch: why a
+        step of 8 decode rows costs little more than one), attention runs per sequence against
+        its own cache. Same arithmetic and caches as :meth:`forward`; returns each sequence's
+        rows, (n_rows, n_vocab)."""
         nkv, hd, eps = self.n_kv_heads, self.head_dim, self.eps
         group = self.n_heads // nkv
-        x = self.embed_np[list(tokens)]  # (T, H), a copy
-        mask = None if t == 1 else self._visible_np(pos, t, lo)
+        spans, positions, ids = [], [], []
+        for _, _, pos, tokens, _ in work:
+            t = len(tokens)
+            lo = 0 if self.window is None else max(0, pos - self.window + 1)
+            mask = None if t == 1 else self._visible_np(pos, t, lo)
+            spans.append((len(ids), len(ids) + t, pos, lo, mask))
+            positions.extend(range(pos, pos + t))
+            ids.extend(tokens)
+        r = len(ids)
+        cos, sin = self.cos_np[positions, None], self.sin_np[positions, None]  # (R, 1, 2, hd/2)
+        x = self.embed_np[ids]  # (R, H), a copy
+        a = np.empty((r, self.n_heads * hd), np.float32)
         for i, ly in enumerate(self.layers):
             h = _rms_np(x, ly.attn_norm_np, eps)
-            q = _rope_np(ly.q.gemv(h), cos, sin).reshape(t, nkv, group * hd)
-            k_cache[i, :, pos:end] = (
-                _rope_np(ly.k.gemv(h), cos, sin).reshape(t, nkv, hd).swapaxes(0, 1)
-            )
-            v_cache[i, :, pos:end] = ly.v.gemv(h).reshape(t, nkv, hd).swapaxes(0, 1)
-            q = q.swapaxes(0, 1).reshape(nkv, t * group, hd)
-            s = np.matmul(q, k_cache[i, :, lo:end].transpose(0, 2, 1))  # (nkv, T·group, L)
-            s *= self.scale
-            if mask is not None:
-                s.reshape(nkv, t, group, -1)[...] += mask
-            s -= s.max(-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(-1, keepdims=True)
-            a = np.matmul(s, v_cache[i, :, lo:end])  # (nkv, T·group, hd)
-            x += ly.o.gemv(a.reshape(nkv, t, group * hd).swapaxes(0, 1).reshape(t, -1))
+            q = _rope_np(ly.q.gemv(h), cos, sin).reshape(r, nkv, group * hd)
+            k = _rope_np(ly.k.gemv(h), cos, sin).reshape(r, nkv, hd)
+            v = ly.v.gemv(h).reshape(r, nkv, hd)
+            for (k_cache, v_cache, *_), (s0, s1, pos, lo, mask) in zip(work, spans, strict=True):
+                t, end = s1 - s0, pos + s1 - s0
+                k_cache[i, :, pos:end] = k[s0:s1].swapaxes(0, 1)
+                v_cache[i, :, pos:end] = v[s0:s1].swapaxes(0, 1)
+                qs = q[s0:s1].swapaxes(0, 1).reshape(nkv, t * group, hd)
+                s = np.matmul(qs, k_cache[i, :, lo:end].transpose(0, 2, 1))  # (nkv, T·group, L)
+                s *= self.scale
+                if mask is not None:
+                    s.reshape(nkv, t, group, -1)[...] += mask
+                s -= s.max(-1, keepdims=True)
+                np.exp(s, out=s)
+                s /= s.sum(-1, keepdims=True)
+                o = np.matmul(s, v_cache[i, :, lo:end])  # (nkv, T·group, hd)
+                a[s0:s1] = o.reshape(nkv, t, group * hd).swapaxes(0, 1).reshape(t, -1)
+            x += ly.o.gemv(a)
             h = _rms_np(x, ly.mlp_norm_np, eps)
             if ly.mlp is not None:
                 gate, up, down = ly.mlp
                 x += down.gemv(self._act_np(gate.gemv(h)) * up.gemv(h))
             else:
                 self._moe_np(ly, h, x)
-        return self.lm_head.gemv(_rms_np(x, self.norm_np, eps))
+        wanted = [x[s1 - item[4] : s1] for item, (_, s1, *_) in zip(work, spans, strict=True)]
+        logits = self.lm_head.gemv(_rms_np(np.concatenate(wanted), self.norm_np, eps))
+        return np.split(logits, np.cumsum([len(w) for w in wanted[:-1]]))
 
     def _visible_np(self, pos: int, t: int, lo: int) -> np.ndarray:
         """(T, 1, keys): 0 where each of T new tokens sees a cached key from ``lo``, −inf where
@@ -287,15 +310,15 @@ class FastDecoder:
         inter = ly.down_np[0].shape[1]
         if len(h) == 1:  # the decode step: no grouping
             for e, we in zip(ids[0].tolist(), w[0].tolist(), strict=True):
-                gate_up = skinny_linear(h, ly.gate_up_np[e])
+                gate_up = _mm(h, ly.gate_up_np[e])
                 a = self._act_np(gate_up[:, :inter]) * gate_up[:, inter:]
-                x += skinny_linear(a, ly.down_np[e]) * we
+                x += _mm(a, ly.down_np[e]) * we
             return
         for e in np.unique(ids).tolist():
             rows, slots = np.nonzero(ids == e)
-            gate_up = skinny_linear(h[rows], ly.gate_up_np[e])
+            gate_up = _mm(h[rows], ly.gate_up_np[e])
             a = self._act_np(gate_up[:, :inter]) * gate_up[:, inter:]
-            x[rows] += skinny_linear(a, ly.down_np[e]) * w[rows, slots][:, None]
+            x[rows] += _mm(a, ly.down_np[e]) * w[rows, slots][:, None]
 
     @torch.inference_mode()
     def forward(
@@ -420,16 +443,23 @@ class FastSession:
         if release is not None:
             release()
 
-    def _run(self, new: list[int], n_rows: int) -> np.ndarray:
-        """Run ``new`` tokens; the logits rows after each of the last ``n_rows``."""
-        start = len(self.tokens)
-        if not 1 <= n_rows <= len(new):
+    def check(self, new: list[int], n_rows: int) -> None:
+        """:class:`BadRequest` unless ``new`` tokens fit this sequence and ``n_rows`` of them
+        (0 ≤ n_rows ≤ their number) can be returned."""
+        if not 0 <= n_rows <= len(new) or not new:
             raise BadRequest(f"asked for {n_rows} logits rows of {len(new)} new tokens")
-        if start + len(new) > self.n_ctx:
+        if len(self.tokens) + len(new) > self.n_ctx:
             raise BadRequest(f"the context of {self.n_ctx} tokens is full")
         bad = [t for t in new if not 0 <= t < self.decoder.n_vocab]
         if bad:
             raise BadRequest(f"token ids must be in 0..{self.decoder.n_vocab - 1}, got {bad[:8]}")
+
+    def _run(self, new: list[int], n_rows: int) -> np.ndarray:
+        """Run ``new`` tokens; the logits rows after each of the last ``n_rows``."""
+        if n_rows < 1:
+            raise BadRequest(f"asked for {n_rows} logits rows of {len(new)} new tokens")
+        self.check(new, n_rows)
+        start = len(self.tokens)
         if len(new) <= SKINNY_MAX_ROWS:
             rows = self.decoder.steps(new, start, self.k_np, self.v_np)[-n_rows:]
         else:
@@ -439,6 +469,31 @@ class FastSession:
         return rows
 
 
+def run_sessions(
+    decoder: FastDecoder, work: Sequence[tuple[FastSession, Sequence[int], int]]
+) -> list[np.ndarray]:
+    """:meth:`~tandem.runtime.generation.BatchedBackend.run_batch` over sessions of
+    ``decoder``: every item checked first, then one :meth:`FastDecoder.batch`; a session's
+    tokens are committed only once it ran."""
+    runs: list[BatchRun] = []
+    for session, tokens, n_rows in work:
+        if not isinstance(session, FastSession) or session.decoder is not decoder:
+            raise BadRequest("run_batch takes this model's own sessions")
+        new = [int(t) for t in tokens]
+        session.check(new, n_rows)
+        runs.append((session.k_np, session.v_np, len(session.tokens), new, n_rows))
+    if len({id(s) for s, _, _ in work}) != len(work):
+        raise BadRequest("run_batch takes each session at most once")
+    if not runs:
+        return []
+    rows = decoder.batch(runs)
+    for (session, _, _), run in zip(work, runs, strict=True):
+        session.tokens.extend(run[3])
+    return rows
+
+
+BatchRun = tuple[np.ndarray, np.ndarray, int, Sequence[int], int]
+"""One sequence of :meth:`FastDecoder.batch`: (k_cache, v_cache, pos, tokens, n_rows)."""
 MIXED = "mixed"  # sliding_window: layers of both kinds
 
 
@@ -457,6 +512,14 @@ def sliding_window(cfg) -> int | str | None:
     if getattr(cfg, "use_sliding_window", True) is False or not window:
         return None
     return int(window)
+
+
+def _mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w.T`` in float32: the skinny kernel for a few rows, torch's GEMM beyond (numpy's
+    own BLAS brings a second thread pool that fights torch's and Numba's for the cores)."""
+    if len(x) <= SKINNY_MAX_ROWS:
+        return skinny_linear(x, w)
+    return F.linear(torch.from_numpy(x), torch.from_numpy(w)).numpy()
 
 
 def _rms_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

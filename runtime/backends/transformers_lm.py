@@ -30,6 +30,7 @@ from tandem.runtime.chat import ChatTemplate
 from tandem.runtime.errors import BackendError, BadRequest, ConfigError, OverloadedError
 from tandem.runtime.generation import (
     BackendStream,
+    BatchItem,
     SamplingParams,
     SessionLease,
     check_fits,
@@ -217,6 +218,20 @@ class TransformersBackend(LocalStreams):
             raise
         session.release = self._slots.release
         return session
+
+    def run_batch(self, work: Sequence[BatchItem]) -> list[np.ndarray]:
+        """:class:`~tandem.runtime.generation.BatchedBackend`: the fast path runs every
+        sequence in one pass (:func:`~tandem.runtime.backends.fast_decode.run_sessions`);
+        transformers' forward runs them one after another."""
+        if self._fast is not None:
+            from tandem.runtime.backends.fast_decode import run_sessions
+
+            return run_sessions(self._fast, work)  # type: ignore[arg-type]
+        out = []
+        for lease, tokens, n_rows in work:
+            rows = lease.extend(tokens, max(n_rows, 1))
+            out.append(rows[len(rows) - n_rows :])
+        return out
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tandem.cloud.config import GenerationSpec, WorkerConfig
+from tandem.cloud.engine import Engine
 from tandem.cloud.payloads import parse_generate
 from tandem.cloud.process import WorkerProcess
 from tandem.cloud.streams import BLOCKED, GONE, SENT, WorkerStreams
@@ -410,7 +411,7 @@ def test_the_backends_own_overloaded_is_passed_on(lm_models) -> None:
     with ThreadWorker(thread_config(), {LM: one_slot}) as w, CloudClient(w.endpoint) as c:
         with c.generate(LM, "abc", LONG, timeout_s=30) as first:
             next(iter(first))
-            with pytest.raises(errors.OverloadedError, match="serving 1 streams") as e:
+            with pytest.raises(errors.OverloadedError, match="all its 1 sequences in use") as e:
                 read_all(c.generate(LM, "abc", timeout_s=5))
             assert e.value.retry_after_ms > 0
         wait_idle(c)
@@ -624,25 +625,49 @@ class FakeRoute:
         return self.state
 
 
-def table_with(backend: Any, fake: FakeRoute, **spec: Any) -> WorkerStreams:
+ENGINES: list[Engine] = []  # closed by the close_engines fixture
+
+
+@pytest.fixture(autouse=True)
+def close_engines():
+    yield
+    while ENGINES:
+        ENGINES.pop().close()
+
+
+def table_with(
+    backend: Any, fake: FakeRoute, *, engine: bool = False, **spec: Any
+) -> WorkerStreams:
+    """A stream table as the worker makes it: each stream's producer on a thread of its own,
+    or with ``engine`` on the model's engine."""
+
     def failure(model: str, e: Exception) -> errors.TandemError:
         return errors.BackendFailure(str(e), exception=type(e).__name__)
 
-    return WorkerStreams(GenerationSpec(**spec), {LM: backend}, WireCodec(), fake, failure)
+    engines = None
+    if engine:
+        ENGINES.append(
+            Engine(LM, backend, step_tokens=512, prefill_chunk=256, max_queued_prefill=1 << 16)
+        )
+        engines = {LM: ENGINES[-1]}
+    gen = GenerationSpec(**spec)
+    return WorkerStreams(gen, {LM: backend}, WireCodec(), fake, failure, lambda: None, engines)
 
 
 def pump_until(table: WorkerStreams, done, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         assert time.monotonic() < deadline
-        table.clear_wake()
         table.pump(time.monotonic())
         time.sleep(0.002)
 
 
-def test_a_blocked_reader_applies_backpressure_and_gets_one_coalesced_chunk(backend) -> None:
+@pytest.mark.parametrize("engine", [False, True], ids=["thread", "engine"])
+def test_a_blocked_reader_applies_backpressure_and_gets_one_coalesced_chunk(
+    backend, engine: bool
+) -> None:
     fake = FakeRoute()
-    table = table_with(backend, fake, buffer_tokens=8)
+    table = table_with(backend, fake, engine=engine, buffer_tokens=8)
     try:
         fake.state = BLOCKED
         env = generate_env(gen_payload(max_tokens=50))
@@ -667,9 +692,10 @@ def test_a_blocked_reader_applies_backpressure_and_gets_one_coalesced_chunk(back
         table.close()
 
 
-def test_a_stalled_or_gone_reader_frees_the_stream(backend) -> None:
+@pytest.mark.parametrize("engine", [False, True], ids=["thread", "engine"])
+def test_a_stalled_or_gone_reader_frees_the_stream(backend, engine: bool) -> None:
     fake = FakeRoute()
-    table = table_with(backend, fake, buffer_tokens=4, stall_timeout_ms=100)
+    table = table_with(backend, fake, engine=engine, buffer_tokens=4, stall_timeout_ms=100)
     try:
         fake.state = BLOCKED
         table.start([b"stalled"], generate_env(gen_payload(max_tokens=500)))

@@ -13,6 +13,8 @@ itself (so all are accepted).
 from __future__ import annotations
 
 import os
+import select
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +26,11 @@ import zmq
 from scipy import stats
 
 from tandem.cloud.config import VerifySessionLimits, WorkerConfig
+from tandem.cloud.engine import Engine, Mailbox
 from tandem.cloud.process import WorkerProcess
 from tandem.cloud.verify import VerifyTable
 from tandem.edge.drafting import draft
+from tandem.runtime.backends import LocalGenerationBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, OverloadedError, SessionLost, UnknownModel
 from tandem.runtime.generation import SamplingParams, distribution
@@ -41,6 +45,49 @@ from tests.peers import raw_socket
 PROMPTS = ["sort:dcba=", "ab", "zz:q", "sort:qwerty=", "hello world", "a=b"]
 GREEDY = SamplingParams(max_tokens=16)
 ALPHA = 0.001
+
+
+class Table(VerifyTable):
+    """A :class:`VerifyTable` with an engine per language model, answering each request as
+    the worker's loop does — ``begin``, then the round's result posted back through the
+    mailbox — but waiting for it (one request at a time)."""
+
+    def __init__(self, limits: VerifySessionLimits, backends: dict[str, Any]) -> None:
+        self.mailbox = Mailbox()
+        engines = {
+            n: Engine(n, b, step_tokens=512, prefill_chunk=256, max_queued_prefill=1 << 20)
+            for n, b in backends.items()
+            if isinstance(b, LocalGenerationBackend)
+        }
+        super().__init__(limits, backends, engines)
+
+    def run(self, payload: Any, route: tuple[bytes, ...] = ()) -> dict[str, Any]:
+        box: dict[str, Any] = {}
+        out = self.begin(payload, route, self.mailbox.post, lambda r, e: box.update(r=r, e=e))
+        if out is not None:
+            return out
+        deadline = time.monotonic() + 60
+        while not box:
+            assert time.monotonic() < deadline, "the round never came back"
+            select.select([self.mailbox.fd], [], [], 0.1)
+            self.mailbox.drain()
+        if box["e"] is not None:
+            raise box["e"]
+        return box["r"]
+
+    def settle(self) -> None:
+        """Wait until each engine ran what was sent to it (a lease's close is one of them)."""
+        for engine in self.engines.values():
+            ran = threading.Event()
+            engine.call(ran.set)
+            assert ran.wait(30)
+
+    def close(self) -> None:
+        super().close()
+        for engine in self.engines.values():
+            engine.close()
+        self.mailbox.drain()
+        self.mailbox.close()
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +195,7 @@ CLOUDS = ["cloud-llama", "cloud-moe", "cloud-gguf"]
 
 @pytest.mark.parametrize("model", CLOUDS)
 def test_greedy_is_the_targets_own_output(backends, model) -> None:
-    table = VerifyTable(VerifySessionLimits(), backends)
+    table = Table(VerifySessionLimits(), backends)
     target = backends[model]
     for i, prompt in enumerate(PROMPTS):
         want = own_greedy(target, prompt, GREEDY.max_tokens)
@@ -181,7 +228,7 @@ def test_sampling_matches_the_targets_distribution(backends, model, params, seed
     the target's distribution after the prompt, and the second's match its distribution
     after the most frequent first token. ``seeded``: each answer has its own seed, and the
     edge and the worker draw from it as they do (separate streams)."""
-    table = VerifyTable(VerifySessionLimits(), backends)
+    table = Table(VerifySessionLimits(), backends)
     target, prompt, n = backends[model], "sort:ab=", 2000
     rng = np.random.default_rng(5)
     answers = []  # an answer shorter than 2 tokens ended with EOS
@@ -230,7 +277,7 @@ def _payload(**kw: Any) -> dict[str, Any]:
 
 def test_sessions_lost_evicted_expired_and_ended(backends) -> None:
     d = digest(backends["cloud-llama"])
-    table = VerifyTable(VerifySessionLimits(max_sessions=2, ttl_s=0.3), backends)
+    table = Table(VerifySessionLimits(max_sessions=2, ttl_s=0.3), backends)
     r = table.run(_payload(vocab=d))
     assert r["prefilled"] == 2 and r["pos"] == 3 + r["accepted"] + 1
     again = table.run(_payload(pos=r["pos"], tokens=[], draft=[5, 6]))
@@ -259,7 +306,7 @@ def test_sessions_lost_evicted_expired_and_ended(backends) -> None:
 @pytest.mark.parametrize("model", ["cloud-llama", "cloud-gguf"])
 def test_starting_over_under_one_id_never_leaks_a_slot(backends, model) -> None:
     d = digest(backends[model])
-    table = VerifyTable(VerifySessionLimits(), backends)
+    table = Table(VerifySessionLimits(), backends)
     free = backends[model].free_slots()
     for _ in range(12):  # pos 0 again and again: one session, its old slot given back
         table.run(_payload(model=model, vocab=d))
@@ -271,7 +318,7 @@ def test_starting_over_under_one_id_never_leaks_a_slot(backends, model) -> None:
 
 def test_a_draft_longer_than_max_gamma_is_verified_in_part_and_q_ids_are_checked(backends):
     d = digest(backends["cloud-llama"])
-    table = VerifyTable(VerifySessionLimits(max_gamma=2), backends)
+    table = Table(VerifySessionLimits(max_gamma=2), backends)
     r = table.run(_payload(vocab=d, draft=[7, 8, 9, 10, 11]))
     assert r["accepted"] <= 2 and r["pos"] == 3 + r["accepted"] + 1
     bad = np.array([[7, -1]], np.int32)
@@ -283,11 +330,12 @@ def test_a_draft_longer_than_max_gamma_is_verified_in_part_and_q_ids_are_checked
 
 def test_a_stream_takes_a_context_from_an_idle_session(backends) -> None:
     gguf = backends["cloud-gguf"]
-    table = VerifyTable(VerifySessionLimits(), backends)
+    table = Table(VerifySessionLimits(), backends)
     for i in range(2):  # parallel=2: both contexts held by sessions
         table.run(_payload(model="cloud-gguf", session=bytes([i]) * 16, vocab=digest(gguf)))
     assert gguf.free_slots() == 0
     table.make_room("cloud-gguf", gguf)
+    table.settle()  # the engine closes the lease
     assert gguf.free_slots() == 1 and len(table) == 1
     assert len(list(gguf.stream("ab", SamplingParams(max_tokens=3)))) <= 3
     table.close()
@@ -295,7 +343,7 @@ def test_a_stream_takes_a_context_from_an_idle_session(backends) -> None:
 
 def test_a_llama_cpp_session_takes_a_context_and_gives_it_back(backends) -> None:
     d = digest(backends["cloud-gguf"])
-    table = VerifyTable(VerifySessionLimits(), backends)
+    table = Table(VerifySessionLimits(), backends)
     for i in range(5):  # parallel=2 contexts: older sessions are evicted for newer ones
         table.run(_payload(model="cloud-gguf", session=bytes([i]) * 16, vocab=d))
     assert len(table) == 2 and table.counters["verify_evicted"] == 3
@@ -326,7 +374,7 @@ def test_a_llama_cpp_session_takes_a_context_and_gives_it_back(backends) -> None
     ],
 )
 def test_bad_payloads_are_refused(backends, change, match) -> None:
-    table = VerifyTable(VerifySessionLimits(), backends)
+    table = Table(VerifySessionLimits(), backends)
     payload = {**_payload(vocab=digest(backends["cloud-llama"])), **change}
     with pytest.raises((BadRequest, UnknownModel), match=match):
         table.run(payload)
@@ -334,7 +382,7 @@ def test_bad_payloads_are_refused(backends, change, match) -> None:
 
 
 def test_a_bad_draft_distribution_is_refused(backends) -> None:
-    table = VerifyTable(VerifySessionLimits(), backends)
+    table = Table(VerifySessionLimits(), backends)
     good = _payload(vocab=digest(backends["cloud-llama"]), temperature=1.0)
     ids = np.array([[7, 8]], np.int32)
     for probs, match in [
