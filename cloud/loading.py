@@ -56,6 +56,8 @@ def load_backends(config: WorkerConfig) -> dict[str, Any]:
             path = verify_entry(config.models_dir, entry)
         if entry.format == "gguf":
             extra["parallel"] = config.generation.parallel
+        if entry.format == "transformers":  # KV caches are made per sequence, as they start
+            extra["max_streams"] = config.generation.max_streams
         backend = open_backend(
             entry.format, path, name=name, version=entry.version, threads=config.threads, **extra
         )

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -94,6 +95,7 @@ _DONTWAIT = int(zmq.DONTWAIT)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 256  # messages read before ready batches get a chance to run
 _WORK = (Kind.INFER, Kind.EXPERTS, Kind.VERIFY)
+_SWITCH_INTERVAL_S = 0.001  # the GIL's, while serving (see serve)
 
 
 class CloudWorker:
@@ -205,6 +207,10 @@ class CloudWorker:
         )
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         restore = self._install_signal_handlers()
+        # The engines' threads run Python between kernels; a thread that wants the GIL waits
+        # up to the switch interval (5 ms by default) for it: this loop answers within 1 ms.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, _SWITCH_INTERVAL_S))
         log.info(
             "worker listening on %s, %s, models: %s",
             self.endpoint,
@@ -217,6 +223,7 @@ class CloudWorker:
         try:
             self._loop(sock)
         finally:
+            sys.setswitchinterval(switch)
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
             self.streams.close()

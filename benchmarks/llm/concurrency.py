@@ -1,15 +1,16 @@
-"""**concurrency** — 1, 4 and 8 client threads, each streaming one request after another (closed
-loop) for a fixed time, against (a) one Tandem worker process serving ``sort-cloud``
-(transformers, fast decode; one shared ``CloudClient``) and (b) ``python -m llama_cpp.server``
-serving **the same weights** exported to GGUF **f32** (same precision), ``--n_threads T
---n_threads_batch T --n_ctx 512 --interrupt_requests false`` (requests queue instead of cutting
-each other off; it serves one at a time) ``--logits_all false``, with one ``openai`` client per
-thread sending ``extra_body={"repeat_penalty": 1.0}``. Why not the GGUF in the worker: a worker
-opens a ``gguf`` model with ``parallel=1`` (no manifest or config key sets it), so a second
-concurrent stream is refused ``Overloaded``. Prompts: held-out sorting items of the three
-longest lengths (answers of that many tokens, then EOS; greedy, so both sides do the same
-work). Aggregate tokens/s, inter-token gaps as the client sees them (tokens that arrive in one
-message count 0 after the first), time to first token. No goal.
+"""**concurrency** — 1, 8 and 32 client threads, each streaming one request after another
+(closed loop) for a fixed time, against each side of :data:`SIDES`: a Tandem worker process
+serving ``sort-cloud`` (transformers, fast decode; one shared ``CloudClient``) with its engine
+(continuous batching) and without it (``generation.engine: false``: a thread per stream, what
+the worker did before engines); a worker serving the same weights as an f32 GGUF (``gguf``,
+``parallel`` = the highest level: one llama.cpp context holding that many sequences); and
+``python -m llama_cpp.server`` on that GGUF, ``--n_threads T --n_threads_batch T --n_ctx 512
+--interrupt_requests false`` (requests queue instead of cutting each other off; it serves one
+at a time) ``--logits_all false``, with one ``openai`` client per thread sending
+``extra_body={"repeat_penalty": 1.0}``. Prompts: held-out sorting items of the three longest
+lengths (answers of that many tokens, then EOS; greedy, so every side does the same work).
+Aggregate tokens/s, inter-token gaps as the client sees them (tokens that arrive in one
+message count 0 after the first), time to first token, and the issue's goals (:func:`goals`).
 
 The closed loop is ``tandem bench``'s own (:func:`tandem.bench.load.run_closed`); the tokens,
 gaps and TTFT of each answer are this module's (a :class:`~tandem.bench.stats.GenSample`).
@@ -17,6 +18,7 @@ gaps and TTFT of each answer are this module's (a :class:`~tandem.bench.stats.Ge
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -29,19 +31,7 @@ from tandem.bench.stats import GenSample, Outcome
 from tandem.reference import lm_task
 from tandem.reference.lm_models import CLOUD
 
-COLUMNS = [
-    "streams",
-    "Tandem tok/s",
-    "ITL p50 ms",
-    "ITL p99 ms",
-    "TTFT p50 ms",
-    "llama.cpp tok/s",
-    "ITL p50 ms",
-    "ITL p99 ms",
-    "TTFT p50 ms",
-    "Tandem/llama.cpp",
-    "errors",
-]
+COLUMNS = ["streams", "side", "tok/s", "ITL p50 ms", "ITL p99 ms", "TTFT p50 ms", "errors"]
 _ERROR_PAUSE_S = 0.05  # a client whose request failed waits this long before its next
 
 Request = Callable[[str], GenSample]
@@ -142,11 +132,20 @@ def openai_request(url: str, model: str, max_tokens: int) -> Request:
     return request
 
 
+SIDES = {
+    "engine": "Tandem worker, sort-cloud (transformers f32), engine: continuous batching",
+    "threads": "Tandem worker, sort-cloud, engine: false (a thread per stream: before engines)",
+    "gguf": "Tandem worker, the same weights as an f32 GGUF (gguf, parallel = max level)",
+    "llama.cpp": "llama_cpp.server on the f32 GGUF (serves one request at a time)",
+}
+
+
 def run(b: Bench) -> tuple[dict[str, Any], list[list[Any]]]:
-    """Each level of concurrent streams, Tandem's worker and ``llama_cpp.server`` in turn.
-    Returns the JSON and the table's rows."""
+    """Each level of concurrent streams against each side in turn (:data:`SIDES`). Returns
+    the JSON and the table's rows."""
     from tandem.runtime.client import CloudClient
     from tandem.runtime.gguf import export_gguf
+    from tandem.runtime.manifest import Manifest, ModelEntry, sha256_file, write_manifest
 
     z = b.sizes
     longest = lm_task.MAX_LEN  # long answers: the work is mostly decode
@@ -155,11 +154,30 @@ def run(b: Bench) -> tuple[dict[str, Any], list[list[Any]]]:
     f32 = b.cache / f"cloud-{sha(next(b.cloud_hf.glob('*.safetensors')))[:12]}-f32.gguf"
     if not f32.exists():
         export_gguf(b.cloud_hf, f32, qtype="f32")
-    w = b.worker()
+    gguf_dir = b.tmp / "gguf-models"
+    gguf_dir.mkdir(exist_ok=True)
+    (gguf_dir / f32.name).unlink(missing_ok=True)
+    (gguf_dir / f32.name).symlink_to(f32)
+    entry = ModelEntry(
+        name=CLOUD,
+        version=f"gguf-{sha(f32)[:12]}",
+        file=f32.name,
+        sha256=sha256_file(f32),
+        size_bytes=f32.stat().st_size,
+        format="gguf",
+    )
+    write_manifest(gguf_dir, Manifest(models=[entry]))
+    top = max(z.conc_levels)
+    workers = {
+        "engine": b.worker("engine", generation={"max_streams": top}),
+        "threads": b.worker("threads", generation={"max_streams": top, "engine": False}),
+        "gguf": b.worker(
+            "gguf", models_dir=gguf_dir, generation={"max_streams": top, "parallel": top}
+        ),
+    }
     say("concurrency: starting llama_cpp.server on the same weights (f32 GGUF)")
     data: dict[str, Any] = {
-        "tandem": "worker process serving sort-cloud (transformers, fast decode, f32)",
-        "reference": f"llama_cpp.server, {f32.name} (the same weights, f32), one request at a time",
+        "sides": SIDES,
         "threads": b.threads,
         "max_tokens": z.conc_max_tokens,
         "seconds": z.conc_seconds,
@@ -167,15 +185,14 @@ def run(b: Bench) -> tuple[dict[str, Any], list[list[Any]]]:
         "levels": {},
     }
     rows = []
-    with (
-        CloudClient(w.endpoint) as client,
-        llama_server(f32, b.threads, b.tmp / "llama_server.log") as url,
-    ):
+    with contextlib.ExitStack() as stack:
+        clients = {k: stack.enter_context(CloudClient(w.endpoint)) for k, w in workers.items()}
+        url = stack.enter_context(llama_server(f32, b.threads, b.tmp / "llama_server.log"))
         model_id = get_json(url + "/models")["data"][0]["id"]
-        sides = {
-            "tandem": tandem_request(client, z.conc_max_tokens),
-            "llama.cpp": openai_request(url, model_id, z.conc_max_tokens),
+        sides: dict[str, Request] = {
+            k: tandem_request(c, z.conc_max_tokens) for k, c in clients.items()
         }
+        sides["llama.cpp"] = openai_request(url, model_id, z.conc_max_tokens)
         for req in sides.values():  # warm-up: connections, first-call allocations
             for p in prompts[:2]:
                 req(p)
@@ -189,34 +206,80 @@ def run(b: Bench) -> tuple[dict[str, Any], list[list[Any]]]:
                 k: sorted(v, key=lambda r: r["tokens_per_s"])[len(v) // 2] for k, v in got.items()
             }
             data["levels"][str(level)] = {**med, "runs": got}
-            tan, ref = med["tandem"], med["llama.cpp"]
-            rows.append(
-                [
-                    level,
-                    f"{tan['tokens_per_s']:.0f}",
-                    f"{tan['itl_p50_ms']:.2f}",
-                    f"{tan['itl_p99_ms']:.2f}",
-                    f"{tan['ttft_p50_ms']:.1f}",
-                    f"{ref['tokens_per_s']:.0f}",
-                    f"{ref['itl_p50_ms']:.2f}",
-                    f"{ref['itl_p99_ms']:.2f}",
-                    f"{ref['ttft_p50_ms']:.1f}",
-                    f"{ratio(tan['tokens_per_s'], ref['tokens_per_s']):.2f}×",
-                    tan["errors"] + ref["errors"],
-                ]
-            )
-            data["levels"][str(level)]["tokens_per_s_ratio"] = ratio(
-                tan["tokens_per_s"], ref["tokens_per_s"]
-            )
+            for k in sides:
+                m = med[k]
+                rows.append(
+                    [
+                        level,
+                        k,
+                        f"{m['tokens_per_s']:.0f}",
+                        f"{m['itl_p50_ms']:.2f}",
+                        f"{m['itl_p99_ms']:.2f}",
+                        f"{m['ttft_p50_ms']:.1f}",
+                        m["errors"],
+                    ]
+                )
+    data["goals"] = goals(data)
     return data, rows
+
+
+def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals at each level above one stream, from the medians: total tokens/s ≥
+    3× one stream's and ≥ 2× llama_cpp.server's; inter-token p99 ≤ 2× Tandem's own at one
+    stream."""
+    levels = data["levels"]
+    one = levels.get("1", {})
+    out = []
+    for level, med in levels.items():
+        if level == "1":
+            continue
+        for side in ("engine", "gguf"):
+            if side not in med or side not in one:
+                continue
+            m, single = med[side], one[side]
+            checks = {
+                "tokens/s vs one stream (≥ 3×)": (
+                    ratio(m["tokens_per_s"], single["tokens_per_s"]),
+                    3.0,
+                    True,
+                ),
+                "tokens/s vs llama_cpp.server (≥ 2×)": (
+                    ratio(m["tokens_per_s"], med["llama.cpp"]["tokens_per_s"]),
+                    2.0,
+                    True,
+                ),
+                "inter-token p99 vs own one-stream p99 (≤ 2×)": (
+                    ratio(m["itl_p99_ms"], single["itl_p99_ms"]),
+                    2.0,
+                    False,
+                ),
+            }
+            for name, (value, bound, at_least) in checks.items():
+                met = value >= bound if at_least else value <= bound
+                out.append(
+                    {
+                        "streams": int(level),
+                        "side": side,
+                        "goal": name,
+                        "value": round(value, 2),
+                        "met": bool(met),
+                    }
+                )
+                say(
+                    f"goal at {level} streams, {side}: {name}: {value:.2f}× — "
+                    f"{'met' if met else 'NOT met'}"
+                )
+    return out
 
 
 def title(b: Bench, data: dict[str, Any]) -> tuple[str, str]:
     """The table's title and its note."""
     z, t = b.sizes, b.threads
     return (
-        f"concurrent streams: Tandem worker (sort-cloud, transformers f32) vs llama_cpp.server "
-        f"(same weights, f32 GGUF), {t} threads each, ≤ {z.conc_max_tokens} tokens per "
-        f"request, {z.conc_seconds:g} s per point, median of {z.conc_repeat}",
-        "no goal; ITL: gaps between tokens as the client receives them",
+        f"concurrent streams through one worker: engine vs a thread per stream vs the gguf "
+        f"backend vs llama_cpp.server (same weights), {t} threads each, ≤ {z.conc_max_tokens} "
+        f"tokens per request, {z.conc_seconds:g} s per point, median of {z.conc_repeat}",
+        "goals (issue 17): at 8 and 32 streams, tokens/s ≥ 3× one stream and ≥ 2× "
+        "llama_cpp.server, inter-token p99 ≤ 2× one stream's; ITL: gaps between tokens as the "
+        "client receives them",
     )

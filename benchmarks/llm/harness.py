@@ -30,7 +30,7 @@ class Sizes:
     edge_run_s: float = 0.4  # a timed run repeats the call until it lasts this long
     moe_tokens: int = 128
     moe_repeat: int = 3
-    conc_levels: tuple[int, ...] = (1, 4, 8)
+    conc_levels: tuple[int, ...] = (1, 8, 32)
     conc_seconds: float = 3.0
     conc_repeat: int = 3
     conc_max_tokens: int = 40
@@ -70,33 +70,43 @@ class Bench:
     tmp: Path
     threads: int
     sizes: Sizes
-    _worker: Any = None
+    _workers: dict[str, Any] = field(default_factory=dict)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
-    def worker(self) -> Any:
-        """A worker process serving ``sort-cloud`` on loopback (started once)."""
-        if self._worker is None:
+    def worker(
+        self,
+        key: str = "sort-cloud",
+        *,
+        models_dir: Path | None = None,
+        models: Sequence[str] = (CLOUD,),
+        generation: dict[str, Any] | None = None,
+    ) -> Any:
+        """A worker process on loopback (started once per ``key``): by default serving
+        ``sort-cloud``; ``generation``: its config's ``generation`` section."""
+        if key not in self._workers:
             from tandem.cloud.config import WorkerConfig
             from tandem.cloud.process import WorkerProcess
 
             cfg = WorkerConfig.model_validate(
                 {
                     "bind": "tcp://127.0.0.1:*",
-                    "models_dir": str(self.models_dir),
-                    "models": [CLOUD],
+                    "models_dir": str(models_dir or self.models_dir),
+                    "models": list(models),
                     "threads": self.threads,
+                    "generation": generation or {},
                 }
             )
-            log = self._stack.enter_context(open(self.tmp / "worker.log", "wb"))  # noqa: SIM115
-            say("starting a worker serving sort-cloud")
+            log_path = self.tmp / f"worker-{key}.log"
+            log = self._stack.enter_context(open(log_path, "wb"))  # noqa: SIM115
+            say(f"starting a worker ({key}) serving {', '.join(models)}")
             w = WorkerProcess(cfg, startup_timeout_s=300, stderr=log)
             try:
                 w.start()
             except Exception:
-                raise RuntimeError(f"worker failed: {tail(self.tmp / 'worker.log')}") from None
+                raise RuntimeError(f"worker failed: {tail(log_path)}") from None
             self._stack.callback(w.__exit__, None, None, None)
-            self._worker = w
-        return self._worker
+            self._workers[key] = w
+        return self._workers[key]
 
     def close(self) -> None:
         self._stack.close()

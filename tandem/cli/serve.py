@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,11 @@ def cloud_serve(
     ] = False,
 ) -> None:
     """Serve the models of a models directory on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
+    # Before torch loads its OpenMP runtime (it reads this once): an engine step alternates
+    # torch's GEMMs with Numba's kernels, and OpenMP threads that spin after a region take
+    # the cores from the next one (a 32-sequence step of sort-cloud: 25 ms passive, 135-730 ms
+    # spinning, 2 busy cores). A value the user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from tandem.cloud.config import load_worker_config
     from tandem.cloud.worker import CloudWorker
 
