@@ -90,7 +90,11 @@ class Mailbox:
         except BlockingIOError:
             pass
         while self._posted:
-            self._posted.popleft()()
+            fn = self._posted.popleft()
+            try:
+                fn()
+            except Exception:  # a bug of ours: the loop keeps serving
+                log.exception("a posted completion failed")
 
     def close(self) -> None:
         with self._lock:

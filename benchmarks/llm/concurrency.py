@@ -25,7 +25,12 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.llm.harness import Bench, percentile, ratio, say, sha
-from benchmarks.llm.llama_server import get_json, llama_server
+from benchmarks.llm.llama_server import (
+    cxx_llama_server,
+    get_json,
+    llama_server,
+    llama_server_binary,
+)
 from tandem.bench.load import run_closed
 from tandem.bench.stats import GenSample, Outcome
 from tandem.reference import lm_task
@@ -137,6 +142,8 @@ SIDES = {
     "threads": "Tandem worker, sort-cloud, engine: false (a thread per stream: before engines)",
     "gguf": "Tandem worker, the same weights as an f32 GGUF (gguf, parallel = max level)",
     "llama.cpp": "llama_cpp.server on the f32 GGUF (serves one request at a time)",
+    "llama-server": "llama.cpp's C++ llama-server on the f32 GGUF, -np = max level "
+    "(continuous batching; only if built: benchmarks/llm/build_llama_server.sh)",
 }
 
 
@@ -193,6 +200,15 @@ def run(b: Bench) -> tuple[dict[str, Any], list[list[Any]]]:
             k: tandem_request(c, z.conc_max_tokens) for k, c in clients.items()
         }
         sides["llama.cpp"] = openai_request(url, model_id, z.conc_max_tokens)
+        binary = llama_server_binary()
+        if binary is None:
+            say("concurrency: no C++ llama-server built (benchmarks/llm/build_llama_server.sh)")
+        else:
+            cxx = stack.enter_context(
+                cxx_llama_server(binary, f32, b.threads, b.tmp / "llama-server.log", parallel=top)
+            )
+            cxx_id = get_json(cxx + "/models")["data"][0]["id"]
+            sides["llama-server"] = openai_request(cxx, cxx_id, z.conc_max_tokens)
         for req in sides.values():  # warm-up: connections, first-call allocations
             for p in prompts[:2]:
                 req(p)
@@ -254,6 +270,12 @@ def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
                     False,
                 ),
             }
+            if side == "gguf" and "llama-server" in med:
+                checks["tokens/s vs C++ llama-server -np (≥ 0.8×)"] = (
+                    ratio(m["tokens_per_s"], med["llama-server"]["tokens_per_s"]),
+                    0.8,
+                    True,
+                )
             for name, (value, bound, at_least) in checks.items():
                 met = value >= bound if at_least else value <= bound
                 out.append(

@@ -58,14 +58,19 @@ def test_quick_run_writes_every_section_with_finite_numbers(tmp_path: Path) -> N
     assert all(_finite(row["tokens_per_s"]) for row in r["moe"]["rows"])
     assert _finite(r["moe"]["tandem_over_llama_cpp_q8_0"])
 
-    assert set(r["concurrency"]["levels"]) == {"1", "4", "8"}
+    assert set(r["concurrency"]["levels"]) == {"1", "8", "32"}
     for level in r["concurrency"]["levels"].values():
-        for side in ("tandem", "llama.cpp"):
+        for side in ("engine", "threads", "gguf", "llama.cpp"):
             s = level[side]
             assert s["errors"] == 0, s["first_error"]
             assert s["tokens"] > 0
             for k in ("tokens_per_s", "itl_p50_ms", "itl_p99_ms", "ttft_p50_ms"):
                 assert _finite(s[k]), (side, k)
+    goals = r["concurrency"]["goals"]
+    assert {(g["streams"], g["side"]) for g in goals} == {
+        (n, side) for n in (8, 32) for side in ("engine", "gguf")
+    }
+    assert all(isinstance(g["met"], bool) and _finite(g["value"]) for g in goals)
 
     c = r["cascade"]
     assert set(c["modes"]) == {"edge only", "cloud only", *GATES}
