@@ -18,14 +18,16 @@ llama-cpp-python evaluates the target with ``logits_all=True``, which copies eve
 token's logits row into Python; that is the price of verification.
 
 Each call greedily drafts up to ``num_pred_tokens`` tokens continuing ``input_ids`` in the
-small model. Its KV cache is kept between calls (through Tandem's llama.cpp session,
-:class:`~tandem.runtime.backends.llamacpp._Session`): the target's next input is the previous
-input, the accepted draft tokens and one token of its own, so a call evaluates only the tokens
-that are new to the small model (plus the draft steps).
+small model. Its KV cache is kept between calls (:class:`_EvalSession`, ``Llama.eval`` from
+the longest prefix the cache shares): the target's next input is the previous input, the
+accepted draft tokens and one token of its own, so a call evaluates only the tokens that are
+new to the small model (plus the draft steps).
 """
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,55 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp.llama_speculative import LlamaDraftModel
 
-from tandem.runtime.backends.llamacpp import _Session, llama_kwargs, load_llama, usable_ctx
+from tandem.runtime.backends.llamacpp import llama_kwargs, load_llama, usable_ctx
 from tandem.runtime.errors import BackendError, ConfigError
+from tandem.runtime.speculative import shared_prefix
 
 __all__ = ["GGUFDraftModel"]
 
 _EMPTY = np.empty(0, dtype=np.intc)
+
+
+class _EvalSession:
+    """A ``Llama``'s one sequence as a :class:`~tandem.runtime.generation.LogitsSession`:
+    ``Llama.eval``, then the last logits row read in place (a view of llama.cpp's buffer,
+    valid until the next ``eval``)."""
+
+    def __init__(self, llm: llama_cpp.Llama) -> None:
+        self.llm = llm
+        self.n_vocab = llm.n_vocab()
+        self._row: np.ndarray = np.empty(0, np.float32)
+        self._addr: int | None = None
+        self.rollback = not (
+            llama_cpp.llama_model_is_recurrent(llm.model)
+            or llama_cpp.llama_model_is_hybrid(llm.model)
+        )
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run ``tokens``, reusing the longest prefix the context already evaluated (at least
+        the last token is run again: its logits row is not kept)."""
+        held = self.llm.input_ids[: self.llm.n_tokens]
+        keep = min(shared_prefix(held, tokens), len(tokens) - 1)
+        if not self.rollback and keep < self.llm.n_tokens:
+            keep = 0  # a recurrent state cannot be rolled back part of the way
+        self.llm.n_tokens = keep  # the next eval drops the cells past it
+        return self._eval(tokens[keep:])
+
+    def append(self, token: int) -> np.ndarray:
+        return self._eval((token,))
+
+    def _eval(self, tokens: Sequence[int]) -> np.ndarray:
+        try:
+            self.llm.eval(tokens)
+        except RuntimeError as e:
+            raise BackendError(f"llama.cpp decode failed: {e}") from None
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if not addr:
+            raise BackendError("llama.cpp returned no logits for the last token")
+        if addr != self._addr:  # a view costs ~10 µs; the buffer rarely moves
+            self._row, self._addr = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)), addr
+        return self._row
 
 
 class GGUFDraftModel(LlamaDraftModel):
@@ -73,7 +118,7 @@ class GGUFDraftModel(LlamaDraftModel):
         self.num_pred_tokens = num_pred_tokens
         llm = load_llama(self.path, llama_kwargs(n_ctx, threads, options))
         self._llm: llama_cpp.Llama | None = llm
-        self._session = _Session(llm)
+        self._session = _EvalSession(llm)
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self.n_ctx = usable_ctx(llm, n_ctx)
         self.n_vocab = llm.n_vocab()
