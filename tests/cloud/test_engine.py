@@ -203,3 +203,32 @@ def test_queued_prompts_are_bounded(lm_dir):
             ):
                 list(second)
             assert len([t for chunk in first for t in chunk.tokens]) == 1
+
+
+def test_a_gguf_models_streams_share_one_context_and_each_gets_its_own_answer(lm_dir):
+    from tandem.runtime.backends.llamacpp import LlamaCppBackend
+    from tandem.runtime.gguf import export_gguf
+
+    path = export_gguf(lm_dir, lm_dir.parent / "tiny.gguf", qtype="f32")
+    single = LlamaCppBackend(path, name=LM, threads=1, n_ctx=256)
+    prompts = ["abc", "hello world", "z", "the quick brown fox"]
+    params = SamplingParams(max_tokens=16)
+    want = [[s.token for s in single.stream(p, params)] for p in prompts]
+    single.close()
+    gguf = LlamaCppBackend(path, name=LM, threads=1, n_ctx=256, parallel=4)
+    got: list[list[int] | None] = [None] * len(prompts)
+    with ThreadWorker(config(parallel=4), {LM: gguf}) as w, CloudClient(w.endpoint) as c:
+
+        def run(i: int) -> None:
+            with c.generate(LM, prompts[i], params, timeout_s=30) as s:
+                got[i] = [t for chunk in s for t in chunk.tokens]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        engine = c.health()["engines"][LM]
+    gguf.close()
+    assert got == want
+    assert engine["max_batch"] >= 2  # sequences of one context shared steps
