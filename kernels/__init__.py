@@ -1,6 +1,9 @@
 """Hot-path kernels: array in, array out, nothing of tandem. Numba on CPU, Triton on CUDA
 tensors; each public function has a plain reference beside it (``*_reference``) that the
-tests compare against."""
+tests compare against. Where the library call (BLAS, torch) may beat a kernel on some CPU,
+:mod:`~tandem.kernels.autotune` times both on this machine, per shape class, and keeps the
+faster (:func:`~tandem.kernels.linear.linear`, the MoE experts); ``autotune.choices()`` says
+what it chose."""
 
 import sys as _sys
 
@@ -46,6 +49,8 @@ else:
         moe_align_reference,
         permute,
         permute_reference,
+        route,
+        route_reference,
     )
     from tandem.kernels.gating import topk_gating, topk_gating_reference
 
@@ -62,6 +67,8 @@ else:
         "moe_align_reference",
         "permute",
         "permute_reference",
+        "route",
+        "route_reference",
         "topk_gating",
         "topk_gating_reference",
     ]

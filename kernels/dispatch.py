@@ -4,7 +4,9 @@ scatter the experts' outputs back weighted by the gate.
 * :func:`moe_align` — the dispatch plan (same contract as vLLM's ``moe_align_block_size``,
   written here in three named passes: ``_count`` → ``_prefix_sum`` → ``_scatter``);
 * :func:`permute` — gather token rows into expert-contiguous (padded) order;
-* :func:`combine` — the weighted sum of each token's k expert outputs, back in token order.
+* :func:`combine` — the weighted sum of each token's k expert outputs, back in token order;
+* :func:`route` — gating and the plan together: on CUDA, for a small batch, one fused Triton
+  launch (:func:`~tandem.kernels.triton_route.gate_align_triton`) instead of six.
 
 Each has a torch reference beside it (``*_reference``). numpy in, numpy out; torch in, torch
 out (CPU tensors are viewed without a copy; bfloat16/float16 hidden states take the torch
@@ -200,7 +202,9 @@ def permute(x: Any, plan: MoEPlan) -> Any:
         return permute_reference(x, plan)
     xs = np.ascontiguousarray(as_numpy(x))
     out = np.empty((plan.num_tokens_post_padded, xs.shape[1]), xs.dtype)
-    kernel = _permute_parallel if len(out) >= PARALLEL_MIN_ROWS else _permute_serial
+    # real rows decide, not padded ones: at T = 1, k = 2 and block 16 the plan has 32 rows, of
+    # which 30 are zeros — not worth waking the thread pool for (a time slice on a busy VM)
+    kernel = _permute_parallel if len(plan.slot_positions) >= PARALLEL_MIN_ROWS else _permute_serial
     kernel(xs, plan.sorted_token_ids, plan.top_k, out)
     return like(out, x)
 
@@ -289,3 +293,46 @@ def _numpy_dtype(t: Any) -> bool:
     import torch
 
     return t.dtype in (torch.float32, torch.float64)
+
+
+def route(
+    logits: Any,
+    k: int,
+    block_size: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias: Any = None,
+    n_groups: int | None = None,
+    topk_groups: int | None = None,
+) -> tuple[Any, Any, MoEPlan]:
+    """Router logits (T, E) → ``(weights (T, k), expert ids (T, k), plan)``: what
+    :func:`~tandem.kernels.gating.topk_gating` and :func:`moe_align` give one after the other.
+    CUDA logits with up to :data:`~tandem.kernels.triton_route.FUSED_MAX_TOKENS` rows and
+    ungrouped selection take one fused launch; everything else the two kernels.
+
+        >>> w, ids, plan = route(np.array([[0.0, 2.0, 1.0]], np.float32), 2, 2)
+        >>> ids.tolist(), plan.sorted_token_ids.tolist()    # slots 0 (expert 1), 1 (expert 2)
+        ([[1, 2]], [0, 2, 1, 2])
+    """
+    gating = dict(scoring=scoring, renormalize=renormalize, bias=bias)
+    if on_gpu(logits) and n_groups is None:
+        from tandem.kernels import triton_route as tr
+
+        if logits.shape[0] <= tr.FUSED_MAX_TOKENS and logits.shape[1] <= tr.FUSED_MAX_EXPERTS:
+            return tr.gate_align_triton(logits, k, block_size, **gating)
+    from tandem.kernels.gating import topk_gating
+
+    w, ids = topk_gating(logits, k, n_groups=n_groups, topk_groups=topk_groups, **gating)
+    return w, ids, moe_align(ids, logits.shape[1], block_size)
+
+
+def route_reference(
+    logits: Any, k: int, block_size: int, **gating: Any
+) -> tuple[Any, Any, MoEPlan]:
+    """torch: :func:`~tandem.kernels.gating.topk_gating_reference`, then
+    :func:`moe_align_reference`."""
+    from tandem.kernels.gating import topk_gating_reference
+
+    w, ids = topk_gating_reference(logits, k, **gating)
+    return w, ids, moe_align_reference(ids, logits.shape[1], block_size)

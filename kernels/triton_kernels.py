@@ -2,6 +2,9 @@
 :mod:`~tandem.kernels.confidence`, :mod:`~tandem.kernels.gating` and
 :mod:`~tandem.kernels.dispatch` call these when their input lives on a GPU.
 
+Gating and the dispatch plan fused into one launch for small batches are in
+:mod:`~tandem.kernels.triton_route`.
+
 On a machine without a GPU they run under ``TRITON_INTERPRET=1`` on CPU tensors (set before
 this module is imported): that is how CI tests them against the same references as the Numba
 kernels. Grouped top-k with a number of experts or groups that is not a power of two runs as

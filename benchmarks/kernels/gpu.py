@@ -1,6 +1,7 @@
 """Tandem's Triton kernels on a real GPU against the best plain-torch formulation, same device,
-same inputs, in one run: confidence statistics, top-k softmax gating, and the MoE dispatch
-(align + permute + combine). Also checks each against its torch reference first (a benchmark
+same inputs, in one run: confidence statistics, top-k softmax gating, the MoE dispatch
+(align + permute + combine), and gating + plan in one fused launch at small T (``route``)
+against the same two steps launched apart. Also checks each against its torch reference first (a benchmark
 of a wrong kernel is worthless).
 
     python -m benchmarks.kernels.gpu [--json PATH]
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.kernels import combine, confidence, moe_align, permute, topk_gating
+from tandem.kernels import combine, confidence, moe_align, permute, route, topk_gating
 from tandem.runtime.machine import machine
 
 
@@ -108,6 +109,17 @@ def run(dev: str = "cuda") -> list[dict]:
             f"T={t} H={h} E={e} k={k}",
             lambda x=x, ids=ids, w=w, e=e: _dispatch_tandem(x, ids, w, e),
             lambda x=x, ids=ids, w=w: _dispatch_torch(x, ids, w),
+        )
+    for t, e, k in ((1, 8, 2), (16, 64, 8), (64, 128, 8)):
+        logits = torch.randn(t, e, device=dev, generator=g)
+        w, ids, plan = route(logits, k, 16)
+        want = moe_align(topk_gating(logits, k)[1], e, 16)
+        assert (plan.sorted_token_ids == want.sorted_token_ids).all(), "fused plan differs"
+        add(
+            "route (fused) vs gating+align",
+            f"T={t} E={e} k={k}",
+            lambda a=logits, k=k: route(a, k, 16),
+            lambda a=logits, k=k, e=e: moe_align(topk_gating(a, k)[1], e, 16),
         )
     return rows
 

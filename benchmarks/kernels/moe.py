@@ -11,18 +11,28 @@
 
 Each kernel's effective bandwidth (bytes it must touch ÷ time) is printed next to the machine's
 copy bandwidth, measured in the same run with a large numpy copy.
+
+The MoE block's experts are autotuned per token bucket (:mod:`tandem.kernels.autotune`): the
+"impl" column names the formulation this machine chose, and a second table times each
+formulation on its own (Tandem's dispatch/combine kernels, torch's per-expert loop, torch's
+grouped_mm) beside transformers' eager and grouped_mm, in interleaved rounds so that the load
+of other processes hits all alike. Run it with ``TANDEM_KERNELS=tandem`` or ``=library`` to
+force a side everywhere (see the autotune module).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from benchmarks.common import best_of_ms, emit
+from benchmarks.common import best_of_ms, emit, print_table
 from tandem.kernels import (
+    autotune,
     combine,
     combine_reference,
     moe_align,
@@ -31,6 +41,7 @@ from tandem.kernels import (
     permute_reference,
     topk_gating,
 )
+from tandem.runtime import moe as tandem_moe
 from tandem.runtime.moe import MoEBlock
 
 
@@ -66,6 +77,37 @@ def torch_grouped_sigmoid(
     return w / w.sum(-1, keepdim=True), ids
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median ms per call of each function, timed in alternating rounds (each round runs a
+    function enough times to last ~20 ms)."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        inner[name] = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner[name] * 1e3)
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def experts_with(block: MoEBlock, impl: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The Tandem block's forward on ``x`` with one experts formulation, untuned."""
+    fn = tandem_moe.IMPLEMENTATIONS[impl]
+
+    def forward() -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        w, ids = block.route(flat)
+        return fn(flat, ids, w, block.gate_up_proj, block.down_proj).reshape(x.shape)
+
+    return forward
+
+
 def mixtral_blocks(h: int, i: int, e: int, k: int):
     """transformers' Mixtral sparse MoE block, and a Tandem MoEBlock with the same weights."""
     from transformers import MixtralConfig
@@ -98,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     bw = copy_bandwidth_gbs()
     rows, data = [], {"copy_bandwidth_gbs": bw}
 
-    def row(name, ref_ms, ours_ms, goal, bytes_touched, ok):
+    def row(name, ref_ms, ours_ms, goal, bytes_touched, ok, impl="tandem"):
         ratio = ref_ms / ours_ms
         gbs = bytes_touched / (ours_ms / 1e3) / 1e9 if bytes_touched else None
         rows.append(
             [
                 name,
+                impl,
                 ref_ms,
                 ours_ms,
                 f"{ratio:.2f}×",
@@ -113,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
         data[name] = {
+            "implementation": impl,
             "reference_ms": ref_ms,
             "tandem_ms": ours_ms,
             "speedup": ratio,
+            "time_ratio": 1 / ratio,
             "goal": goal,
             "tandem_gbs": gbs,
         }
@@ -124,18 +169,34 @@ def main(argv: list[str] | None = None) -> None:
     h, i, e, k = 512, 1024, 8, 2
     ref, ours, cfg = mixtral_blocks(h, i, e, k)
     weight_bytes = 3 * h * i * 4  # one expert: gate, up, down in fp32
+    block_rows = []
     for t in (1, 16, 256, 2048):
         x = torch.randn(1, t, h)
         with torch.no_grad():
             want = ref(x)
-            torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-4)
-            times = {}
-            for impl in ("eager", "grouped_mm"):
-                cfg._experts_implementation = impl
-                times[impl] = best_of_ms(lambda x=x: ref(x), args.repeat)
+            torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-4)  # autotunes T's class
+            chosen = next(
+                impl
+                for shape, impl in autotune.choices()["moe_experts"].items()
+                if shape.startswith(tandem_moe.token_class_label(t) + ",")
+            )
+
+            def reference(impl: str, x: torch.Tensor = x) -> Callable[[], object]:
+                def run() -> object:
+                    cfg._experts_implementation = impl
+                    return ref(x)
+
+                return run
+
+            fns = {"eager": reference("eager"), "grouped_mm": reference("grouped_mm")}
+            fns |= {
+                f"block {name}": experts_with(ours, name, x) for name in tandem_moe.IMPLEMENTATIONS
+            }
+            fns["block autotuned"] = lambda x=x: ours(x)
+            times = interleaved_ms(fns, args.repeat)
             cfg._experts_implementation = "eager"
-            mine = best_of_ms(lambda x=x: ours(x), args.repeat)
-        best_ref = min(times.values())
+        best_ref = min(times["eager"], times["grouped_mm"])
+        mine = times["block autotuned"]
         name = f"MoE block T={t}"
         limit = 1.0 if t == 1 else 1.25  # time ≤ 1.0× (T = 1), ≤ 0.8× (T ≥ 16) of the best
         row(
@@ -145,8 +206,21 @@ def main(argv: list[str] | None = None) -> None:
             f"≤{1 / limit:.1f}× time",
             min(e, t * k) * weight_bytes,
             lambda r, lim=limit: r >= lim,
+            impl=chosen,
         )
         data[name].update({f"{impl}_ms": ms for impl, ms in times.items()})
+        block_rows.append(
+            [t, *(f"{v:.3g}" for v in times.values()), chosen, f"{mine / best_ref:.2f}×"]
+        )
+    print_table(
+        "MoE block (H=512, I=1024, E=8, k=2, fp32), ms per call: transformers' two "
+        "formulations, the Tandem block with each experts formulation, and autotuned",
+        ["T", *fns, "chosen", "autotuned ÷ best transformers"],
+        block_rows,
+        f"interleaved rounds, median of {args.repeat}; load average "
+        f"{os.getloadavg()[0]:.1f} (other processes make figures noisy)",
+    )
+    data["autotune"] = {"choices": autotune.choices(), "timings_us": autotune.timings()}
 
     # gating
     t, e, k = 4096, 64, 8
@@ -208,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         "moe",
         f"MoE vs torch/transformers (copy bandwidth {bw:.1f} GB/s; block reference = faster "
         "of eager/grouped_mm; gating T=4096 E=64 k=8; grouped: 8 groups keep 4; H=512)",
-        ["benchmark", "ref ms", "ms", "speedup", "goal", "met", "GB/s"],
+        ["benchmark", "impl", "ref ms", "ms", "speedup", "goal", "met", "GB/s"],
         rows,
         data,
         args.json,

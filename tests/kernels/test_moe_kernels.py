@@ -172,3 +172,94 @@ def test_bfloat16_hidden_states_take_the_torch_path() -> None:
     assert xp.dtype == torch.bfloat16
     out = combine(xp, plan, torch.full((10, 2), 0.5))
     torch.testing.assert_close(out, x, rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------- experts, autotuned
+# tandem.runtime.moe.experts_forward picks one of several formulations per token bucket; each
+# must give the same numbers (float32 summation order only).
+def experts_case(t: int, e: int, k: int, h: int = 24, i: int = 20, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + t * 31 + e * 7 + k)
+    x = torch.randn(t, h, generator=g)
+    ids = torch.argsort(torch.rand(t, e, generator=g), dim=1)[:, :k].to(torch.int32)
+    w = torch.rand(t, k, generator=g)
+    gate_up = torch.randn(e, 2 * i, h, generator=g) * h**-0.5  # outputs of order one
+    return x, ids, w, gate_up, torch.randn(e, h, i, generator=g) * i**-0.5
+
+
+@pytest.fixture
+def fresh_autotune(monkeypatch: pytest.MonkeyPatch):
+    from tandem.kernels import autotune
+
+    monkeypatch.delenv(autotune.ENV_VAR, raising=False)
+    autotune.reset()
+    yield autotune
+    autotune.reset()
+
+
+@pytest.mark.parametrize(("t", "e", "k"), [(1, 8, 2), (3, 4, 1), (16, 4, 4), (40, 8, 2)])
+def test_every_experts_formulation_gives_the_same_numbers(t, e, k) -> None:
+    from tandem.runtime.moe import IMPLEMENTATIONS, swiglu
+
+    x, ids, w, gate_up, down = experts_case(t, e, k)
+    with torch.no_grad():
+        want = IMPLEMENTATIONS["tandem"](x, ids, w, gate_up, down)
+        for name, impl in IMPLEMENTATIONS.items():
+            got = impl(x, ids, w, gate_up, down, swiglu, False)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+            t_up, t_down = gate_up.transpose(1, 2), down.transpose(1, 2)
+            got = impl(x, ids, w, t_up, t_down, swiglu, True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} transposed")
+
+
+@pytest.mark.parametrize("side", ["auto", "tandem", "library"])
+def test_experts_forward_records_its_choice_per_token_bucket(fresh_autotune, side) -> None:
+    from tandem.runtime.moe import experts_forward
+
+    with fresh_autotune.forced(side), torch.no_grad():
+        for t in (1, 3, 16, 300):
+            x, ids, w, gate_up, down = experts_case(t, 4, 2)
+            want = experts_forward(x, ids, w, gate_up, down)
+            got = experts_forward(x, ids, w, gate_up, down)  # now from the memo
+            torch.testing.assert_close(got, want)
+        chosen = fresh_autotune.choices()["moe_experts"]
+        assert set(chosen) == {
+            f"{b},E=4,H=24,I=20,k=2,float32" for b in ("T=1", "T=2-4", "T=5-16", "T=257-1024")
+        }
+        if side == "tandem":
+            assert all(impl.startswith("tandem") for impl in chosen.values())
+        elif side == "library":
+            assert not any(impl.startswith("tandem") for impl in chosen.values())
+        # the rows formulation is no candidate above ROWS_MAX_TOKENS
+        assert chosen["T=257-1024,E=4,H=24,I=20,k=2,float32"] != "tandem_rows"
+
+
+def test_experts_forward_refuses_bad_ids_whichever_formulation(fresh_autotune) -> None:
+    from tandem.runtime.moe import IMPLEMENTATIONS
+
+    x, ids, w, gate_up, down = experts_case(5, 4, 2)
+    for bad in (4, -1):
+        ids_bad = ids.clone()
+        ids_bad[2, 1] = bad
+        for name, impl in IMPLEMENTATIONS.items():
+            with pytest.raises(ValueError, match=r"\[0, 4\)"):
+                impl(x, ids_bad, w, gate_up, down)
+            assert name
+
+
+def test_experts_forward_is_differentiable_when_asked() -> None:
+    from tandem.runtime.moe import experts_forward
+
+    x, ids, w, gate_up, down = experts_case(6, 4, 2)
+    gate_up.requires_grad_(True)
+    out = experts_forward(x, ids, w, gate_up, down)
+    out.sum().backward()
+    assert gate_up.grad is not None and gate_up.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, experts_forward(x, ids, w, gate_up, down))
+
+
+def test_experts_forward_empty_batch() -> None:
+    from tandem.runtime.moe import experts_forward
+
+    x, ids, w, gate_up, down = experts_case(0, 4, 2)
+    assert experts_forward(x, ids, w, gate_up, down).shape == (0, 24)

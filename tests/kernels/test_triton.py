@@ -21,6 +21,7 @@ from tandem.kernels import (
     topk_gating_reference,
 )
 from tandem.kernels import triton_kernels as tk
+from tandem.kernels import triton_route as tr
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -129,3 +130,103 @@ def test_moe_align_matches_reference(t, k, e, bs, assert_same_plan) -> None:
     assert_same_plan(got, want)
     with pytest.raises(ValueError):
         tk.moe_align_triton(on(torch.tensor([[e]])), e, bs)
+
+
+# --------------------------------------------------------------------------- fused gating + plan
+FUSED_CASES = [
+    {},
+    {"renormalize": False},
+    {"scoring": "sigmoid"},
+    {"scoring": "sigmoid", "renormalize": False},
+    {"bias": "random"},
+    {"scoring": "sigmoid", "bias": "random"},
+]
+
+
+@pytest.mark.parametrize("kw", FUSED_CASES)
+@pytest.mark.parametrize(
+    ("t", "e", "k", "bs"),
+    [(0, 8, 2, 4), (1, 8, 1, 1), (1, 8, 8, 16), (5, 6, 6, 4), (16, 64, 8, 16), (64, 16, 2, 4)],
+)
+def test_fused_gate_align_matches_the_two_references(kw, t, e, k, bs, assert_same_plan) -> None:
+    """One launch = topk_gating_reference then moe_align_reference: k = 1, k = E, T = 0, odd
+    E, and the largest batch the fused path takes."""
+    from tandem.kernels import route_reference
+
+    if kw.get("bias") == "random":
+        kw = {**kw, "bias": torch.randn(e, generator=torch.Generator().manual_seed(2)) * 0.1}
+    x = torch.randn(t, e, generator=torch.Generator().manual_seed(t * e + k)) * 2
+    w, ids, plan = tr.gate_align_triton(on(x), k, bs, **kw)
+    wr, idr, want = route_reference(x, k, bs, **kw)
+    assert ids.cpu().tolist() == idr.tolist()
+    torch.testing.assert_close(w.cpu(), wr, rtol=2e-5, atol=1e-6)
+    assert_same_plan(plan, want)
+    assert plan.top_k == k and plan.block_size == bs
+
+
+def test_fused_gate_align_ties_and_neg_inf(assert_same_plan) -> None:
+    from tandem.kernels import route_reference
+
+    inf = float("inf")
+    x = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, 0.0],  # tie: lowest id first
+            [2.0, 2.0, 2.0, 2.0],  # all tied
+            [-inf, 1.0, -inf, 0.5],  # -inf experts come last
+            [-inf, -inf, -inf, 0.0],  # one finite logit: k = 2 takes the lowest -inf expert
+        ]
+    )
+    w, ids, plan = tr.gate_align_triton(on(x), 2, 2)
+    assert ids.cpu().tolist() == [[1, 2], [0, 1], [1, 3], [3, 0]]
+    wr, idr, want = route_reference(x, 2, 2)
+    assert ids.cpu().tolist() == idr.tolist()
+    torch.testing.assert_close(w.cpu(), wr, rtol=2e-5, atol=1e-6)
+    assert_same_plan(plan, want)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes on NaN
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fused_gate_align_refuses_rows_the_reference_refuses(bad) -> None:
+    from tandem.kernels import topk_gating_reference
+
+    x = torch.zeros(4, 8)
+    x[2, 5] = bad
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        tr.gate_align_triton(on(x), 2, 4)
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        topk_gating_reference(x, 2)
+    only_neg_inf = torch.full((1, 4), float("-inf"))
+    with pytest.raises(ValueError, match=r"rows \[0\]"):
+        tr.gate_align_triton(on(only_neg_inf), 2, 4)
+    # sigmoid of -inf is 0: nothing to renormalize; refused as the unfused Triton kernel does
+    # (the torch reference answers NaN weights there, the Numba kernel equal weights)
+    for gate in (tr.gate_align_triton, tk.topk_gating_triton):
+        with pytest.raises(ValueError, match=r"rows \[0\]"):
+            gate(
+                on(only_neg_inf),
+                2,
+                *([4] if gate is tr.gate_align_triton else []),
+                scoring="sigmoid",
+            )
+    w, _, _ = tr.gate_align_triton(on(only_neg_inf), 2, 4, scoring="sigmoid", renormalize=False)
+    assert w.cpu().tolist() == [[0.0, 0.0]]
+
+
+def test_fused_gate_align_limits_and_arguments() -> None:
+    with pytest.raises(ValueError, match="fused"):
+        tr.gate_align_triton(on(torch.zeros(tr.FUSED_MAX_TOKENS + 1, 4)), 2, 4)
+    with pytest.raises(ValueError, match="k must be"):
+        tr.gate_align_triton(on(torch.zeros(2, 4)), 5, 4)
+    with pytest.raises(ValueError, match="block_size"):
+        tr.gate_align_triton(on(torch.zeros(2, 4)), 2, 0)
+
+
+def test_route_on_cpu_is_the_two_kernels(assert_same_plan) -> None:
+    from tandem.kernels import route, route_reference
+
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    w, ids, plan = route(x, 4, 16, n_groups=4, topk_groups=2)
+    wr, idr, want = route_reference(x, 4, 16, n_groups=4, topk_groups=2)
+    assert ids.tolist() == idr.tolist()
+    torch.testing.assert_close(w, wr, rtol=2e-6, atol=1e-7)
+    assert_same_plan(plan, want)
