@@ -260,13 +260,13 @@ class Engine:
         return any(j.done or j.cancelled() or j.runnable() for j in self._jobs)
 
     def _admit(self, job: Job) -> None:
-        with self._cond:
-            self._queued_prefill -= job.prefill
         try:
             job.start(self.backend)
         except Exception as e:
             self._fail(job, e)
-        self._jobs.append(job)
+        with self._cond:  # its prompt now counts among the jobs' (submit's bound)
+            self._jobs.append(job)
+            self._queued_prefill -= job.prefill
 
     def _step(self) -> None:
         for job in self._jobs:

@@ -56,6 +56,7 @@ from tandem.cloud.loading import check_security, load_backends
 from tandem.cloud.requests import WorkerRequests
 from tandem.cloud.streams import BLOCKED, GONE, SENT, WorkerStreams, is_generation_backend
 from tandem.cloud.verify import VerifyTable
+from tandem.kernels.autotune import choices as kernel_choices
 from tandem.runtime.backends import LocalGenerationBackend, ModelBackend
 from tandem.runtime.curve import (
     ClientAllowList,
@@ -425,6 +426,7 @@ class CloudWorker:
             "streams": self.streams.health() if self.streams is not None else {"active": 0},
             "speculative": self.verifier.health(),
             "engines": {name: e.health() for name, e in self.engines.items()},
+            "kernels": kernel_choices(),
         }
 
 

@@ -16,10 +16,12 @@ Llama's ``attention_bias``/``mlp_bias``) are added where the model has them; a s
 (Mistral) masks keys older than the window. A model whose layers mix full and sliding-window
 attention is not taken.
 
-* :meth:`FastDecoder.step` — one token, the decode step: numpy around Tandem's
-  :func:`~tandem.kernels.linear.skinny_linear` for every projection and the k selected
-  experts (each weight row streamed once; a numpy op costs a fraction of a torch dispatch at
-  these sizes). This is what decode speed is made of.
+* :meth:`FastDecoder.step` / :meth:`FastDecoder.batch` — the decode step, of one sequence or
+  of several at once (the worker's engine): numpy around :func:`~tandem.kernels.linear.linear`
+  for every projection and the k selected experts — Tandem's skinny kernel or BLAS, whichever
+  is faster on this machine for that shape and row count (autotuned at warm-up:
+  :meth:`FastDecoder.tune`); a numpy op costs a fraction of a torch dispatch at these sizes.
+  This is what decode speed is made of.
 * :meth:`FastDecoder.forward` — T tokens, the prefill: torch ops, ``scaled_dot_product_attention``
   with a causal (or sliding-window) mask, the experts through
   :func:`tandem.runtime.moe.experts_forward` (dispatch, one GEMM per expert segment, combine).
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tandem.kernels.linear import SKINNY_MAX_ROWS, skinny_linear
+from tandem.kernels.linear import SKINNY_MAX_ROWS, linear, tune_linear
 from tandem.runtime.errors import BadRequest
 from tandem.runtime.moe import experts_forward
 
@@ -81,10 +83,10 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class _Linear:
-    """``x @ w.T + b`` on views of a linear layer's parameters (no copies). Up to
-    :data:`~tandem.kernels.linear.SKINNY_MAX_ROWS` rows — every decode step — through the skinny
-    kernel (each weight row streamed once, parallel over output features: about 2× torch's
-    GEMM at one row), more through torch's GEMM."""
+    """``x @ w.T + b`` on views of a linear layer's parameters (no copies): numpy rows through
+    :func:`~tandem.kernels.linear.linear` (the skinny kernel or BLAS, as autotuned); torch rows
+    (the prefill) up to :data:`~tandem.kernels.linear.SKINNY_MAX_ROWS` the same way, more
+    through torch's GEMM."""
 
     w: torch.Tensor
     w_np: np.ndarray
@@ -109,7 +111,7 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > SKINNY_MAX_ROWS:
             return F.linear(x, self.w, self.b)
-        y = torch.from_numpy(skinny_linear(x.numpy(), self.w_np))
+        y = torch.from_numpy(linear(x.numpy(), self.w_np))
         return y if self.b is None else y.add_(self.b)
 
 
@@ -215,6 +217,20 @@ class FastDecoder:
         self.embed_np = self.embed.numpy()
         self.norm_np = self.norm.numpy()
         self.scale = self.head_dim**-0.5
+
+    def tune(self, rows: Sequence[int]) -> dict[str, str]:
+        """Choose, per weight shape and row bucket in ``rows``, between the skinny kernel and
+        BLAS on this machine (:func:`~tandem.kernels.linear.tune_linear`): what the first step
+        of each size would otherwise do. Returns the choices."""
+        weights: dict[tuple[int, ...], np.ndarray] = {}
+        for ly in self.layers:
+            mats = [ly.q.w_np, ly.k.w_np, ly.v.w_np, ly.o.w_np]
+            mats += [m.w_np for m in ly.mlp or ()] + ([ly.router.w_np] if ly.router else [])
+            mats += [*ly.gate_up_np[:1], *ly.down_np[:1]]
+            for w in mats:
+                weights.setdefault(w.shape, w)
+        weights.setdefault(self.lm_head.w_np.shape, self.lm_head.w_np)
+        return tune_linear(list(weights.values()), rows)
 
     def session(self, n_ctx: int | None = None) -> FastSession:
         """A new sequence with a static cache for ``n_ctx`` tokens (at most the decoder's)."""
@@ -515,11 +531,7 @@ def sliding_window(cfg) -> int | str | None:
 
 
 def _mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x @ w.T`` in float32: the skinny kernel for a few rows, torch's GEMM beyond (numpy's
-    own BLAS brings a second thread pool that fights torch's and Numba's for the cores)."""
-    if len(x) <= SKINNY_MAX_ROWS:
-        return skinny_linear(x, w)
-    return F.linear(torch.from_numpy(x), torch.from_numpy(w)).numpy()
+    return linear(x, w)
 
 
 def _rms_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

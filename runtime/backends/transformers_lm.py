@@ -262,6 +262,10 @@ class TransformersBackend(LocalStreams):
             self._slots.release()
 
     def warm_up(self) -> None:
+        """Tune the fast path's products for every batch a worker's engine steps (a decode
+        row per stream, up to a prompt chunk), then run a token."""
+        if self._fast is not None:
+            self._fast.tune([*range(1, 65), 256])
         first = next((t for t in range(self.n_vocab) if self._pieces[t].strip()), 0)
         for _ in self._stream_ids([first], SamplingParams(max_tokens=2), None):
             pass

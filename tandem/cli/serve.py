@@ -35,11 +35,14 @@ def cloud_serve(
     ] = False,
 ) -> None:
     """Serve the models of a models directory on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
-    # Before torch loads its OpenMP runtime (it reads this once): an engine step alternates
-    # torch's GEMMs with Numba's kernels, and OpenMP threads that spin after a region take
-    # the cores from the next one (a 32-sequence step of sort-cloud: 25 ms passive, 135-730 ms
-    # spinning, 2 busy cores). A value the user set wins.
+    # Before torch and numpy load their thread pools (each reads these once): an engine step
+    # alternates torch's GEMMs, Numba's kernels and numpy's BLAS, and pool threads that spin
+    # after a region take the cores from the next one. Measured on 2 busy cores, a
+    # 32-sequence step of sort-cloud: 25 ms with OpenMP passive vs 135-730 ms spinning; an
+    # 8-sequence step with numpy's BLAS: 4.3 ms on one thread vs 216 ms with OpenBLAS's pool.
+    # (BLAS products of a few rows gain nothing from threads.) Values the user set win.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from tandem.cloud.config import load_worker_config
     from tandem.cloud.worker import CloudWorker
 
