@@ -88,6 +88,22 @@ def config(**generation: Any) -> WorkerConfig:
     )
 
 
+def concurrent_answers(c: CloudClient, prompts: list[str], params: SamplingParams) -> list:
+    """Each prompt's streamed tokens, all streams at once (a thread each)."""
+    got: list[list[int] | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        with c.generate(LM, prompts[i], params, timeout_s=30) as s:
+            got[i] = [t for chunk in s for t in chunk.tokens]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return got
+
+
 def verify_payload(backend: Any, tokens: list[int], draft: list[int]) -> dict[str, Any]:
     return {
         "model": LM,
@@ -152,19 +168,9 @@ def test_streams_of_one_model_share_each_step_and_each_gets_its_own_answer(lm_di
     prompts = ["abc", "hello world", "z", "the quick brown fox", "aaa", "b", "cd", "xyz"]
     params = SamplingParams(max_tokens=24)
     want = [[s.token for s in lm.stream(p, params)] for p in prompts]
-    got: list[list[int] | None] = [None] * len(prompts)
     with ThreadWorker(config(), {LM: lm}) as w, CloudClient(w.endpoint) as c:
         lm.steps.clear()
-
-        def run(i: int) -> None:
-            with c.generate(LM, prompts[i], params, timeout_s=30) as s:
-                got[i] = [t for chunk in s for t in chunk.tokens]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        got = concurrent_answers(c, prompts, params)
         engine = c.health()["engines"][LM]
     assert got == want  # batching changes nothing in the answers (greedy)
     assert max(len(s) for s in lm.steps) >= 4 and engine["max_batch"] >= 4
@@ -175,17 +181,7 @@ def test_sampled_streams_are_reproducible_by_seed_whatever_the_batch(lm_dir):
     params = SamplingParams(max_tokens=16, temperature=1.0, seed=7)
     want = [s.token for s in lm.stream("abc", params)]
     with ThreadWorker(config(), {LM: lm}) as w, CloudClient(w.endpoint) as c:
-        got: list[list[int]] = []
-
-        def run() -> None:
-            with c.generate(LM, "abc", params, timeout_s=30) as s:
-                got.append([t for chunk in s for t in chunk.tokens])
-
-        threads = [threading.Thread(target=run) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        got = concurrent_answers(c, ["abc"] * 4, params)
     assert got == [want] * 4
 
 
@@ -216,18 +212,8 @@ def test_a_gguf_models_streams_share_one_context_and_each_gets_its_own_answer(lm
     want = [[s.token for s in single.stream(p, params)] for p in prompts]
     single.close()
     gguf = LlamaCppBackend(path, name=LM, threads=1, n_ctx=256, parallel=4)
-    got: list[list[int] | None] = [None] * len(prompts)
     with ThreadWorker(config(parallel=4), {LM: gguf}) as w, CloudClient(w.endpoint) as c:
-
-        def run(i: int) -> None:
-            with c.generate(LM, prompts[i], params, timeout_s=30) as s:
-                got[i] = [t for chunk in s for t in chunk.tokens]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        got = concurrent_answers(c, prompts, params)
         engine = c.health()["engines"][LM]
     gguf.close()
     assert got == want
