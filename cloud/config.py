@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tandem.runtime.config import ConfigPath, StrictModel, load_config
 from tandem.runtime.wire import WireLimits
@@ -122,9 +122,10 @@ class GenerationSpec(StrictModel):
 
     ``engine`` (default true): each local language model (gguf, transformers) has one engine
     thread that steps all its streams and speculative sessions together (continuous
-    batching, :mod:`tandem.cloud.engine`); a step holds at most ``step_tokens`` tokens, a
-    prompt runs in chunks of ``prefill_chunk``, and prompts waiting for their first step hold
-    at most ``max_queued_prefill`` tokens (UTF-8 bytes before tokenizing). false: a thread
+    batching, :mod:`tandem.cloud.engine`); beside its decode rows and verify rounds a step
+    holds prompt chunks of at most ``prefill_chunk`` tokens up to ``step_tokens``, and prompt
+    tokens not yet run are at most ``max_queued_prefill`` per model (a ``generate`` prompt
+    counts its UTF-8 bytes until tokenized). false: a thread
     per stream, decoding alone (verify rounds still run on the engine)."""
 
     max_streams: int = Field(default=8, ge=1, le=4096)
@@ -148,10 +149,10 @@ class VerifySessionLimits(StrictModel):
     at most ``max_session_bytes`` of KV cache together; a session idle for ``ttl_s`` is
     dropped, and when a new one does not fit, the least recently used goes (its edge
     re-sends the prefix: slower, never wrong). A request drafts at most ``max_gamma`` tokens,
-    each with at most ``max_support`` draft probabilities. A verify runs on the worker loop's
-    thread, so ``max_prompt_tokens`` — the most tokens one request may run besides its draft (a
-    new session's prompt) — bounds how long one request holds the loop; a longer prompt is
-    refused (the edge then streams the answer with ``generate`` instead)."""
+    each with at most ``max_support`` draft probabilities. ``max_prompt_tokens`` — the most
+    tokens one request may run besides its draft (a new session's prompt) — bounds what one
+    request costs the model's engine; a longer prompt is refused (the edge then streams the
+    answer with ``generate`` instead)."""
 
     max_sessions: int = Field(default=64, ge=1, le=4096)
     max_session_bytes: int = Field(default=1 << 30, ge=1)
@@ -188,6 +189,20 @@ class WorkerConfig(StrictModel):
     curve: CurveSpec | None = None
     # A bind that other hosts can reach needs curve, or this set (`--insecure`) on purpose.
     insecure: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt_fits_the_queue(self) -> WorkerConfig:
+        gen, spec = self.generation, self.speculative
+        for key, size in (
+            ("generation.max_prompt_bytes", gen.max_prompt_bytes),
+            ("speculative.max_prompt_tokens", spec.max_prompt_tokens),
+        ):
+            if size > gen.max_queued_prefill:
+                raise ValueError(
+                    f"generation.max_queued_prefill ({gen.max_queued_prefill}) must be at least "
+                    f"{key} ({size}): a prompt that size could never be queued"
+                )
+        return self
 
 
 def load_worker_config(path: str | Path) -> WorkerConfig:

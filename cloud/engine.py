@@ -10,10 +10,11 @@ backend runs them in one forward (:meth:`~tandem.runtime.generation.BatchedBacke
 each weight streamed once for all of them, as vLLM and llama.cpp's server batch). New jobs join
 at step boundaries and finished ones leave (continuous batching).
 
-**Fairness.** A step holds at most ``generation.step_tokens`` tokens: decode rows and verify
-rounds first, in arrival order; prefill chunks (at most ``generation.prefill_chunk`` tokens
-each) fill what is left, at least one chunk per step. So a 2,048-token prompt never stalls the
-others' decoding by more than one chunk's time.
+**Fairness.** Every step holds every decode row and verify round that can run (never split:
+a round's rows come from one forward), then prompt chunks of at most
+``generation.prefill_chunk`` tokens in what is left of ``generation.step_tokens``, one chunk at
+least. So a 2,048-token prompt never stalls the others' decoding by more than one chunk's
+time, and prompts always progress.
 
 **Bounds.** Prompts not yet run (jobs waiting for their first step, counted in UTF-8 bytes
 before the tokenizer runs, and the rest of prefills under way) hold at most
@@ -42,12 +43,13 @@ from typing import Any
 import numpy as np
 
 from tandem.runtime.errors import OverloadedError, ShuttingDown
-from tandem.runtime.generation import BatchedBackend, BatchItem, SessionLease
+from tandem.runtime.generation import BatchedBackend, BatchItem, SessionLease, run_one_by_one
 
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05  # the longest the engine sleeps before it looks at its jobs again
-_DECODE_MAX = 64  # tokens: a job with more to run is a prefill, chunked after the others
+_DECODE_MAX = 64  # tokens: a job with more to run (than this and its rows) is a prefill
+_MIN_CHUNK = 16  # tokens: a prompt's chunk when the step is already full
 
 
 class Mailbox:
@@ -177,25 +179,35 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ other threads
+    def admits(self, prefill: int) -> None:
+        """:class:`OverloadedError` unless a job with ``prefill`` prompt tokens would be taken
+        now (what :meth:`submit` checks; ask first when making room for it costs something)."""
+        with self._cond:
+            self._check(prefill)
+
     def submit(self, job: Job) -> None:
         """Queue a job for the next step boundary. :class:`OverloadedError` when the prompt
         tokens waiting would pass ``max_queued_prefill``; then nothing was queued."""
         with self._cond:
-            if self._closed:
-                raise OverloadedError(f"model {self.model!r} is shutting down")
-            if job.prefill:
-                waiting = self._queued_prefill + sum(
-                    len(j.todo) for j in self._jobs if len(j.todo) > _DECODE_MAX
-                )
-                if waiting + job.prefill > self.max_queued_prefill:
-                    raise OverloadedError(
-                        f"model {self.model!r} has {waiting} prompt tokens waiting to run "
-                        f"(generation.max_queued_prefill {self.max_queued_prefill}); retry soon",
-                        retry_after_ms=50.0,
-                    )
+            self._check(job.prefill)
             self._queued_prefill += job.prefill
             self._inbox.append(job)
             self._cond.notify()
+
+    def _check(self, prefill: int) -> None:
+        if self._closed:
+            raise ShuttingDown(f"model {self.model!r} is shutting down")
+        if not prefill:
+            return
+        waiting = self._queued_prefill + sum(
+            len(j.todo) for j in self._jobs if len(j.todo) > max(_DECODE_MAX, j.n_rows)
+        )
+        if waiting + prefill > self.max_queued_prefill:
+            raise OverloadedError(
+                f"model {self.model!r} has {waiting} prompt tokens waiting to run "
+                f"(generation.max_queued_prefill {self.max_queued_prefill}); retry soon",
+                retry_after_ms=50.0,
+            )
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the engine thread at the next step boundary, in order with the jobs
@@ -245,8 +257,11 @@ class Engine:
                     self._guarded(item)
             try:
                 self._step()
-            except Exception:  # a bug of ours: every job in the step got its error
+            except Exception as e:  # a bug of ours: fail the jobs rather than spin on it
                 log.exception("engine of model %r: step failed", self.model)
+                for job in self._jobs:
+                    if not job.done:
+                        self._fail(job, e)
             self._reap()
         self._jobs.extend(j for j in self._inbox if isinstance(j, Job))
         for job in self._jobs:
@@ -274,19 +289,20 @@ class Engine:
                 self._guarded(job.cancel)
                 job.done = True
         live = [j for j in self._jobs if not j.done and j.runnable()]
-        small = [j for j in live if len(j.todo) <= _DECODE_MAX]
-        large = [j for j in live if len(j.todo) > _DECODE_MAX]
+        small = [j for j in live if len(j.todo) <= max(_DECODE_MAX, j.n_rows)]
+        large = [j for j in live if len(j.todo) > max(_DECODE_MAX, j.n_rows)]
         budget = self.step_tokens - sum(len(j.todo) for j in small)
         items: list[BatchItem] = []
         owners: list[Job] = []
-        for job in small:
+        for job in small:  # decode rows and verify rounds: whole, every step
             items.append((job.lease, job.todo, job.n_rows))  # type: ignore[arg-type]
             owners.append(job)
-        for job in large:
-            if owners and budget <= 0:
+        for i, job in enumerate(large):  # prompts: chunks in what is left, one at least
+            if i and budget <= 0:
                 break
-            n = _chunk(len(job.todo), job.n_rows, min(self.prefill_chunk, max(budget, 16)))
-            items.append((job.lease, job.todo[:n], job.n_rows if n == len(job.todo) else 0))  # type: ignore[arg-type]
+            n = _chunk(len(job.todo), job.n_rows, min(self.prefill_chunk, max(budget, _MIN_CHUNK)))
+            rows = job.n_rows if n == len(job.todo) else 0
+            items.append((job.lease, job.todo[:n], rows))  # type: ignore[arg-type]
             owners.append(job)
             budget -= n
         if not items:
@@ -318,11 +334,7 @@ class Engine:
     def _forward(self, items: Sequence[BatchItem]) -> list[np.ndarray]:
         if self._batched:
             return self.backend.run_batch(items)
-        out = []  # a backend without batched steps: one sequence after another
-        for lease, tokens, n_rows in items:
-            rows = lease.extend(tokens, max(n_rows, 1))
-            out.append(rows[len(rows) - n_rows :])
-        return out
+        return run_one_by_one(items)  # a backend without batched steps
 
     def _finish_item(self, job: Job, item: BatchItem, rows: np.ndarray) -> None:
         n = len(item[1])
@@ -354,36 +366,40 @@ class Engine:
             log.exception("engine of model %r: a call failed", self.model)
 
 
+_Done = Callable[[Any, BaseException | None], None]  # (result, error), on the socket thread
+
+
 class Offload:
     """A thread that runs one model's one-shot calls (``experts`` requests) off the socket
     thread, in arrival order, at most ``max_queued`` waiting. Each call's ``done(result,
     error)`` is posted to the socket thread's :class:`Mailbox`."""
 
-    def __init__(self, model: str, mailbox: Mailbox, max_queued: int) -> None:
+    def __init__(self, model: str, mailbox: Mailbox, max_queued: int, max_bytes: int) -> None:
         self.model = model
         self.mailbox = mailbox
         self.max_queued = max_queued
-        self._queue: deque[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]]
-        self._queue = deque()
+        self.max_bytes = max_bytes
+        self.nbytes = 0  # of the calls waiting or running
+        self._queue: deque[tuple[Callable[[], Any], _Done, int]] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"tandem-calls-{model}", daemon=True)
         self._thread.start()
 
-    def submit(
-        self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
-    ) -> None:
-        """Queue ``fn``; :class:`OverloadedError` when ``max_queued`` wait already."""
+    def submit(self, fn: Callable[[], Any], done: _Done, nbytes: int = 0) -> None:
+        """Queue ``fn`` (holding ``nbytes`` of request data); :class:`OverloadedError` when
+        ``max_queued`` calls or ``max_bytes`` wait already."""
         with self._cond:
             if self._closed:
                 raise ShuttingDown(f"model {self.model!r} is shutting down")
-            if len(self._queue) >= self.max_queued:
+            if len(self._queue) >= self.max_queued or self.nbytes + nbytes > self.max_bytes:
                 raise OverloadedError(
-                    f"model {self.model!r} has {len(self._queue)} calls waiting "
-                    "(queue.max_requests_per_model); retry soon",
+                    f"model {self.model!r} has {len(self._queue)} calls ({self.nbytes} bytes) "
+                    "waiting (queue.max_requests_per_model, max_bytes_per_model); retry soon",
                     retry_after_ms=10.0,
                 )
-            self._queue.append((fn, done))
+            self.nbytes += nbytes
+            self._queue.append((fn, done, nbytes))
             self._cond.notify()
 
     def _run(self) -> None:
@@ -393,11 +409,13 @@ class Offload:
                     self._cond.wait()
                 if not self._queue:
                     return
-                fn, done = self._queue.popleft()
+                fn, done, nbytes = self._queue.popleft()
             try:
                 result, error = fn(), None
             except Exception as e:
                 result, error = None, e
+            with self._cond:
+                self.nbytes -= nbytes
             self.mailbox.post(lambda d=done, r=result, e=error: d(r, e))
 
     def close(self) -> None:
@@ -411,6 +429,6 @@ class Offload:
 def _chunk(todo: int, n_rows: int, budget: int) -> int:
     """How many of ``todo`` tokens to run now: all if they fit ``budget``, else a chunk that
     leaves at least ``n_rows`` tokens for the last one (the rows come from one forward)."""
-    if todo <= budget:
+    if todo <= budget or todo <= n_rows:
         return todo
     return max(1, min(budget, todo - n_rows))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tandem.cloud.engine import Job
+from tandem.cloud.payloads import GenerateRequest
 from tandem.cloud.worker_stream import WorkerStream, checked
 from tandem.runtime.chat import chat_tokens
 from tandem.runtime.generation import (
@@ -43,7 +44,7 @@ class StreamJob(Job):
         self.todo: list[int] = []
         self.n_rows = 1
         self.made = 0  # tokens sampled
-        self.prefill = _prompt_size(s)
+        self.prefill = prompt_size(s.req)
         self.rng: np.random.Generator | None = None
         self.text: TokenText | None = None
 
@@ -63,6 +64,8 @@ class StreamJob(Job):
         self.lease = backend.lease(ids, len(ids) + params.max_tokens)
         keep = min(shared_prefix(self.lease.cached_tokens, ids), len(ids) - 1)
         self.lease.truncate(keep)
+        # a state that cannot roll back part of the way (a recurrent model) was emptied
+        keep = min(keep, len(self.lease.cached_tokens))
         self.todo = list(ids[keep:])
         self.rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
         self.text = TokenText(backend.piece, backend.eos_tokens, params.stop)
@@ -130,13 +133,11 @@ class StreamJob(Job):
         self.wake()
 
 
-def _prompt_size(s: WorkerStream) -> int:
+def prompt_size(req: GenerateRequest) -> int:
     """The prompt's size in UTF-8 bytes: what the engine's queue bound counts before the
-    tokenizer (on the engine thread) says how many tokens it is."""
-    req = s.req
-    texts = (
-        [req.prompt]
-        if req.messages is None
-        else [req.prefix, *(v for m in req.messages for v in m.values())]
-    )
+    tokenizer (on the engine thread) says how many tokens it is (a token is one byte at
+    least, but for a chat template's)."""
+    texts = [req.prompt]
+    if req.messages is not None:
+        texts = [req.prefix, *(v for m in req.messages for v in m.values())]
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -92,7 +93,8 @@ class WorkerRequests:
         self._experts = {n for n, b in backends.items() if isinstance(b, ExpertsBackend)}
         self._post = mailbox.post
         max_queued = config.queue.max_requests_per_model
-        self._offloads = {n: Offload(n, mailbox, max_queued) for n in self._experts}
+        max_bytes = config.queue.max_bytes_per_model
+        self._offloads = {n: Offload(n, mailbox, max_queued, max_bytes) for n in self._experts}
         self.inflight = 0  # requests running off this thread (experts, verify rounds)
 
     # ------------------------------------------------------------------ admission
@@ -124,10 +126,11 @@ class WorkerRequests:
         if env.expired():
             raise DeadlineExceeded("no time budget left when the request reached the worker")
         if env.kind is Kind.EXPERTS:  # on the model's offload thread
-            name, call = self._experts_call(env)
+            name, call, nbytes = self._experts_call(env)
             item = self._hold(route, env)
             try:
-                self._offloads[name].submit(call, lambda out, e: self._done(item, name, out, e))
+                done = partial(self._done, item, name)
+                self._offloads[name].submit(call, done, nbytes)
             except BaseException:
                 self._release(item)
                 raise
@@ -144,7 +147,7 @@ class WorkerRequests:
                     p,
                     route,
                     self._post,
-                    lambda out, e: self._done(item, model, out, e),
+                    partial(self._done, item, model),
                 )
             except BaseException:
                 self._release(item)
@@ -191,9 +194,10 @@ class WorkerRequests:
                 f"{lim.max_rows} rows and {lim.max_request_bytes} bytes per request: split it"
             )
 
-    def _experts_call(self, env: Envelope) -> tuple[str, Callable[[], dict[str, Any]]]:
-        """An expert-shard request, checked: its model and the call that runs it (its rows
-        are already one batch per expert)."""
+    def _experts_call(self, env: Envelope) -> tuple[str, Callable[[], dict[str, Any]], int]:
+        """An expert-shard request, checked: its model, the call that runs it (its rows are
+        already one batch per expert; not run once its deadline has passed) and its rows'
+        bytes."""
         p = env.payload
         shape = "experts payload: {model, experts: [int], counts: [int], rows: array}"
         if not isinstance(p, dict):
@@ -217,9 +221,11 @@ class WorkerRequests:
         self.counters["expert_rows"] += len(rows)
 
         def call() -> dict[str, Any]:
+            if env.expired():
+                raise DeadlineExceeded("deadline passed while queued")
             return {"rows": backend.run_experts(experts, counts, rows), "version": backend.version}
 
-        return name, call
+        return name, call, rows.nbytes
 
     # ------------------------------------------------------------------ work off this thread
     def _hold(self, route: list[Any], env: Envelope) -> Pending:

@@ -51,7 +51,7 @@ from typing import Any
 
 from tandem.cloud.config import GenerationSpec
 from tandem.cloud.engine import Engine
-from tandem.cloud.engine_stream import StreamJob
+from tandem.cloud.engine_stream import StreamJob, prompt_size
 from tandem.cloud.payloads import parse_generate
 from tandem.cloud.worker_stream import WorkerStream
 from tandem.runtime.errors import (
@@ -174,6 +174,9 @@ class WorkerStreams:
                 f"retry in {wait_ms:.0f} ms or elsewhere",
                 retry_after_ms=wait_ms,
             )
+        engine = self._engines.get(req.model)
+        if engine is not None:
+            engine.admits(prompt_size(req))  # before a verify session gives its slot up
         if make_room is not None:
             make_room(req.model, backend)
         now = time.monotonic()
@@ -186,7 +189,6 @@ class WorkerStreams:
             )
         else:
             s.deadline = env.deadline
-        engine = self._engines.get(req.model)
         if engine is not None:  # stepped with the model's other sequences
             s.resume = engine.poke
             engine.submit(StreamJob(s, self.spec.buffer_tokens, self._wake))

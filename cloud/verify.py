@@ -90,6 +90,7 @@ class Session:
         "limit",
         "model",
         "n_cached",
+        "nbytes",
         "rng",
         "sequence",
         "used",
@@ -110,6 +111,7 @@ class Session:
         self.busy = False
         self.closing = False  # ended (or dropped) while busy: dropped when the round is back
         self.want = 0  # the context the lease is opened for
+        self.nbytes = 0  # of KV cache the table counts for it (an estimate until it opens)
 
 
 class VerifyRound(Job):
@@ -131,7 +133,7 @@ class VerifyRound(Job):
         self._done = done
         self.todo: list[int] = []
         self.n_rows = len(req.draft) + 1
-        self.prefill = len(sess.sequence) if sess.lease is None else 0
+        self.prefill = len(req.tokens) + (len(sess.sequence) if sess.lease is None else 0)
         self.prefilled = len(req.tokens)  # tokens run besides the draft and the last one
 
     def start(self, backend: Any) -> None:
@@ -141,6 +143,8 @@ class VerifyRound(Job):
             sess.n_cached = shared_prefix(sess.lease.cached_tokens, sess.sequence[:-1])
             self.prefilled = len(sess.sequence) - sess.n_cached - 1
         sess.lease.truncate(sess.n_cached)
+        # a state that cannot roll back part of the way (a recurrent model) was emptied
+        sess.n_cached = min(sess.n_cached, len(sess.lease.cached_tokens))
         self.lease = sess.lease  # the session's: it stays open after the round
         self.todo = sess.sequence[sess.n_cached :] + self.req.draft
         self._eos = backend.eos_tokens
@@ -154,7 +158,9 @@ class VerifyRound(Job):
         sess.lease.truncate(len(seq) + accepted)
         new = [*draft[:accepted], token]
         seq.extend(new)
-        sess.n_cached = len(seq) - 1  # every token but the last: the next round runs it first
+        # every token but the last (the next round runs it first), or what a state that
+        # cannot roll back still holds
+        sess.n_cached = min(len(seq) - 1, len(sess.lease.cached_tokens))
         out = {
             "accepted": accepted,
             "token": token,
@@ -193,6 +199,7 @@ class VerifyTable:
         self.nbytes = 0
         self.counters: Counter[str] = Counter()
         self._digests: dict[str, str] = {}
+        self._bytes_per_token: dict[str, float] = {}  # KV bytes per token of context, per model
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -240,24 +247,40 @@ class VerifyTable:
         if sess is None:
             sess = self._open(key, req, backend)
         else:
+            if len(sess.sequence) + len(req.tokens) + len(req.draft) > sess.want:
+                self._drop(sess)
+                raise BadRequest(
+                    f"verify: the session holds {len(sess.sequence)} tokens of the {sess.want} "
+                    "it was opened for (its prompt + max_tokens): start a new one"
+                )
             sess.sequence.extend(req.tokens)
             self.sessions.move_to_end(sess.key)
+        sess.used = time.monotonic()
         new = sess.lease is None
 
         def finish(out: dict[str, Any] | None, error: BaseException | None) -> None:
-            sess.busy = False
-            sess.used = time.monotonic()
-            if new and sess.lease is not None:
-                self.nbytes += sess.lease.nbytes
-            if error is not None or out is None:
-                self._drop(sess)  # its cache may hold anything now: never reuse it
-                done(None, error or RuntimeError("verify round ended without a result"))
-                return
-            result = self._result(out, sess, req, round_.prefilled, t0, backend)
-            if result["done"] or sess.closing:
+            try:
+                sess.busy = False
+                sess.used = time.monotonic()
+                if new and sess.lease is not None:  # its real size for the estimate
+                    self.nbytes += sess.lease.nbytes - sess.nbytes
+                    sess.nbytes = sess.lease.nbytes
+                    self._bytes_per_token[req.model] = sess.nbytes / max(sess.want, 1)
+                if error is not None or out is None:
+                    self._drop(sess)  # its cache may hold anything now: never reuse it
+                    done(None, error or RuntimeError("verify round ended without a result"))
+                    return
+                result = self._result(out, sess, req, round_.prefilled, t0, backend)
+                if not result["done"] and not sess.closing:
+                    self._fit_bytes(sess)
+                if result["done"] or sess.closing or sess.key not in self.sessions:
+                    result["done"] = True  # dropped: the edge goes on without it
+                    self._drop(sess)
+            except Exception as e:  # a bug of ours: still one answer
+                log.exception("verify: finishing a round failed")
                 self._drop(sess)
-            else:
-                self._fit_bytes(sess)
+                done(None, e)
+                return
             done(result, None)
 
         sess.busy = True
@@ -317,14 +340,26 @@ class VerifyTable:
         want = len(req.tokens) + req.max_tokens + self.limits.max_gamma + 1
         if backend.n_ctx:
             want = min(want, int(backend.n_ctx))
-        while len(self.sessions) >= self.limits.max_sessions:
+        # the KV cache it will hold, from the model's sessions so far (exact once it opens)
+        nbytes = int(self._bytes_per_token.get(req.model, 0.0) * want)
+        if nbytes > self.limits.max_session_bytes:
+            raise OverloadedError(
+                f"a session of {req.model!r} for {want} tokens needs about {nbytes} bytes of KV "
+                f"cache, over speculative.max_session_bytes ({self.limits.max_session_bytes})"
+            )
+        while len(self.sessions) >= self.limits.max_sessions or (
+            self.nbytes + nbytes > self.limits.max_session_bytes
+        ):
             if not self._evict():
                 raise OverloadedError(
                     "every speculative session is running a round; retry soon", retry_after_ms=5.0
                 )
+        self.engines[req.model].admits(len(req.tokens))  # before anyone gives its slot up
         self.make_room(req.model, backend)
         sess = Session(key, req.model, list(req.tokens), req)
         sess.want = want
+        sess.nbytes = nbytes
+        self.nbytes += nbytes
         self.sessions[key] = sess
         self.counters["verify_sessions"] += 1
         return sess
@@ -370,20 +405,21 @@ class VerifyTable:
             return
         if self.sessions.pop(sess.key, None) is None:
             return
+        self.nbytes -= sess.nbytes
         lease, sess.lease = sess.lease, None
         if lease is not None:
-            self.nbytes -= lease.nbytes
             self.engines[sess.model].call(lease.close)
 
     def expire(self, now: float) -> None:
-        """Drop sessions idle for longer than ``ttl_s`` (the oldest are first)."""
-        while self.sessions:
-            sess = next(iter(self.sessions.values()))
+        """Drop sessions idle for longer than ``ttl_s`` (the least recently used are first;
+        one running a round is not idle)."""
+        stale = []
+        for sess in self.sessions.values():
             if now - sess.used < self.limits.ttl_s:
-                return
-            if sess.busy:  # running now: it is not idle
-                self.sessions.move_to_end(sess.key)
-                continue
+                break
+            if not sess.busy:
+                stale.append(sess)
+        for sess in stale:
             self.counters["verify_expired"] += 1
             self._drop(sess)
 

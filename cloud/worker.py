@@ -195,6 +195,7 @@ class CloudWorker:
             sock.close(linger=0)
             if auth is not None:
                 auth.stop()
+            self._close_compute()
             raise
         self._sock = sock
         self.streams = WorkerStreams(
@@ -228,17 +229,22 @@ class CloudWorker:
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
             self.streams.close()
-            self.requests.close()  # runs what its offload threads hold
-            for engine in self.engines.values():
-                engine.close()  # fails what it still holds (ShuttingDown)
-            self.mailbox.drain()  # answers what the engines and offloads posted last
-            self.verifier.close()
-            self.mailbox.close()
+            self._close_compute()
             sock.close()
             if auth is not None:
                 auth.stop()  # after the socket: it must never be open without its handler
         log.info("worker stopped: %s", dict(self.counters))
         return 0
+
+    def _close_compute(self) -> None:
+        """Stop the offload threads (what they hold runs first) and the engines (what they
+        hold fails: ShuttingDown), answer what they posted, free the sessions."""
+        self.requests.close()
+        for engine in self.engines.values():
+            engine.close()
+        self.mailbox.drain()
+        self.verifier.close()
+        self.mailbox.close()
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():

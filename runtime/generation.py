@@ -239,6 +239,23 @@ class BatchedBackend(Protocol):
         ...
 
 
+def run_one_by_one(work: Sequence[BatchItem]) -> list[np.ndarray]:
+    """:meth:`BatchedBackend.run_batch` for leases that run one sequence at a time
+    (``extend``): same contract — if one fails, the leases that ran before it are rolled back
+    to what they held, so no lease's ``cached_tokens`` changed."""
+    held = [len(lease.cached_tokens) for lease, _, _ in work]
+    out: list[np.ndarray] = []
+    try:
+        for lease, tokens, n_rows in work:
+            rows = lease.extend(tokens, max(n_rows, 1))
+            out.append(rows[len(rows) - n_rows :])
+    except BaseException:
+        for (lease, _, _), n in zip(work[: len(out)], held, strict=False):
+            lease.truncate(n)
+        raise
+    return out
+
+
 def is_utf8(text: str) -> bool:
     """False for text that cannot be UTF-8 (lone surrogates, e.g. from a JSON ``\\ud800``)."""
     try:

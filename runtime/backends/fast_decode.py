@@ -103,7 +103,7 @@ class _Linear:
 
     def gemv(self, x: np.ndarray) -> np.ndarray:
         """The numpy path: float32 ``x`` (R, K) → (R, N)."""
-        y = _mm(x, self.w_np)
+        y = linear(x, self.w_np)
         if self.b_np is not None:
             y += self.b_np
         return y
@@ -326,15 +326,15 @@ class FastDecoder:
         inter = ly.down_np[0].shape[1]
         if len(h) == 1:  # the decode step: no grouping
             for e, we in zip(ids[0].tolist(), w[0].tolist(), strict=True):
-                gate_up = _mm(h, ly.gate_up_np[e])
+                gate_up = linear(h, ly.gate_up_np[e])
                 a = self._act_np(gate_up[:, :inter]) * gate_up[:, inter:]
-                x += _mm(a, ly.down_np[e]) * we
+                x += linear(a, ly.down_np[e]) * we
             return
         for e in np.unique(ids).tolist():
             rows, slots = np.nonzero(ids == e)
-            gate_up = _mm(h[rows], ly.gate_up_np[e])
+            gate_up = linear(h[rows], ly.gate_up_np[e])
             a = self._act_np(gate_up[:, :inter]) * gate_up[:, inter:]
-            x[rows] += _mm(a, ly.down_np[e]) * w[rows, slots][:, None]
+            x[rows] += linear(a, ly.down_np[e]) * w[rows, slots][:, None]
 
     @torch.inference_mode()
     def forward(
@@ -528,10 +528,6 @@ def sliding_window(cfg) -> int | str | None:
     if getattr(cfg, "use_sliding_window", True) is False or not window:
         return None
     return int(window)
-
-
-def _mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return linear(x, w)
 
 
 def _rms_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

@@ -177,8 +177,9 @@ class LlamaSequences:
         return self._tokens[seq, : self._len[seq]]
 
     def free_slots(self) -> int:
-        with self.lock:
-            return len(self._free)
+        """Without the lock (a list's length is read atomically): a worker's socket thread asks
+        this and must not wait out an engine step's decode."""
+        return len(self._free)
 
     # --- leases -------------------------------------------------------------------------
 

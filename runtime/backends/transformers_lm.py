@@ -35,6 +35,7 @@ from tandem.runtime.generation import (
     SessionLease,
     check_fits,
     decode,
+    run_one_by_one,
 )
 from tandem.runtime.tokenizer import load_tokenizer
 
@@ -91,8 +92,11 @@ class _Session:
         return self._run(tokens, n_rows).copy()
 
     def truncate(self, n: int) -> None:
-        if n < len(self.cached_tokens) and self.cache is not None:
-            self.cache.crop(n)
+        drop = len(self.cached_tokens) - n
+        if drop > 0 and self.cache is not None:
+            # a negative count removes that many tokens, in every transformers 5 (from 5.2x a
+            # positive one is refused; before, it meant the length to keep)
+            self.cache.crop(-drop)
         del self.cached_tokens[n:]
 
     def close(self) -> None:
@@ -227,11 +231,7 @@ class TransformersBackend(LocalStreams):
             from tandem.runtime.backends.fast_decode import run_sessions
 
             return run_sessions(self._fast, work)  # type: ignore[arg-type]
-        out = []
-        for lease, tokens, n_rows in work:
-            rows = lease.extend(tokens, max(n_rows, 1))
-            out.append(rows[len(rows) - n_rows :])
-        return out
+        return run_one_by_one(work)
 
     def _stream_ids(
         self, ids: list[int], params: SamplingParams, cancel: threading.Event | None

@@ -188,7 +188,9 @@ def test_sampled_streams_are_reproducible_by_seed_whatever_the_batch(lm_dir):
 def test_queued_prompts_are_bounded(lm_dir):
     lm = SlowPrefill(lm_dir, name=LM)
     with (
-        ThreadWorker(config(max_queued_prefill=3000, prefill_chunk=128), {LM: lm}) as w,
+        ThreadWorker(
+            config(max_queued_prefill=3000, max_prompt_bytes=3000, prefill_chunk=128), {LM: lm}
+        ) as w,
         CloudClient(w.endpoint) as c,
     ):
         long = "ab " * 700  # 2,100 bytes
@@ -218,3 +220,27 @@ def test_a_gguf_models_streams_share_one_context_and_each_gets_its_own_answer(lm
     gguf.close()
     assert got == want
     assert engine["max_batch"] >= 2  # sequences of one context shared steps
+
+
+def test_a_job_whose_rows_are_all_its_tokens_is_never_split() -> None:
+    from tandem.cloud.engine import _chunk
+
+    assert _chunk(65, 65, 10) == 65  # a verify round of γ = 64 with a nearly full step
+    assert _chunk(300, 3, 256) == 256 and _chunk(258, 3, 256) == 255  # leaves its 3 rows
+    assert _chunk(10, 1, 256) == 10
+
+
+def test_one_by_one_rolls_back_the_leases_that_ran_when_one_fails(lm_dir) -> None:
+    from tandem.runtime.errors import BadRequest
+    from tandem.runtime.generation import run_one_by_one
+
+    lm = TransformersBackend(lm_dir, name=LM, decode="transformers")
+    a, b = lm.lease([3, 4], 16), lm.lease([3, 4], 16)
+    a.extend([3, 4], 1)
+    b.extend([3, 4], 1)
+    with pytest.raises(BadRequest):
+        run_one_by_one([(a, [5], 1), (b, [lm.n_vocab + 7], 1)])  # b's token is out of range
+    assert list(a.cached_tokens) == [3, 4] and list(b.cached_tokens) == [3, 4]
+    assert [len(r) for r in run_one_by_one([(a, [5], 1), (b, [6, 7], 2)])] == [1, 2]
+    a.close()
+    b.close()

@@ -526,3 +526,31 @@ def test_only_a_stream_that_starts_takes_a_sessions_context(gguf_worker, backend
         assert health["speculative"]["verify_yielded"] == 1
     finally:
         sock.close()
+
+
+def test_a_busy_stale_session_is_not_expired_and_expiry_ends(backends) -> None:
+    d = digest(backends["cloud-llama"])
+    table = Table(VerifySessionLimits(ttl_s=0.2), backends)
+    table.run(_payload(vocab=d))
+    (sess,) = table.sessions.values()
+    sess.busy = True  # a round running past ttl_s
+    time.sleep(0.3)
+    table.expire(time.monotonic())  # returns (it looped forever once) and keeps it
+    assert len(table) == 1
+    sess.busy = False
+    table.expire(time.monotonic())
+    assert len(table) == 0 and table.counters["verify_expired"] == 1
+    table.close()
+
+
+def test_a_session_over_max_session_bytes_is_refused_before_it_runs(backends) -> None:
+    d = digest(backends["cloud-llama"])
+    table = Table(VerifySessionLimits(), backends)
+    r = table.run(_payload(vocab=d, max_tokens=8))  # the model's KV bytes per token, learned
+    per_token = table.nbytes / table.sessions[((), b"s" * 16)].want
+    table.limits = VerifySessionLimits(max_session_bytes=int(per_token * 100))
+    rounds = table.counters["verify_rounds"]
+    with pytest.raises(OverloadedError, match="max_session_bytes"):
+        table.run(_payload(session=b"t" * 16, vocab=d, max_tokens=400))
+    assert table.counters["verify_rounds"] == rounds and r["pos"] > 3  # nothing ran
+    table.close()
