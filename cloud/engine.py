@@ -52,6 +52,21 @@ _DECODE_MAX = 64  # tokens: a job with more to run (than this and its rows) is a
 _MIN_CHUNK = 16  # tokens: a prompt's chunk when the step is already full
 
 
+COMPUTE_NICE = 5  # the compute threads' niceness above the socket thread's (Linux)
+
+
+def yield_cpu() -> None:
+    """Lower the calling (compute) thread's CPU priority by :data:`COMPUTE_NICE`, so the socket
+    thread, woken by a message, gets a core before it: on a machine whose cores the compute
+    keeps busy, a ``health`` check then waits for the GIL, not for a time slice. Per thread
+    on Linux; elsewhere (or when the OS refuses) nothing changes."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + COMPUTE_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
 class Mailbox:
     """Callables posted by other threads, run by the socket thread when it wakes: a wake pipe
     beside the socket in the worker's poll. ``post`` and ``wake`` are safe from any thread."""
@@ -243,6 +258,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
+        yield_cpu()
         while True:
             with self._cond:
                 while not self._closed and not self._inbox and not self._any_runnable():
@@ -403,6 +419,7 @@ class Offload:
             self._cond.notify()
 
     def _run(self) -> None:
+        yield_cpu()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
