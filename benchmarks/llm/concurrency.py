@@ -19,6 +19,8 @@ gaps and TTFT of each answer are this module's (a :class:`~tandem.bench.stats.Ge
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -163,8 +165,11 @@ def run(b: Bench) -> tuple[dict[str, Any], list[list[Any]]]:
         export_gguf(b.cloud_hf, f32, qtype="f32")
     gguf_dir = b.tmp / "gguf-models"
     gguf_dir.mkdir(exist_ok=True)
-    (gguf_dir / f32.name).unlink(missing_ok=True)
-    (gguf_dir / f32.name).symlink_to(f32)
+    if not (gguf_dir / f32.name).exists():  # a models directory holds its files (no symlinks)
+        try:
+            os.link(f32, gguf_dir / f32.name)
+        except OSError:
+            shutil.copyfile(f32, gguf_dir / f32.name)
     entry = ModelEntry(
         name=CLOUD,
         version=f"gguf-{sha(f32)[:12]}",

@@ -100,8 +100,9 @@ def _serving(cmd: list[str], url: str, log: Path, name: str) -> Iterator[str]:
             try:
                 get_json(url + "/models")
                 break
-            except urllib.error.HTTPError:
-                break  # it answers
+            except urllib.error.HTTPError as e:
+                if e.code != 503:  # 503: llama-server is still loading
+                    break  # it answers
             except OSError:
                 pass
             if time.monotonic() > deadline:
