@@ -40,6 +40,28 @@ def interleaved_us(
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def interleaved_median_s(
+    fns: dict[str, Callable[[], Any]], repeat: int, round_s: float
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in ``repeat`` alternating rounds (so
+    drift in machine load hits all alike), each round running a function enough times to last
+    about ``round_s``."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        inner[name] = max(1, int(round_s / max(time.perf_counter() - t0, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
 def pct(samples: np.ndarray) -> dict[str, float]:
     p50, p90, p99 = np.percentile(samples, [50, 90, 99])
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "n": len(samples)}

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import emit
+from benchmarks.common import emit, interleaved_median_s
 from tandem.kernels import autotune
 from tandem.kernels.linear import IMPLEMENTATIONS, _chosen, linear, skinny_linear
 
@@ -33,20 +33,7 @@ ROWS = (1, 2, 4, 8, 16, 32)
 
 def interleaved_us(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
     """Median µs per call of each function, timed in alternating rounds of ~5 ms each."""
-    inner = {}
-    for name, fn in fns.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        inner[name] = max(1, int(0.005 / max(time.perf_counter() - t0, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / inner[name] * 1e6)
-    return {name: float(np.median(v)) for name, v in samples.items()}
+    return {k: v * 1e6 for k, v in interleaved_median_s(fns, repeat, 0.005).items()}
 
 
 def dispatch_overhead_ns(repeat: int) -> tuple[float, float]:

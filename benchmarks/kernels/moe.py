@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import best_of_ms, emit, print_table
+from benchmarks.common import best_of_ms, emit, interleaved_median_s, print_table
 from tandem.kernels import (
     autotune,
     combine,
@@ -80,20 +80,7 @@ def torch_grouped_sigmoid(
 def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
     """Median ms per call of each function, timed in alternating rounds (each round runs a
     function enough times to last ~20 ms)."""
-    inner = {}
-    for name, fn in fns.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        inner[name] = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / inner[name] * 1e3)
-    return {name: float(np.median(v)) for name, v in samples.items()}
+    return {k: v * 1e3 for k, v in interleaved_median_s(fns, repeat, 0.02).items()}
 
 
 def experts_with(block: MoEBlock, impl: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
