@@ -35,7 +35,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -187,7 +186,6 @@ class Engine:
         self.steps = 0
         self.rows = 0  # sequences stepped, over all steps
         self.max_batch = 0
-        self.step_s = 0.0  # time in forwards
         self._thread = threading.Thread(
             target=self._run, name=f"tandem-engine-{model}", daemon=True
         )
@@ -323,7 +321,6 @@ class Engine:
             budget -= n
         if not items:
             return
-        t0 = time.perf_counter()
         try:
             outs = self._forward(items)
         except Exception as e:
@@ -336,8 +333,6 @@ class Engine:
                 except Exception as e1:
                     self._fail(job, e1)
             return
-        finally:
-            self.step_s += time.perf_counter() - t0
         self.steps += 1
         self.rows += len(items)
         self.max_batch = max(self.max_batch, len(items))
