@@ -79,8 +79,78 @@ class GateMetric(StrEnum):
 
 
 class GateSpec(StrictModel):
+    """A confidence gate on the edge model's output row. ``temperature`` (set by
+    ``tandem calibrate``): the logits are divided by it before the statistic is taken, so
+    ``max_prob`` is a calibrated probability (temperature scaling, Guo et al. 2017)."""
+
+    type: Literal["confidence"] = "confidence"
     metric: GateMetric = GateMetric.MAX_PROB
     threshold: Probability
+    temperature: float = Field(default=1.0, gt=0.0, le=1000.0)
+
+
+class LearnedGateSpec(StrictModel):
+    """A learned router (``tandem router train``): an ONNX model that maps the edge model's
+    outputs (and the features its metadata names) to the probability that the edge's answer
+    stands, i.e. that escalating would not change it for the better. Accepts when that
+    probability is >= ``threshold``, like ``max_prob``."""
+
+    type: Literal["learned"]
+    model: ConfigPath
+    threshold: Probability
+
+
+def _gate_type(v: Any) -> str:
+    t = v.get("type", "confidence") if isinstance(v, dict) else getattr(v, "type", "confidence")
+    return t if isinstance(t, str) else "confidence"
+
+
+AnyGate = Annotated[
+    Annotated[GateSpec, Tag("confidence")] | Annotated[LearnedGateSpec, Tag("learned")],
+    Discriminator(_gate_type),
+]
+
+
+class Interval(StrictModel):
+    """An expected value with its confidence interval (bootstrap, 95% unless said)."""
+
+    expected: Probability
+    low: Probability
+    high: Probability
+
+
+class CalibrationRecord(StrictModel):
+    """What ``tandem calibrate`` (or ``tandem evolve``) wrote, and why: provenance for review,
+    and the baseline the drift alarm compares live traffic with. ``score_quantiles``: the gate
+    score's deciles (10%..90%) on the calibration data."""
+
+    date: str = Field(min_length=1)  # ISO 8601, UTC
+    objective: str = Field(min_length=1)  # e.g. "max_escalation=0.2"
+    data: dict[str, str | int] = Field(default_factory=dict)  # source, sha256, rows
+    models: dict[str, str] = Field(default_factory=dict)  # edge / cloud versions
+    escalation_rate: Interval
+    accuracy: Interval | None = None
+    score_quantiles: list[float] = Field(default_factory=list, max_length=99)
+
+
+class DriftSpec(StrictModel):
+    """The drift alarm: over each ``window`` requests, the live escalation rate and the gate
+    score's distribution are tested against the task's ``calibration`` record (without one,
+    against the first window); an alarm needs a p-value below ``alpha`` (Bonferroni-corrected
+    over the tests), so a steady stream raises one about once in 1/alpha windows."""
+
+    window: int = Field(default=1000, ge=50, le=1_000_000)
+    alpha: float = Field(default=1e-4, gt=0.0, lt=0.5)
+
+
+class ShadowSpec(StrictModel):
+    """A second gate that runs beside the active one and only records what it would have
+    decided (``EdgeRuntime.stats()``, the escalation log); ``tandem calibrate --compare``
+    reports both on the same traffic."""
+
+    gate: AnyGate
+
+
 
 
 class RuleSpec(StrictModel):
@@ -103,6 +173,12 @@ class LocalModelSpec(StrictModel):
     output: Literal["logits", "probabilities"] = "logits"
     labels: list[str] | None = None
     threads: int = Field(default=1, ge=0)
+    # a model store (`tandem evolve` publishes versions there): when it holds a current
+    # version, the runtime serves that one instead of `path`, with its calibration
+    store: ConfigPath | None = None
+    # seconds between checks of the store for a new current version (hot swap); None: only
+    # when EdgeRuntime.reload_models() is called
+    watch_s: float | None = Field(default=None, gt=0.0, le=86_400.0)
 
 
 def _zmq_endpoint(v: str) -> str:
@@ -151,21 +227,40 @@ class CloudTargetSpec(StrictModel):
         return [self.endpoint] if self.endpoint is not None else list(self.endpoints or [])
 
 
+class TierSpec(StrictModel):
+    """One more escalation tier after the task's ``cloud`` (a FrugalGPT cascade): ``gate`` is
+    applied to the answer of the tier before, and the request goes on to this tier's ``cloud``
+    when that answer is not accepted."""
+
+    cloud: CloudTargetSpec
+    gate: GateSpec
+
+
 class TaskPolicy(StrictModel):
     """A classification task: an ONNX model on the device, a gate on its output row."""
 
     kind: Literal["classify"] = "classify"
     local: LocalModelSpec
     cloud: CloudTargetSpec | None = None  # no cloud: every request answers on the device
-    gate: GateSpec
+    gate: AnyGate
+    # more tiers after `cloud`, each with the gate on the answer of the tier before
+    tiers: list[TierSpec] = Field(default_factory=list, max_length=4)
     rules: list[RuleSpec] = Field(default_factory=list)
     budget: BudgetSpec | None = None
     deadline_ms: int = Field(default=100, ge=1, le=3_600_000)
+    # share of requests the gate accepted that escalate anyway (reason "audit"), so the
+    # escalation log holds unbiased labels for `tandem calibrate` and `tandem router train`
+    audit_rate: Probability = 0.0
+    shadow: ShadowSpec | None = None
+    drift: DriftSpec | None = None
+    calibration: CalibrationRecord | None = None
 
     @model_validator(mode="after")
     def _cloud_rules_need_cloud(self) -> TaskPolicy:
         if self.cloud is None and any(r.route is Route.CLOUD for r in self.rules):
             raise ValueError("a rule routes to the cloud but the task has no cloud target")
+        if self.cloud is None and self.tiers:
+            raise ValueError("'tiers' come after the task's 'cloud' target, which is missing")
         return self
 
 
@@ -247,6 +342,9 @@ class GenerationModelSpec(StrictModel):
     # a Jinja chat template file (relative to this policy) to render chats with instead of the
     # model's own (the GGUF's tokenizer.chat_template, the tokenizer's); not for openai
     chat_template: ConfigPath | None = None
+    # a model store, as for classification tasks (LocalModelSpec.store); not for openai
+    store: ConfigPath | None = None
+    watch_s: float | None = Field(default=None, gt=0.0, le=86_400.0)
 
     @field_validator("path")
     @classmethod
@@ -291,6 +389,12 @@ class SpeculativeSpec(StrictModel):
         return v
 
 
+class TokenShadowSpec(StrictModel):
+    """:class:`ShadowSpec` for a generation task: a second token gate."""
+
+    gate: TokenGateSpec
+
+
 class GenerateTaskPolicy(StrictModel):
     """A generation task: a language model on the device, a gate on its token confidence."""
 
@@ -310,6 +414,10 @@ class GenerateTaskPolicy(StrictModel):
     deadline_ms: int = Field(default=30_000, ge=1, le=3_600_000)
     first_token_ms: int | None = Field(default=5_000, ge=1, le=3_600_000)
     speculative: SpeculativeSpec = SpeculativeSpec()
+    audit_rate: Probability = 0.0  # as for classification tasks
+    shadow: TokenShadowSpec | None = None
+    drift: DriftSpec | None = None
+    calibration: CalibrationRecord | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerateTaskPolicy:

@@ -72,8 +72,8 @@ def validate_config(data: Any, model: type[M], *, source: str, **context: Any) -
 
 
 # Tags of discriminated unions (pydantic puts them in an error's location; a user's file does
-# not have them): the task kinds of a policy.
-UNION_TAGS = frozenset({"classify", "generate"})
+# not have them): the task kinds and gate types of a policy.
+UNION_TAGS = frozenset({"classify", "generate", "confidence", "learned"})
 
 
 def config_problems(err: ValidationError, model: type[BaseModel]) -> list[str]:

@@ -1,0 +1,214 @@
+"""A folder of versioned edge models: what ``tandem evolve`` publishes and a running
+:class:`~tandem.edge.EdgeRuntime` hot-swaps to.
+
+.. code-block:: text
+
+    STORE/
+      CURRENT.json                 {"version": "v0003", "history": ["v0001", "v0002", "v0003"]}
+      versions/v0003/model.onnx    (or model.gguf: the file the edge runs)
+      versions/v0003/meta.json     {"version", "parent", "created", "file", "sha256",
+                                    "gate": {threshold, temperature, ...} | null,
+                                    "calibration": {...} | null, "report": {...}}
+
+A version's folder is written completely (model, then ``meta.json``) before ``CURRENT.json``
+names it, and ``CURRENT.json`` is replaced atomically (write a temporary file, fsync,
+``os.replace``), so a reader sees the old version or the new one, never half of one.
+``history`` lists the versions that were current, oldest first (at most
+:data:`MAX_HISTORY`); :meth:`ModelStore.rollback` makes the one before the current one
+current again. Versions are deleted only by :meth:`ModelStore.prune`, which keeps the newest
+N and the current one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tandem.runtime.errors import ConfigError
+
+CURRENT = "CURRENT.json"
+MAX_HISTORY = 100
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One published version: ``path`` is the model file, ``meta`` its ``meta.json``."""
+
+    version: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def gate(self) -> dict[str, Any] | None:
+        """Gate settings calibrated for this version (``threshold``, ``temperature``), or
+        None: keep the policy's."""
+        g = self.meta.get("gate")
+        return g if isinstance(g, dict) else None
+
+
+class ModelStore:
+    """A model store folder (created on the first :meth:`publish`)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _dir(self, version: str) -> Path:
+        return self.root / "versions" / version
+
+    def _read_current(self) -> dict[str, Any] | None:
+        p = self.root / CURRENT
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{p}: not a readable model store pointer ({e})") from e
+        if not isinstance(data, dict) or not isinstance(data.get("version"), str):
+            raise ConfigError(f"{p}: expected {{'version': str, 'history': [...]}}")
+        return data
+
+    def current(self) -> ModelVersion | None:
+        """The current version, or None when nothing was published yet."""
+        data = self._read_current()
+        return None if data is None else self.get(data["version"])
+
+    def current_name(self) -> str | None:
+        """Only the current version's name (one small read: what a watcher polls)."""
+        data = self._read_current()
+        return None if data is None else data["version"]
+
+    def get(self, version: str) -> ModelVersion:
+        if not _VERSION.match(version):
+            raise ConfigError(f"{self.root}: {version!r} is not a version name (v0001, ...)")
+        d = self._dir(version)
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{d}: version {version} is missing or unreadable ({e})") from e
+        path = d / str(meta.get("file", ""))
+        if not meta.get("file") or not path.is_file():
+            raise ConfigError(f"{d}: meta.json names no model file that exists")
+        return ModelVersion(version, path, meta)
+
+    def versions(self) -> list[str]:
+        """Every published version, oldest first."""
+        base = self.root / "versions"
+        if not base.is_dir():
+            return []
+        names = [p.name for p in base.iterdir() if _VERSION.match(p.name)]
+        return sorted(names, key=lambda v: int(v[1:]))
+
+    def history(self) -> list[str]:
+        data = self._read_current()
+        return [] if data is None else [str(v) for v in data.get("history", [])]
+
+    def publish(
+        self,
+        model_file: str | Path,
+        *,
+        gate: dict[str, Any] | None = None,
+        calibration: dict[str, Any] | None = None,
+        report: dict[str, Any] | None = None,
+        make_current: bool = True,
+    ) -> ModelVersion:
+        """Copy ``model_file`` in as the next version and (by default) make it current."""
+        src = Path(model_file)
+        existing = self.versions()
+        n = int(existing[-1][1:]) + 1 if existing else 1
+        version = f"v{n:04d}"
+        final = self._dir(version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
+        try:
+            dst = tmp / f"model{src.suffix}"
+            shutil.copyfile(src, dst)
+            meta = {
+                "version": version,
+                "parent": self.current_name(),
+                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "file": dst.name,
+                "sha256": _sha256(dst),
+                "gate": gate,
+                "calibration": calibration,
+                "report": report or {},
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if make_current:
+            self.set_current(version)
+        return self.get(version)
+
+    def set_current(self, version: str) -> ModelVersion:
+        """Make ``version`` current (it must exist), appending it to the history."""
+        mv = self.get(version)
+        history = [v for v in self.history() if v != version][-(MAX_HISTORY - 1) :]
+        self._write_current({"version": version, "history": [*history, version]})
+        return mv
+
+    def rollback(self) -> ModelVersion:
+        """Make the version that was current before this one current again; the current one
+        leaves the history (a second rollback goes one further back)."""
+        history = self.history()
+        if len(history) < 2:
+            raise ConfigError(f"{self.root}: no earlier version to roll back to")
+        prev = history[-2]
+        mv = self.get(prev)
+        self._write_current({"version": prev, "history": history[:-1]})
+        return mv
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` versions (never the current one); returns the
+        deleted names. Rollback cannot go back past what is deleted."""
+        if keep < 1:
+            raise ValueError("keep at least one version")
+        current = self.current_name()
+        doomed = [v for v in self.versions()[:-keep] if v != current]
+        for v in doomed:
+            shutil.rmtree(self._dir(v), ignore_errors=True)
+        if doomed:
+            data = self._read_current()
+            if data is not None:
+                data["history"] = [v for v in data.get("history", []) if v not in doomed]
+                self._write_current(data)
+        return doomed
+
+    def _write_current(self, data: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".CURRENT-", dir=self.root)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / CURRENT)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return str(v)
