@@ -1,0 +1,1 @@
+"""Routing benchmarks: learned routers against the confidence gates."""
