@@ -113,6 +113,7 @@ class Answer:
         self.t0 = time.perf_counter()
         self.result: GenerationResult | None = None
         self.speculation: dict | None = None
+        self.shadow_escalate: bool | None = None  # the shadow gate's verdict, if there is one
 
     @property
     def phase(self) -> Phase:
@@ -154,6 +155,10 @@ class Answer:
             if len(probe) >= n_probe:
                 break
         score = self._score(probe)
+        if (shadow := t.router.shadow) is not None:
+            first = probe[0].entropy if probe else None
+            ss = shadow.probe_score([s.logprob for s in probe], first, t.n_vocab)
+            self.shadow_escalate = not shadow.accepts(ss)
         # mode speculative: the cloud's answer from the start, drafted
         keeps = t.policy.handoff is Handoff.CONTINUE and mode is EscalationMode.PROBE
         if keeps and len(probe) >= self.params.max_tokens:  # the probe is the whole answer
@@ -183,9 +188,15 @@ class Answer:
         t = self.t
         self._to(Phase.MIDSTREAM)
         window, watching = t.policy.window, True
+        shadow = t.router.shadow
+        if shadow is not None:
+            self.shadow_escalate = False
         try:
             for step in self._timed(steps):
                 yield self._emit([step], Tier.EDGE)
+                if shadow is not None and not self.shadow_escalate:
+                    ss = shadow.window_score(self.logprobs, window)
+                    self.shadow_escalate = not shadow.accepts(ss)
                 if not watching:
                     continue
                 score = t.gate.window_score(self.logprobs, window)
@@ -472,6 +483,7 @@ class Answer:
             request_id=self.request_id.hex() if self.escalated_at is not None else None,
             speculation=self.speculation,
             phases=[p.value for p in self.phases],
+            shadow_escalate=self.shadow_escalate,
         )
 
 
@@ -501,7 +513,9 @@ def log_record(answer: Answer, store_inputs: bool) -> EscalationRecord | None:
         cloud_label=None,
         error=f"{err.code}: {err.message}" if err else None,
         timings_ms=r.timings,
-        model_versions=r.model_versions,
+        model_versions=r.model_versions
+        if r.shadow_escalate is None
+        else {**r.model_versions, "shadow": "escalate" if r.shadow_escalate else "accept"},
         generation={
             "prompt": answer.prompt if store_inputs else None,
             "messages": answer.messages if store_inputs else None,

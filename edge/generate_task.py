@@ -6,12 +6,15 @@ One answer is :class:`tandem.edge.answer.Answer`; what callers hold while it str
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tandem.router.drift import DriftAlarm, DriftMonitor
+from tandem.router.drift import warm_up as warm_up_drift
 from tandem.router.policy import EscalationMode, GenerateTaskPolicy
-from tandem.router.routing import TaskRouter, TokenGate
+from tandem.router.routing import RoutingStats, TaskRouter, TokenGate
 from tandem.runtime.backends import open_backend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import ConfigError
@@ -36,11 +39,21 @@ class GenerationTask:
     versions: dict[str, str]
     controller: GammaController | None = None  # mode speculative: γ, shared by the answers
     vocab: str | None = None  # mode speculative: the local model's vocabulary digest, once
+    stats: RoutingStats = field(default_factory=RoutingStats)
+    drift: DriftMonitor | None = None
 
     @property
     def gate(self) -> TokenGate:
         assert isinstance(self.router.gate, TokenGate)
         return self.router.gate
+
+    def observe(self, stage: str, score: float | None, shadow: bool | None) -> None:
+        """Count one finished answer and feed the drift alarm with the gate's score where
+        the routing decision was made (None: a rule decided, nothing to observe)."""
+        escalates = score is not None and not self.gate.accepts(score)
+        self.stats.record(stage, escalates if shadow is not None else None, shadow)
+        if self.drift is not None and score is not None:
+            self.drift.observe(score, escalates)
 
 
 def controller_for(policy: Any) -> GammaController:
@@ -55,11 +68,17 @@ def controller_for(policy: Any) -> GammaController:
 
 
 def open_generation_task(
-    name: str, tp: GenerateTaskPolicy, client: CloudClient | None
+    name: str,
+    tp: GenerateTaskPolicy,
+    client: CloudClient | None,
+    *,
+    on_drift: Callable[[DriftAlarm], None] | None = None,
+    seed: int | None = None,
 ) -> GenerationTask:
     """Load a generation task's local model (through the backend registry) and warm it up.
     A local OpenAI-compatible server (``format: openai``) gets its API key from the
-    environment variable ``api_key_env`` names (unset: no key, with a warning)."""
+    environment variable ``api_key_env`` names (unset: no key, with a warning). ``on_drift``:
+    the drift alarm's callback (with ``tp.drift``); ``seed``: the audit sampling's RNG."""
     local = tp.local
     options: dict = {"version": local.version, "threads": local.threads}
     source = local.path
@@ -82,10 +101,15 @@ def open_generation_task(
     try:
         backend.warm_up()
         speculative = tp.mode is EscalationMode.SPECULATIVE
+        drift = None
+        if tp.drift is not None:
+            drift = DriftMonitor(tp.drift, tp.calibration, task=name, on_alarm=on_drift)
+            warm_up_drift()
         return GenerationTask(
             name=name,
             policy=tp,
-            router=TaskRouter(tp),
+            router=TaskRouter(tp, seed=seed),
+            drift=drift,
             backend=backend,
             client=client,
             n_vocab=backend.n_vocab if isinstance(backend, LocalGenerationBackend) else 0,

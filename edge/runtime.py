@@ -9,6 +9,12 @@
     r.label, r.tier, r.confidence, r.timings
 
 ``infer`` is safe to call from many threads at once; ``ainfer`` is its asyncio form.
+
+A task whose policy names a model store (``local.store``) serves the store's current version
+and hot-swaps to a new one (:meth:`EdgeRuntime.reload_models`, or every ``local.watch_s``
+seconds on a watcher thread): the new model is loaded, checked and warmed up off the request
+path, then the task's reference is replaced; each request takes the task once at its start, so
+requests in flight finish on the old version and no request mixes two.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
@@ -29,13 +35,21 @@ from tandem.edge.answer_streams import AnswerStream, AsyncAnswerStream
 from tandem.edge.classify_task import ClassifyTask, open_classify_task
 from tandem.edge.escalation_log import EscalationLog
 from tandem.edge.generate_task import GenerationTask, open_generation_task
-from tandem.kernels.confidence import confidence, confidence_row
-from tandem.router.policy import GenerateTaskPolicy, Policy, load_policy
+from tandem.edge.model_swap import ModelSwapper
+from tandem.router.drift import DriftAlarm
+from tandem.router.policy import (
+    CloudTargetSpec,
+    GenerateTaskPolicy,
+    Policy,
+    TaskPolicy,
+    load_policy,
+)
+from tandem.router.routing import RoutingStats
 from tandem.runtime.chat import check_messages
 from tandem.runtime.client import CloudClient
-from tandem.runtime.errors import BadRequest
+from tandem.runtime.errors import BadRequest, ConfigError
 from tandem.runtime.generation import SamplingParams, check_prompt
-from tandem.runtime.types import GenerationResult, Result
+from tandem.runtime.types import GenerationResult, Result, Tier
 from tandem.runtime.wire import new_request_id
 
 log = logging.getLogger(__name__)
@@ -60,11 +74,23 @@ class GenerateOptions(TypedDict, total=False):
 class EdgeRuntime:
     """Answers on the device when the local model is confident, escalates otherwise."""
 
-    def __init__(self, policy: Policy, *, escalation_log: EscalationLog | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        escalation_log: EscalationLog | None = None,
+        on_drift: Callable[[DriftAlarm], None] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """``on_drift(alarm)``: see :meth:`on_drift`; ``seed``: audit sampling's (None: OS)."""
         self.policy = policy
         self._clients: list[CloudClient] = []
+        self._client_by: dict[tuple[Any, ...], CloudClient] = {}  # (endpoints, keys) -> client
         self._tasks: dict[str, ClassifyTask] = {}
         self._generators: dict[str, GenerationTask] = {}
+        self._swapper = ModelSwapper(self._tasks, self._build)
+        self._drift_hooks: list[Callable[[DriftAlarm], None]] = [on_drift] if on_drift else []
+        self._seed = seed
         # threads that pull agenerate/achat streams: made on first use, at most MAX_ASYNC_STREAMS
         self._streams = ThreadPoolExecutor(MAX_ASYNC_STREAMS, thread_name_prefix="tandem-stream")
         self.escalation_log = escalation_log
@@ -74,10 +100,10 @@ class EdgeRuntime:
             self.close()
             raise
         self._default_task = next(iter(self._tasks)) if len(self._tasks) == 1 else None
-        self._default = self._tasks[self._default_task] if self._default_task else None
         self._default_generator = (
             next(iter(self._generators)) if len(self._generators) == 1 else None
         )
+        self._swapper.start()
 
     def _open(self, policy: Policy) -> None:
         if self.escalation_log is None and policy.escalation_log is not None:
@@ -91,29 +117,74 @@ class EdgeRuntime:
                 max_rows=spec.max_rows,
                 max_age_s=spec.max_age_s,
             )
-        clients: dict[tuple[Any, ...], CloudClient] = {}
         for name, tp in policy.tasks.items():
-            client = None
-            if tp.cloud is not None:
-                eps, curve = tuple(tp.cloud.all_endpoints), tp.cloud.curve_keys
-                if (eps, curve) not in clients:
-                    clients[eps, curve] = CloudClient(eps, curve=curve)
-                    self._clients.append(clients[eps, curve])
-                client = clients[eps, curve]
+            client = None if tp.cloud is None else self._client_for(tp.cloud)
             if isinstance(tp, GenerateTaskPolicy):
-                self._generators[name] = open_generation_task(name, tp, client)
+                if tp.local.store is not None:
+                    raise ConfigError(
+                        f"tasks.{name}.local.store: hot-swapping a generation model is not "
+                        "supported yet; point local.path at the model store's current file"
+                    )
+                self._generators[name] = open_generation_task(
+                    name, tp, client, on_drift=self._drift_alarm, seed=self._seed
+                )
                 continue
-            self._tasks[name] = open_classify_task(name, tp, client)
-        self._warm_up()
+            self._tasks[name] = self._swapper.open(name, tp)
 
-    def _warm_up(self) -> None:
-        """Load the kernels (JIT or on-disk cache) and run each model once now, so the first
-        request meets its deadline: a cold first call costs hundreds of ms."""
-        for t in self._tasks.values():
-            t.backend.warm_up()
-            row = np.zeros(max(t.n_classes, 1), np.float32)
-            confidence_row(row)
-            confidence(row[None])
+    def _client_for(self, cloud: CloudTargetSpec) -> CloudClient:
+        """One client per set of workers (endpoints and keys), shared by the tasks and tiers
+        that name it."""
+        key = (tuple(cloud.all_endpoints), cloud.curve_keys)
+        if key not in self._client_by:
+            self._client_by[key] = CloudClient(key[0], curve=key[1])
+            self._clients.append(self._client_by[key])
+        return self._client_by[key]
+
+    def _build(
+        self, name: str, tp: TaskPolicy, serving: str | None, stats: RoutingStats
+    ) -> ClassifyTask:
+        return open_classify_task(
+            name,
+            tp,
+            None if tp.cloud is None else self._client_for(tp.cloud),
+            tier_clients=[self._client_for(tier.cloud) for tier in tp.tiers],
+            stats=stats,
+            on_drift=self._drift_alarm,
+            seed=self._seed,
+            serving=serving,
+        )
+
+    # ------------------------------------------------------------------ hot swap
+    def reload_models(self) -> dict[str, str]:
+        """Swap each task whose model store's current version changed (see
+        :mod:`tandem.edge.model_swap`: a version that fails is refused, the old one serves on).
+        Returns task -> what it serves now: the store's version name, or the edge version."""
+        return self._swapper.reload()
+
+    def swap_model(
+        self,
+        task: str,
+        path: str | Path,
+        gate: Mapping[str, Any] | None = None,
+        version: str | None = None,
+    ) -> str:
+        """Serve the ONNX model at ``path`` (same inputs, same classes) for ``task`` from now
+        on, with ``gate`` overrides (``threshold``, ``temperature``, ``metric``) applied to the
+        policy's gate; ``version`` names it (default: its sha256). Returns the edge version it
+        serves. Raises, and keeps the old model, when the new one does not load or fit."""
+        return self._swapper.swap(self._task(task).name, path, gate, version)
+
+    def on_drift(self, callback: Callable[[DriftAlarm], None]) -> None:
+        """Call ``callback(alarm)`` on every drift alarm (on the request thread that closed
+        the window: keep it short; an exception from it is logged, never raised)."""
+        self._drift_hooks.append(callback)
+
+    def _drift_alarm(self, alarm: DriftAlarm) -> None:
+        for cb in list(self._drift_hooks):
+            try:
+                cb(alarm)
+            except Exception:  # a monitoring hook must not break a request
+                log.exception("task %s: a drift callback raised", alarm.task)
 
     @classmethod
     def from_policy(cls, path: str | Path) -> EdgeRuntime:
@@ -251,7 +322,7 @@ class EdgeRuntime:
         answered by then the edge's own answer comes back as ``edge-degraded``.
         """
         t0 = time.perf_counter()
-        t = self._tasks.get(task) if task is not None else self._default
+        t = self._tasks.get(task if task is not None else self._default_task)  # type: ignore[arg-type]
         if t is None:
             t = self._task(task)  # raises, naming the tasks there are
         if type(x) is not np.ndarray:
@@ -261,16 +332,21 @@ class EdgeRuntime:
             raise BadRequest(f"infer takes one input, got a batch of {len(batch)}; use infer_batch")
         logits = t.local(batch)[0]
         t1 = time.perf_counter()
-        top1, max_prob, margin, entropy = confidence_row(logits)
         router = t.router
-        score = router.gate.score(max_prob, margin, entropy, t.n_classes)
+        top1, score = router.gate.evaluate_row(logits, t.n_classes)
+        accepted = top1 >= 0 and router.gate.accepts(score)
         decision = (tags and router.pre_route(tags)) or router.decide(score, top1 >= 0)
+        shadow = None
+        if router.shadow is not None:
+            s_top1, s_score = router.shadow.evaluate_row(logits, t.n_classes)
+            shadow = not (s_top1 >= 0 and router.shadow.accepts(s_score))
         t2 = time.perf_counter()
         if not decision.escalate:
             timings = {"local": (t1 - t0) * 1e3, "route": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
-            return t.edge_result(logits, top1, score, decision.reason, timings)
+            t.observe("edge", score, not accepted, shadow)
+            return t.edge_result(logits, top1, score, decision.reason, timings, shadow)
         budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
-        return t.escalate(
+        r = t.escalate(
             batch,
             logits[None],
             [top1],
@@ -282,7 +358,10 @@ class EdgeRuntime:
             t2,
             budget_ms,
             self.escalation_log,
+            None if shadow is None else [shadow],
         )[0]
+        t.observe(r.stage, score, not accepted, shadow)
+        return r
 
     async def ainfer(
         self,
@@ -316,15 +395,23 @@ class EdgeRuntime:
             return []
         logits = t.local(batch)
         t1 = time.perf_counter()
-        stats = confidence(logits)
-        rule = t.router.pre_route(tags)
-        scores = [
-            t.router.gate.score(p, m, h, t.n_classes)
-            for p, m, h in zip(stats.max_prob, stats.margin, stats.entropy, strict=True)
+        router = t.router
+        top1s, score_arr = router.gate.evaluate_batch(logits)
+        top1_list, scores = top1s.tolist(), score_arr.tolist()
+        accepted = [
+            i >= 0 and router.gate.accepts(s) for i, s in zip(top1_list, scores, strict=True)
         ]
+        rule = router.pre_route(tags)
         decisions = [
-            rule or t.router.decide(s, bool(v)) for s, v in zip(scores, stats.valid, strict=True)
+            rule or router.decide(s, i >= 0) for s, i in zip(scores, top1_list, strict=True)
         ]
+        shadows: list[bool | None] = [None] * len(batch)
+        if router.shadow is not None:
+            s_top1, s_scores = router.shadow.evaluate_batch(logits)
+            shadows = [
+                not (i >= 0 and router.shadow.accepts(s))
+                for i, s in zip(s_top1.tolist(), s_scores.tolist(), strict=True)
+            ]
         t2 = time.perf_counter()
         results: list[Result | None] = [None] * len(batch)
         escalated = [i for i, d in enumerate(decisions) if d.escalate]
@@ -335,7 +422,7 @@ class EdgeRuntime:
             answers = t.escalate(
                 batch[esc],
                 logits[esc],
-                [int(stats.top1[i]) for i in esc],
+                [top1_list[i] for i in esc],
                 [scores[i] for i in esc],
                 [decisions[i] for i in esc],
                 tags,
@@ -344,6 +431,7 @@ class EdgeRuntime:
                 t2,
                 budget_ms,
                 self.escalation_log,
+                None if router.shadow is None else [shadows[i] for i in esc],
             )
             for i, r in zip(esc, answers, strict=True):
                 results[i] = r
@@ -352,11 +440,19 @@ class EdgeRuntime:
             if results[i] is None:
                 timings = {"local": (t1 - t0) * 1e3, "route": (t2 - t1) * 1e3, "total": total}
                 results[i] = t.edge_result(
-                    logits[i], int(stats.top1[i]), scores[i], d.reason, timings
+                    logits[i], top1_list[i], scores[i], d.reason, timings, shadows[i]
                 )
+        for i, r in enumerate(results):
+            assert r is not None
+            t.observe(r.stage, scores[i], not accepted[i], shadows[i])
         return results  # type: ignore[return-value]
 
     def _log_generation(self, answer: Answer) -> None:
+        r = answer.result
+        if r is not None:
+            gate_decided = r.confidence is not None and not r.reason.startswith("rule:")
+            stage = "cloud" if Tier.CLOUD in r.tiers else "edge"
+            answer.t.observe(stage, r.confidence if gate_decided else None, r.shadow_escalate)
         if self.escalation_log is None:
             return
         try:  # only queues the row; a robot must not stall on a log
@@ -368,14 +464,26 @@ class EdgeRuntime:
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: ``escalation_log`` is the log's
-        :meth:`~tandem.edge.escalation_log.EscalationLog.stats` (None without a log)."""
+        :meth:`~tandem.edge.escalation_log.EscalationLog.stats` (None without a log);
+        ``tasks[name]``: ``stages`` (answers by where they stopped), ``shadow`` (the active
+        and shadow gates' verdicts), ``cascade`` (with tiers), ``swaps`` (done, refused),
+        ``serving`` (the version it serves) and ``drift`` (None without a drift alarm)."""
+        tasks: dict[str, Any] = {}
+        for name, t in [*self._tasks.items(), *self._generators.items()]:
+            out = t.stats.snapshot()
+            out["serving"] = t.serving if isinstance(t, ClassifyTask) else None
+            out["versions"] = dict(t.versions)
+            out["drift"] = None if t.drift is None else t.drift.stats()
+            tasks[name] = out
         return {
-            "escalation_log": None if self.escalation_log is None else self.escalation_log.stats()
+            "escalation_log": None if self.escalation_log is None else self.escalation_log.stats(),
+            "tasks": tasks,
         }
 
     def close(self) -> None:
         """Close the local models, the cloud clients and the escalation log (it writes what
         it has queued first). Safe on a runtime that failed half-way through loading."""
+        self._swapper.close()
         for g in self._generators.values():
             with contextlib.suppress(Exception):
                 g.backend.close()

@@ -151,8 +151,6 @@ class ShadowSpec(StrictModel):
     gate: AnyGate
 
 
-
-
 class RuleSpec(StrictModel):
     tag: str = Field(min_length=1)
     route: Route

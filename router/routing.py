@@ -1,26 +1,54 @@
-"""The routing decision for one task: pre-route rules on tags, the confidence gate, the
-escalation budget. Steps 1 and 4 of the request path; pure and cheap (a few hundred ns)."""
+"""The routing decision for one task: pre-route rules on tags, the gate (confidence, with its
+temperature, or a learned router), audit sampling, the escalation budget, and a shadow gate
+that only records what it would have decided. Steps 1 and 4 of the request path; pure and
+cheap (a few hundred ns for a confidence gate)."""
 
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
+from tandem.kernels.confidence import confidence, confidence_row
 from tandem.router.policy import (
+    AnyGate,
     GateMetric,
     GateSpec,
     GenerateTaskPolicy,
+    LearnedGateSpec,
     Route,
     TaskPolicy,
     TokenGateMetric,
     TokenGateSpec,
 )
 from tandem.runtime.errors import ConfigError
+
+
+class RowGate(Protocol):
+    """A gate on a classifier's output rows: what the edge runtime calls per request."""
+
+    threshold: float
+    version: str | None  # a learned router's version (None for a confidence gate)
+
+    def check_classes(self, n_classes: int, *, task: str) -> None: ...
+
+    def evaluate_row(self, logits: np.ndarray, n_classes: int) -> tuple[int, float]:
+        """``(top1, score)`` for one logits row (top1 -1: the row holds NaN/inf)."""
+        ...
+
+    def evaluate_batch(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(top1, scores)`` for (N, C) logits, as :meth:`evaluate_row` row by row."""
+        ...
+
+    def accepts(self, score: float) -> bool: ...
+
+    def describe(self) -> str: ...
 
 
 class ConfidenceGate:
@@ -31,9 +59,41 @@ class ConfidenceGate:
     (:meth:`check_classes` refuses a smaller model when the task is set up).
     """
 
+    version: str | None = None
+
     def __init__(self, spec: GateSpec) -> None:
         self.metric = spec.metric
         self.threshold = spec.threshold
+        self.temperature = spec.temperature
+        self._scaled = spec.temperature != 1.0
+
+    def evaluate_row(self, logits: np.ndarray, n_classes: int) -> tuple[int, float]:
+        """``(top1, score)`` of one logits row, the statistic taken on ``logits / T`` (no copy
+        when T is 1). Temperature does not move the arg-max, only the score."""
+        if self._scaled:
+            logits = logits / self.temperature
+        top1, max_prob, margin, entropy = confidence_row(logits)
+        return top1, self.score(max_prob, margin, entropy, n_classes)
+
+    def evaluate_batch(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._scaled:
+            logits = logits / self.temperature
+        s = confidence(logits)
+        if self.metric is GateMetric.MAX_PROB:
+            scores = np.asarray(s.max_prob, np.float64)
+        elif self.metric is GateMetric.MARGIN:
+            scores = np.asarray(s.margin, np.float64)
+        else:
+            n = logits.shape[-1]
+            if n < 2:
+                raise ValueError(f"the entropy gate needs at least 2 classes, got {n}")
+            scores = np.asarray(s.entropy, np.float64) / math.log(n)
+        return np.asarray(s.top1), scores
+
+    def describe(self) -> str:
+        op = ">" if self.metric is GateMetric.ENTROPY else "<"
+        t = f" T={self.temperature:g}" if self._scaled else ""
+        return f"{self.metric.value}{op}{self.threshold:g}{t}"
 
     def check_classes(self, n_classes: int, *, task: str) -> None:
         """:class:`ConfigError` if this gate cannot score a model with ``n_classes`` classes
@@ -61,6 +121,55 @@ class ConfidenceGate:
         if self.metric is GateMetric.ENTROPY:
             return score <= self.threshold
         return score >= self.threshold
+
+
+class LearnedGate:
+    """A learned router (:mod:`tandem.router.learned`, loaded lazily: only tasks that use one
+    pay for the import): score = P(the edge's answer stands), accepted when >= threshold; NaN
+    (and a row the edge model made NaN/inf) is never accepted."""
+
+    def __init__(self, spec: LearnedGateSpec) -> None:
+        from tandem.router.learned import load_router
+
+        self.threshold = spec.threshold
+        self.path = spec.model
+        self.router = load_router(spec.model)
+        self.version: str | None = str(self.router.version)
+        if self.router.uses_hidden:
+            raise ConfigError(
+                f"{spec.model}: this router reads the edge model's hidden layer, and the runtime "
+                "feeds routers logits only; train one without the hidden embedding"
+            )
+
+    def check_classes(self, n_classes: int, *, task: str) -> None:
+        want = int(self.router.n_classes)
+        if n_classes != want:
+            raise ConfigError(
+                f"task {task!r}: the learned router {self.path} was trained on {want} classes, "
+                f"the edge model has {n_classes}"
+            )
+
+    def evaluate_row(self, logits: np.ndarray, n_classes: int) -> tuple[int, float]:
+        top1 = confidence_row(logits)[0]
+        return top1, (float(self.router.score_row(logits)) if top1 >= 0 else math.nan)
+
+    def evaluate_batch(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        top1 = np.asarray(confidence(logits).top1)
+        scores = np.asarray(self.router.score_batch(logits), np.float64)
+        return top1, np.where(top1 >= 0, scores, math.nan)
+
+    def accepts(self, score: float) -> bool:
+        return score >= self.threshold
+
+    def describe(self) -> str:
+        return f"learned:{self.version}<{self.threshold:g}"
+
+
+def make_gate(spec: AnyGate) -> RowGate:
+    """The gate a policy's ``gate`` (or ``shadow.gate``) names."""
+    if isinstance(spec, LearnedGateSpec):
+        return LearnedGate(spec)
+    return ConfidenceGate(spec)
 
 
 class TokenGate:
@@ -138,7 +247,7 @@ class TokenBucket:
 @dataclass(frozen=True, slots=True)
 class Decision:
     escalate: bool
-    reason: str  # e.g. "confident", "low-confidence", "rule:private", "budget"
+    reason: str  # e.g. "confident", "low-confidence", "rule:private", "budget", "audit"
 
 
 ACCEPT = Decision(False, "confident")
@@ -146,18 +255,29 @@ NO_CLOUD = Decision(False, "no-cloud-target")
 OVER_BUDGET = Decision(False, "budget-exhausted")
 LOW_CONFIDENCE = Decision(True, "low-confidence")
 INVALID_OUTPUT = Decision(True, "invalid-edge-output")
+AUDIT = Decision(True, "audit")
 
 
 class TaskRouter:
-    """Routes one task's requests as its :class:`TaskPolicy` says."""
+    """Routes one task's requests as its :class:`TaskPolicy` says.
 
-    def __init__(self, policy: TaskPolicy | GenerateTaskPolicy) -> None:
+    ``audit_rate``: that share of the requests the gate accepted escalates anyway (reason
+    ``audit``), drawn from this router's own RNG (``seed``: reproducible runs). An audit takes
+    an escalation from the budget like any other (the budget protects the cloud; an audit the
+    budget cannot pay for is skipped), and rules still win (``private`` never leaves)."""
+
+    def __init__(self, policy: TaskPolicy | GenerateTaskPolicy, *, seed: int | None = None) -> None:
         self.policy = policy
-        self.gate: ConfidenceGate | TokenGate = (
-            TokenGate(policy.gate)
-            if isinstance(policy, GenerateTaskPolicy)
-            else ConfidenceGate(policy.gate)
-        )
+        self.gate: Any
+        self.shadow: Any = None
+        if isinstance(policy, GenerateTaskPolicy):
+            self.gate = TokenGate(policy.gate)
+            if policy.shadow is not None:
+                self.shadow = TokenGate(policy.shadow.gate)
+        else:
+            self.gate = make_gate(policy.gate)
+            if policy.shadow is not None:
+                self.shadow = make_gate(policy.shadow.gate)
         self.has_cloud = policy.cloud is not None
         self.budget = (
             TokenBucket(policy.budget.escalations_per_s, policy.budget.burst)
@@ -167,6 +287,8 @@ class TaskRouter:
         self._rules = [
             (r.tag, Decision(r.route is Route.CLOUD, f"rule:{r.tag}")) for r in policy.rules
         ]
+        self.audit_rate = policy.audit_rate if self.has_cloud else 0.0
+        self._rng = random.Random(seed)
 
     def pre_route(self, tags: Collection[str]) -> Decision | None:
         """The first rule whose tag is present, or None (the gate decides)."""
@@ -177,11 +299,76 @@ class TaskRouter:
         return None
 
     def decide(self, score: float, valid: bool = True) -> Decision:
-        """Gate and budget. A rule that forces the cloud bypasses this (and the budget)."""
+        """Gate, audit and budget. A rule that forces the cloud bypasses this (and the budget)."""
         if valid and self.gate.accepts(score):
+            audit = self.audit_rate and self._rng.random() < self.audit_rate
+            if audit and (self.budget is None or self.budget.try_take()):
+                return AUDIT
             return ACCEPT
         if not self.has_cloud:
             return NO_CLOUD
         if self.budget is not None and not self.budget.try_take():
             return OVER_BUDGET
         return INVALID_OUTPUT if not valid else LOW_CONFIDENCE
+
+
+class RoutingStats:
+    """One task's routing counters, kept across model swaps (``EdgeRuntime.stats()``):
+
+    * ``stages``: answers by where they stopped (``edge``, ``cloud``, ``tier:1``...);
+    * ``shadow``: the active and the shadow gate's verdicts on the same requests (before
+      rules, budget and audit: what each gate would decide);
+    * ``cascade``: escalated requests, how many reached the top tier, and the requests the
+      top tier did not see (what the cascade saves against sending every escalation there).
+    """
+
+    def __init__(self, n_tiers: int = 0) -> None:
+        self._lock = threading.Lock()
+        self.n_tiers = n_tiers
+        self._stages: dict[str, int] = {}
+        # requests, active, shadow, both, only_active, only_shadow
+        self._shadow = [0, 0, 0, 0, 0, 0]
+        self._escalated = 0
+        self._top = 0
+        self.swaps = 0
+        self.swaps_refused = 0
+
+    def record(self, stage: str, active: bool | None = None, shadow: bool | None = None) -> None:
+        """Count one answer; ``active``/``shadow``: the two gates' verdicts (escalate?) when a
+        shadow gate runs."""
+        with self._lock:
+            self._stages[stage] = self._stages.get(stage, 0) + 1
+            if shadow is not None:
+                c = self._shadow
+                c[0] += 1
+                c[1] += active
+                c[2] += shadow
+                c[3] += active and shadow
+                c[4] += active and not shadow
+                c[5] += shadow and not active
+
+    def record_cascade(self, escalated: int, reached_top: int) -> None:
+        with self._lock:
+            self._escalated += escalated
+            self._top += reached_top
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = {"stages": dict(self._stages)}
+            c = self._shadow
+            out["shadow"] = dict(
+                zip(
+                    ("requests", "active", "shadow", "both", "only_active", "only_shadow"),
+                    c,
+                    strict=True,
+                )
+            )
+            if self.n_tiers:
+                out["cascade"] = {
+                    "escalated": self._escalated,
+                    "top_tier": self._top,
+                    "saved": self._escalated - self._top,
+                    "saved_share": (1 - self._top / self._escalated) if self._escalated else 0.0,
+                }
+            out["swaps"] = {"done": self.swaps, "refused": self.swaps_refused}
+            return out

@@ -32,6 +32,13 @@ class Result:
     answered, also ``cloud_queue`` and ``cloud_compute``, the worker's own measures of the time
     the request waited there and of the model run that answered it (its batch's run), so
     ``cloud - cloud_queue - cloud_compute`` is the network and the wire's share.
+
+    ``stage``: where the answer stopped — ``edge`` (also when degraded), ``cloud`` (the task's
+    cloud target), ``tier:1``, ``tier:2``... (the policy's ``tiers``). ``model_versions`` has
+    ``edge`` (with a model store: ``"v0003:ab12cd34ef56"``, the version and its file's
+    sha256), ``cloud``, ``tier:N`` for every tier that answered, and ``router`` for a learned
+    gate. ``shadow_escalate``: whether the task's shadow gate would have escalated (None: no
+    shadow gate).
     """
 
     output: np.ndarray
@@ -43,6 +50,8 @@ class Result:
     timings: dict[str, float]
     model_versions: dict[str, str]
     request_id: str | None = None  # set when the request was escalated (escalation log key)
+    stage: str = "edge"
+    shadow_escalate: bool | None = None
 
 
 @dataclass(slots=True)
@@ -92,6 +101,7 @@ class GenerationResult:
     # the answer's path through the edge's state machine (tandem.edge.answer.Phase values),
     # e.g. ["route", "probe", "cloud", "degraded", "done"]
     phases: list[str] = field(default_factory=list)
+    shadow_escalate: bool | None = None  # the task's shadow gate's verdict (None: no shadow)
 
     @property
     def degraded(self) -> bool:

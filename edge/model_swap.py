@@ -1,0 +1,167 @@
+"""Hot-swapping classification models: a task serves its model store's current version and
+moves to a new one while requests run (:class:`ModelSwapper`).
+
+A swap builds a complete new :class:`~tandem.edge.classify_task.ClassifyTask` (load, check the
+classes and inputs against the serving one, warm up) off the request path, then replaces the
+one reference in the runtime's task table. A request takes the task object once at its start
+and uses it to the end, so requests in flight finish on the old version, and no request
+mixes two. A version that fails to load or check is refused: logged, counted
+(``stats()["tasks"][name]["swaps"]["refused"]``), never tried again, and the old version keeps
+serving. Rollback is the store's (:meth:`~tandem.runtime.model_store.ModelStore.rollback`)
+followed by a reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tandem.edge.classify_task import (
+    ClassifyTask,
+    check_same_shape,
+    policy_for_version,
+    with_gate,
+)
+from tandem.router.policy import TaskPolicy
+from tandem.router.routing import RoutingStats
+from tandem.runtime.errors import ConfigError
+from tandem.runtime.model_store import ModelStore
+
+log = logging.getLogger(__name__)
+
+BuildTask = Callable[[str, TaskPolicy, str | None, RoutingStats], ClassifyTask]
+
+
+class ModelSwapper:
+    """The model stores of a runtime's classification tasks, and the one place that replaces
+    a task in ``tasks`` (the runtime's table). ``build(name, policy, serving, stats)`` opens a
+    task (the runtime's clients, callbacks and seed)."""
+
+    def __init__(self, tasks: dict[str, ClassifyTask], build: BuildTask) -> None:
+        self.tasks = tasks
+        self.build = build
+        self.stores: dict[str, ModelStore] = {}
+        self.policies: dict[str, TaskPolicy] = {}  # each task's policy as the file says
+        self._refused: dict[str, set[str]] = {}
+        self._lock = threading.Lock()  # one swap at a time; requests never take it
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def open(self, name: str, tp: TaskPolicy) -> ClassifyTask:
+        """Open a task at start: the store's current version when ``local.store`` names a
+        store that has one (unreadable: logged, ``local.path`` serves), else ``local.path``."""
+        self.policies[name] = tp
+        serving = None
+        if tp.local.store is not None:
+            store = self.stores[name] = ModelStore(tp.local.store)
+            self._refused[name] = set()
+            try:
+                mv = store.current()
+                if mv is not None:
+                    tp, serving = policy_for_version(tp, mv), mv.version
+            except ConfigError as e:
+                log.error("task %s: model store refused, serving local.path: %s", name, e)
+        return self.build(name, tp, serving, RoutingStats(len(tp.tiers)))
+
+    def reload(self) -> dict[str, str]:
+        """Swap each task whose store's current version changed; task -> what it serves."""
+        for name, store in self.stores.items():
+            self._reload(name, store)
+        return {name: t.serving or t.versions["edge"] for name, t in self.tasks.items()}
+
+    def _reload(self, name: str, store: ModelStore) -> None:
+        try:
+            want = store.current_name()  # one small read: cheap enough to poll
+        except ConfigError as e:
+            log.error("task %s: cannot read the model store: %s", name, e)
+            return
+        if want is None or want == self.tasks[name].serving or want in self._refused[name]:
+            return
+        with self._lock:
+            old = self.tasks[name]
+            if want == old.serving:
+                return
+            try:
+                new = self.build(
+                    name, policy_for_version(self.policies[name], store.get(want)), want, old.stats
+                )
+                check_same_shape(old, new)
+            except Exception as e:  # any failure to load: the old version keeps serving
+                self._refused[name].add(want)
+                old.stats.swaps_refused += 1
+                log.error(
+                    "task %s: model version %s refused, %s keeps serving: %s",
+                    name,
+                    want,
+                    old.versions["edge"],
+                    e,
+                    extra={"task": name, "version": want},
+                )
+                return
+            self._install(name, new)
+
+    def swap(
+        self, name: str, path: str | Path, gate: Mapping[str, Any] | None, version: str | None
+    ) -> str:
+        """Serve the ONNX model at ``path`` for task ``name`` (see
+        :meth:`tandem.edge.EdgeRuntime.swap_model`); raises, keeping the old model, when it
+        does not load or fit."""
+        with self._lock:
+            old = self.tasks[name]
+            try:
+                tp = self.policies[name]
+                local = tp.local.model_copy(update={"path": Path(path), "version": version})
+                tp = with_gate(tp.model_copy(update={"local": local}), gate, where=str(path))
+                new = self.build(name, tp, version, old.stats)
+                check_same_shape(old, new)
+            except Exception:
+                old.stats.swaps_refused += 1
+                raise
+            self._install(name, new)
+            return new.versions["edge"]
+
+    def _install(self, name: str, new: ClassifyTask) -> None:
+        old = self.tasks[name]
+        self.tasks[name] = new  # one reference: requests that took the old one finish on it
+        new.stats.swaps += 1
+        log.info(
+            "task %s: now serving %s (was %s)",
+            name,
+            new.versions["edge"],
+            old.versions["edge"],
+            extra={"task": name, "version": new.versions["edge"]},
+        )
+
+    def start(self) -> None:
+        """Poll the stores of the tasks with ``local.watch_s`` on a daemon thread."""
+        every = {
+            n: tp.local.watch_s
+            for n, tp in self.policies.items()
+            if n in self.stores and tp.local.watch_s is not None
+        }
+        if every:
+            self._watcher = threading.Thread(
+                target=self._watch, args=(every,), name="tandem-model-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def _watch(self, every_s: dict[str, float]) -> None:
+        due = dict.fromkeys(every_s, 0.0)
+        while not self._stop.wait(min(every_s.values())):
+            now = time.monotonic()
+            for name, period in every_s.items():
+                if now >= due[name]:
+                    due[name] = now + period
+                    try:
+                        self._reload(name, self.stores[name])
+                    except Exception:  # the watcher must outlive any one bad check
+                        log.exception("task %s: model store check failed", name)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=10)
