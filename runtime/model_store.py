@@ -38,6 +38,7 @@ from tandem.runtime.errors import ConfigError
 CURRENT = "CURRENT.json"
 MAX_HISTORY = 100
 _VERSION = re.compile(r"^v(\d{4,})$")
+_EXTRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,14 @@ class ModelVersion:
         None: keep the policy's."""
         g = self.meta.get("gate")
         return g if isinstance(g, dict) else None
+
+    def extra(self, name: str) -> Path | None:
+        """The file or folder published beside the model as ``name`` (``extra_files``), or
+        None when this version has none by that name."""
+        if name not in self.meta.get("extra_files", []):
+            return None
+        p = self.path.parent / name
+        return p if p.exists() else None
 
 
 class ModelStore:
@@ -120,8 +129,13 @@ class ModelStore:
         calibration: dict[str, Any] | None = None,
         report: dict[str, Any] | None = None,
         make_current: bool = True,
+        extra_files: dict[str, str | Path] | None = None,
     ) -> ModelVersion:
-        """Copy ``model_file`` in as the next version and (by default) make it current."""
+        """Copy ``model_file`` in as the next version and (by default) make it current.
+        ``extra_files``: name → file or directory copied beside it under that name (e.g.
+        ``{"fp32.onnx": ...}`` or ``{"hf": transformers_dir}``: what the next ``tandem evolve``
+        trains from); listed in ``meta["extra_files"]``, read back with
+        :meth:`ModelVersion.extra`."""
         src = Path(model_file)
         existing = self.versions()
         n = int(existing[-1][1:]) + 1 if existing else 1
@@ -132,6 +146,14 @@ class ModelStore:
         try:
             dst = tmp / f"model{src.suffix}"
             shutil.copyfile(src, dst)
+            extras = sorted((extra_files or {}).items())
+            for name, extra in extras:
+                if not _EXTRA_NAME.match(name) or name in (dst.name, "meta.json"):
+                    raise ConfigError(f"extra_files: {name!r} is not a plain file name to use")
+                if Path(extra).is_dir():
+                    shutil.copytree(extra, tmp / name)
+                else:
+                    shutil.copyfile(extra, tmp / name)
             meta = {
                 "version": version,
                 "parent": self.current_name(),
@@ -141,6 +163,7 @@ class ModelStore:
                 "gate": gate,
                 "calibration": calibration,
                 "report": report or {},
+                "extra_files": [name for name, _ in extras],
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
             os.replace(tmp, final)
