@@ -12,21 +12,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from tandem.edge.escalation_log import EscalationLog
 from tandem.kernels.confidence import confidence, confidence_row
 from tandem.router.drift import DriftAlarm, DriftMonitor
 from tandem.router.drift import warm_up as warm_up_drift
 from tandem.router.policy import (
-    CalibrationRecord,
-    GateSpec,
-    LearnedGateSpec,
     TaskPolicy,
     TierSpec,
 )
@@ -34,7 +30,6 @@ from tandem.router.routing import ConfidenceGate, Decision, RoutingStats, TaskRo
 from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, ConfigError, DeadlineExceeded, TandemError
-from tandem.runtime.model_store import ModelVersion
 from tandem.runtime.registry import class_count
 from tandem.runtime.types import Result, Tier
 from tandem.runtime.wire import new_request_id
@@ -419,43 +414,6 @@ def warm_up(t: ClassifyTask) -> None:
         if gate is not None and t.n_classes:
             gate.evaluate_row(row, t.n_classes)
             gate.evaluate_batch(row[None])
-
-
-def policy_for_version(tp: TaskPolicy, mv: ModelVersion) -> TaskPolicy:
-    """``tp`` serving a model store version: its file, its version (``"v0003:<sha256[:12]>"``),
-    its calibrated gate settings (:func:`with_gate`) and its calibration record (the drift
-    alarm's baseline). Raises :class:`ConfigError` naming the version's meta.json when those
-    do not validate."""
-    where = str(mv.path.parent / "meta.json")
-    label = f"{mv.version}:{str(mv.meta.get('sha256', ''))[:12]}"
-    tp = tp.model_copy(
-        update={"local": tp.local.model_copy(update={"path": mv.path, "version": label})}
-    )
-    tp = with_gate(tp, mv.gate, where=where)
-    cal = mv.meta.get("calibration")
-    if isinstance(cal, dict):
-        try:
-            tp = tp.model_copy(update={"calibration": CalibrationRecord.model_validate(cal)})
-        except ValidationError as e:
-            raise ConfigError(f"{where}: the version's calibration is not valid: {e}") from None
-    return tp
-
-
-def with_gate(tp: TaskPolicy, overrides: Mapping[str, Any] | None, *, where: str) -> TaskPolicy:
-    """``tp`` with gate settings calibrated for a model (``threshold``, ``temperature``,
-    ``metric``; a learned gate takes only ``threshold``); other keys are ignored."""
-    if not overrides:
-        return tp
-    learned = isinstance(tp.gate, LearnedGateSpec)
-    spec_type = LearnedGateSpec if learned else GateSpec
-    keys = {"threshold"} if learned else set(GateSpec.model_fields) - {"type"}
-    g = tp.gate.model_dump()
-    g.update({k: v for k, v in overrides.items() if k in keys and v is not None})
-    try:
-        gate = spec_type.model_validate(g)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: gate settings {dict(overrides)} are not valid: {e}") from None
-    return tp.model_copy(update={"gate": gate})
 
 
 def check_same_shape(old: ClassifyTask, new: ClassifyTask) -> None:

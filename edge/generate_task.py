@@ -6,6 +6,8 @@ One answer is :class:`tandem.edge.answer.Answer`; what callers hold while it str
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
     pass
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class GenerationTask:
     """A generation task's policy compiled into the objects that serve it."""
@@ -41,6 +46,49 @@ class GenerationTask:
     vocab: str | None = None  # mode speculative: the local model's vocabulary digest, once
     stats: RoutingStats = field(default_factory=RoutingStats)
     drift: DriftMonitor | None = None
+    serving: str | None = None  # the model store's version name (or swap_model's) it serves
+    # answers running on this task's model; a retired task closes it when the last one ends
+    _answers: int = 0
+    _retired: bool = False
+    _closed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def enter(self) -> None:
+        """An answer starts on this task's model."""
+        with self._lock:
+            self._answers += 1
+
+    def leave(self) -> None:
+        """An answer on this task's model ended (finished, failed or closed)."""
+        with self._lock:
+            self._answers -= 1
+            close = self._retired and self._answers == 0
+        if close:
+            self.close_model()
+
+    def retire(self) -> None:
+        """This task was replaced (a hot swap): close its model now if no answer runs on it,
+        else when the last one ends."""
+        with self._lock:
+            self._retired = True
+            close = self._answers == 0
+        if close:
+            self.close_model()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close_model(self) -> None:
+        """Close the local model (once; later calls do nothing)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.backend.close()
+        except Exception:  # the new version serves on; a failed close only leaks
+            log.exception("task %s: closing the model failed", self.name)
 
     @property
     def gate(self) -> TokenGate:
@@ -54,6 +102,16 @@ class GenerationTask:
         self.stats.record(stage, escalates if shadow is not None else None, shadow)
         if self.drift is not None and score is not None:
             self.drift.observe(score, escalates)
+
+
+def check_same_vocabulary(old: GenerationTask, new: GenerationTask) -> None:
+    """A swapped-in language model must read the same token ids as the one it replaces when
+    the cloud checks drafts against them (mode ``speculative``), so it must have as many."""
+    if new.n_vocab != old.n_vocab and old.policy.mode is EscalationMode.SPECULATIVE:
+        raise ConfigError(
+            f"task {old.name!r}: the new model has {new.n_vocab} tokens, the serving one "
+            f"{old.n_vocab}; mode speculative needs the cloud's vocabulary"
+        )
 
 
 def controller_for(policy: Any) -> GammaController:
@@ -74,11 +132,14 @@ def open_generation_task(
     *,
     on_drift: Callable[[DriftAlarm], None] | None = None,
     seed: int | None = None,
+    stats: RoutingStats | None = None,
+    serving: str | None = None,
 ) -> GenerationTask:
     """Load a generation task's local model (through the backend registry) and warm it up.
     A local OpenAI-compatible server (``format: openai``) gets its API key from the
     environment variable ``api_key_env`` names (unset: no key, with a warning). ``on_drift``:
-    the drift alarm's callback (with ``tp.drift``); ``seed``: the audit sampling's RNG."""
+    the drift alarm's callback (with ``tp.drift``); ``seed``: the audit sampling's RNG;
+    ``stats``: the counters to carry on (a hot swap's), ``serving``: the store version."""
     local = tp.local
     options: dict = {"version": local.version, "threads": local.threads}
     source = local.path
@@ -115,6 +176,8 @@ def open_generation_task(
             n_vocab=backend.n_vocab if isinstance(backend, LocalGenerationBackend) else 0,
             versions={"edge": backend.version},
             controller=controller_for(tp) if speculative else None,
+            stats=stats if stats is not None else RoutingStats(),
+            serving=serving,
         )
     except BaseException:  # the task is not registered: nobody else would close its model
         backend.close()

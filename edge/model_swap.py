@@ -1,11 +1,13 @@
-"""Hot-swapping classification models: a task serves its model store's current version and
-moves to a new one while requests run (:class:`ModelSwapper`).
+"""Hot-swapping edge models: a task serves its model store's current version and moves to a
+new one while requests run (:class:`ModelSwapper`), for classification and generation tasks.
 
-A swap builds a complete new :class:`~tandem.edge.classify_task.ClassifyTask` (load, check the
-classes and inputs against the serving one, warm up) off the request path, then replaces the
-one reference in the runtime's task table. A request takes the task object once at its start
-and uses it to the end, so requests in flight finish on the old version, and no request
-mixes two. A version that fails to load or check is refused: logged, counted
+A swap builds a complete new task (load, check it against the serving one, warm up) off the
+request path, then replaces the one reference in the runtime's task table. A request takes the
+task object once at its start and uses it to the end, so requests in flight finish on the old
+version, and no request mixes two. The old task is then *retired*: a generation task closes
+its model once its last answer ends (:meth:`~tandem.edge.generate_task.GenerationTask.retire`);
+a classification task's ONNX session is freed with the last request that holds it. A version
+that fails to load or check is refused: logged, counted
 (``stats()["tasks"][name]["swaps"]["refused"]``), never tried again, and the old version keeps
 serving. Rollback is the store's (:meth:`~tandem.runtime.model_store.ModelStore.rollback`)
 followed by a reload.
@@ -18,40 +20,61 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from tandem.edge.classify_task import (
-    ClassifyTask,
-    check_same_shape,
-    policy_for_version,
-    with_gate,
+from pydantic import ValidationError
+
+from tandem.router.policy import (
+    CalibrationRecord,
+    GenerateTaskPolicy,
+    LearnedGateSpec,
+    TaskPolicy,
 )
-from tandem.router.policy import TaskPolicy
 from tandem.router.routing import RoutingStats
 from tandem.runtime.errors import ConfigError
-from tandem.runtime.model_store import ModelStore
+from tandem.runtime.model_store import ModelStore, ModelVersion
 
 log = logging.getLogger(__name__)
 
-BuildTask = Callable[[str, TaskPolicy, str | None, RoutingStats], ClassifyTask]
+AnyPolicy = TypeVar("AnyPolicy", TaskPolicy, GenerateTaskPolicy)
 
 
-class ModelSwapper:
-    """The model stores of a runtime's classification tasks, and the one place that replaces
-    a task in ``tasks`` (the runtime's table). ``build(name, policy, serving, stats)`` opens a
-    task (the runtime's clients, callbacks and seed)."""
+class SwappableTask(Protocol):
+    name: str
+    serving: str | None
+    stats: RoutingStats
+    versions: dict[str, str]
 
-    def __init__(self, tasks: dict[str, ClassifyTask], build: BuildTask) -> None:
+
+T = TypeVar("T", bound=SwappableTask)
+BuildTask = Callable[[str, Any, str | None, RoutingStats], T]
+
+
+class ModelSwapper(Generic[T]):
+    """The model stores of a runtime's tasks of one kind, and the one place that replaces a
+    task in ``tasks`` (the runtime's table). ``build(name, policy, serving, stats)`` opens a
+    task (the runtime's clients, callbacks and seed); ``check(old, new)`` raises when the new
+    one cannot take the old one's requests; ``retire(old)`` runs once it is replaced."""
+
+    def __init__(
+        self,
+        tasks: dict[str, T],
+        build: BuildTask,
+        check: Callable[[T, T], None],
+        retire: Callable[[T], None] = lambda _t: None,
+    ) -> None:
         self.tasks = tasks
         self.build = build
+        self.check = check
+        self.retire = retire
         self.stores: dict[str, ModelStore] = {}
-        self.policies: dict[str, TaskPolicy] = {}  # each task's policy as the file says
+        self.policies: dict[str, Any] = {}  # each task's policy as the file says
         self._refused: dict[str, set[str]] = {}
         self._lock = threading.Lock()  # one swap at a time; requests never take it
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def open(self, name: str, tp: TaskPolicy) -> ClassifyTask:
+    def open(self, name: str, tp: Any) -> T:
         """Open a task at start: the store's current version when ``local.store`` names a
         store that has one (unreadable: logged, ``local.path`` serves), else ``local.path``."""
         self.policies[name] = tp
@@ -65,7 +88,7 @@ class ModelSwapper:
                     tp, serving = policy_for_version(tp, mv), mv.version
             except ConfigError as e:
                 log.error("task %s: model store refused, serving local.path: %s", name, e)
-        return self.build(name, tp, serving, RoutingStats(len(tp.tiers)))
+        return self.build(name, tp, serving, RoutingStats(len(getattr(tp, "tiers", ()))))
 
     def reload(self) -> dict[str, str]:
         """Swap each task whose store's current version changed; task -> what it serves."""
@@ -89,7 +112,7 @@ class ModelSwapper:
                 new = self.build(
                     name, policy_for_version(self.policies[name], store.get(want)), want, old.stats
                 )
-                check_same_shape(old, new)
+                self.check(old, new)
             except Exception as e:  # any failure to load: the old version keeps serving
                 self._refused[name].add(want)
                 old.stats.swaps_refused += 1
@@ -107,7 +130,7 @@ class ModelSwapper:
     def swap(
         self, name: str, path: str | Path, gate: Mapping[str, Any] | None, version: str | None
     ) -> str:
-        """Serve the ONNX model at ``path`` for task ``name`` (see
+        """Serve the model file at ``path`` for task ``name`` (see
         :meth:`tandem.edge.EdgeRuntime.swap_model`); raises, keeping the old model, when it
         does not load or fit."""
         with self._lock:
@@ -117,17 +140,18 @@ class ModelSwapper:
                 local = tp.local.model_copy(update={"path": Path(path), "version": version})
                 tp = with_gate(tp.model_copy(update={"local": local}), gate, where=str(path))
                 new = self.build(name, tp, version, old.stats)
-                check_same_shape(old, new)
+                self.check(old, new)
             except Exception:
                 old.stats.swaps_refused += 1
                 raise
             self._install(name, new)
             return new.versions["edge"]
 
-    def _install(self, name: str, new: ClassifyTask) -> None:
+    def _install(self, name: str, new: T) -> None:
         old = self.tasks[name]
         self.tasks[name] = new  # one reference: requests that took the old one finish on it
         new.stats.swaps += 1
+        self.retire(old)
         log.info(
             "task %s: now serving %s (was %s)",
             name,
@@ -165,3 +189,41 @@ class ModelSwapper:
         self._stop.set()
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(timeout=10)
+
+
+def policy_for_version(tp: AnyPolicy, mv: ModelVersion) -> AnyPolicy:
+    """``tp`` serving a model store version: its file, its version (``"v0003:<sha256[:12]>"``),
+    its calibrated gate settings (:func:`with_gate`) and its calibration record (the drift
+    alarm's baseline). Raises :class:`ConfigError` naming the version's meta.json when those
+    do not validate."""
+    where = str(mv.path.parent / "meta.json")
+    label = f"{mv.version}:{str(mv.meta.get('sha256', ''))[:12]}"
+    tp = tp.model_copy(
+        update={"local": tp.local.model_copy(update={"path": mv.path, "version": label})}
+    )
+    tp = with_gate(tp, mv.gate, where=where)
+    cal = mv.meta.get("calibration")
+    if isinstance(cal, dict):
+        try:
+            tp = tp.model_copy(update={"calibration": CalibrationRecord.model_validate(cal)})
+        except ValidationError as e:
+            raise ConfigError(f"{where}: the version's calibration is not valid: {e}") from None
+    return tp
+
+
+def with_gate(tp: AnyPolicy, overrides: Mapping[str, Any] | None, *, where: str) -> AnyPolicy:
+    """``tp`` with gate settings calibrated for a model (a confidence gate: ``threshold``,
+    ``temperature``, ``metric``; a token gate: ``threshold``, ``metric``, ``quantile``; a
+    learned gate only ``threshold``); other keys are ignored."""
+    if not overrides:
+        return tp
+    spec_type = type(tp.gate)
+    learned = isinstance(tp.gate, LearnedGateSpec)
+    keys = {"threshold"} if learned else set(spec_type.model_fields) - {"type"}
+    g = tp.gate.model_dump()
+    g.update({k: v for k, v in overrides.items() if k in keys and v is not None})
+    try:
+        gate = spec_type.model_validate(g)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: gate settings {dict(overrides)} are not valid: {e}") from None
+    return tp.model_copy(update={"gate": gate})

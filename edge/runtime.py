@@ -1,4 +1,6 @@
-"""The edge SDK: local model + router + cloud client + escalation log.
+"""The edge SDK: local model + router + cloud client + escalation log. (Over 500 lines: one
+class, the SDK's whole public surface — infer, generate, chat, their batch and asyncio forms,
+hot swap, stats — whose parts live in the modules it imports.)
 
 .. code-block:: python
 
@@ -14,13 +16,13 @@ A task whose policy names a model store (``local.store``) serves the store's cur
 and hot-swaps to a new one (:meth:`EdgeRuntime.reload_models`, or every ``local.watch_s``
 seconds on a watcher thread): the new model is loaded, checked and warmed up off the request
 path, then the task's reference is replaced; each request takes the task once at its start, so
-requests in flight finish on the old version and no request mixes two.
+requests in flight finish on the old version and no request mixes two. Generation tasks too: a
+replaced language model is closed when the last answer running on it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -32,9 +34,13 @@ import numpy as np
 
 from tandem.edge.answer import Answer, log_record
 from tandem.edge.answer_streams import AnswerStream, AsyncAnswerStream
-from tandem.edge.classify_task import ClassifyTask, open_classify_task
+from tandem.edge.classify_task import ClassifyTask, check_same_shape, open_classify_task
 from tandem.edge.escalation_log import EscalationLog
-from tandem.edge.generate_task import GenerationTask, open_generation_task
+from tandem.edge.generate_task import (
+    GenerationTask,
+    check_same_vocabulary,
+    open_generation_task,
+)
 from tandem.edge.model_swap import ModelSwapper
 from tandem.router.drift import DriftAlarm
 from tandem.router.policy import (
@@ -47,7 +53,7 @@ from tandem.router.policy import (
 from tandem.router.routing import RoutingStats
 from tandem.runtime.chat import check_messages
 from tandem.runtime.client import CloudClient
-from tandem.runtime.errors import BadRequest, ConfigError
+from tandem.runtime.errors import BadRequest
 from tandem.runtime.generation import SamplingParams, check_prompt
 from tandem.runtime.types import GenerationResult, Result, Tier
 from tandem.runtime.wire import new_request_id
@@ -88,7 +94,11 @@ class EdgeRuntime:
         self._client_by: dict[tuple[Any, ...], CloudClient] = {}  # (endpoints, keys) -> client
         self._tasks: dict[str, ClassifyTask] = {}
         self._generators: dict[str, GenerationTask] = {}
-        self._swapper = ModelSwapper(self._tasks, self._build)
+        self._swapper = ModelSwapper(self._tasks, self._build, check_same_shape)
+        self._retired: list[GenerationTask] = []  # replaced, their model maybe still in use
+        self._gen_swapper = ModelSwapper(
+            self._generators, self._build_generator, check_same_vocabulary, self._retire
+        )
         self._drift_hooks: list[Callable[[DriftAlarm], None]] = [on_drift] if on_drift else []
         self._seed = seed
         # threads that pull agenerate/achat streams: made on first use, at most MAX_ASYNC_STREAMS
@@ -104,6 +114,7 @@ class EdgeRuntime:
             next(iter(self._generators)) if len(self._generators) == 1 else None
         )
         self._swapper.start()
+        self._gen_swapper.start()
 
     def _open(self, policy: Policy) -> None:
         if self.escalation_log is None and policy.escalation_log is not None:
@@ -118,16 +129,8 @@ class EdgeRuntime:
                 max_age_s=spec.max_age_s,
             )
         for name, tp in policy.tasks.items():
-            client = None if tp.cloud is None else self._client_for(tp.cloud)
             if isinstance(tp, GenerateTaskPolicy):
-                if tp.local.store is not None:
-                    raise ConfigError(
-                        f"tasks.{name}.local.store: hot-swapping a generation model is not "
-                        "supported yet; point local.path at the model store's current file"
-                    )
-                self._generators[name] = open_generation_task(
-                    name, tp, client, on_drift=self._drift_alarm, seed=self._seed
-                )
+                self._generators[name] = self._gen_swapper.open(name, tp)
                 continue
             self._tasks[name] = self._swapper.open(name, tp)
 
@@ -154,12 +157,30 @@ class EdgeRuntime:
             serving=serving,
         )
 
+    def _build_generator(
+        self, name: str, tp: GenerateTaskPolicy, serving: str | None, stats: RoutingStats
+    ) -> GenerationTask:
+        return open_generation_task(
+            name,
+            tp,
+            None if tp.cloud is None else self._client_for(tp.cloud),
+            on_drift=self._drift_alarm,
+            seed=self._seed,
+            stats=stats,
+            serving=serving,
+        )
+
+    def _retire(self, old: GenerationTask) -> None:
+        self._retired = [t for t in self._retired if not t.closed]
+        self._retired.append(old)
+        old.retire()
+
     # ------------------------------------------------------------------ hot swap
     def reload_models(self) -> dict[str, str]:
         """Swap each task whose model store's current version changed (see
         :mod:`tandem.edge.model_swap`: a version that fails is refused, the old one serves on).
         Returns task -> what it serves now: the store's version name, or the edge version."""
-        return self._swapper.reload()
+        return {**self._swapper.reload(), **self._gen_swapper.reload()}
 
     def swap_model(
         self,
@@ -168,10 +189,14 @@ class EdgeRuntime:
         gate: Mapping[str, Any] | None = None,
         version: str | None = None,
     ) -> str:
-        """Serve the ONNX model at ``path`` (same inputs, same classes) for ``task`` from now
-        on, with ``gate`` overrides (``threshold``, ``temperature``, ``metric``) applied to the
-        policy's gate; ``version`` names it (default: its sha256). Returns the edge version it
-        serves. Raises, and keeps the old model, when the new one does not load or fit."""
+        """Serve the model at ``path`` for ``task`` from now on: a classification task's ONNX
+        model (same inputs, same classes) or a generation task's model (same format, same
+        vocabulary), with ``gate`` overrides (``threshold``, ``temperature``, ``metric``)
+        applied to the policy's gate; ``version`` names it (default: its sha256). Returns the
+        edge version it serves. Raises, and keeps the old model, when the new one does not
+        load or fit. Requests in flight finish on the old model."""
+        if task in self._generators:
+            return self._gen_swapper.swap(task, path, gate, version)
         return self._swapper.swap(self._task(task).name, path, gate, version)
 
     def on_drift(self, callback: Callable[[DriftAlarm], None]) -> None:
@@ -277,8 +302,13 @@ class EdgeRuntime:
             stop=tuple(t.policy.stop if stop is None else stop),
         )
         budget = t.policy.deadline_ms if deadline_ms is None else deadline_ms
-        answer = Answer(t, prompt, params, frozenset(tags), budget, new_request_id(), messages)
-        chunks = AnswerStream(answer, self._log_generation)
+        t.enter()  # a swap closes this model only after the answer ends (_log_generation)
+        try:
+            answer = Answer(t, prompt, params, frozenset(tags), budget, new_request_id(), messages)
+            chunks = AnswerStream(answer, self._log_generation)
+        except BaseException:
+            t.leave()
+            raise
         if stream:
             return chunks
         with chunks:
@@ -448,6 +478,13 @@ class EdgeRuntime:
         return results  # type: ignore[return-value]
 
     def _log_generation(self, answer: Answer) -> None:
+        """An answer ended (once, however it ended): count it, log it, release its model."""
+        try:
+            self._answer_done(answer)
+        finally:
+            answer.t.leave()
+
+    def _answer_done(self, answer: Answer) -> None:
         r = answer.result
         if r is not None:
             gate_decided = r.confidence is not None and not r.reason.startswith("rule:")
@@ -471,7 +508,7 @@ class EdgeRuntime:
         tasks: dict[str, Any] = {}
         for name, t in [*self._tasks.items(), *self._generators.items()]:
             out = t.stats.snapshot()
-            out["serving"] = t.serving if isinstance(t, ClassifyTask) else None
+            out["serving"] = t.serving
             out["versions"] = dict(t.versions)
             out["drift"] = None if t.drift is None else t.drift.stats()
             tasks[name] = out
@@ -484,9 +521,9 @@ class EdgeRuntime:
         """Close the local models, the cloud clients and the escalation log (it writes what
         it has queued first). Safe on a runtime that failed half-way through loading."""
         self._swapper.close()
-        for g in self._generators.values():
-            with contextlib.suppress(Exception):
-                g.backend.close()
+        self._gen_swapper.close()
+        for g in [*self._generators.values(), *self._retired]:
+            g.close_model()
         for c in self._clients:
             c.close()
         self._streams.shutdown(wait=False, cancel_futures=True)

@@ -196,13 +196,3 @@ def test_swap_model_for_sdk_users(tmp_path, models) -> None:
         with pytest.raises(ConfigError, match="gate settings"):
             rt.swap_model("t", models[1], gate={"threshold": 3.0})
         assert rt.infer(x).index == 2
-
-
-def test_generation_tasks_refuse_a_store(tmp_path) -> None:
-    task = {
-        "kind": "generate",
-        "local": {"path": str(tmp_path / "m.gguf"), "store": str(tmp_path / "store")},
-        "gate": {"threshold": 0.5},
-    }
-    with pytest.raises(ConfigError, match=r"tasks\.g\.local\.store"):
-        EdgeRuntime(policy_from_dict({"version": 1, "tasks": {"g": task}}))
