@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tandem.cli.common import app
-from tandem.cli.evolve import evolve_task, rollback_task
+from tandem.evolution import evolve_task, rollback_task
 from tandem.cloud.evolve import (
     classifier_metrics,
     expected_calibration_error,

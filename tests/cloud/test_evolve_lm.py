@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tandem.cli.evolve import evolve_task
+from tandem.evolution import evolve_task
 from tandem.cloud.evolve_lm import Pair, encode_pair, pairs_from_log, split_pairs
 from tandem.edge.escalation_log import EscalationLog, EscalationRecord
 from tandem.reference import lm_task
