@@ -5,7 +5,8 @@ Given, for each held-out example, the edge's gate score and whether edge and clo
 :func:`pick_threshold` picks the threshold that recovers a target share of the edge→cloud
 accuracy gap with the fewest escalations — on a calibration split, never on the test split.
 :func:`escalation_for_recovery` is RouteLLM's "calls to the strong model needed for X% of its
-gain" (CPT), used to score a router on the test split.
+gain" (CPT), used to score a router on the test split; :func:`compare_gates` puts gates
+side by side (CPT, AUROC for benefit, decisions), :func:`cpt_difference` with an interval.
 
 :func:`choose_threshold` picks a threshold to a target a user states (:func:`parse_objective`:
 an escalation budget, accuracy near the cloud's, a share of the gap, or a cost model), with
@@ -413,30 +414,83 @@ def choose_threshold(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Gates side by side
+# ---------------------------------------------------------------------------------------------
+def cpt(
+    scores: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, target: float = 0.8
+) -> float:
+    """CPT(target) of a score: the escalation rate that recovers ``target`` of the gap."""
+    return escalation_for_recovery(routing_curve(scores, edge_correct, cloud_correct), target)
+
+
+def auroc(scores: np.ndarray, benefit: np.ndarray) -> float:
+    """AUROC of ``-scores`` detecting ``benefit`` (edge wrong, cloud right; NaN scores rank as
+    least sure); NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    b = np.asarray(benefit, bool)
+    if b.all() or not b.any():
+        return float("nan")
+    s = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
+    return float(roc_auc_score(b, -np.clip(s, -1e300, 1e300)))
+
+
 @dataclass(frozen=True)
 class GateReport:
-    """One gate on a data set: its decisions and what they buy."""
+    """One gate on a data set: CPT(``target``) and AUROC for benefit of its score, and with a
+    threshold its escalation rate and routed accuracy (NaN without one)."""
 
     name: str
     escalation_rate: float
     accuracy: float
-    cpt80: float  # escalation_for_recovery(.., 0.8) of the gate's score
+    cpt: float
+    auroc: float
+    target: float = 0.8
+
+    @property
+    def cpt80(self) -> float:  # as `tandem calibrate --compare` reports it; NaN at another target
+        return self.cpt if self.target == 0.8 else float("nan")
 
 
 def compare_gates(
-    gates: Mapping[str, tuple[np.ndarray, float]],
+    gates: Mapping[str, tuple[np.ndarray, float | None]],
     edge_correct: np.ndarray,
     cloud_correct: np.ndarray,
+    *,
+    target: float = 0.8,
 ) -> tuple[list[GateReport], float]:
-    """Each named gate's ``(accept scores, threshold)`` on the same rows: its escalation rate,
-    routed accuracy and CPT(80%); and the share of rows on which all gates decide alike."""
+    """A :class:`GateReport` for each named gate's ``(accept scores, threshold or None)`` on
+    the same rows, and the share of rows on which all thresholded gates decide alike."""
     reports, decisions = [], []
     for name, (scores, threshold) in gates.items():
-        ev = evaluate_threshold(scores, edge_correct, cloud_correct, threshold)
         s, e, c = _prepare(scores, edge_correct, cloud_correct)
-        cpt = escalation_for_recovery(routing_curve(s, e, c), 0.8)
-        reports.append(GateReport(name, ev.escalation_rate, ev.accuracy, cpt))
-        decisions.append(s < threshold)
+        rate = acc = float("nan")
+        if threshold is not None:
+            ev = evaluate_threshold(s, e, c, threshold)
+            rate, acc = ev.escalation_rate, ev.accuracy
+            decisions.append(s < threshold)
+        reports.append(GateReport(name, rate, acc, cpt(s, e, c, target), auroc(s, ~e & c), target))
     d = np.array(decisions)
     agree = float(np.mean(np.all(d == d[:1], axis=0))) if len(d) else 1.0
     return reports, agree
+
+
+def cpt_difference(
+    a: np.ndarray, b: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, *,
+    target: float = 0.8, resamples: int = 300, seed: int = 0,
+) -> tuple[float, tuple[float, float]]:  # fmt: skip
+    """CPT(target) of scores ``a`` minus that of ``b`` on the same rows, and its 95% paired
+    bootstrap interval (rows resampled together; NaN when no resample has a gap)."""
+    e, c = np.asarray(edge_correct, bool), np.asarray(cloud_correct, bool)
+    diff = cpt(a, e, c, target) - cpt(b, e, c, target)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(resamples):
+        i = rng.integers(0, len(e), len(e))
+        if c[i].mean() > e[i].mean():
+            boots.append(cpt(a[i], e[i], c[i], target) - cpt(b[i], e[i], c[i], target))
+    if not boots:
+        return diff, (float("nan"), float("nan"))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return diff, (float(lo), float(hi))

@@ -28,16 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import interleaved_us, pct, print_table, write_results
-from tandem.cli.router_cmd import reference_digits_examples
 from tandem.kernels import confidence_row
 from tandem.reference.models import EDGE, build_reference_models
-from tandem.router.learned import (
-    compare_gates,
-    confidence_scores,
-    cpt_difference,
-    load_router,
-    train_router,
-)
+from tandem.router.calibrate import cpt_difference
+from tandem.router.learned import load_router
+from tandem.router.learned_train import confidence_gate_scores, judge, train_router
+from tandem.router_data import reference_digits_examples
 from tandem.runtime.manifest import load_manifest
 
 GOAL_P99_US = 20.0
@@ -85,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
             routers[name] = (r, ho)
             scores[name] = r.score_batch(ho.logits, ho.hidden)
             quality[name] = {"model": report.model, "candidates": report.candidates}
-        gates = confidence_scores(test.logits)
+        gates = confidence_gate_scores(test.logits)
         rows = []
-        for g in compare_gates({**gates, **scores}, test.edge_correct, test.cloud_correct, TARGET):
+        for g in judge({**gates, **scores}, test.edge_correct, test.cloud_correct, TARGET):
             d, ci = (None, (None, None))
             if g.name in scores:
                 d, ci = cpt_difference(

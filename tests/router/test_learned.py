@@ -13,21 +13,20 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from tandem.cli import app
 from tandem.edge.escalation_log import EscalationLog, EscalationRecord
 from tandem.router.learned import (
     FeatureSpec,
-    RouterExamples,
     classify_features,
     export_router,
     expose_hidden,
     fit_router,
     load_router,
     token_features,
-    train_router,
 )
+from tandem.router.learned_train import RouterExamples, train_router
 from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.errors import ConfigError
 
@@ -232,6 +231,13 @@ def _policy(tmp_path: Path, edge: Path, log: Path | None = None) -> Path:
     return path  # fmt: skip
 
 
+def _train(policy: Path, out: Path, *args: str, task: str = "digits") -> Result:
+    """``tandem router train POLICY --task TASK --out OUT ARGS...`` in this process."""
+    return CliRunner().invoke(
+        app, ["router", "train", str(policy), "--task", task, "--out", str(out), *args]
+    )
+
+
 def test_cli_trains_from_a_real_escalation_log(tmp_path: Path, tiny_models: Path) -> None:
     """Rows written by EscalationLog (real sqlite); the cloud disagrees with the edge on the
     least confident rows and on class 3, so there is something to learn."""
@@ -259,24 +265,8 @@ def test_cli_trains_from_a_real_escalation_log(tmp_path: Path, tiny_models: Path
             edge_confidence=0.1, cloud_output=None, cloud_label=None, error="timeout",
             timings_ms={}, model_versions={"edge": "v1"}))  # fmt: skip
     policy = _policy(tmp_path, edge, log_path)
-    runner = CliRunner()
     out = tmp_path / "router.onnx"
-    res = runner.invoke(
-        app,
-        [
-            "router",
-            "train",
-            str(policy),
-            "--task",
-            "digits",
-            "--out",
-            str(out),
-            "--min-rows",
-            "100",
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-    )
+    res = _train(policy, out, "--min-rows", "100", "--json", str(tmp_path / "r.json"))
     assert res.exit_code == 0, res.output
     assert "max_prob" in res.output and "learned" in res.output and "type: learned" in res.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -286,12 +276,10 @@ def test_cli_trains_from_a_real_escalation_log(tmp_path: Path, tiny_models: Path
     r = load_router(out, n_classes=10)
     assert r.provenance["source"] == str(log_path) and r.provenance["task"] == "digits"
     # the log is too small for --min-rows: a clear refusal, no file
-    res = runner.invoke(app, ["router", "train", str(policy), "--task", "digits", "--out",
-                              str(tmp_path / "r2.onnx"), "--min-rows", "1000"])  # fmt: skip
+    res = _train(policy, tmp_path / "r2.onnx", "--min-rows", "1000")
     assert res.exit_code == 1 and "fewer than --min-rows 1000" in res.output
     assert not (tmp_path / "r2.onnx").exists()
-    res = runner.invoke(app, ["router", "train", str(policy), "--task", "nope", "--out",
-                              str(tmp_path / "r3.onnx")])  # fmt: skip
+    res = _train(policy, tmp_path / "r3.onnx", task="nope")
     assert res.exit_code == 1 and "no task 'nope'" in res.output
 
 
@@ -304,24 +292,8 @@ def test_cli_reference_digits_end_to_end(tmp_path: Path) -> None:
     models = build_reference_models()
     edge = models / load_manifest(models).get(EDGE).file
     policy = _policy(tmp_path, edge)
-    res = CliRunner().invoke(
-        app,
-        [
-            "router",
-            "train",
-            str(policy),
-            "--task",
-            "digits",
-            "--reference",
-            "digits",
-            "--out",
-            str(tmp_path / "r.onnx"),
-            "--hidden",
-            "auto",
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-    )
+    res = _train(policy, tmp_path / "r.onnx", "--reference", "digits", "--hidden", "auto",
+                 "--json", str(tmp_path / "r.json"))  # fmt: skip
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["rows_holdout"] == 1800 and report["rows_train"] == 1795
@@ -343,14 +315,12 @@ def test_cli_trains_from_labelled_data_with_the_hidden_vector(
     y = np.where(rng.random(300) < 0.6, edge_top1, rng.integers(0, 10, 300))
     np.savez(tmp_path / "d.npz", x=x, y=y, cloud_logits=np.eye(10)[y] * 5)
     out = tmp_path / "r.onnx"
-    res = CliRunner().invoke(app, ["router", "train", str(_policy(tmp_path, edge)), "--task",
-                                   "digits", "--data", str(tmp_path / "d.npz"), "--out", str(out),
-                                   "--hidden", "auto", "--model", "logistic"])  # fmt: skip
+    policy = _policy(tmp_path, edge)
+    res = _train(policy, out, "--data", str(tmp_path / "d.npz"), "--hidden", "auto", "--model",
+                 "logistic")  # fmt: skip
     assert res.exit_code == 0, res.output
     r = load_router(out, n_classes=10)
     assert r.uses_hidden and r.spec.hidden_dim == 32 and r.provenance["rows"] == 210
     np.savez(tmp_path / "bad.npz", x=x)
-    res = CliRunner().invoke(app, ["router", "train", str(_policy(tmp_path, edge)), "--task",
-                                   "digits", "--data", str(tmp_path / "bad.npz"), "--out",
-                                   str(tmp_path / "b.onnx")])  # fmt: skip
+    res = _train(policy, tmp_path / "b.onnx", "--data", str(tmp_path / "bad.npz"))
     assert res.exit_code == 1 and "needs arrays 'x' and 'y'" in res.output
