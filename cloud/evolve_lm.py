@@ -185,24 +185,31 @@ def finetune(
         torch.set_num_threads(before)
 
 
-def exact_match(gguf: str | Path, pairs: Sequence[Pair], *, threads: int = 2) -> float:
-    """Share of ``pairs`` whose greedy answer from the GGUF model (llama.cpp) equals the
-    pair's answer exactly."""
+def greedy_answers(
+    gguf: str | Path, pairs: Sequence[Pair], *, threads: int = 2
+) -> list[tuple[str, list[float]]]:
+    """The GGUF model's (llama.cpp) greedy answer to each pair's prompt, with its tokens'
+    log-probabilities: what a token gate scores."""
     from tandem.runtime.backends import open_backend
     from tandem.runtime.generation import SamplingParams
 
-    if not pairs:
-        return float("nan")
     backend = open_backend("gguf", gguf, threads=threads)
     try:
-        right = 0
+        out = []
         for p in pairs:
             budget = SamplingParams(max_tokens=max(8, 2 * len(p.answer.encode()) + 2))
-            text = "".join(s.text for s in backend.stream(p.prompt, budget))
-            right += text == p.answer
-        return right / len(pairs)
+            steps = list(backend.stream(p.prompt, budget))
+            out.append(("".join(s.text for s in steps), [s.logprob for s in steps]))
+        return out
     finally:
         backend.close()
+
+
+def exact_match(answers: Sequence[tuple[str, list[float]]], pairs: Sequence[Pair]) -> float:
+    """Share of ``pairs`` whose answer (:func:`greedy_answers`) equals the pair's exactly."""
+    if not pairs:
+        return float("nan")
+    return sum(a == p.answer for (a, _), p in zip(answers, pairs, strict=True)) / len(pairs)
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,8 @@ class LmCandidate:
     accepted: bool
     reasons: list[str]
     report: dict[str, Any]
+    # the new model's greedy answers and token log-probs on the held-out pairs (recalibration)
+    holdout_answers: list[tuple[str, list[float]]]
 
 
 def distil_generator(
@@ -244,9 +253,10 @@ def distil_generator(
     losses = finetune(hf_dir, train, folder / "hf", config=config, progress=say)
     gguf = export_gguf(folder / "hf", folder / "model.gguf", qtype=qtype)  # type: ignore[arg-type]
     say(f"exported {gguf.name} ({qtype}); scoring both models on {len(holdout)} held-out pairs")
-    scores = {}
+    scores, answers = {}, []
     for name, path in (("before", Path(current_gguf)), ("after", gguf)):
-        scores[name] = {"cloud_exact_match": exact_match(path, holdout)}
+        answers = greedy_answers(path, holdout)
+        scores[name] = {"cloud_exact_match": exact_match(answers, holdout)}
         if evaluate is not None:
             scores[name].update(evaluate(path))
     reasons = [
@@ -267,4 +277,4 @@ def distil_generator(
         "verdict": {"accepted": not reasons, "reasons": reasons},
         "seconds": time.perf_counter() - t0,
     }
-    return LmCandidate(folder / "hf", gguf, not reasons, reasons, report)
+    return LmCandidate(folder / "hf", gguf, not reasons, reasons, report, answers)

@@ -400,13 +400,49 @@ def _evolve_generator(
             },
         }
         report["rows"]["skipped"] = got.skipped
+        gate, calibration = _token_gate(tp, hold, cand.holdout_answers, _objective(o["target"], tp))
+        report["routing"] = {"gate": gate, "calibration": calibration}
         published = None
         if cand.accepted and not o["dry_run"]:
             report["seconds"] = time.perf_counter() - t0
-            mv = store.publish(cand.gguf, report=report, extra_files={"hf": cand.hf})
+            mv = store.publish(
+                cand.gguf, gate=gate, calibration=calibration, report=report,
+                extra_files={"hf": cand.hf},
+            )  # fmt: skip
             published = mv.version
     report["seconds"] = time.perf_counter() - t0
     return EvolveOutcome(task, cand.accepted, published, report)
+
+
+def _token_gate(
+    tp: Any, hold: list[Any], answers: list[tuple[str, list[float]]], objective: Any
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The token gate's threshold for the new model, from its answers to the held-out pairs
+    (the cloud's answer is the label, so the cloud is right on all of them): the gate's probe
+    score over the first ``probe_tokens`` log-probs, as the live gate scores it. Only for the
+    modes that decide on a probe (``probe``, ``speculative``); otherwise (None, None): the
+    policy's threshold stays."""
+    from tandem.router.calibrate import choose_threshold, score_deciles
+    from tandem.router.policy import EscalationMode
+    from tandem.router.routing import TokenGate
+
+    if tp.mode not in (EscalationMode.PROBE, EscalationMode.SPECULATIVE) or len(hold) < 20:
+        return None, None
+    g = TokenGate(tp.gate)
+    scores = np.array([g.probe_score(lp[: tp.probe_tokens]) for _, lp in answers])
+    right = np.array([a == p.answer for (a, _), p in zip(answers, hold, strict=True)])
+    choice = choose_threshold(scores, right, np.ones(len(right), bool), objective)
+    gate = {"threshold": float(np.clip(round(choice.threshold, 6), 0.0, 1.0))}
+    calibration = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "objective": str(objective),
+        "data": {"source": "held-out log pairs (cloud answers as labels)", "rows": len(hold)},
+        "models": {"edge": "this version"},
+        "escalation_rate": choice.escalation_rate.as_dict(),
+        "accuracy": choice.accuracy.as_dict(),
+        "score_quantiles": score_deciles(str(tp.gate.metric), scores),
+    }
+    return gate, calibration
 
 
 # ---------------------------------------------------------------------------- the entry point
