@@ -60,9 +60,8 @@ def pareto(points: list[dict[str, Any]]) -> list[int]:
 
 def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[str, Any] | None:
     """Classifiers with labels: accuracy, escalation rate and p95 at every threshold."""
-    from tandem.kernels.confidence import confidence
     from tandem.router.policy import policy_from_dict
-    from tandem.router.routing import ConfidenceGate
+    from tandem.router.routing import make_gate
     from tandem.runtime.backends.onnx import OnnxBackend
 
     spec = sc.sweep
@@ -80,14 +79,10 @@ def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[
     if tp.local.output == "probabilities":
         with np.errstate(divide="ignore"):
             logits = np.log(logits)
-    c = confidence(logits)
-    metric = tp.gate.metric.value
-    n_classes, live = logits.shape[1], ConfidenceGate(tp.gate)
-    scores = [  # the live gate's score and rule (ConfidenceGate), item by item
-        live.score(p, m, h, n_classes)
-        for p, m, h in zip(c.max_prob, c.margin, c.entropy, strict=True)
-    ]
-    edge_ok = c.top1 == y
+    metric = getattr(tp.gate, "metric", tp.gate.type)
+    metric = getattr(metric, "value", metric)
+    top1, scores = make_gate(tp.gate).evaluate_batch(logits)  # the live gate's scores
+    edge_ok = top1 == y
     try:
         cloud_ok = cloud_top1(st.endpoints, st.curve, st.cloud_model, x) == y
     except TandemError as e:
@@ -102,7 +97,7 @@ def threshold_sweep(sc: Scenario, st: Setup, first: LevelRun, say: Say) -> dict[
     h_edge, h_cloud = first.stats.lat.get("edge"), first.stats.lat.get("cloud")
     points = []
     for t in grid:
-        gate = ConfidenceGate(tp.gate.model_copy(update={"threshold": t}))
+        gate = make_gate(tp.gate.model_copy(update={"threshold": t}))
         esc = np.array([not gate.accepts(v) for v in scores])
         e = float(esc.mean())
         p95 = mixture_quantile([(1 - e, h_edge), (e, h_cloud)], 0.95)

@@ -154,12 +154,16 @@ class ModelStore:
                     shutil.copytree(extra, tmp / name)
                 else:
                     shutil.copyfile(extra, tmp / name)
+            sha = _sha256(dst)
+            if calibration is not None:  # the record names the model it was made for
+                models = {**calibration.get("models", {}), "edge": f"{version}:{sha[:12]}"}
+                calibration = {**calibration, "models": models}
             meta = {
                 "version": version,
                 "parent": self.current_name(),
                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "file": dst.name,
-                "sha256": _sha256(dst),
+                "sha256": sha,
                 "gate": gate,
                 "calibration": calibration,
                 "report": report or {},

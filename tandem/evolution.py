@@ -295,7 +295,7 @@ def _evolve_classifier(
                 "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "objective": str(objective),
                 "data": {"source": hold_name, "rows": len(hy)},
-                "models": {"edge": "this version", "parent": report["parent"] or "local.path"},
+                "models": {"parent": report["parent"] or "local.path"},  # + edge: publish's
                 "escalation_rate": new["escalation_rate"],
                 "accuracy": new["routed_accuracy"],
                 "score_quantiles": new["score_quantiles"],
@@ -437,7 +437,7 @@ def _token_gate(
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "objective": str(objective),
         "data": {"source": "held-out log pairs (cloud answers as labels)", "rows": len(hold)},
-        "models": {"edge": "this version"},
+        "models": {},  # the store names the edge version it publishes
         "escalation_rate": choice.escalation_rate.as_dict(),
         "accuracy": choice.accuracy.as_dict(),
         "score_quantiles": score_deciles(str(tp.gate.metric), scores),
