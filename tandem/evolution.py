@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tandem.runtime.errors import ConfigError
+from tandem.runtime.manifest import sha256_file
 
 Progress = Callable[[str], None]
 DIGITS_HOLDOUT = "digits-calib"  # --holdout for the reference digits task: its calib split
@@ -283,7 +284,7 @@ def _evolve_classifier(
                 ),
                 "rows": int(cand.keep.sum()),
                 "parent": cur.version if cur is not None else None,
-                "base_sha256": _sha(base),
+                "base_sha256": sha256_file(base),
             },
         }
         published = None
@@ -320,12 +321,6 @@ def _objective(target: str | None, tp: Any) -> Any:
     if tp.calibration is not None:
         return parse_objective(tp.calibration.objective)
     return parse_objective(DEFAULT_TARGET)
-
-
-def _sha(path: Path) -> str:
-    from tandem.runtime.manifest import sha256_file
-
-    return sha256_file(path)
 
 
 # ---------------------------------------------------------------------------- language models

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from tandem.bench.coevolve import QUICK_DIGITS, Round, held_out_figures, main, summary
+from tandem.bench.coevolve import QUICK_DIGITS, main
+from tandem.bench.coevolve_loop import Round, held_out_figures, summary
 
 
 def test_held_out_figures_on_a_hand_made_stream() -> None:
