@@ -220,12 +220,12 @@ def run_digits(out: Path, setup: DigitsSetup = DigitsSetup()) -> dict[str, Any]:
 class SortSetup:
     """How the sorting experiment runs (defaults: about 15 minutes on 2 idle cores)."""
 
-    escalations_per_round: int = 300  # K
+    escalations_per_round: int = 1000  # K
     rounds: int = 4
     audit_rate: float = 0.1
     threads: int = 2  # traffic threads
-    rate_per_s: float = 50.0
-    steps: int = 300  # fine-tuning steps per round
+    rate_per_s: float = 100.0
+    steps: int = 500  # fine-tuning steps per round (from the last version's weights)
     heldout_per_difficulty: int = 40
     target: str = "recovery=0.8"
     seed: int = 0

@@ -474,21 +474,49 @@ class Verdict:
     reasons: list[str]
 
 
+SIGNIFICANCE = 0.05  # a drop in held-out accuracy must be this unlikely by chance to reject
+
+
+def worse(
+    before_right: np.ndarray, after_right: np.ndarray, tolerance: float, what: str = "accuracy"
+) -> str | None:
+    """Why the new model is worse than the current one on the same held-out rows, or None.
+    Worse: its accuracy is more than ``tolerance`` (a fraction) lower **and** a one-sided
+    exact sign test on the rows where the two disagree puts the drop below
+    :data:`SIGNIFICANCE` — so a few rows of a small held-out set flipping by chance do not
+    reject a model (e.g. 2 of 70 is p 0.5), while a real drop does."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(before_right, bool), np.asarray(after_right, bool)
+    lost, won = int((a & ~b).sum()), int((~a & b).sum())
+    drop = (lost - won) / max(1, len(a))
+    if drop <= tolerance:
+        return None
+    p = binomtest(lost, lost + won, 0.5, alternative="greater").pvalue if lost + won else 1.0
+    if p >= SIGNIFICANCE and tolerance >= 0:  # a negative tolerance demands a gain: as stated
+        return None
+    return (
+        f"{what} {b.mean():.4f} is below the current model's {a.mean():.4f} by more than "
+        f"{tolerance * 100:g} points ({lost} held-out rows lost, {won} won: p {p:.2g})"
+    )
+
+
 def judge(
     before: HoldoutMetrics,
     after: HoldoutMetrics,
     *,
+    before_right: np.ndarray,
+    after_right: np.ndarray,
     accuracy_tolerance: float = 0.005,
     ece_tolerance: float = 0.01,
 ) -> Verdict:
-    """Reject ``after`` when its accuracy is more than ``accuracy_tolerance`` (a fraction:
-    0.005 = half a point) below ``before``'s, or its ECE more than ``ece_tolerance`` above."""
+    """Reject ``after`` when it is :func:`worse` in accuracy (``before_right``/``after_right``:
+    each held-out row right or not; ``accuracy_tolerance`` a fraction: 0.005 = half a point),
+    or its ECE is more than ``ece_tolerance`` above ``before``'s."""
     reasons = []
-    if after.accuracy < before.accuracy - accuracy_tolerance:
-        reasons.append(
-            f"accuracy {after.accuracy:.4f} is below the current model's {before.accuracy:.4f} "
-            f"by more than {accuracy_tolerance * 100:g} points"
-        )
+    why = worse(before_right, after_right, accuracy_tolerance)
+    if why is not None:
+        reasons.append(why)
     if after.ece > before.ece + ece_tolerance:
         reasons.append(
             f"ECE {after.ece:.4f} is above the current model's {before.ece:.4f} by more than "
@@ -561,8 +589,10 @@ def distil_classifier(
     cur_logits, new_logits = onnx_outputs(current_model, hx), onnx_outputs(int8, hx)
     before, after = classifier_metrics(cur_logits, hy), classifier_metrics(new_logits, hy)
     verdict = judge(
-        before, after, accuracy_tolerance=accuracy_tolerance, ece_tolerance=ece_tolerance
-    )
+        before, after, before_right=cur_logits.argmax(1) == hy,
+        after_right=new_logits.argmax(1) == hy, accuracy_tolerance=accuracy_tolerance,
+        ece_tolerance=ece_tolerance,
+    )  # fmt: skip
     report = {
         "rows": {
             "used": used,

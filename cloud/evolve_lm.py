@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tandem.cloud.evolve import worse
 from tandem.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -205,11 +206,9 @@ def greedy_answers(
         backend.close()
 
 
-def exact_match(answers: Sequence[tuple[str, list[float]]], pairs: Sequence[Pair]) -> float:
-    """Share of ``pairs`` whose answer (:func:`greedy_answers`) equals the pair's exactly."""
-    if not pairs:
-        return float("nan")
-    return sum(a == p.answer for (a, _), p in zip(answers, pairs, strict=True)) / len(pairs)
+def matches(answers: Sequence[tuple[str, list[float]]], pairs: Sequence[Pair]) -> np.ndarray:
+    """Whether each answer (:func:`greedy_answers`) equals its pair's exactly."""
+    return np.array([a == p.answer for (a, _), p in zip(answers, pairs, strict=True)], bool)
 
 
 @dataclass(frozen=True)
@@ -236,14 +235,15 @@ def distil_generator(
     config: LmDistilConfig = LmDistilConfig(),
     qtype: str = "q8_0",
     tolerance: float = 0.005,
-    evaluate: Callable[[Path], dict[str, float]] | None = None,
+    evaluate: Callable[[Path], dict[str, np.ndarray]] | None = None,
     progress: Progress | None = None,
 ) -> LmCandidate:
     """Fine-tune ``hf_dir`` on ``train``, export GGUF ``qtype`` into ``folder``, and judge it
     against ``current_gguf``: exact match with the cloud on ``holdout`` (and, with
-    ``evaluate``, a score per name of a held-out benchmark, e.g. the sorting task's exact
-    match); rejected when any score falls more than ``tolerance`` (a fraction) below the
-    current model's."""
+    ``evaluate``, whether each item of a held-out benchmark is right, by name: e.g. the
+    sorting task's exact match); rejected when the new model is
+    :func:`~tandem.cloud.evolve.worse` on any of them (more than ``tolerance``, a fraction,
+    and beyond chance)."""
     from tandem.runtime.gguf import export_gguf
 
     say = progress or log.info
@@ -253,17 +253,21 @@ def distil_generator(
     losses = finetune(hf_dir, train, folder / "hf", config=config, progress=say)
     gguf = export_gguf(folder / "hf", folder / "model.gguf", qtype=qtype)  # type: ignore[arg-type]
     say(f"exported {gguf.name} ({qtype}); scoring both models on {len(holdout)} held-out pairs")
-    scores, answers = {}, []
+    right: dict[str, dict[str, np.ndarray]] = {}
+    answers: list[tuple[str, list[float]]] = []
     for name, path in (("before", Path(current_gguf)), ("after", gguf)):
         answers = greedy_answers(path, holdout)
-        scores[name] = {"cloud_exact_match": exact_match(answers, holdout)}
+        right[name] = {"cloud_exact_match": matches(answers, holdout)}
         if evaluate is not None:
-            scores[name].update(evaluate(path))
+            right[name].update(evaluate(path))
+    scores = {
+        name: {k: float(v.mean()) if len(v) else math.nan for k, v in r.items()}
+        for name, r in right.items()
+    }
     reasons = [
-        f"{k} {scores['after'][k]:.4f} is below the current model's {v:.4f} by more than "
-        f"{tolerance * 100:g} points"
-        for k, v in scores["before"].items()
-        if not math.isnan(v) and scores["after"][k] < v - tolerance
+        why
+        for k in right["before"]
+        if (why := worse(right["before"][k], right["after"][k], tolerance, k)) is not None
     ]
     report = {
         "rows": {"train_pairs": len(train), "holdout_pairs": len(holdout)},

@@ -370,12 +370,17 @@ def _evolve_generator(
     evaluate = None
     manifest = _manifest_beside(Path(tp.local.path))
     if manifest is not None and manifest.workload == "sort-letters":
-        from tandem.reference.lm_task import sorting_accuracy
+        from tandem.cloud.evolve_lm import Pair, greedy_answers, matches
+        from tandem.reference.lm_task import DIFFICULTIES, held_out
 
-        def evaluate(path: Path) -> dict[str, float]:
-            return {"sort_exact_match": sorting_accuracy("gguf", path, LM_EVAL_ITEMS)}
+        per = LM_EVAL_ITEMS // len(DIFFICULTIES)
+        items = [it for d in DIFFICULTIES for it in held_out(d, per)]
+        bench = [Pair(f"held-out:{i}", it.prompt, it.answer) for i, it in enumerate(items)]
 
-    config = LmDistilConfig(steps=o["steps"], seed=o["distil"]["seed"])
+        def evaluate(path: Path) -> dict[str, np.ndarray]:
+            return {"sort_exact_match": matches(greedy_answers(path, bench), bench)}
+
+    config = LmDistilConfig(steps=o["steps"], seed=o["distil"]["seed"], lr=o["distil"]["lr"])
     with tempfile.TemporaryDirectory(prefix="tandem-evolve-") as tmp:
         cand = distil_generator(
             base, current, train, hold, folder=Path(tmp), config=config,

@@ -57,7 +57,9 @@ def evolve(
     replay_share: Annotated[
         float, typer.Option(help="Share of each batch replayed from --train-data.")
     ] = 0.5,
-    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 3e-3,
+    lr: Annotated[
+        float, typer.Option(help="Peak learning rate (AdamW; classifiers and language models).")
+    ] = 3e-3,
     min_cloud_confidence: Annotated[
         float, typer.Option(help="Leave out rows whose cloud max-prob is below this.")
     ] = 0.5,

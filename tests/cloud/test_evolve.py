@@ -17,7 +17,6 @@ import yaml
 from typer.testing import CliRunner
 
 from tandem.cli.common import app
-from tandem.evolution import evolve_task, rollback_task
 from tandem.cloud.evolve import (
     classifier_metrics,
     expected_calibration_error,
@@ -26,8 +25,10 @@ from tandem.cloud.evolve import (
     onnx_outputs,
     onnx_to_torch,
     rows_from_log,
+    worse,
 )
 from tandem.edge.escalation_log import EscalationLog
+from tandem.evolution import evolve_task, rollback_task
 from tandem.reference.digits import load_workload
 from tandem.reference.models import _mlp, build_reference_models, export_onnx, quantize_int8
 from tandem.router.policy import CalibrationRecord
@@ -278,6 +279,24 @@ def test_calibration_helpers() -> None:
     y = np.array([rng.choice(5, p=np.exp(r) / np.exp(r).sum()) for r in true])
     assert fit_temperature_nll(true * 3, y) == pytest.approx(3.0, rel=0.1)
     a = classifier_metrics(true, y)
-    worse = dataclasses.replace(a, accuracy=a.accuracy - 0.02)
-    assert not judge(a, dataclasses.replace(a, ece=a.ece + 0.05)).accepted
-    assert judge(a, a).accepted and not judge(a, worse).accepted
+    right = true.argmax(1) == y
+    same = {"before_right": right, "after_right": right}
+    assert not judge(a, dataclasses.replace(a, ece=a.ece + 0.05), **same).accepted
+    assert judge(a, a, **same).accepted
+    lost = right.copy()
+    lost[np.flatnonzero(right)[:80]] = False  # 2 points lost on 4000 rows: beyond chance
+    assert not judge(a, a, before_right=right, after_right=lost).accepted
+
+
+def test_a_drop_within_chance_does_not_reject() -> None:
+    before = np.zeros(70, bool)
+    before[:4] = True
+    after = np.zeros(70, bool)
+    after[2:4] = True  # 4 -> 2 right of 70: 2.9 points lower, p 0.25
+    assert worse(before, after, 0.005) is None
+    before = np.ones(400, bool)
+    after = before.copy()
+    after[:20] = False  # 20 lost, none won: 5 points, p 1e-6
+    why = worse(before, after, 0.005)
+    assert why is not None and "20 held-out rows lost" in why
+    assert worse(before, after, 0.06) is None  # within the stated tolerance
