@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -22,8 +23,11 @@ class AnswerStream:
         self._answer = answer
         self._chunks = answer.run()
         self._on_done = on_done
-        self._done = False
+        self._done = [False]  # shared with the finalizer below
         self._failed = False  # the answer raised: closing it ends it as an error
+        # a stream dropped without being exhausted or closed still ends its answer (counted,
+        # logged, its model released for a hot swap) when it is garbage-collected
+        weakref.finalize(self, _abandoned, self._chunks, answer, on_done, self._done)
 
     def __iter__(self) -> AnswerStream:
         return self
@@ -43,8 +47,8 @@ class AnswerStream:
         return self._answer.result
 
     def _complete(self) -> None:
-        if not self._done:
-            self._done = True
+        if not self._done[0]:
+            self._done[0] = True
             self._on_done(self._answer)
 
     def close(self) -> None:
@@ -57,6 +61,18 @@ class AnswerStream:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _abandoned(
+    chunks: Any, answer: Answer, on_done: Callable[[Answer], None], done: list[bool]
+) -> None:
+    if done[0]:
+        return
+    done[0] = True
+    with contextlib.suppress(Exception):
+        chunks.close()
+        answer.cancel("cancelled")
+    on_done(answer)
 
 
 class AsyncAnswerStream:

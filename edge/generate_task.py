@@ -53,10 +53,14 @@ class GenerationTask:
     _closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def enter(self) -> None:
-        """An answer starts on this task's model."""
+    def enter(self) -> bool:
+        """An answer starts on this task's model; False (nothing taken) once a swap has
+        retired it: the caller takes the task that replaced it."""
         with self._lock:
+            if self._retired:
+                return False
             self._answers += 1
+            return True
 
     def leave(self) -> None:
         """An answer on this task's model ended (finished, failed or closed)."""

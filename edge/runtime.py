@@ -291,19 +291,21 @@ class EdgeRuntime:
         stream: bool = False,
     ) -> GenerationResult | AnswerStream:
         name = task if task is not None else self._default_generator
-        t = self._generators.get(name) if name is not None else None
-        if t is None:
-            raise BadRequest(self._unknown(task, "generate", self._generators))
-        params = SamplingParams(
-            max_tokens=t.policy.max_tokens if max_tokens is None else max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=tuple(t.policy.stop if stop is None else stop),
-        )
-        budget = t.policy.deadline_ms if deadline_ms is None else deadline_ms
-        t.enter()  # a swap closes this model only after the answer ends (_log_generation)
+        while True:  # the task serving now; a swap that retires it between the two: again
+            t = self._generators.get(name) if name is not None else None
+            if t is None:
+                raise BadRequest(self._unknown(task, "generate", self._generators))
+            if t.enter():  # a swap closes this model only after the answer ends
+                break
         try:
+            params = SamplingParams(
+                max_tokens=t.policy.max_tokens if max_tokens is None else max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=tuple(t.policy.stop if stop is None else stop),
+            )
+            budget = t.policy.deadline_ms if deadline_ms is None else deadline_ms
             answer = Answer(t, prompt, params, frozenset(tags), budget, new_request_id(), messages)
             chunks = AnswerStream(answer, self._log_generation)
         except BaseException:

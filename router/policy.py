@@ -15,6 +15,12 @@
           - {tag: critical, route: cloud}          # always escalates
         budget: {escalations_per_s: 50, burst: 100}
         deadline_ms: 50
+        # co-evolution (README "Co-evolution"): all optional
+        # local: {..., store: models/digits, watch_s: 5}   # versions tandem evolve publishes
+        # gate: {metric: max_prob, threshold: 0.72, temperature: 0.98}  # tandem calibrate
+        # gate: {type: learned, model: router.onnx, threshold: 0.87}    # tandem router train
+        # tiers: [{cloud: {...}, gate: {metric: max_prob, threshold: 0.9}}]
+        # audit_rate: 0.02, shadow: {gate: {...}}, drift: {window: 1000}, calibration: {...}
       sort:                                        # a generation task
         kind: generate
         local: {path: edge-q8_0.gguf}              # llama.cpp on the device

@@ -261,10 +261,13 @@ AUDIT = Decision(True, "audit")
 class TaskRouter:
     """Routes one task's requests as its :class:`TaskPolicy` says.
 
-    ``audit_rate``: that share of the requests the gate accepted escalates anyway (reason
-    ``audit``), drawn from this router's own RNG (``seed``: reproducible runs). An audit takes
-    an escalation from the budget like any other (the budget protects the cloud; an audit the
-    budget cannot pay for is skipped), and rules still win (``private`` never leaves)."""
+    ``audit_rate``: that share of the requests the gate decides goes to the cloud with reason
+    ``audit``, whatever the gate says, drawn from this router's own RNG (``seed``: reproducible
+    runs): the audited rows of the escalation log are then an unbiased sample of the traffic
+    (the gate's escalations alone are not), which is what ``tandem calibrate --log`` picks
+    thresholds on. An audit takes an escalation from the budget like any other (the budget
+    protects the cloud; an audit it cannot pay for is skipped), and rules still win
+    (``private`` never leaves)."""
 
     def __init__(self, policy: TaskPolicy | GenerateTaskPolicy, *, seed: int | None = None) -> None:
         self.policy = policy
@@ -300,10 +303,12 @@ class TaskRouter:
 
     def decide(self, score: float, valid: bool = True) -> Decision:
         """Gate, audit and budget. A rule that forces the cloud bypasses this (and the budget)."""
-        if valid and self.gate.accepts(score):
-            audit = self.audit_rate and self._rng.random() < self.audit_rate
-            if audit and (self.budget is None or self.budget.try_take()):
+        # every request the gate decides is drawn for audit alike, whatever the gate says, so
+        # the audited rows are an unbiased sample of that traffic (what calibration needs)
+        if self.audit_rate and self._rng.random() < self.audit_rate:
+            if self.budget is None or self.budget.try_take():
                 return AUDIT
+        if valid and self.gate.accepts(score):
             return ACCEPT
         if not self.has_cloud:
             return NO_CLOUD

@@ -176,6 +176,19 @@ def test_audit_rate_escalates_that_share_of_accepted_requests(make_policy, worke
     assert logged == audited
 
 
+@pytest.mark.integration
+def test_audits_sample_every_request_the_gate_decides(make_policy, worker, xs) -> None:
+    # the gate escalates everything here: audits are drawn from those requests too, so the
+    # audited rows are a sample of all traffic, not only of what the gate accepted
+    n, rate = 300, 0.3
+    with rt_for(make_policy, worker.endpoint, threshold=1.0, audit_rate=rate) as rt:
+        results = rt.infer_batch(np.resize(xs, (n, 64)))
+    audited = sum(r.reason == "audit" for r in results)
+    sd = (n * rate * (1 - rate)) ** 0.5
+    assert abs(audited - n * rate) < 4.5 * sd
+    assert all(r.reason in ("audit", "low-confidence") for r in results)
+
+
 # ---------------------------------------------------------------------------- shadow
 def test_shadow_counters(make_policy, xs, edge_logits) -> None:
     mp = softmax_max(edge_logits)

@@ -95,3 +95,18 @@ def test_store_versions_are_served_reloaded_and_rolled_back(lms, tmp_path) -> No
         again = rt.generate(PROMPT)
         assert again.text == first.text
         assert again.model_versions["edge"] == first.model_versions["edge"]
+
+
+def test_a_dropped_stream_still_releases_the_old_model(lms) -> None:
+    import gc
+
+    with runtime({"path": str(lms["a"]), "format": "transformers"}) as rt:
+        stream = rt.generate(PROMPT, stream=True)
+        next(stream)  # running on model a, then abandoned: never exhausted, never closed
+        rt.swap_model("sort", lms["b"], version="b")
+        old = rt._retired[-1]
+        assert not old.closed
+        del stream
+        gc.collect()
+        assert old.closed
+        assert rt.generate(PROMPT).model_versions["edge"] == "b"
