@@ -70,6 +70,7 @@ class ModelSwapper(Generic[T]):
         self.stores: dict[str, ModelStore] = {}
         self.policies: dict[str, Any] = {}  # each task's policy as the file says
         self._refused: dict[str, set[str]] = {}
+        self._store_errors: dict[str, str] = {}  # task -> the store error last logged
         self._lock = threading.Lock()  # one swap at a time; requests never take it
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -100,8 +101,11 @@ class ModelSwapper(Generic[T]):
         try:
             want = store.current_name()  # one small read: cheap enough to poll
         except ConfigError as e:
-            log.error("task %s: cannot read the model store: %s", name, e)
+            if self._store_errors.get(name) != str(e):  # once per error, not once per poll
+                log.error("task %s: cannot read the model store: %s", name, e)
+            self._store_errors[name] = str(e)
             return
+        self._store_errors.pop(name, None)
         if want is None or want == self.tasks[name].serving or want in self._refused[name]:
             return
         with self._lock:

@@ -42,7 +42,7 @@ from tandem.edge.generate_task import (
     open_generation_task,
 )
 from tandem.edge.model_swap import ModelSwapper
-from tandem.router.drift import DriftAlarm
+from tandem.router.drift import AlarmDispatcher, DriftAlarm
 from tandem.router.policy import (
     CloudTargetSpec,
     GenerateTaskPolicy,
@@ -100,6 +100,7 @@ class EdgeRuntime:
             self._generators, self._build_generator, check_same_vocabulary, self._retire
         )
         self._drift_hooks: list[Callable[[DriftAlarm], None]] = [on_drift] if on_drift else []
+        self._alarms = AlarmDispatcher(self._call_drift_hooks)
         self._seed = seed
         # threads that pull agenerate/achat streams: made on first use, at most MAX_ASYNC_STREAMS
         self._streams = ThreadPoolExecutor(MAX_ASYNC_STREAMS, thread_name_prefix="tandem-stream")
@@ -194,17 +195,23 @@ class EdgeRuntime:
         vocabulary), with ``gate`` overrides (``threshold``, ``temperature``, ``metric``)
         applied to the policy's gate; ``version`` names it (default: its sha256). Returns the
         edge version it serves. Raises, and keeps the old model, when the new one does not
-        load or fit. Requests in flight finish on the old model."""
+        load or fit. Requests in flight finish on the old model. A task with a model store
+        goes back to the store's current version at the next reload (or ``watch_s`` poll): the
+        store is the source of truth there; publish to it instead."""
         if task in self._generators:
             return self._gen_swapper.swap(task, path, gate, version)
         return self._swapper.swap(self._task(task).name, path, gate, version)
 
     def on_drift(self, callback: Callable[[DriftAlarm], None]) -> None:
-        """Call ``callback(alarm)`` on every drift alarm (on the request thread that closed
-        the window: keep it short; an exception from it is logged, never raised)."""
+        """Call ``callback(alarm)`` on every drift alarm, on the runtime's one thread for
+        alarms (never on a request's: a slow callback delays only later alarms, and past 64
+        waiting they are dropped and logged); an exception from it is logged, never raised."""
         self._drift_hooks.append(callback)
 
     def _drift_alarm(self, alarm: DriftAlarm) -> None:
+        self._alarms.post(alarm)
+
+    def _call_drift_hooks(self, alarm: DriftAlarm) -> None:
         for cb in list(self._drift_hooks):
             try:
                 cb(alarm)
@@ -524,6 +531,7 @@ class EdgeRuntime:
         it has queued first). Safe on a runtime that failed half-way through loading."""
         self._swapper.close()
         self._gen_swapper.close()
+        self._alarms.close()
         for g in [*self._generators.values(), *self._retired]:
             g.close_model()
         for c in self._clients:

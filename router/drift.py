@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -293,3 +294,47 @@ def warm_up() -> None:
     """Import and run the tests once, so no request pays for scipy's import (~0.1 s)."""
     rate_p(1, 2, 0.1, 0.2)
     goodness_p(np.ones(2), np.full(2, 0.5))
+
+
+class AlarmDispatcher:
+    """Runs alarm callbacks on one background thread, so a slow or stuck callback never
+    holds the request that closed a window. At most ``max_pending`` alarms wait; more are
+    dropped and counted (``dropped``), each with a log line. The thread starts with the first
+    alarm and is a daemon: a callback that never returns cannot keep the process alive."""
+
+    def __init__(self, call: Callable[[DriftAlarm], None], max_pending: int = 64) -> None:
+        self._call = call
+        self._queue: queue.Queue[DriftAlarm | None] = queue.Queue(max_pending)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def post(self, alarm: DriftAlarm) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="tandem-drift-alarms", daemon=True
+                )
+                self._thread.start()
+        try:
+            self._queue.put_nowait(alarm)
+        except queue.Full:
+            self.dropped += 1
+            log.warning("task %s: drift alarm dropped: callbacks are behind", alarm.task)
+
+    def _run(self) -> None:
+        while (alarm := self._queue.get()) is not None:
+            try:
+                self._call(alarm)
+            except Exception:  # a monitoring hook must not take the others down
+                log.exception("task %s: a drift callback raised", alarm.task)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Let the thread finish what is queued (waiting at most ``timeout_s``)."""
+        if self._thread is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self._thread.join(timeout_s)

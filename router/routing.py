@@ -305,9 +305,9 @@ class TaskRouter:
         """Gate, audit and budget. A rule that forces the cloud bypasses this (and the budget)."""
         # every request the gate decides is drawn for audit alike, whatever the gate says, so
         # the audited rows are an unbiased sample of that traffic (what calibration needs)
-        if self.audit_rate and self._rng.random() < self.audit_rate:
-            if self.budget is None or self.budget.try_take():
-                return AUDIT
+        audit = self.audit_rate and self._rng.random() < self.audit_rate
+        if audit and (self.budget is None or self.budget.try_take()):
+            return AUDIT
         if valid and self.gate.accepts(score):
             return ACCEPT
         if not self.has_cloud:

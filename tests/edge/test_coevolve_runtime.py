@@ -261,6 +261,36 @@ def test_drift_alarm_in_the_runtime(make_policy, xs, edge_logits, caplog) -> Non
     assert "a drift callback raised" in caplog.text
 
 
+def test_a_slow_drift_callback_does_not_hold_requests(make_policy, xs, edge_logits) -> None:
+    import time
+
+    calls: list[DriftAlarm] = []
+
+    def slow(alarm: DriftAlarm) -> None:
+        time.sleep(0.3)
+        calls.append(alarm)
+
+    calib = {
+        "date": "2026-01-01T00:00:00Z",
+        "objective": "max_escalation=0.01",
+        "escalation_rate": {"expected": 0.005, "low": 0.0, "high": 0.01},
+        "score_quantiles": [0.9 + 0.01 * k for k in range(9)],
+    }
+    threshold = float(np.median(softmax_max(edge_logits)))
+    worst = 0.0
+    with rt_for(
+        make_policy, None, log=False, threshold=threshold,
+        drift={"window": 50, "alpha": 1e-4}, calibration=calib,
+    ) as rt:  # fmt: skip
+        rt.on_drift(slow)
+        for x in np.resize(xs, (100, 64)):
+            t0 = time.perf_counter()
+            rt.infer(x)
+            worst = max(worst, time.perf_counter() - t0)
+    assert worst < 0.2  # two alarms' callbacks took 0.3 s each, on their own thread
+    assert len(calls) == 2  # closing the runtime let them finish
+
+
 def test_no_drift_section_means_no_drift_stats(make_policy, xs) -> None:
     with rt_for(make_policy, None, log=False) as rt:
         rt.infer(xs[0])
