@@ -171,8 +171,9 @@ def train_router(
 ) -> RouterReport:
     """Fit a classify router on ``train``, export it to ``out``, and compare it on
     ``holdout`` with the confidence gates (of ``logits / temperature``) by CPT(``target``)
-    and AUROC. ``threshold``: the lowest score threshold whose routed accuracy on the holdout
-    recovers 90% of the gap (a starting point; ``tandem calibrate`` picks it to your target)."""
+    and AUROC. ``threshold``: the lowest score threshold whose routed accuracy on the training
+    rows recovers 90% of the gap (a starting point, never chosen on the rows it is judged on;
+    ``tandem calibrate`` picks it to your target)."""
     c = train.logits.shape[1]
     hd = 0 if train.hidden is None else train.hidden.shape[1]
     spec = FeatureSpec(
@@ -208,7 +209,9 @@ def train_router(
         target=target,
         seed=seed,
     )
-    curve = routing_curve(learned, holdout.edge_correct, holdout.cloud_correct)
+    # the suggested threshold comes from the training rows: the held-out ones only judge
+    fit_scores = router.score_batch(train.logits, train.hidden)
+    curve = routing_curve(fit_scores, train.edge_correct, train.cloud_correct)
     return RouterReport(
         path=str(out),
         version=version,

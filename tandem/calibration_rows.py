@@ -208,9 +208,13 @@ def rows_from_log(path: Path, task: str, tp: Any, say: Progress) -> Rows:
     recs = [r for r in recs if r.cloud_label is not None]
     edge = edge_model(tp)
     keep, inputs, logged = [], [], []
-    skipped = 0
+    skipped = bad = 0
+    shape = next((r.input.shape for r in recs if r.input is not None and r.input.size), None)
     for r in recs:
         if r.input is not None and r.input.size:
+            if r.input.shape != shape or not np.isfinite(r.input).all():
+                bad += 1  # a row another model's shape, or NaN/inf: no sample of this model
+                continue
             keep.append(r)
             inputs.append(r.input)
         elif r.model_versions.get("edge") == edge.version:
@@ -246,6 +250,8 @@ def rows_from_log(path: Path, task: str, tp: Any, say: Progress) -> Rows:
         rows.notes.append(
             f"{skipped} rows skipped: no input stored, logged by another edge version"
         )
+    if bad:
+        rows.notes.append(f"{bad} rows skipped: an input with NaN/inf or not shaped {shape}")
     return rows
 
 

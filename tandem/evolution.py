@@ -1,6 +1,7 @@
 """Co-evolution, what ``tandem evolve`` runs: distil a task's escalation log into a new edge
 model, validate it on held-out data, recalibrate its gate and publish it into the task's model
-store — or roll the store back.
+store — or roll the store back. (Over 500 lines: the composition for both kinds of task,
+classifiers and language models, which share the log, store, manifest and objective lookups.)
 
 This module is the composition root of co-evolution: it opens the escalation log
 (:mod:`tandem.edge.escalation_log`), hands plain arrays to the distillation jobs in
@@ -352,7 +353,13 @@ def _evolve_generator(
     policy_path: Path, policy: Any, tp: Any, task: str, o: dict[str, Any], say: Progress
 ) -> EvolveOutcome:
     from tandem.cloud.evolve import sha256_ids
-    from tandem.cloud.evolve_lm import LmDistilConfig, distil_generator, pairs_from_log, split_pairs
+    from tandem.cloud.evolve_lm import (
+        LmDistilConfig,
+        distil_generator,
+        pairs_from_log,
+        read_pairs,
+        split_pairs,
+    )
 
     t0 = time.perf_counter()
     if tp.local.format != "gguf":
@@ -361,7 +368,10 @@ def _evolve_generator(
             f"got {tp.local.format!r}"
         )
     store = _store(policy_path, task, tp)
-    got = pairs_from_log(_log_records(policy_path, policy, o["log"], task))
+    got = pairs_from_log(
+        _log_records(policy_path, policy, o["log"], task),
+        min_cloud_confidence=o["min_cloud_confidence"],
+    )
     say(f"{task}: {len(got.pairs)} (prompt, cloud answer) pairs; skipped {got.skipped}")
     train, hold = split_pairs(got.pairs, o["holdout_share"], o["distil"]["seed"])
     cur = store.current()
@@ -380,11 +390,15 @@ def _evolve_generator(
         def evaluate(path: Path) -> dict[str, np.ndarray]:
             return {"sort_exact_match": matches(greedy_answers(path, bench), bench)}
 
-    config = LmDistilConfig(steps=o["steps"], seed=o["distil"]["seed"], lr=o["distil"]["lr"])
+    config = LmDistilConfig(
+        steps=o["steps"], seed=o["distil"]["seed"], lr=o["distil"]["lr"],
+        replay_share=o["distil"]["replay_share"],
+    )  # fmt: skip
+    replay = read_pairs(o["train_data"]) if o["train_data"] is not None else []
     with tempfile.TemporaryDirectory(prefix="tandem-evolve-") as tmp:
         cand = distil_generator(
             base, current, train, hold, folder=Path(tmp), config=config,
-            tolerance=o["tolerance"] / 100, evaluate=evaluate, progress=say,
+            tolerance=o["tolerance"] / 100, evaluate=evaluate, replay=replay, progress=say,
         )  # fmt: skip
         report = {
             "task": task,

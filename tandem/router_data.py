@@ -71,6 +71,8 @@ def examples_from_log(
                 skipped["generation rows (token routers train from --data)"] += 1
             elif r.cloud_output is None and r.cloud_label is None:
                 skipped["the cloud did not answer"] += 1
+            elif r.cloud_output is not None and not np.isfinite(r.cloud_output).all():
+                skipped["the cloud's output holds NaN/inf"] += 1
             else:
                 rows.append(r)
     finally:

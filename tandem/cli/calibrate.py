@@ -123,8 +123,10 @@ def calibrate(
     ]
     if len(sources) != 1:
         raise fail(ConfigError("give exactly one of --data, --log, --reference"))
-    if holdout == "reference" and reference:
-        holdout = f"reference:{reference}"
+    if holdout == "reference":  # the built-in digits' test split, whatever the source
+        holdout = f"reference:{reference or 'digits'}"
+    if holdout is not None and not holdout.startswith("reference") and not Path(holdout).exists():
+        raise fail(ConfigError(f"--holdout: {holdout} does not exist"))  # before any work
     from tandem.calibration import calibrate_task
 
     try:

@@ -25,7 +25,11 @@ def evolve(
         Path | None, typer.Option(help="Escalation log (default: the policy's escalation_log).")
     ] = None,
     train_data: Annotated[
-        Path | None, typer.Option(help="Original training data replayed: .npz with x, y.")
+        Path | None,
+        typer.Option(
+            help="Original training data replayed: .npz with x, y (classifiers) or .jsonl of "
+            '{"prompt", "answer"} lines (language models).'
+        ),
     ] = None,
     holdout: Annotated[
         str | None,

@@ -42,7 +42,7 @@ def print_report(report: RouterReport, out: Any = console) -> None:
         soft_wrap=True,
     )
     out.print(
-        "(the threshold recovers 90% of the gap on the held-out rows; `tandem calibrate` "
+        "(the threshold recovers 90% of the gap on the training rows; `tandem calibrate` "
         "picks one to your target)",
         soft_wrap=True,
     )

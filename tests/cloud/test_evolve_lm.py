@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tandem.evolution import evolve_task
 from tandem.cloud.evolve_lm import Pair, encode_pair, pairs_from_log, split_pairs
 from tandem.edge.escalation_log import EscalationLog, EscalationRecord
+from tandem.evolution import evolve_task
 from tandem.reference import lm_task
 from tandem.reference.lm_models import Recipe, make_model, save_lm
 from tandem.runtime.errors import ConfigError
@@ -23,13 +23,15 @@ from tests.conftest import require
 TINY = Recipe("llama", hidden=32, layers=1, heads=2, intermediate=64)
 
 
-def record(i: int, prompt: str | None, cloud: str | None, answer: str) -> EscalationRecord:
+def record(
+    i: int, prompt: str | None, cloud: str | None, answer: str, cloud_lp: float = 0.0
+) -> EscalationRecord:
     """A generation row as the edge logs it (edge/answer.py: log_record)."""
     return EscalationRecord(
         ts_ms=int(time.time() * 1e3), request_id=f"g{i}", task="sort", tier="cloud",
         reason="low-confidence", tags=[], input=np.frombuffer(b"x", np.uint8), input_digest="",
         edge_output=np.zeros(1, np.float32), edge_label=None, edge_confidence=0.1,
-        cloud_output=np.zeros(1, np.float32) if cloud else None, cloud_label=None,
+        cloud_output=np.full(1, cloud_lp, np.float32) if cloud else None, cloud_label=None,
         error=None if cloud else "DeadlineExceeded: late", timings_ms={}, model_versions={},
         generation={"prompt": prompt, "messages": None, "edge": "", "cloud": cloud,
                     "answer": answer, "escalated_at": 0},
@@ -53,6 +55,7 @@ def lm_task_dir(tmp_path: Path) -> Path:
         for i in range(3):
             lg.append(record(1000 + i, None, "abcd", "abcd"))  # store_inputs: false
         lg.append(record(2000, "sort:dcba=", None, "dcba"))  # degraded: no cloud answer
+        lg.append(record(3000, "sort:cba=", "abc", "abc", cloud_lp=-3.0))  # the cloud unsure
     policy = {
         "escalation_log": {"path": "esc.sqlite"},
         "tasks": {"sort": {
@@ -88,9 +91,12 @@ def test_lm_evolve_distils_exports_and_publishes(lm_task_dir: Path) -> None:
 
 def test_lm_pairs_skip_and_count(lm_task_dir: Path) -> None:
     with EscalationLog(lm_task_dir / "esc.sqlite") as lg:
-        got = pairs_from_log(lg.records("sort"))
-    assert len(got.pairs) == 120
-    assert got.skipped == {"no_input": 3, "no_cloud_answer": 1, "chat": 0, "not_generation": 0}
+        got = pairs_from_log(lg.records("sort"), min_cloud_confidence=0.5)
+        everything = pairs_from_log(lg.records("sort"))
+    assert len(got.pairs) == 120 and len(everything.pairs) == 121
+    assert got.skipped == {
+        "no_input": 3, "no_cloud_answer": 1, "chat": 0, "not_generation": 0, "cloud_unsure": 1
+    }  # fmt: skip
     train, hold = split_pairs(got.pairs, 0.25)
     assert len(hold) == 30 and not {p.request_id for p in train} & {p.request_id for p in hold}
     tok = lm_task.tokenizer()
