@@ -203,12 +203,14 @@ class LogRows:
 def rows_from_log(records: Iterable[EscalationRow]) -> LogRows:
     """Gather the distillable rows of ``records`` (one task's), counting the rest."""
     ids, xs, cs = [], [], []
-    skipped = {"no_input": 0, "no_cloud_answer": 0}
+    skipped = {"no_input": 0, "no_cloud_answer": 0, "not_finite": 0}
     for r in records:
         if r.input is None:
             skipped["no_input"] += 1
         elif r.cloud_output is None:
             skipped["no_cloud_answer"] += 1
+        elif not (np.isfinite(r.input).all() and np.isfinite(r.cloud_output).all()):
+            skipped["not_finite"] += 1  # NaN/inf in the input or the cloud's answer
         else:
             ids.append(r.request_id)
             xs.append(np.asarray(r.input, np.float32).reshape(-1))

@@ -38,6 +38,7 @@ class GenerationRow(Protocol):
 
     request_id: str
     generation: dict[str, Any] | None
+    cloud_output: Any  # the cloud's tokens' log-probabilities (an array), or None
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,18 @@ class LogPairs:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def pairs_from_log(records: Iterable[GenerationRow]) -> LogPairs:
+def pairs_from_log(
+    records: Iterable[GenerationRow], *, min_cloud_confidence: float = 0.0
+) -> LogPairs:
     """The (prompt, cloud answer) pairs of a generation task's log rows. Skipped and counted:
     ``no_input`` (logged with ``store_inputs: false``), ``no_cloud_answer`` (degraded),
-    ``chat`` (messages: the chat template is not distilled yet), ``not_generation``."""
+    ``chat`` (messages: the chat template is not distilled yet), ``not_generation``, and
+    ``cloud_unsure``: answers where the cloud's least likely token had a probability below
+    ``min_cloud_confidence`` (an answer the cloud itself doubted is a poor lesson; unknown
+    log-probabilities, NaN, do not count against it)."""
     pairs: list[Pair] = []
-    skipped = dict.fromkeys(("no_input", "no_cloud_answer", "chat", "not_generation"), 0)
+    kinds = ("no_input", "no_cloud_answer", "chat", "not_generation", "cloud_unsure")
+    skipped = dict.fromkeys(kinds, 0)
     for r in records:
         g = r.generation
         if not isinstance(g, dict):
@@ -71,9 +78,42 @@ def pairs_from_log(records: Iterable[GenerationRow]) -> LogPairs:
             skipped["no_input"] += 1
         elif not g.get("cloud") or g.get("answer") is None:
             skipped["no_cloud_answer"] += 1
+        elif _least_likely(r.cloud_output) < min_cloud_confidence:
+            skipped["cloud_unsure"] += 1
         else:
             pairs.append(Pair(r.request_id, str(g["prompt"]), str(g["answer"])))
     return LogPairs(pairs, skipped)
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Training pairs from a JSON Lines file, one ``{"prompt": ..., "answer": ...}`` a line
+    (``--train-data`` for a language model: replayed so it does not forget)."""
+    import json
+
+    out = []
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read training pairs ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            out.append(Pair(f"{path.name}:{n}", str(d["prompt"]), str(d["answer"])))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f'{path}:{n}: expected {{"prompt": "...", "answer": "..."}} on each line'
+            ) from None
+    return out
+
+
+def _least_likely(logprobs: Any) -> float:
+    """The lowest token probability of an answer (1.0 when none is known)."""
+    lp = np.asarray([] if logprobs is None else logprobs, np.float64)
+    lp = lp[np.isfinite(lp)]
+    return float(np.exp(lp.min())) if len(lp) else 1.0
 
 
 def split_pairs(
@@ -89,7 +129,9 @@ def split_pairs(
 @dataclass(frozen=True)
 class LmDistilConfig:
     """Fine-tuning: ``steps`` AdamW steps of ``batch`` pairs, linear warm-up for ``warmup`` of
-    them, then cosine to zero; ``threads`` torch threads."""
+    them, then cosine to zero; ``threads`` torch threads. With replay pairs (the original
+    training data), ``replay_share`` of each batch is drawn from them, so the model does not
+    forget what the log does not show."""
 
     steps: int = 200
     lr: float = 5e-4
@@ -97,6 +139,7 @@ class LmDistilConfig:
     warmup: float = 0.1
     seed: int = 0
     threads: int = 2
+    replay_share: float = 0.5
 
 
 def _load(hf_dir: Path) -> tuple[Any, Any]:
@@ -132,6 +175,7 @@ def finetune(
     out_dir: str | Path,
     *,
     config: LmDistilConfig = LmDistilConfig(),
+    replay: Sequence[Pair] = (),
     progress: Progress | None = None,
 ) -> list[float]:
     """Fine-tune the model in ``hf_dir`` on ``pairs`` and save it (with the tokenizer files
@@ -147,6 +191,8 @@ def finetune(
     try:
         model, tok = _load(hf_dir)
         encoded = [encode_pair(tok, p) for p in pairs]
+        replayed = [encode_pair(tok, p) for p in replay]
+        n_replay = round(config.batch * config.replay_share) if replayed else 0
         rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
@@ -159,7 +205,8 @@ def finetune(
             )  # fmt: skip
             for g in opt.param_groups:
                 g["lr"] = config.lr * max(scale, 0.01)
-            batch = [encoded[i] for i in rng.integers(0, len(encoded), config.batch)]
+            batch = [encoded[i] for i in rng.integers(0, len(encoded), config.batch - n_replay)]
+            batch += [replayed[i] for i in rng.integers(0, len(replayed), n_replay)]
             width = max(len(ids) for ids, _ in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -236,6 +283,7 @@ def distil_generator(
     qtype: str = "q8_0",
     tolerance: float = 0.005,
     evaluate: Callable[[Path], dict[str, np.ndarray]] | None = None,
+    replay: Sequence[Pair] = (),
     progress: Progress | None = None,
 ) -> LmCandidate:
     """Fine-tune ``hf_dir`` on ``train``, export GGUF ``qtype`` into ``folder``, and judge it
@@ -249,8 +297,11 @@ def distil_generator(
     say = progress or log.info
     folder = Path(folder)
     t0 = time.perf_counter()
-    say(f"fine-tuning {hf_dir} on {len(train)} pairs for {config.steps} steps")
-    losses = finetune(hf_dir, train, folder / "hf", config=config, progress=say)
+    say(
+        f"fine-tuning {hf_dir} on {len(train)} pairs for {config.steps} steps"
+        + (f", replaying {len(replay)} training pairs" if replay else "")
+    )
+    losses = finetune(hf_dir, train, folder / "hf", config=config, replay=replay, progress=say)
     gguf = export_gguf(folder / "hf", folder / "model.gguf", qtype=qtype)  # type: ignore[arg-type]
     say(f"exported {gguf.name} ({qtype}); scoring both models on {len(holdout)} held-out pairs")
     right: dict[str, dict[str, np.ndarray]] = {}

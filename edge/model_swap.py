@@ -198,13 +198,19 @@ class ModelSwapper(Generic[T]):
 def policy_for_version(tp: AnyPolicy, mv: ModelVersion) -> AnyPolicy:
     """``tp`` serving a model store version: its file, its version (``"v0003:<sha256[:12]>"``),
     its calibrated gate settings (:func:`with_gate`) and its calibration record (the drift
-    alarm's baseline). Raises :class:`ConfigError` naming the version's meta.json when those
-    do not validate."""
+    alarm's baseline) — unless the policy's own ``calibration`` record names this version's
+    model (``tandem calibrate --write`` on the version being served): then the policy's gate is
+    the newer word and stays. Raises :class:`ConfigError` when the model file is not the one
+    published (sha256) or the version's meta.json does not validate."""
+    mv.verify()
     where = str(mv.path.parent / "meta.json")
-    label = f"{mv.version}:{str(mv.meta.get('sha256', ''))[:12]}"
+    sha = str(mv.meta.get("sha256", ""))[:12]
+    label = f"{mv.version}:{sha}"
     tp = tp.model_copy(
         update={"local": tp.local.model_copy(update={"path": mv.path, "version": label})}
     )
+    if tp.calibration is not None and sha and sha in tp.calibration.models.get("edge", ""):
+        return tp  # calibrated for exactly this model, after it was published
     tp = with_gate(tp, mv.gate, where=where)
     cal = mv.meta.get("calibration")
     if isinstance(cal, dict):

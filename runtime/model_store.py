@@ -16,19 +16,22 @@ names it, and ``CURRENT.json`` is replaced atomically (write a temporary file, f
 ``history`` lists the versions that were current, oldest first (at most
 :data:`MAX_HISTORY`); :meth:`ModelStore.rollback` makes the one before the current one
 current again. Versions are deleted only by :meth:`ModelStore.prune`, which keeps the newest
-N and the current one.
+N and the current one. Publishing, rollback and pruning hold the store's lock file
+(``STORE/.lock``), so several ``tandem evolve`` processes may share one store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,13 @@ class ModelVersion:
     path: Path
     meta: dict[str, Any]
 
+    def verify(self) -> None:
+        """:class:`ConfigError` unless the model file's sha256 is the one ``meta.json``
+        recorded at publication (a file changed or swapped since is not served)."""
+        want = self.meta.get("sha256")
+        if want != _sha256(self.path):
+            raise ConfigError(f"{self.path}: its sha256 is not the {want!r} meta.json recorded")
+
     @property
     def gate(self) -> dict[str, Any] | None:
         """Gate settings calibrated for this version (``threshold``, ``temperature``), or
@@ -59,7 +69,7 @@ class ModelVersion:
     def extra(self, name: str) -> Path | None:
         """The file or folder published beside the model as ``name`` (``extra_files``), or
         None when this version has none by that name."""
-        if name not in self.meta.get("extra_files", []):
+        if not _EXTRA_NAME.match(name) or name not in self.meta.get("extra_files", []):
             return None
         p = self.path.parent / name
         return p if p.exists() else None
@@ -70,6 +80,18 @@ class ModelStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the store's lock file: publishers, rollbacks and prunes from several processes
+        take turns (numbering, the folder rename and CURRENT.json are one step each)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _dir(self, version: str) -> Path:
         return self.root / "versions" / version
@@ -104,9 +126,12 @@ class ModelStore:
             meta = json.loads((d / "meta.json").read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"{d}: version {version} is missing or unreadable ({e})") from e
-        path = d / str(meta.get("file", ""))
-        if not meta.get("file") or not path.is_file():
-            raise ConfigError(f"{d}: meta.json names no model file that exists")
+        name = meta.get("file") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or not _EXTRA_NAME.match(name):
+            raise ConfigError(f"{d}/meta.json: 'file' must name a file in the version's folder")
+        path = d / name
+        if not path.is_file():
+            raise ConfigError(f"{d}: meta.json names no model file that exists ({name})")
         return ModelVersion(version, path, meta)
 
     def versions(self) -> list[str]:
@@ -137,13 +162,10 @@ class ModelStore:
         trains from); listed in ``meta["extra_files"]``, read back with
         :meth:`ModelVersion.extra`."""
         src = Path(model_file)
-        existing = self.versions()
-        n = int(existing[-1][1:]) + 1 if existing else 1
-        version = f"v{n:04d}"
-        final = self._dir(version)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
-        try:
+        base = self.root / "versions"
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=base))
+        try:  # the copies (slow) outside the lock; numbering and renaming inside it
             dst = tmp / f"model{src.suffix}"
             shutil.copyfile(src, dst)
             extras = sorted((extra_files or {}).items())
@@ -155,31 +177,38 @@ class ModelStore:
                 else:
                     shutil.copyfile(extra, tmp / name)
             sha = _sha256(dst)
-            if calibration is not None:  # the record names the model it was made for
-                models = {**calibration.get("models", {}), "edge": f"{version}:{sha[:12]}"}
-                calibration = {**calibration, "models": models}
-            meta = {
-                "version": version,
-                "parent": self.current_name(),
-                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "file": dst.name,
-                "sha256": sha,
-                "gate": gate,
-                "calibration": calibration,
-                "report": report or {},
-                "extra_files": [name for name, _ in extras],
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
-            os.replace(tmp, final)
+            with self._locked():
+                existing = self.versions()
+                version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
+                if calibration is not None:  # the record names the model it was made for
+                    models = {**calibration.get("models", {}), "edge": f"{version}:{sha[:12]}"}
+                    calibration = {**calibration, "models": models}
+                meta = {
+                    "version": version,
+                    "parent": self.current_name(),
+                    "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "file": dst.name,
+                    "sha256": sha,
+                    "gate": gate,
+                    "calibration": calibration,
+                    "report": report or {},
+                    "extra_files": [name for name, _ in extras],
+                }
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
+                os.replace(tmp, self._dir(version))
+                if make_current:
+                    self._set_current(version)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if make_current:
-            self.set_current(version)
         return self.get(version)
 
     def set_current(self, version: str) -> ModelVersion:
         """Make ``version`` current (it must exist), appending it to the history."""
+        with self._locked():
+            return self._set_current(version)
+
+    def _set_current(self, version: str) -> ModelVersion:
         mv = self.get(version)
         history = [v for v in self.history() if v != version][-(MAX_HISTORY - 1) :]
         self._write_current({"version": version, "history": [*history, version]})
@@ -188,29 +217,31 @@ class ModelStore:
     def rollback(self) -> ModelVersion:
         """Make the version that was current before this one current again; the current one
         leaves the history (a second rollback goes one further back)."""
-        history = self.history()
-        if len(history) < 2:
-            raise ConfigError(f"{self.root}: no earlier version to roll back to")
-        prev = history[-2]
-        mv = self.get(prev)
-        self._write_current({"version": prev, "history": history[:-1]})
-        return mv
+        with self._locked():
+            history = self.history()
+            if len(history) < 2:
+                raise ConfigError(f"{self.root}: no earlier version to roll back to")
+            prev = history[-2]
+            mv = self.get(prev)
+            self._write_current({"version": prev, "history": history[:-1]})
+            return mv
 
     def prune(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` versions (never the current one); returns the
         deleted names. Rollback cannot go back past what is deleted."""
         if keep < 1:
             raise ValueError("keep at least one version")
-        current = self.current_name()
-        doomed = [v for v in self.versions()[:-keep] if v != current]
-        for v in doomed:
-            shutil.rmtree(self._dir(v), ignore_errors=True)
-        if doomed:
-            data = self._read_current()
-            if data is not None:
-                data["history"] = [v for v in data.get("history", []) if v not in doomed]
-                self._write_current(data)
-        return doomed
+        with self._locked():
+            current = self.current_name()
+            doomed = [v for v in self.versions()[:-keep] if v != current]
+            for v in doomed:
+                shutil.rmtree(self._dir(v), ignore_errors=True)
+            if doomed:
+                data = self._read_current()
+                if data is not None:
+                    data["history"] = [v for v in data.get("history", []) if v not in doomed]
+                    self._write_current(data)
+            return doomed
 
     def _write_current(self, data: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

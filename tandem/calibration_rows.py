@@ -103,8 +103,9 @@ def edge_model(tp: Any) -> Any:
     from tandem.runtime.model_store import ModelStore
 
     current = ModelStore(tp.local.store).current() if tp.local.store is not None else None
-    if current is not None:
-        return OnnxBackend(current.path, version=current.version, threads=0)
+    if current is not None:  # named as the runtime names it, so the policy's record matches
+        label = f"{current.version}:{str(current.meta.get('sha256', ''))[:12]}"
+        return OnnxBackend(current.path, version=label, threads=0)
     return OnnxBackend(tp.local.path, version=tp.local.version, threads=0)
 
 

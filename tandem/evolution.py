@@ -303,10 +303,13 @@ def _evolve_classifier(
                 "score_quantiles": new["score_quantiles"],
             }
             report["seconds"] = time.perf_counter() - t0
+            confidence_gate = tp.gate.type == "confidence"  # a learned gate keeps its own
             mv = store.publish(
-                cand.int8, gate=gate if tp.gate.type == "confidence" else None,
-                calibration=calibration, report=report, extra_files={"fp32.onnx": cand.fp32},
+                cand.int8, gate=gate if confidence_gate else None,
+                calibration=calibration if confidence_gate else None, report=report,
+                extra_files={"fp32.onnx": cand.fp32},
             )  # fmt: skip
+            store.prune(o["keep"])
             published = mv.version
     report["seconds"] = time.perf_counter() - t0
     return EvolveOutcome(task, cand.verdict.accepted, published, report)
@@ -423,6 +426,7 @@ def _evolve_generator(
                 cand.gguf, gate=gate, calibration=calibration, report=report,
                 extra_files={"hf": cand.hf},
             )  # fmt: skip
+            store.prune(o["keep"])
             published = mv.version
     report["seconds"] = time.perf_counter() - t0
     return EvolveOutcome(task, cand.accepted, published, report)
@@ -482,13 +486,15 @@ def evolve_task(
     ece_tolerance: float = 0.01,
     steps: int = 200,
     holdout_share: float = 0.2,
+    keep: int = 10,
     progress: Progress | None = None,
 ) -> EvolveOutcome:
     """Distil task ``task``'s escalation log into a new edge model, validate it and (unless
     ``dry_run`` or rejected) publish it into the task's model store with its recalibrated
     gate. ``tolerance``: accuracy points the new model may lose; ``ece_tolerance``: ECE it
     may gain. Classifier options: ``epochs`` … ``ood_percentile``; language-model options:
-    ``steps``, ``holdout_share`` (of the log's pairs, when no held-out set is given)."""
+    ``steps``, ``holdout_share`` (of the log's pairs, when no held-out set is given).
+    ``keep``: versions the store keeps after a publication (the current one always)."""
     policy_path = Path(policy_path)
     say = progress or (lambda _m: None)
     policy, tp = _task(policy_path, task)
@@ -513,6 +519,7 @@ def evolve_task(
         "ece_tolerance": ece_tolerance,
         "steps": steps,
         "holdout_share": holdout_share,
+        "keep": keep,
     }
     if tp.kind == "generate":
         return _evolve_generator(policy_path, policy, tp, task, opts, say)

@@ -80,6 +80,9 @@ def evolve(
     holdout_share: Annotated[
         float, typer.Option(help="Language models: share of the log's pairs held out.")
     ] = 0.2,
+    keep: Annotated[
+        int, typer.Option(min=1, help="Versions the store keeps (the current one always).")
+    ] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the distillation run.")] = 0,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the report here.")
@@ -99,7 +102,7 @@ def evolve(
             temperature=temperature, replay_share=replay_share, lr=lr, seed=seed,
             min_cloud_confidence=min_cloud_confidence, ood_percentile=ood_percentile,
             tolerance=tolerance, ece_tolerance=ece_tolerance, steps=steps,
-            holdout_share=holdout_share,
+            holdout_share=holdout_share, keep=keep,
             progress=lambda m: err_console.print(f"[dim]· {m}[/dim]", highlight=False),
         )  # fmt: skip
     except TandemError as e:

@@ -230,7 +230,7 @@ def test_rows_without_inputs_or_cloud_answers_are_skipped_and_counted(
         )  # fmt: skip
         rows = rows_from_log(lg.records("digits"))
     assert hidden > 0 and kept > 0
-    assert rows.skipped == {"no_input": hidden, "no_cloud_answer": 1}
+    assert rows.skipped == {"no_input": hidden, "no_cloud_answer": 1, "not_finite": 0}
     assert len(rows) == kept and rows.x.shape == (kept, 64) and rows.cloud.shape == (kept, 10)
 
 
