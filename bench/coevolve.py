@@ -226,6 +226,11 @@ class SortSetup:
     threads: int = 2  # traffic threads
     rate_per_s: float = 100.0
     steps: int = 500  # fine-tuning steps per round (from the last version's weights)
+    lr: float = 2e-3
+    # per difficulty: true-answer items tandem evolve replays (0: none, distillation only).
+    # The reference edge is undertrained, so replaying fresh labelled items is itself worth
+    # most of what the experiment shows (an ablation: README); the default measures the log.
+    replay_items: int = 0
     heldout_per_difficulty: int = 40
     target: str = "recovery=0.8"
     seed: int = 0
@@ -305,6 +310,16 @@ def run_sort(out: Path, setup: SortSetup = SortSetup()) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="tandem-coevolve-sort-") as tmp_s:
         tmp = Path(tmp_s)
+        # the edge's original training data (true answers), replayed by tandem evolve
+        replay = [
+            it
+            for d in lm_task.DIFFICULTIES
+            for it in lm_task.make_items(d, setup.replay_items, setup.seed + 9_000)
+        ]
+        (tmp / "train.jsonl").write_text("".join(
+            json.dumps({"prompt": it.prompt, "answer": it.answer}) + "\n"
+            for it in replay if it.letters not in seen
+        ))  # fmt: skip
         edge = open_backend("gguf", edge_gguf, threads=2, n_ctx=512)
         try:
             c_right, c_lp = _sort_answers(edge, calib)
@@ -361,7 +376,8 @@ def run_sort(out: Path, setup: SortSetup = SortSetup()) -> dict[str, Any]:
                 EdgeRuntime.from_policy(policy_path), make, send_sort, setup, measure,
                 lambda r: run_evolve(
                     policy_path, "sort", tmp / f"evolve-{r}.json", "--steps", setup.steps,
-                    "--seed", setup.seed + r, "--target", setup.target,
+                    "--seed", setup.seed + r, "--target", setup.target, "--lr", setup.lr,
+                    *(("--train-data", tmp / "train.jsonl") if setup.replay_items else ()),
                 ),
             )  # fmt: skip
     return _section("sort", setup, rounds, out)
@@ -381,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="tandem evolve runs (default: per task).")
     p.add_argument("--escalations", type=int, help="K: escalations per round.")
     p.add_argument("--hidden", type=int, help="digits: the edge MLP's hidden width.")
+    p.add_argument(
+        "--replay-items", type=int, help="sort: true-answer items per difficulty to replay."
+    )
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"schema": "tandem-coevolve/1", "machine": machine()}
@@ -393,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         result["digits"] = run_digits(a.out, setup)
     if a.task in ("sort", "all"):
         setup_s = QUICK_SORT if a.quick else SortSetup()
-        overrides = {"rounds": a.rounds, "escalations_per_round": a.escalations}
+        overrides = {"rounds": a.rounds, "escalations_per_round": a.escalations,
+                     "replay_items": a.replay_items}  # fmt: skip
         setup_s = replace(setup_s, **{k: v for k, v in overrides.items() if v is not None})
         result["sort"] = run_sort(a.out, setup_s)
     (a.out / "coevolve.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
