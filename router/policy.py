@@ -252,8 +252,8 @@ class TaskPolicy(StrictModel):
     rules: list[RuleSpec] = Field(default_factory=list)
     budget: BudgetSpec | None = None
     deadline_ms: int = Field(default=100, ge=1, le=3_600_000)
-    # share of requests the gate accepted that escalate anyway (reason "audit"), so the
-    # escalation log holds unbiased labels for `tandem calibrate` and `tandem router train`
+    # share of the requests the gate decides that go to the cloud whatever it says (reason
+    # "audit"): an unbiased labelled sample in the log for `tandem calibrate`/`router train`
     audit_rate: Probability = 0.0
     shadow: ShadowSpec | None = None
     drift: DriftSpec | None = None
