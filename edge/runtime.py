@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,7 @@ class EdgeRuntime:
         self.policy = policy
         self._clients: list[CloudClient] = []
         self._client_by: dict[tuple[Any, ...], CloudClient] = {}  # (endpoints, keys) -> client
+        self._client_lock = threading.Lock()
         self._tasks: dict[str, ClassifyTask] = {}
         self._generators: dict[str, GenerationTask] = {}
         self._swapper = ModelSwapper(self._tasks, self._build, check_same_shape)
@@ -139,10 +141,11 @@ class EdgeRuntime:
         """One client per set of workers (endpoints and keys), shared by the tasks and tiers
         that name it."""
         key = (tuple(cloud.all_endpoints), cloud.curve_keys)
-        if key not in self._client_by:
-            self._client_by[key] = CloudClient(key[0], curve=key[1])
-            self._clients.append(self._client_by[key])
-        return self._client_by[key]
+        with self._client_lock:  # swaps (the watcher's thread, the caller's) build tasks too
+            if key not in self._client_by:
+                self._client_by[key] = CloudClient(key[0], curve=key[1])
+                self._clients.append(self._client_by[key])
+            return self._client_by[key]
 
     def _build(
         self, name: str, tp: TaskPolicy, serving: str | None, stats: RoutingStats
