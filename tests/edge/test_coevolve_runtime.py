@@ -158,6 +158,15 @@ def test_a_failed_tier_keeps_the_answer_before(make_policy, worker, tiny_models,
     assert stats["cascade"]["top_tier"] == 1  # asked, though it did not answer
 
 
+# a calibration the drift tests' traffic is far from: a 0.5% escalation rate, scores near 1
+QUIET_CALIBRATION = {
+    "date": "2026-01-01T00:00:00Z",
+    "objective": "max_escalation=0.01",
+    "escalation_rate": {"expected": 0.005, "low": 0.0, "high": 0.01},
+    "score_quantiles": [0.9 + 0.01 * k for k in range(9)],
+}
+
+
 # ---------------------------------------------------------------------------- audit
 @pytest.mark.integration
 def test_audit_rate_escalates_that_share_of_accepted_requests(make_policy, worker, xs) -> None:
@@ -236,12 +245,6 @@ def test_drift_alarm_in_the_runtime(make_policy, xs, edge_logits, caplog) -> Non
     def broken(alarm: DriftAlarm) -> None:
         raise RuntimeError("a buggy hook")
 
-    calib = {
-        "date": "2026-01-01T00:00:00Z",
-        "objective": "max_escalation=0.01",
-        "escalation_rate": {"expected": 0.005, "low": 0.0, "high": 0.01},
-        "score_quantiles": [0.9 + 0.01 * k for k in range(9)],
-    }
     threshold = float(np.median(softmax_max(edge_logits)))
     with rt_for(
         make_policy,
@@ -249,7 +252,7 @@ def test_drift_alarm_in_the_runtime(make_policy, xs, edge_logits, caplog) -> Non
         log=False,
         threshold=threshold,
         drift={"window": 50, "alpha": 1e-4},
-        calibration=calib,
+        calibration=QUIET_CALIBRATION,
     ) as rt:
         rt.on_drift(broken)
         rt.on_drift(calls.append)
@@ -270,17 +273,11 @@ def test_a_slow_drift_callback_does_not_hold_requests(make_policy, xs, edge_logi
         time.sleep(0.3)
         calls.append(alarm)
 
-    calib = {
-        "date": "2026-01-01T00:00:00Z",
-        "objective": "max_escalation=0.01",
-        "escalation_rate": {"expected": 0.005, "low": 0.0, "high": 0.01},
-        "score_quantiles": [0.9 + 0.01 * k for k in range(9)],
-    }
     threshold = float(np.median(softmax_max(edge_logits)))
     worst = 0.0
     with rt_for(
         make_policy, None, log=False, threshold=threshold,
-        drift={"window": 50, "alpha": 1e-4}, calibration=calib,
+        drift={"window": 50, "alpha": 1e-4}, calibration=QUIET_CALIBRATION,
     ) as rt:  # fmt: skip
         rt.on_drift(slow)
         for x in np.resize(xs, (100, 64)):
