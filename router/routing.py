@@ -5,6 +5,8 @@ cheap (a few hundred ns for a confidence gate)."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import random
 import threading
@@ -317,6 +319,11 @@ class TaskRouter:
         return INVALID_OUTPUT if not valid else LOW_CONFIDENCE
 
 
+def _value(counter: itertools.count[int]) -> int:
+    """How many times ``next`` was called on ``counter`` (a copy is advanced, not it)."""
+    return next(copy.copy(counter))
+
+
 class RoutingStats:
     """One task's routing counters, kept across model swaps (``EdgeRuntime.stats()``):
 
@@ -330,7 +337,9 @@ class RoutingStats:
     def __init__(self, n_tiers: int = 0) -> None:
         self._lock = threading.Lock()
         self.n_tiers = n_tiers
-        self._stages: dict[str, int] = {}
+        # one itertools.count per stage: next() is atomic under the GIL, so the edge path
+        # counts without taking a lock (a stage seen for the first time takes it once)
+        self._stages: dict[str, itertools.count[int]] = {}
         # requests, active, shadow, both, only_active, only_shadow
         self._shadow = [0, 0, 0, 0, 0, 0]
         self._escalated = 0
@@ -341,16 +350,21 @@ class RoutingStats:
     def record(self, stage: str, active: bool | None = None, shadow: bool | None = None) -> None:
         """Count one answer; ``active``/``shadow``: the two gates' verdicts (escalate?) when a
         shadow gate runs."""
+        counter = self._stages.get(stage)
+        if counter is None:
+            with self._lock:
+                counter = self._stages.setdefault(stage, itertools.count())
+        next(counter)
+        if shadow is None:
+            return
         with self._lock:
-            self._stages[stage] = self._stages.get(stage, 0) + 1
-            if shadow is not None:
-                c = self._shadow
-                c[0] += 1
-                c[1] += active
-                c[2] += shadow
-                c[3] += active and shadow
-                c[4] += active and not shadow
-                c[5] += shadow and not active
+            c = self._shadow
+            c[0] += 1
+            c[1] += active
+            c[2] += shadow
+            c[3] += active and shadow
+            c[4] += active and not shadow
+            c[5] += shadow and not active
 
     def record_cascade(self, escalated: int, reached_top: int) -> None:
         with self._lock:
@@ -359,7 +373,8 @@ class RoutingStats:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            out: dict[str, Any] = {"stages": dict(self._stages)}
+            stages = {k: _value(c) for k, c in list(self._stages.items())}
+            out: dict[str, Any] = {"stages": stages}
             c = self._shadow
             out["shadow"] = dict(
                 zip(
