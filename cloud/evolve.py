@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tandem.kernels.confidence import confidence_reference
+from tandem.runtime.calibration import expected_calibration_error, fit_temperature
 from tandem.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -386,21 +387,6 @@ class HoldoutMetrics:
     n: int
 
 
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE of (N, C) probabilities against labels: the bin-weighted mean of
-    |accuracy - mean max-prob| over ``bins`` equal-width max-prob bins.
-    E.g. max-probs [0.9, 0.9] with one right answer: one bin, |0.5 - 0.9| = 0.4."""
-    conf = probs.max(axis=1)
-    right = probs.argmax(axis=1) == y
-    idx = np.minimum((conf * bins).astype(int), bins - 1)
-    err = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            err += m.mean() * abs(right[m].mean() - conf[m].mean())
-    return float(err)
-
-
 def classifier_metrics(logits: np.ndarray, y: np.ndarray) -> HoldoutMetrics:
     """:class:`HoldoutMetrics` of (N, C) scores (logits or probabilities) against labels.
     ``ece`` is measured after temperature scaling, as the gate serves the model: cross-fitted
@@ -412,16 +398,18 @@ def classifier_metrics(logits: np.ndarray, y: np.ndarray) -> HoldoutMetrics:
     halves = np.array_split(np.random.default_rng(0).permutation(len(y)), 2)
     ece = 0.0
     for fit, score in (halves, halves[::-1]):
-        t = fit_temperature_nll(lp[fit], y[fit]) if len(fit) else 1.0
+        t = fit_temperature(lp[fit], y[fit]) if len(fit) else 1.0
         z = lp[score] / t
         p = np.exp(z - z.max(axis=1, keepdims=True))
         ece += (
-            len(score) / len(y) * expected_calibration_error(p / p.sum(1, keepdims=True), y[score])
+            len(score)
+            / len(y)
+            * expected_calibration_error(p / p.sum(1, keepdims=True), y[score], ECE_BINS)
         )
     return HoldoutMetrics(
         accuracy=float((lp.argmax(axis=1) == y).mean()),
         ece=ece,
-        ece_raw=expected_calibration_error(np.exp(lp), y),
+        ece_raw=expected_calibration_error(np.exp(lp), y, ECE_BINS),
         nll=float(-lp[np.arange(len(y)), y].mean()),
         n=len(y),
     )
@@ -446,28 +434,6 @@ def gate_scores(outputs: np.ndarray, metric: str, temperature: float = 1.0) -> n
     if metric == "entropy":
         return 1.0 - stats.entropy / math.log(np.shape(outputs)[1])
     raise ConfigError(f"gate metric: expected max_prob, margin or entropy, got {metric!r}")
-
-
-def fit_temperature_nll(outputs: np.ndarray, y: np.ndarray) -> float:
-    """The temperature T in [0.05, 20] that minimises the held-out NLL of
-    ``softmax(log_probs(outputs) / T)`` (temperature scaling, Guo et al. 2017): a grid over
-    log T refined by golden-section search."""
-    lp = log_probs(outputs)
-    y = np.asarray(y, np.int64)
-
-    def nll(log_t: float) -> float:
-        z = lp / math.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).mean())
-
-    grid = np.linspace(math.log(0.05), math.log(20.0), 41)
-    best = int(np.argmin([nll(g) for g in grid]))
-    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    golden = (math.sqrt(5) - 1) / 2
-    for _ in range(40):
-        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
-    return float(math.exp((lo + hi) / 2))
 
 
 @dataclass(frozen=True)

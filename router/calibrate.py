@@ -12,7 +12,7 @@ side by side (CPT, AUROC for benefit, decisions), :func:`cpt_difference` with an
 an escalation budget, accuracy near the cloud's, a share of the gap, or a cost model), with
 bootstrap intervals; :func:`evaluate_threshold` checks it on held-out data. Scores are in one
 convention, higher = more confident (:func:`accept_scores` turns the entropy gate around).
-Temperature scaling and ECE live in :mod:`tandem.router.temperature` (re-exported here).
+Temperature scaling and ECE live in :mod:`tandem.runtime.calibration` (re-exported here).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem.router.temperature import (  # noqa: F401 - calibration's API, in one place
+from tandem.runtime.calibration import (  # noqa: F401 - calibration's API, in one place
     T_BOUNDS,
     expected_calibration_error,
     fit_score_temperature,

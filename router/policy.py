@@ -36,6 +36,7 @@ Relative paths are resolved against the policy file's folder. Unknown keys are e
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -106,14 +107,20 @@ class LearnedGateSpec(StrictModel):
     threshold: Probability
 
 
-def _gate_type(v: Any) -> str:
-    t = v.get("type", "confidence") if isinstance(v, dict) else getattr(v, "type", "confidence")
-    return t if isinstance(t, str) else "confidence"
+def _tag(key: str, default: str) -> Callable[[Any], str]:
+    """A discriminated union's tag: ``key`` of a dict (a file's) or a model (already built),
+    ``default`` when it is absent or not a string (the plain member then reports the error)."""
+
+    def tag(v: Any) -> str:
+        t = v.get(key, default) if isinstance(v, dict) else getattr(v, key, default)
+        return t if isinstance(t, str) else default
+
+    return tag
 
 
 AnyGate = Annotated[
     Annotated[GateSpec, Tag("confidence")] | Annotated[LearnedGateSpec, Tag("learned")],
-    Discriminator(_gate_type),
+    Discriminator(_tag("type", "confidence")),
 ]
 
 
@@ -434,14 +441,9 @@ class GenerateTaskPolicy(StrictModel):
         return self
 
 
-def _task_kind(v: Any) -> str:
-    kind = v.get("kind", "classify") if isinstance(v, dict) else getattr(v, "kind", "classify")
-    return kind if isinstance(kind, str) else "classify"
-
-
 AnyTaskPolicy = Annotated[
     Annotated[TaskPolicy, Tag("classify")] | Annotated[GenerateTaskPolicy, Tag("generate")],
-    Discriminator(_task_kind),
+    Discriminator(_tag("kind", "classify")),
 ]
 
 

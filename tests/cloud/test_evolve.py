@@ -19,8 +19,6 @@ from typer.testing import CliRunner
 from tandem.cli.common import app
 from tandem.cloud.evolve import (
     classifier_metrics,
-    expected_calibration_error,
-    fit_temperature_nll,
     judge,
     onnx_outputs,
     onnx_to_torch,
@@ -32,6 +30,7 @@ from tandem.evolution import evolve_task, rollback_task
 from tandem.reference.digits import load_workload
 from tandem.reference.models import _mlp, build_reference_models, export_onnx, quantize_int8
 from tandem.router.policy import CalibrationRecord
+from tandem.runtime.calibration import expected_calibration_error, fit_temperature
 from tandem.runtime.errors import ConfigError
 from tandem.runtime.model_store import ModelStore
 
@@ -277,7 +276,7 @@ def test_calibration_helpers() -> None:
     rng = np.random.default_rng(0)
     true = rng.normal(size=(4000, 5)) * 2
     y = np.array([rng.choice(5, p=np.exp(r) / np.exp(r).sum()) for r in true])
-    assert fit_temperature_nll(true * 3, y) == pytest.approx(3.0, rel=0.1)
+    assert fit_temperature(true * 3, y) == pytest.approx(3.0, rel=0.1)
     a = classifier_metrics(true, y)
     right = true.argmax(1) == y
     same = {"before_right": right, "after_right": right}

@@ -3,7 +3,9 @@ how often it is right, and the one-parameter fix (Guo et al. 2017, "On Calibrati
 Neural Networks"). :func:`fit_temperature` for logits, :func:`fit_score_temperature` for a
 score already in [0, 1] (a token gate's statistic), :func:`expected_calibration_error` and
 :func:`reliability_diagram` to show the result. ``tandem calibrate`` reports these before and
-after, and writes the temperature into the policy (``gate.temperature``)."""
+after, and writes the temperature into the policy (``gate.temperature``); ``tandem evolve``
+judges and recalibrates each new edge model with the same functions (both sides import them
+from here, below the router and the cloud)."""
 
 from __future__ import annotations
 
