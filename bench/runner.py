@@ -127,6 +127,7 @@ def run_levels(
                 if eps and data["tasks"][st.task].get("cloud"):
                     data["tasks"][st.task]["cloud"]["endpoints"] = eps
                 with EdgeRuntime(policy_from_dict(data, source=f"<{sc.name} policy>")) as rt:
+                    edge_ops = rt.serve_metrics("127.0.0.1:0") if sc.output.metrics else None
                     start()
                     call = make(rt, st.task, st.items)
                     try:  # one request first, outside the load: a broken set-up says why
@@ -155,6 +156,8 @@ def run_levels(
                         seed=ld.seed,
                         on_tick=tick(label),
                     )
+                    if edge_ops is not None:
+                        scrape_metrics(out / "metrics", edge_ops.url, st.ops, say)
             load: dict[str, Any] = {"mode": ld.mode}
             if ld.mode == "closed":
                 load["concurrency"] = int(point)
@@ -194,6 +197,22 @@ def machine_json() -> dict[str, Any]:
         ).stdout.strip()  # fmt: skip
         m["git"] = rev + ("-dirty" if dirty else "") if rev else None
     return m
+
+
+def scrape_metrics(folder: Path, edge_url: str, worker_urls: list[str], say: Say) -> None:
+    """``GET /metrics`` of the edge runtime and of each worker, into ``folder/edge.prom`` and
+    ``folder/worker-N.prom`` (a later level overwrites an earlier one's)."""
+    import urllib.request
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"edge.prom": edge_url, **{f"worker-{i}.prom": u for i, u in enumerate(worker_urls)}}
+    for name, url in names.items():
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                (folder / name).write_bytes(r.read())
+        except OSError as e:
+            raise TandemError(f"could not scrape {url}/metrics: {e}") from None
+    say(f"metrics scraped into {folder}")
 
 
 def run_scenario(

@@ -263,6 +263,10 @@ class OutputSpec(StrictModel):
     dir: ConfigPath | None = None  # default: bench-results/<name>
     plots: bool = True
     html: bool = True
+    # Scrape the edge runtime's and the started workers' /metrics at the end of every level
+    # into DIR/metrics/ (the workers this run starts get an ops HTTP port; the runtime, an
+    # exporter on a free loopback port)
+    metrics: bool = False
 
 
 class Scenario(StrictModel):

@@ -9,12 +9,13 @@ import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tandem.bench.ports import free_ports
 from tandem.bench.scenario import Scenario
 from tandem.bench.stats import GenSample, Outcome
 from tandem.runtime.errors import ConfigError, TandemError
@@ -134,6 +135,7 @@ class Setup:
     endpoints: list[str]  # the workers the policy's cloud points at (direct)
     curve: tuple[Path, Path] | None
     cloud_model: str | None
+    ops: list[str] = field(default_factory=list)  # ops HTTP URLs of the workers started here
 
 
 def check_cloud(
@@ -155,9 +157,18 @@ def check_cloud(
             ) from None
 
 
-def _start_worker(cfg: Any, stack: contextlib.ExitStack, log: Path, say: Say) -> str:
+def _start_worker(
+    cfg: Any, stack: contextlib.ExitStack, log: Path, say: Say, ops: list[str] | None = None
+) -> str:
+    """Start a worker for the run; ``ops``: a list to append its ops HTTP URL to (the worker
+    then serves /metrics on a free loopback port)."""
+    from tandem.cloud.config import with_http
     from tandem.cloud.process import WorkerProcess
 
+    if ops is not None:
+        (port,) = free_ports()
+        cfg = with_http(cfg, f"127.0.0.1:{port}")
+        ops.append(f"http://127.0.0.1:{port}")
     f = stack.enter_context(log.open("ab"))
     w = WorkerProcess(cfg, startup_timeout_s=300, stderr=f)
     say(f"starting a worker serving {', '.join(cfg.models or []) or 'nothing'}")
@@ -171,7 +182,13 @@ def _start_worker(cfg: Any, stack: contextlib.ExitStack, log: Path, say: Say) ->
 
 
 def _reference_cloud(
-    sc: Scenario, stack: contextlib.ExitStack, out: Path, models: Path, model: str, say: Say
+    sc: Scenario,
+    stack: contextlib.ExitStack,
+    out: Path,
+    models: Path,
+    model: str,
+    say: Say,
+    ops: list[str],
 ) -> list[str]:
     """A bundled task's cloud: a worker started here serving ``model`` (one thread), or the
     scenario's endpoints."""
@@ -179,7 +196,7 @@ def _reference_cloud(
 
     if sc.starts_workers:
         cfg = WorkerConfig(bind="tcp://127.0.0.1:*", models_dir=models, models=[model], threads=1)
-        return [_start_worker(cfg, stack, out / "worker.log", say)]
+        return [_start_worker(cfg, stack, out / "worker.log", say, _ops(sc, ops))]
     if not sc.cloud.targets:
         raise ConfigError(
             f"the {sc.task.source} task needs a cloud: set cloud.start or cloud.endpoint"
@@ -200,7 +217,8 @@ def _digits_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say
     # items a short level reaches, the sweep's items) is a fair sample
     order = np.random.default_rng(0).permutation(len(data.test))[: sc.task.limit]
     items = Items("classify", x=data.test.x[order], y=data.test.y[order])
-    endpoints = _reference_cloud(sc, stack, out, models, CLOUD, say)
+    ops: list[str] = []
+    endpoints = _reference_cloud(sc, stack, out, models, CLOUD, say, ops)
     threshold = sc.policy.threshold
     edge_path = models / manifest.get(EDGE).file
     if threshold is None:
@@ -211,7 +229,8 @@ def _digits_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say
         "gate": {"metric": "max_prob", "threshold": round(threshold, 6)},
         "deadline_ms": sc.policy.deadline_ms or 200,
     }
-    return Setup(items, {"version": 1, "tasks": {"digits": task}}, "digits", endpoints, None, CLOUD)
+    policy = {"version": 1, "tasks": {"digits": task}}
+    return Setup(items, policy, "digits", endpoints, None, CLOUD, ops)
 
 
 def _calibrate(
@@ -257,7 +276,8 @@ def _sort_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
         answers=[it.answer for it in sort_items],
         max_tokens=[sc.task.max_tokens or it.difficulty + 1 for it in sort_items],
     )
-    endpoints = _reference_cloud(sc, stack, out, models, CLOUD, say)
+    ops: list[str] = []
+    endpoints = _reference_cloud(sc, stack, out, models, CLOUD, say, ops)
     task = {
         "kind": "generate",
         "local": {"path": str(models / manifest.get(EDGE_GGUF).file), "threads": 1},
@@ -272,7 +292,9 @@ def _sort_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
         "handoff": "restart",
         "deadline_ms": sc.policy.deadline_ms or 30_000,
     }
-    return Setup(items, {"version": 1, "tasks": {"sort": task}}, "sort", endpoints, None, CLOUD)
+    return Setup(
+        items, {"version": 1, "tasks": {"sort": task}}, "sort", endpoints, None, CLOUD, ops
+    )
 
 
 def _user_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) -> Setup:
@@ -299,6 +321,7 @@ def _user_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
     task = data["tasks"][name]
     if "speculative" in task and task.get("mode") != "speculative":
         task.pop("speculative")
+    ops: list[str] = []
     endpoints = sc.cloud.targets or (tp.cloud.all_endpoints if tp.cloud else [])
     curve = tp.cloud.curve_keys if tp.cloud else None
     if sc.cloud.client_key is not None and sc.cloud.server_key is not None:
@@ -306,7 +329,7 @@ def _user_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
     if sc.starts_workers:
         assert sc.cloud.worker is not None
         cfg = load_worker_config(sc.cloud.worker)
-        endpoints = [_start_worker(cfg, stack, out / "worker.log", say)]
+        endpoints = [_start_worker(cfg, stack, out / "worker.log", say, _ops(sc, ops))]
         if cfg.curve is not None and curve is None:
             raise ConfigError(f"{sc.cloud.worker}: the worker uses CurveZMQ; give cloud keys")
     if tp.cloud is None and endpoints:
@@ -334,7 +357,11 @@ def _user_setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) 
             **data["escalation_log"],
             "path": str(out / "escalations.sqlite"),
         }
-    return Setup(items, policy, name, endpoints, curve, model)
+    return Setup(items, policy, name, endpoints, curve, model, ops)
+
+
+def _ops(sc: Scenario, ops: list[str]) -> list[str] | None:
+    return ops if sc.output.metrics else None
 
 
 def setup(sc: Scenario, stack: contextlib.ExitStack, out: Path, say: Say) -> Setup:

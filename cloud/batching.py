@@ -94,6 +94,10 @@ class MicroBatcher:
         if q is not None and rows > 0:
             q.s_per_row += _EWMA * (seconds / rows - q.s_per_row)
 
+    def queues(self) -> dict[str, tuple[int, int]]:
+        """Per model: requests and bytes queued (for metrics; safe from another thread)."""
+        return {model: (len(q.items), q.nbytes) for model, q in list(self._queues.items())}
+
     def _ready(self, q: _Queue, now: float) -> bool:
         return bool(q.items) and (
             self.max_wait_s <= 0
@@ -117,18 +121,30 @@ class MicroBatcher:
         request alone is bigger (it then runs alone: never more rows than it brought)."""
         out = []
         for model, q in self._queues.items():
-            if not (q.items and (flush or self._ready(q, now))):
-                continue
-            first = q.items.popleft()
-            batch, rows, nbytes = [first], len(first.inputs), first.nbytes
-            while q.items and rows + len(q.items[0].inputs) <= self.max_batch:
-                item = q.items.popleft()
-                batch.append(item)
-                rows += len(item.inputs)
-                nbytes += item.nbytes
-            q.rows -= rows
-            q.nbytes -= nbytes
-            self.depth -= len(batch)
-            self.nbytes -= nbytes
-            out.append((model, batch))
+            if q.items and (flush or self._ready(q, now)):
+                out.append((model, self._take(q)))
         return out
+
+    def take_all(self, model: str) -> list[list[Pending]]:
+        """Every request queued for ``model``, as batches (each as :meth:`take_ready` makes
+        them), and its queue forgotten: the worker runs them on the version they were admitted
+        for before it replaces or unloads the model."""
+        q = self._queues.pop(model, None)
+        batches = []
+        while q is not None and q.items:
+            batches.append(self._take(q))
+        return batches
+
+    def _take(self, q: _Queue) -> list[Pending]:
+        first = q.items.popleft()
+        batch, rows, nbytes = [first], len(first.inputs), first.nbytes
+        while q.items and rows + len(q.items[0].inputs) <= self.max_batch:
+            item = q.items.popleft()
+            batch.append(item)
+            rows += len(item.inputs)
+            nbytes += item.nbytes
+        q.rows -= rows
+        q.nbytes -= nbytes
+        self.depth -= len(batch)
+        self.nbytes -= nbytes
+        return batch

@@ -19,6 +19,10 @@
                   max_support: 4096, max_prompt_tokens: 2048}
     curve: {secret_key: keys/worker.key_secret, allowed_clients: keys/clients}  # default: off
     insecure: false                  # true: allow a non-loopback bind without curve
+    tracing: {otlp_endpoint: "http://collector:4318/v1/traces", service_name: tandem-worker,
+              sample_ratio: 1.0}     # OpenTelemetry spans; default: off (OTEL_EXPORTER_OTLP_*)
+    admin: {enabled: false, allowed_clients: keys/admins}  # model admin messages (default: off)
+    http: {bind: "127.0.0.1:9100"}    # /metrics, /health, /ready over HTTP; default: off
 
 Every key is optional; the defaults are the values shown. Each section's class says what its
 keys bound and why.
@@ -28,9 +32,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tandem.runtime.config import ConfigPath, StrictModel, load_config
+from tandem.runtime.errors import ConfigError
+from tandem.runtime.ops_http import parse_bind
+from tandem.runtime.tracing import TracingSpec
 from tandem.runtime.wire import WireLimits
 
 _DEFAULT_LIMITS = WireLimits()
@@ -171,6 +178,38 @@ class CurveSpec(StrictModel):
     allowed_clients: ConfigPath  # a directory of the allowed clients' NAME.key files
 
 
+class AdminSpec(StrictModel):
+    """``admin`` messages (``tandem cloud models load|replace|unload|reload``, see
+    :mod:`tandem.cloud.model_admin`) change what a running worker serves. Anyone who may send
+    work must not be able to unload the models it runs on, so they are refused
+    (``Unauthorized``) unless ``enabled``; with ``curve`` on, the sender's key must also be a
+    ``*.key`` file in ``allowed_clients`` (a directory like ``curve.allowed_clients``, usually
+    a smaller one: the operators', not every robot's). A SIGHUP (a reload) needs neither: who
+    can signal the process owns it already."""
+
+    enabled: bool = False
+    allowed_clients: ConfigPath | None = None  # required with curve on
+
+
+class HttpSpec(StrictModel):
+    """The operations HTTP port beside the ZeroMQ one (:mod:`tandem.runtime.ops_http`):
+    ``/metrics`` (Prometheus), ``/health`` (liveness) and ``/ready`` (every model loaded and
+    warmed, serving). ``bind``: ``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (every interface;
+    the metrics are unauthenticated and carry no request data). It starts before the models
+    load, so a probe sees ``/ready`` 503 ``{"state": "loading"}`` meanwhile."""
+
+    bind: str = "127.0.0.1:9100"
+
+    @field_validator("bind")
+    @classmethod
+    def _parses(cls, v: str) -> str:
+        try:
+            parse_bind(v)
+        except ConfigError as e:
+            raise ValueError(e.message) from None
+        return v
+
+
 class WorkerConfig(StrictModel):
     bind: str = "tcp://127.0.0.1:5555"
     models_dir: ConfigPath | None = None  # None: no models (health and echo only)
@@ -189,6 +228,11 @@ class WorkerConfig(StrictModel):
     curve: CurveSpec | None = None
     # A bind that other hosts can reach needs curve, or this set (`--insecure`) on purpose.
     insecure: bool = False
+    admin: AdminSpec = AdminSpec()
+    # OpenTelemetry export (tandem.runtime.tracing); None: off unless OTEL_EXPORTER_OTLP_* is set
+    tracing: TracingSpec | None = None
+    # /metrics, /health, /ready over HTTP (tandem.runtime.ops_http); None: no server, no metrics
+    http: HttpSpec | None = None
 
     @model_validator(mode="after")
     def _one_prompt_fits_the_queue(self) -> WorkerConfig:
@@ -203,6 +247,13 @@ class WorkerConfig(StrictModel):
                     f"{key} ({size}): a prompt that size could never be queued"
                 )
         return self
+
+
+def with_http(config: WorkerConfig, bind: str) -> WorkerConfig:
+    """``config`` with its ops HTTP server on ``bind`` (``tandem cloud serve --http``).
+    Raises ConfigError if ``bind`` is not ``HOST:PORT``."""
+    parse_bind(bind)
+    return config.model_copy(update={"http": HttpSpec(bind=bind)})
 
 
 def load_worker_config(path: str | Path) -> WorkerConfig:

@@ -238,6 +238,12 @@ class Engine:
         with self._cond:
             self._cond.notify()
 
+    def pending(self) -> int:
+        """Jobs it holds (running, or submitted and not started) and calls not yet run: an
+        engine whose model version was replaced is closed once this is 0."""
+        with self._cond:
+            return len(self._jobs) + len(self._inbox)
+
     def health(self) -> dict[str, Any]:
         return {
             "jobs": len(self._jobs),

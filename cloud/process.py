@@ -63,6 +63,11 @@ class WorkerProcess:
         return self
 
     @property
+    def config_path(self) -> Path:
+        """The config file the worker runs with (edit it, then SIGHUP: a model reload)."""
+        return Path(self._tmp.name) / "worker.yaml"
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid

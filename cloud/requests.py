@@ -39,8 +39,10 @@ from tandem.cloud.boundary import BackendBoundary, checked_rows, run_rows
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.engine import Mailbox, Offload
 from tandem.cloud.idempotency import MAX_JOINED_ROUTES, ReplyCache
+from tandem.cloud.metrics import WorkerMetrics
 from tandem.cloud.streams import is_generation_backend
 from tandem.cloud.verify import VerifyTable
+from tandem.runtime import tracing
 from tandem.runtime.backends import ExpertsBackend
 from tandem.runtime.errors import (
     BadRequest,
@@ -60,7 +62,9 @@ SendFn = Callable[[list[Any], list[Any]], None]  # (route, frames): without bloc
 class WorkerRequests:
     """Admits, queues, runs and answers the worker's one-shot requests (see the module
     docstring). ``send(route, frames)`` sends a reply without blocking; ``stopping`` is set
-    while the worker drains."""
+    while the worker drains. ``metrics``: set by the worker when metrics are on."""
+
+    metrics: WorkerMetrics | None = None
 
     def __init__(
         self,
@@ -92,6 +96,7 @@ class WorkerRequests:
         self._generators = {n for n, b in backends.items() if is_generation_backend(b)}
         self._experts = {n for n, b in backends.items() if isinstance(b, ExpertsBackend)}
         self._post = mailbox.post
+        self._mailbox = mailbox
         max_queued = config.queue.max_requests_per_model
         max_bytes = config.queue.max_bytes_per_model
         self._offloads = {n: Offload(n, mailbox, max_queued, max_bytes) for n in self._experts}
@@ -252,6 +257,10 @@ class WorkerRequests:
             self._reply_error(item, e)
             return
         self._reply_all(item, frames)
+        if self.metrics is not None:
+            self.metrics.request(model, item.env.kind.value, "ok")
+        if tracing.TRACER is not None:
+            tracing.record_worker_span(item.env, item.arrived, None, {"tandem.model": model})
 
     # ------------------------------------------------------------------ batches
     def run_batch(self, model: str, batch: list[Pending]) -> None:
@@ -306,6 +315,7 @@ class WorkerRequests:
         self.batcher.record_run(model, n_rows, run_s)
         self.counters["batches"] += 1
         self.counters["rows"] += n_rows
+        too_big = 0
         for item, out in zip(live, outs, strict=True):
             payload = {
                 "outputs": out,
@@ -319,8 +329,17 @@ class WorkerRequests:
                 frames = self.result_frames(item.env, payload)
             except TandemError as e:  # its rows are too big for a reply: this request alone
                 self._reply_error(item, e)
+                too_big += 1
                 continue
             self._reply_all(item, frames)
+            if tracing.TRACER is not None:
+                attrs = {"tandem.model": model, "tandem.batch_rows": n_rows}
+                attrs["tandem.queue_ms"] = payload["queue_ms"]
+                run = (started, started + run_s)
+                tracing.record_worker_span(item.env, item.arrived, None, attrs, backend=run)
+        if self.metrics is not None:
+            arrivals = [i.arrived for i in live]
+            self.metrics.infer_batch(model, arrivals, started, run_s, n_rows, len(live) - too_big)
 
     # ------------------------------------------------------------------ replies
     def result_frames(self, env: Envelope, payload: Any) -> list[Any]:
@@ -346,11 +365,44 @@ class WorkerRequests:
 
     def _reply_error(self, item: Pending, err: TandemError) -> None:
         self._reply_all(item, self.codec.encode(item.env.error_reply(err)))
+        if self.metrics is not None:
+            p = item.env.payload
+            model = p.get("model") if isinstance(p, dict) else None
+            self.metrics.request(model, item.env.kind.value, err.code)
+        if tracing.TRACER is not None:
+            tracing.record_worker_span(item.env, item.arrived, error=err)
 
     def close(self) -> None:
         """Stop the offload threads (what they hold queued runs first)."""
         for offload in self._offloads.values():
             offload.close()
+
+    # ------------------------------------------------------------------ model admin
+    def run_queued(self, model: str) -> None:
+        """Run every queued ``infer`` request of ``model`` now, on the backend it was admitted
+        for: the model admin calls this just before it replaces or unloads ``model``."""
+        for batch in self.batcher.take_all(model):
+            self.run_batch(model, batch)
+
+    def model_changed(self, model: str) -> Offload | None:
+        """``self.backends[model]`` was set, replaced or removed (by the model admin, on this
+        thread): learn its kind again. Returns the model's :class:`Offload` if it no longer
+        needs one (unloaded, or no longer an MoE): its caller closes it off this thread (what
+        it holds still runs, on the backend each call took)."""
+        backend = self.backends.get(model)
+        self._generators.discard(model)
+        self._experts.discard(model)
+        if backend is not None and is_generation_backend(backend):
+            self._generators.add(model)
+        if backend is not None and isinstance(backend, ExpertsBackend):
+            self._experts.add(model)
+            if model not in self._offloads:
+                queue = self.config.queue
+                self._offloads[model] = Offload(
+                    model, self._mailbox, queue.max_requests_per_model, queue.max_bytes_per_model
+                )
+            return None
+        return self._offloads.pop(model, None)
 
     def expire(self, now: float) -> None:
         """Forget replies and verify sessions past their time (the loop's housekeeping)."""

@@ -52,8 +52,10 @@ from typing import Any
 from tandem.cloud.config import GenerationSpec
 from tandem.cloud.engine import Engine
 from tandem.cloud.engine_stream import StreamJob, prompt_size
+from tandem.cloud.metrics import WorkerMetrics
 from tandem.cloud.payloads import parse_generate
 from tandem.cloud.worker_stream import WorkerStream
+from tandem.runtime import tracing
 from tandem.runtime.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -93,7 +95,10 @@ class WorkerStreams:
     ``send(route, frames)`` sends without blocking and returns :data:`SENT`, :data:`BLOCKED`
     (the peer's queue is full) or :data:`GONE` (no such peer); ``backend_failure(model, exc)``
     is the worker's one place that turns an exception from backend code into a typed error.
+    ``metrics``: set by the worker when metrics are on.
     """
+
+    metrics: WorkerMetrics | None = None
 
     def __init__(
         self,
@@ -317,6 +322,16 @@ class WorkerStreams:
         s.final = self.codec.encode(env)
         s.final_until = now + self.spec.stall_timeout_ms / 1e3
         self._send_final(s, now)
+        if self.metrics is not None:
+            if env.kind is Kind.END:
+                cancelled = env.payload["finish_reason"] == FinishReason.CANCELLED
+                self._record(s, "cancelled" if cancelled else "ok")
+            else:
+                self._record(s, str(env.payload.get("code")))
+        if tracing.TRACER is not None:
+            run = None if s.started_at is None else (s.started_at, s.finished_at or now)
+            attrs = {"tandem.model": s.req.model, "tandem.tokens": s.sent}
+            tracing.record_worker_span(s.env, s.arrived, now, attrs, backend=run, reply=env)
 
     def _send_final(self, s: WorkerStream, now: float) -> None:
         assert s.final is not None
@@ -333,6 +348,20 @@ class WorkerStreams:
         s.stop_producer()
         s.answered = True
         self.counters["peer_gone"] += 1
+        if self.metrics is not None:
+            self._record(s, "peer_gone")
+
+    def _record(self, s: WorkerStream, outcome: str) -> None:
+        assert self.metrics is not None
+        self.metrics.stream_end(
+            s.req.model,
+            outcome,
+            arrived=s.arrived,
+            first_token_at=s.first_token_at,
+            last_token_at=s.finished_at if outcome == "ok" else None,
+            tokens=s.sent,
+            prompt_tokens=s.prompt_tokens,
+        )
 
     def _as_error(self, s: WorkerStream) -> TandemError:
         e = s.failure
@@ -395,6 +424,11 @@ class WorkerStreams:
             "stalled": c.get("stalled", 0),
             "shut_down": c.get("shut_down", 0),
         }
+
+    def using(self, backend: Any) -> int:
+        """Streams in the table that run on ``backend`` (a model version the model admin
+        replaced finishes them before it is closed)."""
+        return sum(1 for s in self._streams.values() if s.backend is backend)
 
     def close(self) -> None:
         """Stop every producer (the worker has stopped serving)."""

@@ -85,6 +85,7 @@ class Session:
     __slots__ = (
         "busy",
         "closing",
+        "engine",
         "key",
         "lease",
         "limit",
@@ -103,6 +104,7 @@ class Session:
         self.key = key
         self.model = model
         self.lease: SessionLease | None = None  # opened by the first round, on the engine
+        self.engine: Engine | None = None  # the engine that holds the lease (set as it opens)
         self.sequence = sequence
         self.n_cached = 0  # tokens its cache holds
         self.rng = verify_rng(req.params.seed, len(sequence))
@@ -286,7 +288,8 @@ class VerifyTable:
         sess.busy = True
         round_ = VerifyRound(sess, req, post, finish)
         try:
-            self.engines[req.model].submit(round_)
+            assert sess.engine is not None
+            sess.engine.submit(round_)
         except BaseException:
             sess.busy = False
             self._drop(sess)
@@ -357,6 +360,7 @@ class VerifyTable:
         self.engines[req.model].admits(len(req.tokens))  # before anyone gives its slot up
         self.make_room(req.model, backend)
         sess = Session(key, req.model, list(req.tokens), req)
+        sess.engine = self.engines[req.model]
         sess.want = want
         sess.nbytes = nbytes
         self.nbytes += nbytes
@@ -407,8 +411,8 @@ class VerifyTable:
             return
         self.nbytes -= sess.nbytes
         lease, sess.lease = sess.lease, None
-        if lease is not None:
-            self.engines[sess.model].call(lease.close)
+        if lease is not None and sess.engine is not None:
+            sess.engine.call(lease.close)
 
     def expire(self, now: float) -> None:
         """Drop sessions idle for longer than ``ttl_s`` (the least recently used are first;
@@ -422,6 +426,16 @@ class VerifyTable:
         for sess in stale:
             self.counters["verify_expired"] += 1
             self._drop(sess)
+
+    def forget_model(self, model: str) -> None:
+        """``model`` was replaced or unloaded (the model admin, on this thread): its sessions
+        end — an idle one now (its edge's next round gets :class:`SessionLost` and starts over
+        on the new version), one running a round when the round is back (answered ``done``):
+        a round never mixes two versions. What the table learned of the model goes too."""
+        for sess in [s for s in self.sessions.values() if s.model == model]:
+            self._drop(sess)
+        self._digests.pop(model, None)
+        self._bytes_per_token.pop(model, None)
 
     def close(self) -> None:
         for sess in list(self.sessions.values()):

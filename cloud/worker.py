@@ -1,4 +1,6 @@
-"""The cloud worker: a ZeroMQ ROUTER socket in front of model backends.
+"""The cloud worker: a ZeroMQ ROUTER socket in front of model backends. (Over 500 lines: the
+loop thread's whole life — start-up, serve, drain, dispatch by kind, replies, health — in one
+place; what happens to each kind of request lives in the modules named below.)
 
 One thread owns the socket and the clock, and this module is that thread's loop: poll; read
 every waiting message, decode and validate it, and hand it on by kind; run one batch per model
@@ -45,6 +47,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import zmq
@@ -53,10 +56,13 @@ from tandem.cloud.boundary import BackendBoundary, BadOutput
 from tandem.cloud.config import WorkerConfig
 from tandem.cloud.engine import Engine, Mailbox
 from tandem.cloud.loading import check_security, load_backends
+from tandem.cloud.metrics import WorkerMetrics
+from tandem.cloud.model_admin import ModelAdmin
 from tandem.cloud.requests import WorkerRequests
 from tandem.cloud.streams import BLOCKED, GONE, SENT, WorkerStreams, is_generation_backend
 from tandem.cloud.verify import VerifyTable
 from tandem.kernels.autotune import choices as kernel_choices
+from tandem.runtime import logs, tracing
 from tandem.runtime.backends import LocalGenerationBackend, ModelBackend
 from tandem.runtime.curve import (
     ClientAllowList,
@@ -73,6 +79,7 @@ from tandem.runtime.errors import (
     Unauthorized,
     WireError,
 )
+from tandem.runtime.ops_http import OpsHttpServer
 from tandem.runtime.wire import (
     PROTOCOL_VERSION,
     Envelope,
@@ -96,6 +103,7 @@ _DONTWAIT = int(zmq.DONTWAIT)
 _IDLE_POLL_MS = 50  # the longest the loop waits before it looks at the stop flag again
 _MAX_READS_PER_TURN = 256  # messages read before ready batches get a chance to run
 _WORK = (Kind.INFER, Kind.EXPERTS, Kind.VERIFY)
+_COUNTED = (*_WORK, Kind.GENERATE)  # in tandem_worker_requests_total
 _SWITCH_INTERVAL_S = 0.001  # the GIL's, while serving (see serve)
 
 
@@ -106,10 +114,25 @@ class CloudWorker:
         backends: dict[str, ModelBackend] | None = None,
         *,
         context: zmq.Context | None = None,
+        config_path: str | Path | None = None,
     ) -> None:
         check_security(config)  # before loading any model: fail fast
         self.config = config
-        self.backends = backends if backends is not None else load_backends(config)
+        # With ``http``: metrics, and the ops HTTP server up before the models load, so a
+        # probe sees /health 200 and /ready 503 {"state": "loading"} meanwhile.
+        self._state = "loading"
+        self.metrics: WorkerMetrics | None = None
+        self.ops: OpsHttpServer | None = None
+        if config.http is not None:
+            self.metrics = WorkerMetrics()
+            self.ops = OpsHttpServer(
+                config.http.bind, registry=self.metrics.registry, ready=self.readiness
+            ).start()
+        try:
+            self.backends = backends if backends is not None else load_backends(config)
+        except BaseException:
+            self.close_ops()
+            raise
         self.codec = WireCodec(config.limits.wire_limits())
         self._max_frames = self.codec.limits.max_frames + 2  # and the routing frames
         self.counters: Counter[str] = Counter()
@@ -147,6 +170,13 @@ class CloudWorker:
         self._sock: zmq.Socket | None = None
         self._allow: ClientAllowList | None = None  # with curve: the senders to serve
         self._started = time.monotonic()
+        # load/replace/unload models while serving (SIGHUP, admin messages); config_path: the
+        # file a reload reads again
+        self.admin = ModelAdmin(self, config_path)
+        self._state = "starting"  # loaded and warmed up; "serving" once serve() has bound
+        if self.metrics is not None:
+            self.requests.metrics = self.metrics
+            self.metrics.attach(self)
 
     def stop(self) -> None:
         """Start draining. Safe from any thread and from a signal handler."""
@@ -155,6 +185,33 @@ class CloudWorker:
     @property
     def draining(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def state(self) -> str:
+        """``loading`` (models), ``starting`` (binding), ``serving``, ``draining``,
+        ``stopped``."""
+        if self._state == "serving" and self.draining:
+            return "draining"
+        return self._state
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """What ``GET /ready`` answers: ready while serving with every model loaded and
+        warmed up, and per model ``{"ready", "version", "kind"}``. Safe from any thread."""
+        state = self.state
+        if state == "loading":
+            return False, {"state": state, "models": {}}
+        models = {
+            name: {"ready": True, "version": str(b.version), "kind": _model_kind(b)}
+            for name, b in list(self.backends.items())
+        }
+        self.admin.annotate(models, in_flight=False)  # loading: not ready; both while replacing
+        ok = state == "serving" and all(m["ready"] for m in models.values())
+        return ok, {"state": state, "models": models}
+
+    def close_ops(self) -> None:
+        """Stop the ops HTTP server, if any (serve() does once it has drained)."""
+        if self.ops is not None:
+            self.ops.close()
 
     def serve(self, ready: Callable[[str], None] | None = None) -> int:
         """Bind, call ``ready(endpoint)``, serve until :meth:`stop` (or SIGTERM/SIGINT when
@@ -198,6 +255,14 @@ class CloudWorker:
             self._close_compute()
             raise
         self._sock = sock
+        try:
+            traced = tracing.configure(self.config.tracing, "tandem-worker")
+        except BaseException:
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            self._close_compute()
+            raise
         self.streams = WorkerStreams(
             self.config.generation,
             self.backends,
@@ -207,6 +272,7 @@ class CloudWorker:
             self.mailbox.wake,
             self.engines if self.config.generation.engine else None,
         )
+        self.streams.metrics = self.metrics
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         restore = self._install_signal_handlers()
         # The engines' threads run Python between kernels; a thread that wants the GIL waits
@@ -220,6 +286,7 @@ class CloudWorker:
             ", ".join(self.backends),
             extra={"curve": curve is not None},
         )
+        self._state = "serving"
         if ready:
             ready(self.endpoint)
         try:
@@ -233,6 +300,10 @@ class CloudWorker:
             sock.close()
             if auth is not None:
                 auth.stop()  # after the socket: it must never be open without its handler
+            if traced:
+                tracing.shutdown()  # flushes the spans still queued
+        self._state = "stopped"
+        self.close_ops()
         log.info("worker stopped: %s", dict(self.counters))
         return 0
 
@@ -242,6 +313,7 @@ class CloudWorker:
         self.requests.close()
         for engine in self.engines.values():
             engine.close()
+        self.admin.close()  # the versions retiring, and their engines
         self.mailbox.drain()
         self.verifier.close()
         self.mailbox.close()
@@ -252,6 +324,8 @@ class CloudWorker:
         previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: self.stop())
+        reload = self.admin.signal_reload  # SIGHUP: reload the models (model_admin)
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload())
         return previous
 
     def _loop(self, sock: zmq.Socket) -> None:
@@ -284,7 +358,7 @@ class CloudWorker:
                 timeout = max(0, min(timeout, int((due - now) * 1e3 + 0.999)))
             if grace_until is not None:
                 timeout = min(timeout, max(0, int((grace_until - now) * 1e3)))
-            streaming = streams.active > 0 or requests.inflight > 0
+            streaming = streams.active > 0 or requests.inflight > 0 or self.admin.working
             if streams.active:
                 sdue = streams.next_due(now)
                 if sdue is not None:
@@ -316,6 +390,8 @@ class CloudWorker:
                 mailbox.drain()  # before pump: a producer appending after it wakes again
                 streams.pump(time.monotonic())
             requests.expire(now)
+            if self.admin.due:  # a SIGHUP's reload to start, old model versions to retire
+                self.admin.turn()
 
     # ------------------------------------------------------------------ messages
     def _on_message(self, frames: list[Frame], user_id: bytes | None = None) -> None:
@@ -328,25 +404,34 @@ class CloudWorker:
             env = self.codec.decode(body)
         except WireError as e:
             self.counters["wire_errors"] += 1
-            log.debug("bad message: %s", e)
             rid = e.request_id or _NO_ID
+            log.debug("bad message: %s", e, extra={"request_id": rid.hex(), "error": e.code})
             self._reply(route, Envelope(kind=Kind.ERROR, id=rid, payload=e.to_wire()))
             return
         self.counters[env.kind.value] += 1
+        arrived = 0.0 if tracing.TRACER is None else time.monotonic()
+        logged = logs.CURRENT_REQUEST.set(env)  # log lines name the request (its id, trace)
         try:
             if user_id is not None and env.kind is not Kind.CANCEL:
                 self._check_sender(user_id)
-            reply = self._handle(route, env, body)
+            reply = self._handle(route, env, body, user_id)
         except TandemError as e:
             if isinstance(e, OverloadedError):
                 self.counters["overloaded"] += 1
             reply = env.error_reply(e)
+            if self.metrics is not None and env.kind in _COUNTED:
+                self.metrics.request(_payload_model(env), env.kind.value, e.code)
         except Exception as e:  # a bug of ours: answer it, log it, keep serving
             self.counters["internal_errors"] += 1
             log.exception("internal error on %s request", env.kind.value)
             reply = env.error_reply(TandemError(f"internal error: {type(e).__name__}: {e}"))
+            if self.metrics is not None and env.kind in _COUNTED:
+                self.metrics.request(_payload_model(env), env.kind.value, TandemError.code)
         if reply is not None:
             self._reply(route, reply)
+            if tracing.TRACER is not None:  # answered at once: health, echo, refusals
+                tracing.record_worker_span(env, arrived, reply=reply)
+        logs.CURRENT_REQUEST.reset(logged)
 
     def _check_sender(self, user_id: bytes) -> None:
         """:class:`Unauthorized` if the sender's Curve key is no longer allowed."""
@@ -365,7 +450,9 @@ class CloudWorker:
                 "nothing was run"
             )
 
-    def _handle(self, route: list[Any], env: Envelope, body: list[Frame]) -> Envelope | None:
+    def _handle(
+        self, route: list[Any], env: Envelope, body: list[Frame], user_id: bytes | None = None
+    ) -> Envelope | None:
         """The reply to send now, or None when the request was queued (or answered)."""
         if env.kind is Kind.HEALTH:
             return env.reply(Kind.RESULT, self.health())
@@ -389,6 +476,8 @@ class CloudWorker:
             # a verify session gives its backend slot up only to a stream that will start
             self.streams.start(route, env, make_room=self.verifier.make_room)
             return None
+        if env.kind is Kind.ADMIN:  # answered once done (model_admin)
+            return self.admin.on_message(route, env, user_id)
         if env.kind not in _WORK:
             raise BadRequest(f"a worker does not accept {env.kind.value!r} messages")
         self.requests.admit(route, env, body)
@@ -423,7 +512,7 @@ class CloudWorker:
         return {
             "state": "draining" if self.draining else "serving",
             "protocol": PROTOCOL_VERSION,
-            "models": {name: _model_health(b) for name, b in self.backends.items()},
+            "models": self._models_health(),
             "queue_depth": self.batcher.depth,
             "queue_bytes": self.batcher.nbytes,
             "limits": {"max_rows": lim.max_rows, "max_request_bytes": lim.max_request_bytes},
@@ -433,7 +522,24 @@ class CloudWorker:
             "speculative": self.verifier.health(),
             "engines": {name: e.health() for name, e in self.engines.items()},
             "kernels": kernel_choices(),
+            "admin": self.admin.health(),
         }
+
+    def _models_health(self) -> dict[str, Any]:
+        """Each model's version; while one changes, also the one loading (``next``) or
+        retiring (``previous``, with its requests in flight)."""
+        models = {name: _model_health(b) for name, b in self.backends.items()}
+        self.admin.annotate(models)
+        return models
+
+
+def _payload_model(env: Envelope) -> Any:
+    p = env.payload
+    return p.get("model") if isinstance(p, dict) else None
+
+
+def _model_kind(b: Any) -> str:
+    return "generation" if is_generation_backend(b) else "array"
 
 
 def _model_health(b: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import math
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from tandem.edge.escalation_rows import EscalationRecord
 from tandem.edge.generate_task import GenerationTask
 from tandem.router.policy import EscalationMode, Handoff
 from tandem.router.routing import Decision
+from tandem.runtime import tracing
 from tandem.runtime.chat import chat_tokens
 from tandem.runtime.errors import TandemError
 from tandem.runtime.generation import (
@@ -114,6 +116,7 @@ class Answer:
         self.result: GenerationResult | None = None
         self.speculation: dict | None = None
         self.shadow_escalate: bool | None = None  # the shadow gate's verdict, if there is one
+        self.span: Any = None  # its tandem.generate span while traced (tandem.runtime.tracing)
 
     @property
     def phase(self) -> Phase:
@@ -310,17 +313,23 @@ class Answer:
         try:
             params = replace(self.params, max_tokens=max(self.params.max_tokens - kept, 1))
             fts = t.policy.first_token_ms
-            call = t.client.generate(
-                t.policy.cloud.model,
-                prefix if self.messages is not None else self.prompt + prefix,
-                params,
-                messages=self.messages,
-                task=t.name,
-                tags=tuple(sorted(self.tags)),
-                timeout_s=left_ms / 1e3,
-                first_token_s=None if fts is None else fts / 1e3,
-                request_id=self.request_id,
-            )
+            # traced: the stream's client spans are children of this answer's span
+            attached = None if self.span is None else tracing.attach(self.span)
+            try:
+                call = t.client.generate(
+                    t.policy.cloud.model,
+                    prefix if self.messages is not None else self.prompt + prefix,
+                    params,
+                    messages=self.messages,
+                    task=t.name,
+                    tags=tuple(sorted(self.tags)),
+                    timeout_s=left_ms / 1e3,
+                    first_token_s=None if fts is None else fts / 1e3,
+                    request_id=self.request_id,
+                )
+            finally:
+                if attached is not None:
+                    tracing.detach(attached)
             with call:
                 waiting: list[AnswerChunk] = []  # the cloud's text while a stop may straddle
                 for c in call:

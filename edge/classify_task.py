@@ -27,6 +27,7 @@ from tandem.router.policy import (
     TierSpec,
 )
 from tandem.router.routing import ConfidenceGate, Decision, RoutingStats, TaskRouter
+from tandem.runtime import logs
 from tandem.runtime.backends.onnx import OnnxBackend
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest, ConfigError, DeadlineExceeded, TandemError
@@ -129,6 +130,7 @@ class ClassifyTask:
         assert self.client is not None and self.policy.cloud is not None
         wire_id = new_request_id()  # the request's id on the wire too: one id end to end
         request_id = wire_id.hex()
+        logged = logs.CURRENT_REQUEST.set(logs.RequestTag(wire_id))  # log lines name it
         left_s = budget_ms / 1e3 - (time.perf_counter() - t0)
         cloud_out: np.ndarray | None = None
         error: TandemError | None = None
@@ -213,6 +215,7 @@ class ClassifyTask:
             for r in results:
                 r.timings["log"] = (t4 - t3) * 1e3
                 r.timings["total"] = (t4 - t0) * 1e3
+        logs.CURRENT_REQUEST.reset(logged)
         return results
 
     def _climb(

@@ -10,7 +10,10 @@ process on the robot (a C++ ROS node, ``curl``) uses Tandem without Python.
 In Python: ``serve("policy.yaml", port=8000)``, or ``create_app(runtime)`` for any ASGI server.
 
 **Endpoints.** ``GET /v1/models``: each ``kind: generate`` task of the policy is a model (the
-task's name is a request's ``model``); ``GET /v1/models/{task}``; ``GET /health``.
+task's name is a request's ``model``); ``GET /v1/models/{task}``; ``GET /health`` (live);
+``GET /ready`` (every task's model loaded and warmed, else 503, with per-task readiness);
+``GET /metrics`` (Prometheus: the runtime's ``tandem_edge_…`` and the gateway's
+``tandem_gateway_…``, see :mod:`tandem.edge.metrics` and :mod:`tandem.edge.gateway_metrics`).
 ``POST /v1/completions`` and ``POST /v1/chat/completions``: OpenAI's request and response
 shapes; ``stream: true`` answers with Server-Sent Events (``data: {...}\\n\\n`` per chunk in
 OpenAI's chunk format, then ``data: [DONE]\\n\\n``).
@@ -168,9 +171,17 @@ def serve(
     else:
         runtime = EdgeRuntime.from_policy(policy)
     try:
+        runtime.metrics_registry  # noqa: B018 - turns the metrics on: /metrics from the start
         app = create_app(runtime, limits)
+        # log_config=None: uvicorn's loggers go through the root handler that the CLI set up
+        # (JSON lines under --log-format json) instead of uvicorn's own text formatter
         config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+            log_config=None,
         )
         _run_until_signal(uvicorn.Server(config))
     finally:

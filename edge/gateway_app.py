@@ -20,6 +20,7 @@ import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -27,6 +28,13 @@ from starlette.types import Receive, Scope, Send
 
 from tandem.edge.gateway_admission import AdmissionQueue
 from tandem.edge.gateway_errors import APIError, api_error
+from tandem.edge.gateway_metrics import (
+    GatewayCollector,
+    HttpCounters,
+    HttpMetricsMiddleware,
+    encode,
+    gateway_registry,
+)
 from tandem.edge.gateway_requests import MAX_BODY_BYTES, GatewayCall, parse_call, read_json
 from tandem.edge.gateway_responses import (
     answer_body,
@@ -121,6 +129,19 @@ class Gateway:
         self.served = self.cancelled = self.errors = 0
         self.created = int(time.time())
         self._limiter: anyio.CapacityLimiter | None = None
+        self.http = HttpCounters()  # requests by route and status (HttpMetricsMiddleware)
+        self.registry = gateway_registry(
+            lambda: self.runtime.metrics_registry, GatewayCollector(self.http, self._counts)
+        )
+
+    def _counts(self) -> dict[str, int]:
+        return {
+            "active": self.active,
+            "queued": self.queued,
+            "served": self.served,
+            "cancelled": self.cancelled,
+            "error": self.errors,
+        }
 
     @property
     def active(self) -> int:
@@ -164,6 +185,18 @@ class Gateway:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "active": self.active, "queued": self.queued})
+
+    async def ready(self, request: Request) -> Response:
+        """200 once every task's model is loaded and warmed, else 503 (same JSON)."""
+        ok, body = self.runtime.ready()
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        """The runtime's ``tandem_edge_…`` metrics and the gateway's ``tandem_gateway_…``."""
+        body, content_type = await anyio.to_thread.run_sync(
+            encode, self.registry, request.headers.get("accept", "")
+        )
+        return Response(body, headers={"content-type": content_type})
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, chat=False)
@@ -339,6 +372,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(runtime: EdgeRuntime, limits: GatewayLimits | None = None, **kw: Any) -> Starlette:
     """The gateway as a Starlette (ASGI) app serving ``runtime``'s generation tasks; the
     :class:`Gateway` (counters) is ``app.state.gateway``. The caller owns ``runtime``.
+    ``GET /metrics`` turns the runtime's metrics on at its first scrape if they were off
+    (``EdgeRuntime(metrics=True)``, or :func:`~tandem.edge.gateway.serve`, records from the
+    start); ``GET /ready`` is :meth:`EdgeRuntime.ready` (503 while not ready).
     ``limits``, or its fields as keywords: :class:`GatewayLimits`."""
     gw = Gateway(runtime, limits, **kw)
     app = Starlette(
@@ -348,7 +384,10 @@ def create_app(runtime: EdgeRuntime, limits: GatewayLimits | None = None, **kw: 
             Route("/v1/completions", gw.completions, methods=["POST"]),
             Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
             Route("/health", gw.health, methods=["GET"]),
+            Route("/ready", gw.ready, methods=["GET"]),
+            Route("/metrics", gw.metrics, methods=["GET"]),
         ],
+        middleware=[Middleware(HttpMetricsMiddleware, counters=gw.http)],
         exception_handlers={HTTPException: _http_error},
     )
     app.state.gateway = gw

@@ -41,6 +41,7 @@ AnyPolicy = TypeVar("AnyPolicy", TaskPolicy, GenerateTaskPolicy)
 
 class SwappableTask(Protocol):
     name: str
+    policy: Any  # the policy it serves (its model's file and version filled in)
     serving: str | None
     stats: RoutingStats
     versions: dict[str, str]
@@ -74,6 +75,7 @@ class ModelSwapper(Generic[T]):
         self._lock = threading.Lock()  # one swap at a time; requests never take it
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._watching: dict[str, float] = {}  # task -> seconds between polls of its store
 
     def open(self, name: str, tp: Any) -> T:
         """Open a task at start: the store's current version when ``local.store`` names a
@@ -93,7 +95,7 @@ class ModelSwapper(Generic[T]):
 
     def reload(self) -> dict[str, str]:
         """Swap each task whose store's current version changed; task -> what it serves."""
-        for name, store in self.stores.items():
+        for name, store in list(self.stores.items()):  # a policy reload may change them
             self._reload(name, store)
         return {name: t.serving or t.versions["edge"] for name, t in self.tasks.items()}
 
@@ -106,12 +108,15 @@ class ModelSwapper(Generic[T]):
             self._store_errors[name] = str(e)
             return
         self._store_errors.pop(name, None)
-        if want is None or want == self.tasks[name].serving or want in self._refused[name]:
+        serving = self.tasks.get(name)
+        if serving is None or want is None or want == serving.serving:
+            return
+        if want in self._refused.get(name, ()):
             return
         with self._lock:
-            old = self.tasks[name]
-            if want == old.serving:
-                return
+            old = self.tasks.get(name)
+            if old is None or self.stores.get(name) is not store or want == old.serving:
+                return  # a policy reload removed the task or changed its store meanwhile
             try:
                 new = self.build(
                     name, policy_for_version(self.policies[name], store.get(want)), want, old.stats
@@ -166,26 +171,27 @@ class ModelSwapper(Generic[T]):
 
     def start(self) -> None:
         """Poll the stores of the tasks with ``local.watch_s`` on a daemon thread."""
-        every = {
+        every = self._watching = {
             n: tp.local.watch_s
             for n, tp in self.policies.items()
             if n in self.stores and tp.local.watch_s is not None
         }
         if every:
             self._watcher = threading.Thread(
-                target=self._watch, args=(every,), name="tandem-model-watch", daemon=True
+                target=self._watch, args=(every, self._stop), name="tandem-model-watch", daemon=True
             )
             self._watcher.start()
 
-    def _watch(self, every_s: dict[str, float]) -> None:
+    def _watch(self, every_s: dict[str, float], stop: threading.Event) -> None:
         due = dict.fromkeys(every_s, 0.0)
-        while not self._stop.wait(min(every_s.values())):
+        while not stop.wait(min(every_s.values())):
             now = time.monotonic()
             for name, period in every_s.items():
-                if now >= due[name]:
+                store = self.stores.get(name)
+                if now >= due[name] and store is not None:
                     due[name] = now + period
                     try:
-                        self._reload(name, self.stores[name])
+                        self._reload(name, store)
                     except Exception:  # the watcher must outlive any one bad check
                         log.exception("task %s: model store check failed", name)
 
@@ -193,6 +199,72 @@ class ModelSwapper(Generic[T]):
         self._stop.set()
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(timeout=10)
+
+    # ------------------------------------------------------------ policy reloads
+    # (tandem.edge.policy_reload: build every changed task, then commit them all at once)
+    @property
+    def lock(self) -> threading.Lock:
+        """Held by a swap, and by a policy reload from its first build to its commit."""
+        return self._lock
+
+    def prepare(self, name: str, tp: Any) -> T:
+        """Build task ``name`` for a reloaded policy ``tp`` off the request path (loaded,
+        checked, warmed up), not installed; the caller holds :attr:`lock`. Its model: when
+        ``tp.local`` is what the file said before, the one the task serves now (the same model
+        store version, with that version's gate settings as at start, or ``swap_model``'s
+        file); otherwise chosen as :meth:`open` chooses, except that a store it cannot read
+        raises. Counters carry over. Raises when the task does not load."""
+        old = self.tasks.get(name)
+        serving = None
+        if old is not None and name in self.policies and tp.local == self.policies[name].local:
+            store = self.stores.get(name)
+            if store is not None and old.serving is not None and old.serving in store.versions():
+                tp, serving = policy_for_version(tp, store.get(old.serving)), old.serving
+            else:
+                tp, serving = tp.model_copy(update={"local": old.policy.local}), old.serving
+        elif tp.local.store is not None:
+            mv = ModelStore(tp.local.store).current()
+            if mv is not None:
+                tp, serving = policy_for_version(tp, mv), mv.version
+        stats = old.stats if old is not None else RoutingStats(len(getattr(tp, "tiers", ())))
+        return self.build(name, tp, serving, stats)
+
+    def commit(self, built: dict[str, T], policies: dict[str, Any], removed: set[str]) -> None:
+        """Serve ``built`` (from :meth:`prepare`) and stop serving ``removed``, in one update
+        of the task table; ``policies``: each built task's policy as the file says. The tasks
+        replaced or removed are retired. The caller holds :attr:`lock`; then calls
+        :meth:`rewatch` without it."""
+        olds = [self.tasks[n] for n in [*built, *removed] if n in self.tasks]
+        self.tasks.update(built)  # one call: the new tasks take requests from here on
+        for n in removed:
+            self.tasks.pop(n, None)
+            for table in (self.policies, self.stores, self._refused, self._store_errors):
+                table.pop(n, None)
+        for n, tp in policies.items():
+            before = self.stores.get(n)
+            if tp.local.store is None:
+                self.stores.pop(n, None)
+            elif before is None or before.root != ModelStore(tp.local.store).root:
+                self.stores[n], self._refused[n] = ModelStore(tp.local.store), set()
+            self.policies[n] = tp
+            task = built[n]
+            task.stats.n_tiers = len(getattr(tp, "tiers", ()))
+        for old in olds:
+            self.retire(old)
+
+    def rewatch(self) -> None:
+        """Poll the stores as the policies say now (after a policy reload): the watcher
+        thread is restarted only when which stores it polls, or how often, changed."""
+        every = {
+            n: tp.local.watch_s
+            for n, tp in self.policies.items()
+            if n in self.stores and tp.local.watch_s is not None
+        }
+        if every == self._watching:
+            return
+        self.close()  # the old thread is given its own stop event, so it cannot outlive this
+        self._stop = threading.Event()
+        self.start()
 
 
 def policy_for_version(tp: AnyPolicy, mv: ModelVersion) -> AnyPolicy:

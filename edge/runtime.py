@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -42,22 +42,29 @@ from tandem.edge.generate_task import (
     check_same_vocabulary,
     open_generation_task,
 )
+from tandem.edge.metrics import EdgeMetrics
 from tandem.edge.model_swap import ModelSwapper
+from tandem.edge.policy_reload import PolicyReload, PolicyReloader, read_policy_file
 from tandem.router.drift import AlarmDispatcher, DriftAlarm
 from tandem.router.policy import (
     CloudTargetSpec,
     GenerateTaskPolicy,
     Policy,
     TaskPolicy,
-    load_policy,
 )
 from tandem.router.routing import RoutingStats
+from tandem.runtime import tracing
 from tandem.runtime.chat import check_messages
 from tandem.runtime.client import CloudClient
 from tandem.runtime.errors import BadRequest
 from tandem.runtime.generation import SamplingParams, check_prompt
 from tandem.runtime.types import GenerationResult, Result, Tier
 from tandem.runtime.wire import new_request_id
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from tandem.runtime.ops_http import OpsHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +95,23 @@ class EdgeRuntime:
         escalation_log: EscalationLog | None = None,
         on_drift: Callable[[DriftAlarm], None] | None = None,
         seed: int | None = None,
+        metrics: bool = False,
     ) -> None:
-        """``on_drift(alarm)``: see :meth:`on_drift`; ``seed``: audit sampling's (None: OS)."""
+        """``on_drift(alarm)``: see :meth:`on_drift`; ``seed``: audit sampling's (None: OS);
+        ``metrics``: record Prometheus metrics from the start (see :attr:`metrics_registry`;
+        the policy's ``metrics`` section also turns them on and serves them)."""
         self.policy = policy
+        self._policy_reloads = PolicyReloader(self)  # reload_policy and the file's watcher
+        # tracing (the policy's or OTEL_* variables'): each infer is a root span; off, the
+        # class's infer runs untouched (nothing on the path)
+        self._traced = tracing.configure(policy.tracing, "tandem-edge")
+        if self._traced:
+            self.infer = tracing.traced_infer(  # type: ignore[method-assign]
+                self.infer, lambda: self._default_task
+            )
+        self._metrics: EdgeMetrics | None = None  # None: metrics off, nothing on the path
+        self._exporters: list[OpsHttpServer] = []
+        self._closed = False
         self._clients: list[CloudClient] = []
         self._client_by: dict[tuple[Any, ...], CloudClient] = {}  # (endpoints, keys) -> client
         self._client_lock = threading.Lock()
@@ -118,6 +139,14 @@ class EdgeRuntime:
         )
         self._swapper.start()
         self._gen_swapper.start()
+        try:
+            if metrics or policy.metrics is not None:
+                self._enable_metrics()
+            if policy.metrics is not None:
+                self.serve_metrics(policy.metrics.bind)
+        except BaseException:  # the exporter's port is taken: free what was opened
+            self.close()
+            raise
 
     def _open(self, policy: Policy) -> None:
         if self.escalation_log is None and policy.escalation_log is not None:
@@ -222,8 +251,32 @@ class EdgeRuntime:
                 log.exception("task %s: a drift callback raised", alarm.task)
 
     @classmethod
-    def from_policy(cls, path: str | Path) -> EdgeRuntime:
-        return cls(load_policy(path))
+    def from_policy(
+        cls, path: str | Path, *, watch_s: float | None = None, **kwargs: Any
+    ) -> EdgeRuntime:
+        """A runtime serving the policy file at ``path`` (``kwargs``: as the constructor).
+        The file is watched and reloaded when it changes (:meth:`reload_policy`) every
+        ``watch_s`` seconds, or as its ``reload: {watch_s: ...}`` section says; neither: not
+        watched (:meth:`reload_policy` with no argument still re-reads it)."""
+        p = Path(path)
+        policy, content = read_policy_file(p)
+        rt = cls(policy, **kwargs)
+        try:
+            rt._policy_reloads.watch(p, content, watch_s)
+        except BaseException:
+            rt.close()
+            raise
+        return rt
+
+    def reload_policy(self, source: str | Path | Policy | None = None) -> PolicyReload:
+        """Serve a new policy without a restart (see :mod:`tandem.edge.policy_reload`):
+        ``source`` is a policy file or a :class:`Policy` (default: the file this runtime was
+        started from). It is validated and every task it adds or changes is built and warmed
+        up before all of them take requests at once; unchanged tasks keep their objects.
+        Returns what changed. Raises :class:`~tandem.runtime.errors.ConfigError` (the file,
+        the key, what was expected) and keeps the old policy serving when anything fails, or
+        when the change needs a restart (``escalation_log``, ``metrics``, ``tracing``)."""
+        return self._policy_reloads.reload(source)
 
     @property
     def tasks(self) -> list[str]:
@@ -317,6 +370,8 @@ class EdgeRuntime:
             )
             budget = t.policy.deadline_ms if deadline_ms is None else deadline_ms
             answer = Answer(t, prompt, params, frozenset(tags), budget, new_request_id(), messages)
+            if tracing.TRACER is not None:  # ended with the answer (_log_generation)
+                answer.span = tracing.start_generate_span(t.name, answer.request_id)
             chunks = AnswerStream(answer, self._log_generation)
         except BaseException:
             t.leave()
@@ -386,7 +441,10 @@ class EdgeRuntime:
         if not decision.escalate:
             timings = {"local": (t1 - t0) * 1e3, "route": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
             t.observe("edge", score, not accepted, shadow)
-            return t.edge_result(logits, top1, score, decision.reason, timings, shadow)
+            r = t.edge_result(logits, top1, score, decision.reason, timings, shadow)
+            if self._metrics is not None:
+                self._metrics.observe(t.name, r)
+            return r
         budget_ms = t.policy.deadline_ms if deadline_ms is None else deadline_ms
         r = t.escalate(
             batch,
@@ -403,6 +461,8 @@ class EdgeRuntime:
             None if shadow is None else [shadow],
         )[0]
         t.observe(r.stage, score, not accepted, shadow)
+        if self._metrics is not None:
+            self._metrics.observe(t.name, r)
         return r
 
     async def ainfer(
@@ -484,9 +544,12 @@ class EdgeRuntime:
                 results[i] = t.edge_result(
                     logits[i], top1_list[i], scores[i], d.reason, timings, shadows[i]
                 )
+        m = self._metrics
         for i, r in enumerate(results):
             assert r is not None
             t.observe(r.stage, scores[i], not accepted[i], shadows[i])
+            if m is not None:
+                m.observe(t.name, r)
         return results  # type: ignore[return-value]
 
     def _log_generation(self, answer: Answer) -> None:
@@ -495,6 +558,8 @@ class EdgeRuntime:
             self._answer_done(answer)
         finally:
             answer.t.leave()
+            if answer.span is not None:
+                tracing.end_generate_span(answer.span, answer.result)
 
     def _answer_done(self, answer: Answer) -> None:
         r = answer.result
@@ -502,6 +567,8 @@ class EdgeRuntime:
             gate_decided = r.confidence is not None and not r.reason.startswith("rule:")
             stage = "cloud" if Tier.CLOUD in r.tiers else "edge"
             answer.t.observe(stage, r.confidence if gate_decided else None, r.shadow_escalate)
+            if self._metrics is not None:
+                self._metrics.observe_generation(answer.t.name, r)
         if self.escalation_log is None:
             return
         try:  # only queues the row; a robot must not stall on a log
@@ -524,14 +591,70 @@ class EdgeRuntime:
             out["versions"] = dict(t.versions)
             out["drift"] = None if t.drift is None else t.drift.stats()
             tasks[name] = out
+        links: dict[str, bool] = {}
+        for c in list(self._clients):
+            for endpoint, up in c.pool.links().items():
+                links[endpoint] = links.get(endpoint, True) and up  # two clients: down wins
         return {
             "escalation_log": None if self.escalation_log is None else self.escalation_log.stats(),
             "tasks": tasks,
+            # digest, source, watch_s, reloads {applied, unchanged, refused}, last_error
+            "policy": self._policy_reloads.stats(),
+            "links": links,
         }
+
+    # ------------------------------------------------------------------ operations
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness (``/ready``): every task of the policy has its model loaded and warmed
+        (a task is built warm, so it is ready once it is in the runtime's tables; a generation
+        model closed under it is not), and the runtime is not closed. Returns ``(ready,
+        {"state": "ready" | "loading" | "closed", "tasks": {name: {"ready", "version"}}})``."""
+        if self._closed:
+            return False, {"state": "closed", "tasks": {}}
+        tasks: dict[str, dict[str, Any]] = {}
+        for name in self.policy.tasks:
+            t: ClassifyTask | GenerationTask | None = self._tasks.get(name)
+            if t is None:
+                t = self._generators.get(name)
+            ok = t is not None and not (isinstance(t, GenerationTask) and t.closed)
+            tasks[name] = {"ready": ok, "version": None if t is None else t.versions["edge"]}
+        ok = all(v["ready"] for v in tasks.values())
+        return ok, {"state": "ready" if ok else "loading", "tasks": tasks}
+
+    def _enable_metrics(self) -> EdgeMetrics:
+        if self._metrics is None:
+            self._metrics = EdgeMetrics(self.stats)
+        return self._metrics
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """The runtime's Prometheus registry (its own, not prometheus-client's global one),
+        for an exporter of the user's (``prometheus_client.start_http_server(port,
+        registry=rt.metrics_registry)``). Reading it turns metrics on: answers are recorded
+        from then on (the ``tandem_edge_…`` names are in :mod:`tandem.edge.metrics`)."""
+        return self._enable_metrics().registry
+
+    def serve_metrics(self, bind: str = "127.0.0.1:9101") -> OpsHttpServer:
+        """Serve ``GET /metrics`` (this runtime's registry), ``/health`` (live) and ``/ready``
+        (:meth:`ready`: 503 until every task is loaded and warmed) on ``bind`` (``HOST:PORT``;
+        port 0: any free one, see the returned server's ``url``), on a thread of its own,
+        until :meth:`close`. Turns metrics on. Raises :class:`ConfigError` if ``bind`` is
+        malformed or taken."""
+        from tandem.runtime.ops_http import OpsHttpServer
+
+        server = OpsHttpServer(bind, registry=self.metrics_registry, ready=self.ready)
+        server.start()
+        self._exporters.append(server)
+        return server
 
     def close(self) -> None:
         """Close the local models, the cloud clients and the escalation log (it writes what
-        it has queued first). Safe on a runtime that failed half-way through loading."""
+        it has queued first), and the metrics exporters. Safe on a runtime that failed
+        half-way through loading."""
+        self._closed = True
+        for server in self._exporters:
+            server.close()
+        self._policy_reloads.close()  # no reload from here on
         self._swapper.close()
         self._gen_swapper.close()
         self._alarms.close()
@@ -542,6 +665,9 @@ class EdgeRuntime:
         self._streams.shutdown(wait=False, cancel_futures=True)
         if self.escalation_log is not None:
             self.escalation_log.close()
+        if self._traced:  # flushes the spans still queued
+            self._traced = False
+            tracing.shutdown()
 
     def __enter__(self) -> EdgeRuntime:
         return self

@@ -1,9 +1,13 @@
-"""Routing policy files: YAML, validated once by pydantic, trusted afterwards.
+"""Routing policy files: YAML, validated once by pydantic, trusted afterwards. (Over 500 lines:
+one schema, every key of a policy file with its validation, in the one place a reader checks a
+file against.)
 
 .. code-block:: yaml
 
     version: 1
     escalation_log: {path: escalations.sqlite}    # optional; relative to this file
+    metrics: {bind: "127.0.0.1:9101"}             # optional: /metrics /health /ready
+    tracing: {otlp_endpoint: "http://collector:4318/v1/traces"}  # optional: OpenTelemetry
     tasks:
       digits:
         local: {path: edge-int8.onnx, labels: ["0", "1", ...]}
@@ -58,6 +62,7 @@ from tandem.runtime.manifest import (
     check_file_or_server,
     check_server_options,
 )
+from tandem.runtime.tracing import TracingSpec
 
 _ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 
@@ -464,10 +469,43 @@ class EscalationLogSpec(StrictModel):
     max_age_s: float | None = Field(default=None, gt=0)  # delete rows older than this (by ts)
 
 
+class ReloadSpec(StrictModel):
+    """Watching the policy file (:mod:`tandem.edge.policy_reload`): a runtime started with
+    ``EdgeRuntime.from_policy(path)`` checks the file every ``watch_s`` seconds (a stat, and a
+    read when it changed) and applies a new, valid version without a restart; a bad one is
+    refused and the old policy serves on. Without this section the file is not watched."""
+
+    watch_s: float = Field(default=1.0, gt=0.0, le=3600.0)
+
+
+def _http_bind(v: str) -> str:
+    from tandem.runtime.errors import ConfigError
+    from tandem.runtime.ops_http import parse_bind
+
+    try:
+        parse_bind(v)
+    except ConfigError as e:  # as a ValueError: pydantic names the file and the key
+        raise ValueError(e.message) from None
+    return v
+
+
+class MetricsSpec(StrictModel):
+    """The runtime's Prometheus exporter (``EdgeRuntime.serve_metrics``): ``GET /metrics``,
+    ``/health`` and ``/ready`` on ``bind`` (``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT``; port
+    0: any free one), started with the runtime and closed with it. Without this section the
+    runtime records no metrics unless asked (``EdgeRuntime(metrics=True)``)."""
+
+    bind: Annotated[str, AfterValidator(_http_bind)] = "127.0.0.1:9101"
+
+
 class Policy(StrictModel):
     version: Literal[1] = 1
     tasks: dict[str, AnyTaskPolicy] = Field(min_length=1)
     escalation_log: EscalationLogSpec | None = None
+    metrics: MetricsSpec | None = None  # serve /metrics /health /ready; None: off
+    reload: ReloadSpec | None = None  # watch the file and apply changes live; None: off
+    # OpenTelemetry spans (tandem.runtime.tracing); None: off unless OTEL_EXPORTER_OTLP_* is set
+    tracing: TracingSpec | None = None
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -163,6 +163,14 @@ class UnknownModel(TandemError):
     code = "unknown_model"
 
 
+class AdminBusy(TandemError):
+    """A worker is already loading, replacing or unloading a model (one admin operation at a
+    time): nothing was done. Send it again once that one is answered (``tandem cloud models
+    list`` shows what runs)."""
+
+    code = "admin_busy"
+
+
 class BadRequest(TandemError):
     """A well-formed envelope whose payload does not fit the request (wrong input shape...)."""
 

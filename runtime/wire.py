@@ -5,7 +5,8 @@ read in one file and missed in the other.)
 A message is a list of frames::
 
     frame 0   u16 header length (little-endian)
-              header   msgpack [version, kind, id, task, budget_us, tags]
+              header   msgpack [version, kind, id, task, budget_us, tags(, traceparent
+                       (, tracestate))]
               payload  msgpack, any of nil/bool/int/float/str/bin/list/map and arrays
     frame 1+  array buffers too large to inline (one frame per array, raw bytes)
 
@@ -43,6 +44,17 @@ first token, nil: no bound of its own) is a budget too, counted from arrival. Pa
   length), "prompt_tokens": int, "model": str, "version": str, "timings": {"queue_ms",
   "ttft_ms", "total_ms"}}`` — timings on the worker's own clock from the request's arrival
 
+**Trace context** (optional, :mod:`tandem.runtime.tracing`). A traced request's header has a
+7th element, the W3C ``traceparent`` of the sender's span (``00-<32 hex trace id>-<16 hex span
+id>-<2 hex flags>``, exactly 55 characters, version ``00`` only, ids not all zero), and an 8th,
+its ``tracestate``, when that is not empty (printable ASCII, at most
+:data:`MAX_TRACESTATE_BYTES`). An untraced message has neither, so it is byte-identical to
+one from a peer without tracing. A decoder reads the first 6 elements and ignores any past
+the ones it knows (later versions may add more), so a traced message needs a peer of this
+version or newer (an older one refuses a header that is not exactly 6 elements). A trace field
+that is not valid is ignored, as the W3C spec says for ``traceparent``: the request is served
+untraced, never refused for it (a bad tracestate alone drops only the tracestate).
+
 Every limit in :class:`WireLimits` is checked before anything is built from the bytes: total
 and per-frame size, number of frames, array elements, nesting depth, tags. A violation raises a
 :class:`~tandem.runtime.errors.WireError` subclass; where the header could be read, the error
@@ -53,6 +65,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 import threading
 import time
@@ -104,6 +117,9 @@ _ARRAY_HEAD = struct.Struct("<BB")  # dtype code, ndim
 _FRAME_REF = struct.Struct("<I")
 MAX_NDIM = 32
 MAX_BUDGET_US = 24 * 3600 * 10**6  # a day: anything longer is a unit mistake
+MAX_TRACESTATE_BYTES = 256  # W3C allows 512; more is dropped (the traceparent is kept)
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACESTATE = re.compile(r"[\x20-\x7e]*")
 _DIMS = [struct.Struct(f"<{n}Q") for n in range(MAX_NDIM + 1)]  # the shape, one u64 per dim
 
 
@@ -126,6 +142,9 @@ class Kind(StrEnum):
     # speculative decoding: score draft tokens in a session's KV cache; answered by a result
     # (see tandem.cloud.verify for the payloads)
     VERIFY = "verify"
+    # load, replace or unload a worker's models: payload {"op": str, "model": str | None};
+    # answered by a result once done (see tandem.cloud.model_admin for the payloads)
+    ADMIN = "admin"
 
 
 _KINDS = {k.value: k for k in Kind}
@@ -166,6 +185,8 @@ class Envelope:
     # Set by decode: the payload's bytes as received (frame 0 past the header, then the array
     # frames). Two tries of one request have the same body; their budgets differ.
     body: tuple[Frame, ...] = ()
+    # W3C (traceparent, tracestate or "") of the sender's span; None: untraced (see above)
+    trace: tuple[str, str] | None = None
 
     def same_body(self, other: Envelope) -> bool:
         """Whether ``other`` (decoded) asks for exactly what this one (decoded) asked for."""
@@ -284,9 +305,10 @@ class WireCodec:
         enc.inline = 0
         left_s = env.budget_s()
         budget = None if left_s is None else max(0, int(left_s * 1e6))
-        header = enc.packer.pack(
-            (PROTOCOL_VERSION, env.kind.value, env.id, env.task, budget, env.tags)
-        )
+        head = (PROTOCOL_VERSION, env.kind.value, env.id, env.task, budget, env.tags)
+        if env.trace is not None:  # appended only when traced: untraced bytes are unchanged
+            head += env.trace if env.trace[1] else env.trace[:1]
+        header = enc.packer.pack(head)
         if len(header) > 0xFFFF:
             raise TypeError("envelope header over 64 KiB (task name or tags too long)")
         payload = enc.packer.pack(env.payload)
@@ -329,9 +351,9 @@ class WireCodec:
             h = msgpack.unpackb(raw)
         except Exception as e:  # msgpack raises several unrelated types
             raise MalformedMessage(f"header is not valid msgpack: {e}") from None
-        if not isinstance(h, list) or len(h) != 6:
-            raise MalformedMessage("header must be a 6-element array")
-        version, kind, rid, task, budget, tags = h
+        if not isinstance(h, list) or len(h) < 6:
+            raise MalformedMessage("header must be an array of at least 6 elements")
+        version, kind, rid, task, budget, tags = h[:6]
         if not isinstance(rid, bytes) or len(rid) != 16:
             raise MalformedMessage("request id must be 16 bytes")
         if version != PROTOCOL_VERSION:
@@ -357,7 +379,10 @@ class WireCodec:
         ):
             raise wire_error_with_id(_header_problem(task, budget, tags, lim), rid)
         deadline = None if budget is None else time.monotonic() + budget * 1e-6
-        return Envelope(kind=k, id=rid, task=task, deadline=deadline, tags=tuple(tags))
+        env = Envelope(kind=k, id=rid, task=task, deadline=deadline, tags=tuple(tags))
+        if len(h) > 6:
+            env.trace = trace_field(h[6], h[7] if len(h) > 7 else None)
+        return env
 
     def _decode_payload(self, raw: Frame, buffers: Sequence[Frame]) -> Any:
         lim = self.limits
@@ -425,6 +450,24 @@ class _Encoder(threading.local):
         if isinstance(obj, set | frozenset):
             return list(obj)
         raise TypeError(f"cannot put {type(obj).__name__} on the wire")
+
+
+def trace_field(traceparent: Any, tracestate: Any = None) -> tuple[str, str] | None:
+    """A received trace context, validated: ``(traceparent, tracestate or "")``, or None when
+    the traceparent is not a version-00 W3C traceparent (then the request is untraced). A
+    tracestate that is not a printable ASCII string of at most :data:`MAX_TRACESTATE_BYTES`
+    is dropped alone."""
+    if type(traceparent) is not str or len(traceparent) != 55:
+        return None
+    if _TRACEPARENT.fullmatch(traceparent) is None:
+        return None
+    if (
+        type(tracestate) is not str
+        or len(tracestate) > MAX_TRACESTATE_BYTES
+        or _TRACESTATE.fullmatch(tracestate) is None
+    ):
+        tracestate = ""
+    return traceparent, tracestate
 
 
 def _tags_ok(tags: list[Any], max_bytes: int) -> bool:

@@ -59,6 +59,9 @@ class WorkerPool:
         self.heartbeat = heartbeat
         self.curve = curve
         self.failovers = 0  # tries sent after a first one, all calls
+        # per endpoint: False once a call found it unreachable, True again when one reaches
+        # it (plain list stores, atomic: no lock on the path); read by links()
+        self.link_up = [True] * len(self.endpoints)
         self._ctx = context
         self._down_until = 0.0  # monotonic time until which the link is taken as down
         self._idle: list[Sockets] = []  # socket sets not in use (LIFO: warm first)
@@ -163,6 +166,7 @@ class WorkerPool:
             and 0 <= prefer < len(socks)
             and cast(int, socks[prefer].getsockopt(EVENTS)) & POLLOUT
         ):
+            self.link_up[prefer] = True
             return prefer
         while True:
             start = next(self._rotate)  # spreads ties
@@ -174,15 +178,18 @@ class WorkerPool:
                 if best is None or self._outstanding[i] < best_load:
                     best, best_load = i, self._outstanding[i]
             if best is not None:
+                self.link_up[best] = True
                 return best
             # With IMMEDIATE set there is no queue toward an absent peer: wait for a
             # connection (a fresh socket may still be connecting) at most until the deadline.
             if first_try and time.monotonic() < self._down_until:
+                self._all_down()
                 raise Unavailable(f"no connection to {', '.join(self.endpoints)} (link down)")
             left = ms_left(deadline)
             if left <= 0:
                 if first_try:
                     self._down_until = time.monotonic() + self.down_backoff_s
+                    self._all_down()
                     raise Unavailable(
                         f"no connection to {', '.join(self.endpoints)} (no worker listening, "
                         "or a CurveZMQ handshake refused: check cloud.server_key/client_key "
@@ -190,6 +197,16 @@ class WorkerPool:
                     )
                 return None
             zmq.zmq_poll([(s, POLLOUT) for i, s in enumerate(socks) if i not in tried], left)
+
+    def _all_down(self) -> None:
+        for i in range(len(self.link_up)):
+            self.link_up[i] = False
+
+    def links(self) -> dict[str, bool]:
+        """Endpoint -> whether it is taken as reachable: False once a call found no
+        connection to it (or lost it mid-call), True again when a call finds it connected.
+        No call yet: True (nothing says otherwise)."""
+        return dict(zip(self.endpoints, self.link_up, strict=True))
 
 
 class Failover:
@@ -206,6 +223,7 @@ class Failover:
         self.pool, self.socks, self.name, self.prefer = pool, socks, name, prefer
         self.tried: set[int] = set()
         self.tries = 0
+        self.last = -1  # the endpoint of the latest try
         self.lost: TandemError | None = None
 
     def next_endpoint(self, deadline: float) -> int:
@@ -224,6 +242,7 @@ class Failover:
             self.pool.failovers += 1
         self.tries += 1
         self.tried.add(i)
+        self.last = i
         return i
 
     def failed(self, err: TandemError) -> None:
@@ -231,6 +250,8 @@ class Failover:
         if not."""
         self.lost = err
         lost = isinstance(err, Unavailable)
+        if lost and self.last >= 0:
+            self.pool.link_up[self.last] = False
         if len(self.socks) == 1 and not lost:
             raise err
         if len(self.tried) == len(self.socks):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import zmq
 
+from tandem.runtime import tracing
 from tandem.runtime.client.pool import (
     DONTWAIT,
     EVENTS,
@@ -143,17 +144,30 @@ class CloudClient:
         if env.deadline is None or env.deadline > deadline:
             env.deadline = deadline
         tries = Failover(self.pool, socks, f"request {env.id.hex()[:8]}", prefer)
+        attempt = 0
         while True:
             i = tries.next_endpoint(deadline)
             self.pool.started(i)
+            span = None
+            if tracing.TRACER is not None:  # one span per try; env.trace: its context
+                span = tracing.start_client_span(env, self.endpoints[i], attempt)
+            attempt += 1
+            err: BaseException | None = None
             try:
                 return self._exchange(socks[i], self.endpoints[i], env, deadline, timeout_s), i
             except _WorkerLost as e:
-                tries.failed(Unavailable(f"lost the connection to {self.endpoints[i]}: {e}"))
+                err = Unavailable(f"lost the connection to {self.endpoints[i]}: {e}")
+                tries.failed(err)
             except FAILOVER_ERRORS as e:
+                err = e
                 tries.failed(e)
+            except BaseException as e:
+                err = e
+                raise
             finally:
                 self.pool.done(i)
+                if span is not None:
+                    tracing.end_span(span, err)
 
     def _exchange(
         self, sock: zmq.Socket, endpoint: str, env: Envelope, deadline: float, timeout_s: float
@@ -261,6 +275,15 @@ class CloudClient:
 
     def health(self, timeout_s: float = 2.0) -> dict[str, Any]:
         return self.request(Envelope(kind=Kind.HEALTH), timeout_s).payload
+
+    def admin(self, op: str, model: str | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Ask the worker to ``list``, ``load``, ``replace`` or ``unload`` (``model``) its
+        models, or ``reload`` them all from its config and manifest; returns the result once
+        done (see :mod:`tandem.cloud.model_admin`). Send it to one worker (a client of one
+        endpoint): an admin message is about that worker. ``timeout_s`` covers the loading
+        and warm-up of a new version."""
+        payload = {"op": op, "model": model}
+        return self.request(Envelope(kind=Kind.ADMIN, payload=payload), timeout_s).payload
 
     def echo(self, payload: Any, timeout_s: float = 2.0) -> Any:
         return self.request(Envelope(kind=Kind.ECHO, payload=payload), timeout_s).payload

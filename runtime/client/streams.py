@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import zmq
 
+from tandem.runtime import tracing
 from tandem.runtime.client.pool import (
     DONTWAIT,
     EVENTS,
@@ -118,6 +119,10 @@ class RemoteStream:
         # is not reentrant), so it must not encode
         cancel = Envelope(kind=Kind.CANCEL, id=self.id, task=env.task)
         self._cancel_frames = pool.codec.encode(cancel)
+        # traced: one tandem.cloud.request span per try, children of the caller's context now
+        self._trace_parent = None if tracing.TRACER is None else tracing.current_context()
+        self._span: Any = None
+        self._attempt = 0
         self._socks = pool.checkout()
         self._tries = Failover(pool, self._socks, f"generate {self.id.hex()[:8]}")
         try:
@@ -192,6 +197,11 @@ class RemoteStream:
         i = self._tries.next_endpoint(wait_until)
         if self._first_deadline is not None:
             self._env.payload["first_token_ms"] = ms_left(self._first_deadline)
+        if self._trace_parent is not None and tracing.TRACER is not None:
+            self._span = tracing.start_client_span(
+                self._env, pool.endpoints[i], self._attempt, self._trace_parent
+            )
+            self._attempt += 1
         frames = pool.codec.encode(self._env)  # per try: the budgets shrink
         size = frames_nbytes(frames)
         if size > pool.codec.limits.max_message_bytes:
@@ -206,12 +216,18 @@ class RemoteStream:
 
     def _fail_over(self, err: TandemError) -> None:
         """Before the first chunk: try the next endpoint, or raise ``err`` when none is left."""
+        if self._span is not None:
+            tracing.end_span(self._span, err)
+            self._span = None
         self._leave(cancel=isinstance(err, Unavailable))
         self._tries.failed(err)
         self._send_next()
 
     def _leave(self, cancel: bool) -> None:
         """Stop streaming from the current endpoint (best-effort cancel first)."""
+        if self._span is not None:
+            tracing.end_span(self._span)
+            self._span = None
         i, self._i = self._i, None
         if i is None or self._socks is None:
             return

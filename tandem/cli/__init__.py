@@ -82,7 +82,17 @@ def policy_check(files: Annotated[list[Path], typer.Argument(help="Policy YAML f
 
 
 # the command groups register their commands (after version and demo: the order --help shows)
-from tandem.cli import bench, calibrate, evolve, models, router_cmd, serve  # noqa: E402, F401
+from tandem.cli import (  # noqa: E402, F401
+    bench,
+    calibrate,
+    cloud_admin,
+    evolve,
+    models,
+    policy_cmd,
+    ray_cmd,
+    router_cmd,
+    serve,
+)
 
 
 def main() -> None:

@@ -33,6 +33,13 @@ def bench_run(
         Path | None, typer.Option("--json", help="Also write the results JSON here.")
     ] = None,
     plots: Annotated[bool, typer.Option(help="Write PNG plots and the HTML report.")] = True,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            help="Also scrape the edge's and the started workers' /metrics after every level "
+            "into OUT/metrics/ (the scenario's output.metrics)."
+        ),
+    ] = False,
 ) -> None:
     """Run a scenario: start what it needs, measure every level until stable, print the
     summary, write results.json, PNG plots and report.html."""
@@ -43,6 +50,8 @@ def bench_run(
         sc = load_scenario(path)
     except TandemError as e:
         raise fail(e) from None
+    if metrics:
+        sc = sc.model_copy(update={"output": sc.output.model_copy(update={"metrics": True})})
     _bench(sc, str(path), out, json_out, plots)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 from rich.console import Console
 
@@ -35,6 +37,36 @@ app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+# --log-format / --log-level, shared by the commands that serve (and configure logging)
+LogFormatOption = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        help="text, or json: one JSON object per line (ts, level, logger, message, extras, "
+        "request_id, trace_id).",
+    ),
+]
+LogLevelOption = Annotated[
+    str | None,
+    typer.Option("--log-level", help="debug, info, warning or error (default: info)."),
+]
+
+
+def setup_logging(
+    log_format: str = "text", log_level: str | None = None, quiet: bool = False
+) -> None:
+    """Configure the root logger on stderr for a serving command (``quiet``: warnings
+    unless ``log_level`` says otherwise). Exits with a message on a bad format or level."""
+    from tandem.runtime.logs import configure_logging
+
+    level = log_level or ("warning" if quiet else "info")
+    try:
+        configure_logging(level, log_format.lower())
+    except ValueError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
 
 
 def fail(e: TandemError) -> typer.Exit:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -11,12 +10,15 @@ from typing import Annotated
 import typer
 
 from tandem.cli.common import (
+    LogFormatOption,
+    LogLevelOption,
     app,
     cloud_app,
     console,
     err_console,
     fail,
     keys_app,
+    setup_logging,
 )
 from tandem.runtime.errors import TandemError
 
@@ -33,6 +35,15 @@ def cloud_serve(
         bool,
         typer.Option(help="Allow a non-loopback bind without curve (plain text, any client)."),
     ] = False,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve /metrics, /health and /ready on HOST:PORT (overrides the config's "
+            "http.bind; unauthenticated, no request data in it).",
+        ),
+    ] = None,
+    log_format: LogFormatOption = "text",
+    log_level: LogLevelOption = None,
 ) -> None:
     """Serve the models of a models directory on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
     # Before torch and numpy load their thread pools (each reads these once): an engine step
@@ -43,20 +54,19 @@ def cloud_serve(
     # (BLAS products of a few rows gain nothing from threads.) Values the user set win.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from tandem.cloud.config import load_worker_config
+    from tandem.cloud.config import load_worker_config, with_http
     from tandem.cloud.worker import CloudWorker
 
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(log_format, log_level, quiet)
     try:
         cfg = load_worker_config(config)
         if bind:
             cfg = cfg.model_copy(update={"bind": bind})
         if insecure:
             cfg = cfg.model_copy(update={"insecure": True})
-        worker = CloudWorker(cfg)
+        if http:
+            cfg = with_http(cfg, http)
+        worker = CloudWorker(cfg, config_path=config)  # a SIGHUP reads it again
     except TandemError as e:
         raise fail(e) from None
 
@@ -65,7 +75,7 @@ def cloud_serve(
             tmp = ready_file.with_suffix(".tmp")
             tmp.write_text(endpoint)
             tmp.replace(ready_file)
-        if not quiet:
+        if not quiet and log_format == "text":  # json: stderr holds JSON lines only
             err_console.print(f"serving {', '.join(worker.backends)} on {endpoint}")
 
     try:
@@ -224,15 +234,20 @@ def gateway(
             "client's tags drive the policy's rules."
         ),
     ] = False,
+    log_format: LogFormatOption = "text",
+    log_level: LogLevelOption = None,
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) in
-    front of the router, for processes on the device that do not speak Python. Past
+    front of the router, for processes on the device that do not speak Python; /health (live),
+    /ready (models loaded and warmed, else 503) and /metrics (Prometheus) on the same port. Past
     --max-concurrent generations, requests queue (at most --max-queued, each for at most
     --queue-timeout-s) as llama.cpp's server does; only then are they refused with 429."""
     import ipaddress
 
     from tandem.edge.gateway import GatewayLimits, serve
     from tandem.runtime.errors import ConfigError
+
+    setup_logging(log_format, log_level)
 
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback

@@ -388,3 +388,38 @@ def test_the_robots_escalation_log_is_not_written(user_scenario, tmp_path, tiny_
     run_scenario(user_scenario(), tmp_path / "out")
     assert not (tmp_path / "robot.sqlite").exists()
     assert (tmp_path / "out" / "escalations.sqlite").exists()
+
+
+@pytest.mark.integration
+def test_metrics_are_scraped_from_the_edge_and_the_worker(user_scenario, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sc = user_scenario(output={"metrics": True})
+    r = run_scenario(sc, tmp_path / "out")
+    lv = r["levels"][0]
+
+    def samples(name: str) -> dict[str, float]:
+        text = (tmp_path / "out" / "metrics" / name).read_text()
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[s.name] = out.get(s.name, 0.0) + s.value
+        return out
+
+    edge, worker = samples("edge.prom"), samples("worker-0.prom")
+    # the scrape follows the whole level (warm-up included): at least what the windows counted
+    assert edge["tandem_edge_requests_total"] >= lv["all"]["count"] > 0
+    assert edge["tandem_edge_escalations_total"] >= lv["tiers"]["cloud"]["count"] > 0
+    assert edge["tandem_edge_link_up"] == 1.0
+    # every escalation the edge counted was answered by the worker (plus the first request)
+    assert worker["tandem_worker_requests_total"] >= edge["tandem_edge_escalations_total"]
+    for name in (
+        "tandem_edge_request_duration_seconds_count",
+        "tandem_edge_step_duration_seconds_count",
+        "tandem_edge_model_info",
+        "tandem_worker_queue_seconds_count",
+        "tandem_worker_compute_seconds_count",
+        "tandem_worker_batch_rows_count",
+        "tandem_worker_model_ready",
+    ):
+        assert name in edge or name in worker, name
