@@ -31,6 +31,7 @@ keys bound and why.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -109,6 +110,25 @@ class SocketSpec(StrictModel):
     rcvhwm: int = Field(default=256, ge=1)
     heartbeat_ivl_ms: int = Field(default=1000, ge=0)  # 0: no heartbeats
     heartbeat_timeout_ms: int = Field(default=3000, ge=0)
+
+    def configure(self, sock: Any, max_message_bytes: int) -> None:
+        """Set these options, and the ones every server ROUTER socket of Tandem has (the
+        worker's, the Ray ingress's), on ``sock`` before it binds."""
+        import zmq
+
+        sock.setsockopt(zmq.LINGER, 2000)
+        # ZeroMQ drops a connection that sends a frame over this size; the codec answers
+        # messages whose frames are each under it but together over the limit.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, self.sndhwm)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        # A reply that cannot be routed (peer gone, its queue full) raises instead of
+        # vanishing, so it is counted; sent with DONTWAIT it never blocks the server.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.heartbeat_ivl_ms:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, self.heartbeat_ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.heartbeat_timeout_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, self.heartbeat_timeout_ms)
 
 
 class DrainSpec(StrictModel):
@@ -196,9 +216,15 @@ class HttpSpec(StrictModel):
     ``/metrics`` (Prometheus), ``/health`` (liveness) and ``/ready`` (every model loaded and
     warmed, serving). ``bind``: ``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (every interface;
     the metrics are unauthenticated and carry no request data). It starts before the models
-    load, so a probe sees ``/ready`` 503 ``{"state": "loading"}`` meanwhile."""
+    load, so a probe sees ``/ready`` 503 ``{"state": "loading"}`` meanwhile.
+
+    ``stall_s``: once serving, the worker's loop turns at least every 50 ms when idle; when
+    its last turn is older than this (a backend call that never returns holds it), ``/health``
+    answers 503 ``{"status": "stalled", "loop_idle_s": ...}`` (a liveness probe restarts the
+    pod) and ``/ready`` 503. Set it longer than the longest batch a model may run."""
 
     bind: str = "127.0.0.1:9100"
+    stall_s: float = Field(default=60.0, gt=0, le=86400)
 
     @field_validator("bind")
     @classmethod

@@ -210,10 +210,19 @@ class _WorkerCollector(Collector):
         for event, n in sorted(w.counters.copy().items()):
             events.add_metric([event], n)
         yield events
+        idle = w.loop_idle_s()
+        if idle is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "loop_idle_seconds",
+                "Seconds since the worker loop's last turn (under 0.05 when healthy; over "
+                "http.stall_s: /health answers 503 stalled)",
+                value=idle,
+            )
 
 
 def _models(w: Any) -> Iterator[Metric]:
     ok, body = w.readiness()
+    ok = ok and w.stalled() is None  # as /ready: not ready while the loop is stalled
     info = GaugeMetricFamily(
         PREFIX + "model_info",
         "A model this worker serves (always 1)",
@@ -223,12 +232,15 @@ def _models(w: Any) -> Iterator[Metric]:
         PREFIX + "model_ready", "1 when the model is loaded and warmed up", labels=["model"]
     )
     for name, model in sorted(body.get("models", {}).items()):
-        info.add_metric([name, str(model.get("version", "")), str(model.get("kind", ""))], 1)
+        if model.get("version") is not None:  # served (not a model still loading)
+            info.add_metric([name, str(model["version"]), str(model.get("kind", ""))], 1)
         ready.add_metric([name], 1 if model.get("ready") else 0)
     yield info
     yield ready
     yield GaugeMetricFamily(
-        PREFIX + "ready", "1 when /ready answers 200 (every model loaded, serving)", value=int(ok)
+        PREFIX + "ready",
+        "1 when /ready answers 200 (serving, every served model loaded and warmed up)",
+        value=int(ok),
     )
 
 

@@ -55,6 +55,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tandem.cloud.config import WorkerConfig, load_worker_config
 from tandem.cloud.engine import Engine
+from tandem.cloud.idempotency import MAX_JOINED_ROUTES
 from tandem.cloud.loading import manifest_entry, open_model
 from tandem.runtime.backends import LocalGenerationBackend
 from tandem.runtime.curve import ClientAllowList
@@ -197,6 +198,16 @@ class ModelAdmin:
         running = self.running
         if running is not None:
             if running.env is not None and running.env.id == env.id:  # a resend: one answer
+                if running.req != req:
+                    raise BadRequest(
+                        "this request id is running here as another admin operation "
+                        f"({running.req.op} {running.req.model or ''}): use a new id"
+                    )
+                if len(running.routes) >= MAX_JOINED_ROUTES:
+                    raise BadRequest(
+                        f"this admin operation is running with {len(running.routes)} tries "
+                        "waiting for its answer; wait for it instead of sending it again"
+                    )
                 running.routes.append(route)
                 return None
             what = running.req.op + (f" {running.req.model}" if running.req.model else "")

@@ -164,16 +164,7 @@ class RayIngress:
     async def _main(self, ready: Callable[[str], None] | None) -> None:
         actx = zmq.asyncio.Context.shadow(self._ctx.underlying)
         sock = actx.socket(zmq.ROUTER)
-        so = self.config.socket
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.codec.limits.max_message_bytes)
-        sock.setsockopt(zmq.SNDHWM, so.sndhwm)
-        sock.setsockopt(zmq.RCVHWM, so.rcvhwm)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if so.heartbeat_ivl_ms:
-            sock.setsockopt(zmq.HEARTBEAT_IVL, so.heartbeat_ivl_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, so.heartbeat_timeout_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, so.heartbeat_timeout_ms)
+        self.config.socket.configure(sock, self.codec.limits.max_message_bytes)
         auth = None
         bind = self.config.ingress.bind
         try:

@@ -121,12 +121,16 @@ class CloudWorker:
         # With ``http``: metrics, and the ops HTTP server up before the models load, so a
         # probe sees /health 200 and /ready 503 {"state": "loading"} meanwhile.
         self._state = "loading"
+        self._loop_turn: float | None = None  # monotonic s of the loop's last turn: liveness
         self.metrics: WorkerMetrics | None = None
         self.ops: OpsHttpServer | None = None
         if config.http is not None:
             self.metrics = WorkerMetrics()
             self.ops = OpsHttpServer(
-                config.http.bind, registry=self.metrics.registry, ready=self.readiness
+                config.http.bind,
+                registry=self.metrics.registry,
+                ready=self._ready_probe,
+                health=self.liveness,
             ).start()
         try:
             self.backends = backends if backends is not None else load_backends(config)
@@ -195,8 +199,11 @@ class CloudWorker:
         return self._state
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """What ``GET /ready`` answers: ready while serving with every model loaded and
-        warmed up, and per model ``{"ready", "version", "kind"}``. Safe from any thread."""
+        """What ``GET /ready`` answers: ready while serving (every model it serves is loaded
+        and warmed up before it is served), and per model ``{"ready", "version", "kind"}``.
+        A model being loaded for the first time or unloaded shows ``ready: false`` without
+        taking the worker out of readiness: the models it serves still answer. Safe from
+        any thread."""
         state = self.state
         if state == "loading":
             return False, {"state": state, "models": {}}
@@ -205,8 +212,36 @@ class CloudWorker:
             for name, b in list(self.backends.items())
         }
         self.admin.annotate(models, in_flight=False)  # loading: not ready; both while replacing
-        ok = state == "serving" and all(m["ready"] for m in models.values())
-        return ok, {"state": state, "models": models}
+        return state == "serving", {"state": state, "models": models}
+
+    def loop_idle_s(self) -> float | None:
+        """Seconds since the loop's last turn (it turns at least every 50 ms when idle); None
+        before the loop starts and after it ends. Safe from any thread."""
+        turn = self._loop_turn
+        return None if turn is None else time.monotonic() - turn
+
+    def stalled(self) -> float | None:
+        """:meth:`loop_idle_s` when it is over ``http.stall_s`` (a backend call that never
+        returns holds the loop), else None."""
+        idle = self.loop_idle_s()
+        if idle is None or self.config.http is None or idle <= self.config.http.stall_s:
+            return None
+        return idle
+
+    def liveness(self) -> dict[str, Any]:
+        """What ``GET /health`` adds to ``{"status": "ok"}``: ``{"status": "stalled",
+        "loop_idle_s": ...}`` (answered 503) once the loop is :meth:`stalled`; nothing while
+        loading, before the loop runs."""
+        idle = self.stalled()
+        return {} if idle is None else {"status": "stalled", "loop_idle_s": round(idle, 3)}
+
+    def _ready_probe(self) -> tuple[bool, dict[str, Any]]:
+        """``GET /ready``: :meth:`readiness`, and not ready while the loop is stalled."""
+        ok, body = self.readiness()
+        idle = self.stalled()
+        if idle is not None:
+            return False, {**body, "stalled": True, "loop_idle_s": round(idle, 3)}
+        return ok, body
 
     def close_ops(self) -> None:
         """Stop the ops HTTP server, if any (serve() does once it has drained)."""
@@ -217,21 +252,8 @@ class CloudWorker:
         """Bind, call ``ready(endpoint)``, serve until :meth:`stop` (or SIGTERM/SIGINT when
         run in the main thread), drain, return the exit code (0)."""
         sock = self._ctx.socket(zmq.ROUTER)
-        so = self.config.socket
-        sock.setsockopt(zmq.LINGER, 2000)
-        # ZeroMQ drops a connection that sends a frame over this size; the codec answers
-        # messages whose frames are each under it but together over the limit.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.codec.limits.max_message_bytes)
-        sock.setsockopt(zmq.SNDHWM, so.sndhwm)
-        sock.setsockopt(zmq.RCVHWM, so.rcvhwm)
-        # A reply that cannot be routed (peer gone, its queue full) raises instead of vanishing,
-        # so it is counted; with DONTWAIT it never blocks the loop.
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.config.socket.configure(sock, self.codec.limits.max_message_bytes)
         sock.setsockopt(zmq.RCVTIMEO, _IDLE_POLL_MS)  # the idle wait in _loop
-        if so.heartbeat_ivl_ms:
-            sock.setsockopt(zmq.HEARTBEAT_IVL, so.heartbeat_ivl_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, so.heartbeat_timeout_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, so.heartbeat_timeout_ms)
         auth = None
         try:
             curve = self.config.curve
@@ -292,6 +314,7 @@ class CloudWorker:
         try:
             self._loop(sock)
         finally:
+            self._loop_turn = None  # the loop has ended: liveness no longer follows it
             sys.setswitchinterval(switch)
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
@@ -336,7 +359,7 @@ class CloudWorker:
         authenticated = self._allow is not None
         grace_until: float | None = None
         while True:
-            now = time.monotonic()
+            now = self._loop_turn = time.monotonic()
             # Draining: every queued request still runs and every stream ends (ShuttingDown);
             # once no request is left, new ones are answered ShuttingDown for grace_ms, then
             # the loop ends.
@@ -427,11 +450,13 @@ class CloudWorker:
             reply = env.error_reply(TandemError(f"internal error: {type(e).__name__}: {e}"))
             if self.metrics is not None and env.kind in _COUNTED:
                 self.metrics.request(_payload_model(env), env.kind.value, TandemError.code)
-        if reply is not None:
-            self._reply(route, reply)
-            if tracing.TRACER is not None:  # answered at once: health, echo, refusals
-                tracing.record_worker_span(env, arrived, reply=reply)
-        logs.CURRENT_REQUEST.reset(logged)
+        try:
+            if reply is not None:
+                self._reply(route, reply)
+                if tracing.TRACER is not None:  # answered at once: health, echo, refusals
+                    tracing.record_worker_span(env, arrived, reply=reply)
+        finally:
+            logs.CURRENT_REQUEST.reset(logged)
 
     def _check_sender(self, user_id: bytes) -> None:
         """:class:`Unauthorized` if the sender's Curve key is no longer allowed."""

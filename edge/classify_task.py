@@ -131,91 +131,93 @@ class ClassifyTask:
         wire_id = new_request_id()  # the request's id on the wire too: one id end to end
         request_id = wire_id.hex()
         logged = logs.CURRENT_REQUEST.set(logs.RequestTag(wire_id))  # log lines name it
-        left_s = budget_ms / 1e3 - (time.perf_counter() - t0)
-        cloud_out: np.ndarray | None = None
-        error: TandemError | None = None
-        versions = dict(self.versions)
-        worker_ms: dict[str, float] = {}  # the worker's own clock: its queue and its model run
         try:
-            if left_s <= 0:
-                raise DeadlineExceeded("deadline spent before the cloud could be asked")
-            reply = self.client.infer(
-                self.policy.cloud.model,
-                inputs,
-                task=self.name,
-                tags=tuple(sorted(tags)),
-                timeout_s=left_s,
-                request_id=wire_id,
-            )
-            if reply["outputs"].shape != edge_logits.shape:
-                raise BadRequest(
-                    f"cloud answered shape {reply['outputs'].shape}, the edge model "
-                    f"{edge_logits.shape}"
+            left_s = budget_ms / 1e3 - (time.perf_counter() - t0)
+            cloud_out: np.ndarray | None = None
+            error: TandemError | None = None
+            versions = dict(self.versions)
+            worker_ms: dict[str, float] = {}  # the worker's own clock: its queue and its model run
+            try:
+                if left_s <= 0:
+                    raise DeadlineExceeded("deadline spent before the cloud could be asked")
+                reply = self.client.infer(
+                    self.policy.cloud.model,
+                    inputs,
+                    task=self.name,
+                    tags=tuple(sorted(tags)),
+                    timeout_s=left_s,
+                    request_id=wire_id,
                 )
-            cloud_out = reply["outputs"]
-            for ours, theirs in (("cloud_queue", "queue_ms"), ("cloud_compute", "run_ms")):
-                v = reply.get(theirs)
-                if isinstance(v, int | float) and math.isfinite(v) and v >= 0:
-                    worker_ms[ours] = float(v)
-            versions["cloud"] = _model_version(reply, self.policy.cloud.model)
-        except TandemError as e:
-            error = e
-            log.info("task %s: cloud failed (%s), answering on the edge", self.name, e.code)
-        t3 = time.perf_counter()
-        timings = {
-            "local": (t1 - t0) * 1e3,
-            "route": (t2 - t1) * 1e3,
-            "cloud": (t3 - t2) * 1e3,
-            **worker_ms,
-            "total": (t3 - t0) * 1e3,
-        }
-        stages = ["cloud"] * n
-        notes = [""] * n
-        row_versions: list[dict[str, str]] = [versions] * n
-        if cloud_out is not None and self.tiers:
-            cloud_out, tv = self._climb(
-                inputs, cloud_out, tags, t0, budget_ms, stages, notes, timings
-            )
-            row_versions = [_versions_upto(versions, tv, st) for st in stages]
+                if reply["outputs"].shape != edge_logits.shape:
+                    raise BadRequest(
+                        f"cloud answered shape {reply['outputs'].shape}, the edge model "
+                        f"{edge_logits.shape}"
+                    )
+                cloud_out = reply["outputs"]
+                for ours, theirs in (("cloud_queue", "queue_ms"), ("cloud_compute", "run_ms")):
+                    v = reply.get(theirs)
+                    if isinstance(v, int | float) and math.isfinite(v) and v >= 0:
+                        worker_ms[ours] = float(v)
+                versions["cloud"] = _model_version(reply, self.policy.cloud.model)
+            except TandemError as e:
+                error = e
+                log.info("task %s: cloud failed (%s), answering on the edge", self.name, e.code)
             t3 = time.perf_counter()
-            timings["total"] = (t3 - t0) * 1e3
-        results = []
-        for i in range(n):
-            if cloud_out is not None:
-                out, tier, reason = cloud_out[i], Tier.CLOUD, decisions[i].reason + notes[i]
-                index = int(np.argmax(out))
-                stage = stages[i]
-            else:
-                out, tier, index = edge_logits[i], Tier.EDGE_DEGRADED, top1[i]
-                reason = f"{decisions[i].reason}; cloud-{error.code if error else 'error'}"
-                stage = "edge"
-            results.append(
-                Result(
-                    output=out,
-                    index=index,
-                    label=self.label(index),
-                    tier=tier,
-                    confidence=scores[i],
-                    reason=reason,
-                    timings=dict(timings),
-                    model_versions=dict(row_versions[i]),
-                    request_id=f"{request_id}:{i}" if n > 1 else request_id,
-                    stage=stage,
-                    shadow_escalate=None if shadows is None else shadows[i],
+            timings = {
+                "local": (t1 - t0) * 1e3,
+                "route": (t2 - t1) * 1e3,
+                "cloud": (t3 - t2) * 1e3,
+                **worker_ms,
+                "total": (t3 - t0) * 1e3,
+            }
+            stages = ["cloud"] * n
+            notes = [""] * n
+            row_versions: list[dict[str, str]] = [versions] * n
+            if cloud_out is not None and self.tiers:
+                cloud_out, tv = self._climb(
+                    inputs, cloud_out, tags, t0, budget_ms, stages, notes, timings
                 )
-            )
-        if escalation_log is not None:
-            try:  # only queues the rows; storage failures are counted in stats(), never raised
-                self._log_rows(
-                    escalation_log, inputs, edge_logits, cloud_out, top1, results, tags, error
+                row_versions = [_versions_upto(versions, tv, st) for st in stages]
+                t3 = time.perf_counter()
+                timings["total"] = (t3 - t0) * 1e3
+            results = []
+            for i in range(n):
+                if cloud_out is not None:
+                    out, tier, reason = cloud_out[i], Tier.CLOUD, decisions[i].reason + notes[i]
+                    index = int(np.argmax(out))
+                    stage = stages[i]
+                else:
+                    out, tier, index = edge_logits[i], Tier.EDGE_DEGRADED, top1[i]
+                    reason = f"{decisions[i].reason}; cloud-{error.code if error else 'error'}"
+                    stage = "edge"
+                results.append(
+                    Result(
+                        output=out,
+                        index=index,
+                        label=self.label(index),
+                        tier=tier,
+                        confidence=scores[i],
+                        reason=reason,
+                        timings=dict(timings),
+                        model_versions=dict(row_versions[i]),
+                        request_id=f"{request_id}:{i}" if n > 1 else request_id,
+                        stage=stage,
+                        shadow_escalate=None if shadows is None else shadows[i],
+                    )
                 )
-            except Exception:  # the answer still goes back: a robot must not stall on a log
-                log.exception("task %s: escalation log append failed", self.name)
-            t4 = time.perf_counter()
-            for r in results:
-                r.timings["log"] = (t4 - t3) * 1e3
-                r.timings["total"] = (t4 - t0) * 1e3
-        logs.CURRENT_REQUEST.reset(logged)
+            if escalation_log is not None:
+                try:  # only queues the rows; storage failures are counted in stats(), never raised
+                    self._log_rows(
+                        escalation_log, inputs, edge_logits, cloud_out, top1, results, tags, error
+                    )
+                except Exception:  # the answer still goes back: a robot must not stall on a log
+                    log.exception("task %s: escalation log append failed", self.name)
+                t4 = time.perf_counter()
+                for r in results:
+                    r.timings["log"] = (t4 - t3) * 1e3
+                    r.timings["total"] = (t4 - t0) * 1e3
+        finally:
+            logs.CURRENT_REQUEST.reset(logged)
         return results
 
     def _climb(

@@ -25,10 +25,22 @@ start (restart to apply).
 
 The watcher (:class:`PolicyWatcher`, a daemon thread) polls the file: a ``stat`` every
 ``watch_s`` seconds, and only when it changed a read, a sha256 of the bytes and a reload of
-new content. It waits until the file has not changed for :data:`SETTLE_S`, so an in-place
-write is read whole; write atomically anyway (a temporary file renamed over the policy). A
-refused content is logged once; the file is tried again when it changes (``touch`` it to retry
-after fixing what it points to, e.g. a model file that was missing).
+new content. A half-written file can be valid YAML (a task cut off, ``threshold: 0.5`` cut to
+``threshold: 0``), so when it is applied depends on how it was written:
+
+* an atomic replace (a temporary file renamed over the policy: the path names a new inode) is
+  applied at the first poll that sees it, i.e. within ``watch_s`` (plus the build);
+* an in-place write (the same inode: an editor saving in place, ``scp``, ``cat >``, NFS) is
+  applied only once the same content (size, mtime and sha256) has been seen on two polls at
+  least :func:`max(watch_s, STABLE_S) <PolicyWatcher.stable_s>` apart: it has to stay
+  unchanged for a whole poll period, and at least 0.25 s. That costs one more poll period (at
+  least 0.25 s) per in-place write; a writer that pauses longer than that mid-file still gets
+  its partial file applied, so write atomically. That the file is still changing is logged
+  once per content (INFO).
+
+:meth:`~EdgeRuntime.reload_policy` called explicitly reads the file at once: the caller says
+when it is complete. A refused content is logged once; the file is tried again when it changes
+(``touch`` it to retry after fixing what it points to, e.g. a model file that was missing).
 """
 
 from __future__ import annotations
@@ -60,12 +72,16 @@ from tandem.runtime.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_POLICY_BYTES = 1 << 20  # a policy file larger than this is refused unread
-SETTLE_S = 0.02  # a changed file is read when it has not changed for this long
-SETTLE_TRIES = 25  # then given up until the next poll
+# an in-place write is applied once unchanged on two polls max(watch_s, STABLE_S) s apart
+STABLE_S = 0.25
+SETTLE_S = 0.02  # a new inode is read once its stat has not changed for this long
 # sections the runtime sets up once (a log file, an HTTP port, an exporter): a reload that
 # changes them is refused with a message saying a restart applies it
 RESTART_SECTIONS = ("escalation_log", "metrics", "tracing")
 REFUSED_REMEMBERED = 64  # refused contents logged once each (the oldest forgotten first)
+CHANGING_REMEMBERED = 64  # contents logged once each as "still changing"
+
+Signature = tuple[int, int, int]  # (mtime ns, size, inode): _signature
 
 
 @dataclass(frozen=True)
@@ -290,8 +306,18 @@ class PolicyReloader:
             self._watcher.close()
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A content written in place, waiting to be seen unchanged a whole poll period later."""
+
+    sig: Signature
+    digest: str
+    since: float  # time.monotonic() when it was first seen
+
+
 class PolicyWatcher:
-    """Polls one policy file on a daemon thread and reloads it when its content changes."""
+    """Polls one policy file on a daemon thread and reloads it when its content changes: an
+    atomic replace at once, an in-place write once it is stable (:meth:`stable_s`)."""
 
     def __init__(
         self, reloader: PolicyReloader, path: Path, content: bytes, every_s: float | None
@@ -300,9 +326,12 @@ class PolicyWatcher:
         self.path = path
         self.every_s = every_s
         self._applied = hashlib.sha256(content).hexdigest()
-        self._sig = _signature(path)
-        self._last_refused: str | None = None
+        self._seen = _signature(path)  # the file as the last poll saw it
+        self._recheck = True  # read at the next poll even if the stat is the same
+        self._pending: _Pending | None = None
+        self._refused_at: tuple[str, Signature] | None = None  # (content, stat) refused last
         self._refused: OrderedDict[str, None] = OrderedDict()  # contents logged already
+        self._changing: OrderedDict[str, None] = OrderedDict()  # logged as still changing
         self._read_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tandem-policy-watch", daemon=True)
@@ -318,6 +347,11 @@ class PolicyWatcher:
         spec = self.reloader._rt.policy.reload
         return None if spec is None else spec.watch_s
 
+    def stable_s(self) -> float:
+        """Seconds an in-place write must stay unchanged before it is applied: a whole poll
+        period, and at least :data:`STABLE_S`."""
+        return max(self.period() or 0.0, STABLE_S)
+
     def _run(self) -> None:
         while True:
             every = self.period()
@@ -332,54 +366,84 @@ class PolicyWatcher:
                 log.exception("%s: policy check failed", self.path)
 
     def poll(self) -> PolicyReload | None:
-        """One check: reload the file if its content changed; None when nothing was applied."""
+        """One check: reload the file if its content changed (and, written in place, has
+        been stable for :meth:`stable_s`); None when nothing was applied."""
         got = self._read()
         if got is None:
             return None
-        data, touched = got
+        sig, data, new_inode = got
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._applied:
-            self._last_refused = None
+            self._pending = self._refused_at = None
             return None
-        if not touched and digest == self._last_refused:
-            return None  # still the content refused last time: wait for it to change
+        if self._refused_at == (digest, sig):
+            return None  # the content refused last time, untouched: wait for it to change
+        if not new_inode and not self._stable(sig, digest):
+            return None
+        self._pending = None
         try:
             result = self.reloader.reload_bytes(self.path, data, quiet=digest in self._refused)
         except ConfigError:  # logged and counted by the reloader; the old policy serves on
-            self._last_refused = digest
-            self._refused[digest] = None
-            while len(self._refused) > REFUSED_REMEMBERED:
-                self._refused.popitem(last=False)
+            self._refused_at = (digest, sig)
+            _remember(self._refused, digest, REFUSED_REMEMBERED)
             return None
-        self._applied, self._last_refused = digest, None
+        self._applied, self._refused_at = digest, None
         return result
 
-    def _read(self) -> tuple[bytes, bool] | None:
-        """The file's bytes once it has not changed for :data:`SETTLE_S`, and whether its
-        stat changed since the last read; None when it did not change (and nothing was
-        refused since), cannot be read, or is still being written."""
-        for _ in range(SETTLE_TRIES):
-            try:
-                sig = _signature(self.path, strict=True)
-                if sig == self._sig and self._last_refused is None:
-                    return None
-                touched = sig != self._sig
-                if touched and self._stop.wait(SETTLE_S):
-                    return None
-                if touched and _signature(self.path, strict=True) != sig:
-                    continue  # being written
-                with self.path.open("rb") as f:
-                    data = f.read(MAX_POLICY_BYTES + 1)
-            except OSError as e:  # e.g. deleted before a rename puts the new one there
-                if self._read_error != str(e):
-                    log.warning("%s: cannot read the policy file: %s", self.path, e)
-                self._read_error = str(e)
+    def _stable(self, sig: Signature, digest: str) -> bool:
+        """Whether this in-place content was seen, the same, :meth:`stable_s` ago or more;
+        else it is remembered as the content to look for at the next polls."""
+        now = time.monotonic()
+        p = self._pending
+        if p is not None and p.sig == sig and p.digest == digest:
+            return now - p.since >= self.stable_s()
+        if p is not None and digest not in self._changing:  # a writer at work, or paused
+            log.info(
+                "%s: the policy file is still changing (written in place); it is applied "
+                "once unchanged for %.2f s",
+                self.path,
+                self.stable_s(),
+            )
+            _remember(self._changing, digest, CHANGING_REMEMBERED)
+        self._pending = _Pending(sig, digest, now)
+        return False
+
+    def _read(self) -> tuple[Signature, bytes, bool] | None:
+        """(stat, bytes, whether the path names another inode than at the last poll: an
+        atomic replace) when the file may hold new content; None when its stat did not change
+        (and nothing waits to be seen again), it cannot be read, or it changed while read."""
+        try:
+            sig = _signature(self.path, strict=True)
+            assert sig is not None
+            if sig == self._seen and not self._recheck and self._pending is None:
                 return None
-            self._read_error = None
-            if _signature(self.path) != sig:
-                continue
-            self._sig = sig
-            return data, touched
+            new_inode = self._seen is None or sig[2] != self._seen[2]
+            if new_inode:  # a rename of a complete file, or a new file still being written
+                if self._stop.wait(SETTLE_S):
+                    return None
+                again = _signature(self.path, strict=True)
+                if again != sig:
+                    return self._changed_while_read(sig, again)
+            with self.path.open("rb") as f:
+                data = f.read(MAX_POLICY_BYTES + 1)
+            after = _signature(self.path, strict=True)
+        except OSError as e:  # e.g. deleted before a rename puts the new one there
+            if self._read_error != str(e):
+                log.warning("%s: cannot read the policy file: %s", self.path, e)
+            self._read_error = str(e)
+            return None
+        self._read_error = None
+        if after != sig:
+            return self._changed_while_read(sig, after)
+        self._seen, self._recheck = sig, False
+        return sig, data, new_inode
+
+    def _changed_while_read(self, sig: Signature, after: Signature | None) -> None:
+        """Read again at the next poll; a file that grew under the same inode is being
+        written in place (from now on it has to be stable to be applied)."""
+        self._recheck = True
+        if after is not None and after[2] == sig[2]:
+            self._seen = after
         return None
 
     def close(self) -> None:
@@ -388,7 +452,13 @@ class PolicyWatcher:
             self._thread.join(timeout=10)
 
 
-def _signature(path: Path, *, strict: bool = False) -> tuple[int, int, int] | None:
+def _remember(seen: OrderedDict[str, None], key: str, bound: int) -> None:
+    seen[key] = None
+    while len(seen) > bound:
+        seen.popitem(last=False)
+
+
+def _signature(path: Path, *, strict: bool = False) -> Signature | None:
     """What a cheap ``stat`` says about a file's content: (mtime ns, size, inode); an atomic
     rename changes the inode, an in-place write the size or time."""
     try:

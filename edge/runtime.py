@@ -257,7 +257,9 @@ class EdgeRuntime:
         """A runtime serving the policy file at ``path`` (``kwargs``: as the constructor).
         The file is watched and reloaded when it changes (:meth:`reload_policy`) every
         ``watch_s`` seconds, or as its ``reload: {watch_s: ...}`` section says; neither: not
-        watched (:meth:`reload_policy` with no argument still re-reads it)."""
+        watched (:meth:`reload_policy` with no argument still re-reads it). An atomic replace
+        is applied at the first check, an in-place write once it has stayed unchanged for
+        max(``watch_s``, 0.25) s (:class:`~tandem.edge.policy_reload.PolicyWatcher`)."""
         p = Path(path)
         policy, content = read_policy_file(p)
         rt = cls(policy, **kwargs)

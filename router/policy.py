@@ -472,8 +472,10 @@ class EscalationLogSpec(StrictModel):
 class ReloadSpec(StrictModel):
     """Watching the policy file (:mod:`tandem.edge.policy_reload`): a runtime started with
     ``EdgeRuntime.from_policy(path)`` checks the file every ``watch_s`` seconds (a stat, and a
-    read when it changed) and applies a new, valid version without a restart; a bad one is
-    refused and the old policy serves on. Without this section the file is not watched."""
+    read when it changed) and applies a new, valid version without a restart: an atomic
+    replace at the first check, an in-place write once unchanged for max(``watch_s``, 0.25) s;
+    a bad one is refused and the old policy serves on. Without this section the file is not
+    watched."""
 
     watch_s: float = Field(default=1.0, gt=0.0, le=3600.0)
 

@@ -1,9 +1,10 @@
 """What differs between two policies: key paths with old and new values
 (:func:`policy_changes`), per task (:func:`task_changes`), a digest that names a policy
 (:func:`policy_digest`), and what two routings of the same logged rows do
-(:func:`compare_routings`: escalation rate and routed accuracy of each, with paired bootstrap
-intervals). ``tandem policy diff`` (:mod:`tandem.policy_replay`) and the edge runtime's policy
-reload (:mod:`tandem.edge.policy_reload`) use them.
+(:func:`compare_routings`: escalation rate and routed accuracy of each with Wilson score
+intervals, and the change with a paired bootstrap interval). ``tandem policy diff``
+(:mod:`tandem.policy_replay`) and the edge runtime's policy reload
+(:mod:`tandem.edge.policy_reload`) use them.
 
 Key paths are as a policy file spells them, with list items by index::
 
@@ -115,7 +116,8 @@ def task_changes(old: Policy, new: Policy) -> dict[str, TaskChangeKind]:
 class RoutingComparison:
     """Two routings of the same rows: how many escalate under each, how many flip each way,
     and — on the rows whose answer is known — the escalation rate and the routed accuracy of
-    each with the 95% paired bootstrap interval of the difference (new - old)."""
+    each (95% Wilson score intervals) with the 95% paired bootstrap interval of the difference
+    (new - old). ``accuracy_flips``: rows right under one routing and wrong under the other."""
 
     rows: int
     escalated: tuple[int, int]  # (old, new)
@@ -126,6 +128,7 @@ class RoutingComparison:
     accuracy: tuple[Estimate, Estimate] | None  # None: no row with a known answer
     accuracy_delta: Estimate | None
     accuracy_rows: int
+    accuracy_flips: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         def pair(p: tuple[Estimate, Estimate] | None) -> dict[str, Any] | None:
@@ -138,6 +141,7 @@ class RoutingComparison:
             "escalation_rate": pair(self.escalation_rate),
             "escalation_delta": self.escalation_delta.as_dict(),
             "accuracy_rows": self.accuracy_rows,
+            "accuracy_flips": self.accuracy_flips,
             "accuracy": pair(self.accuracy),
             "accuracy_delta": None
             if self.accuracy_delta is None
@@ -145,9 +149,29 @@ class RoutingComparison:
         }
 
 
-def _interval(samples: np.ndarray, expected: float) -> Estimate:
-    if not len(samples):
-        return Estimate(expected, float("nan"), float("nan"))
+Z95 = 1.959963984540054  # the normal's 97.5% quantile: two-sided 95% intervals
+
+
+def wilson(k: int, n: int, z: float = Z95) -> Estimate:
+    """The proportion ``k / n`` with its Wilson score interval (95%): unlike a bootstrap it is
+    not [0, 0] when ``k`` is 0 (0 of 100 is 0% [0%, 3.7%])."""
+    if n <= 0:
+        return Estimate(float("nan"), float("nan"), float("nan"))
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return Estimate(float(p), float(min(low, p)), float(max(high, p)))
+
+
+def _delta(samples: np.ndarray, expected: float, flips: int, n: int) -> Estimate:
+    """The paired bootstrap interval of a difference of two rates on the same ``n`` rows.
+    With no flip (no row that differs) every resample's difference is 0, which would claim
+    certainty: the interval is then ± the Wilson upper bound of a flip rate of 0 of ``n``."""
+    if flips == 0:
+        u = wilson(0, n).high
+        return Estimate(0.0, -u, u)
     lo, hi = np.quantile(samples, [0.025, 0.975])
     return Estimate(float(expected), float(min(lo, expected)), float(max(hi, expected)))
 
@@ -164,10 +188,12 @@ def compare_routings(
     """Compare two routings of the same N rows. ``escalate_*``: (N,) bool, the row goes to the
     cloud. ``right_*``: (N,) float, 1 when the answer the row ends with under that routing is
     right, 0 when wrong, NaN when unknown (accuracy is taken over the rows known under both).
-    Intervals: 95%, rows resampled together (a paired bootstrap, ``n_boot`` resamples), so
-    the difference's interval is much tighter than the two side by side. The statistics depend
-    only on how many rows fall in each (old, new) cell, so each resample is one multinomial
-    draw of those four counts (as :func:`tandem.router.calibrate.choose_threshold` does)."""
+    Intervals, 95%: each rate's by Wilson score (:func:`wilson`); the difference's with the
+    rows resampled together (a paired bootstrap, ``n_boot`` resamples), so it is much tighter
+    than the two side by side; with no flip it is ± the Wilson bound of 0 flips in N rows.
+    The statistics depend only on how many rows fall in each (old, new) cell, so each
+    resample is one multinomial draw of those four counts (as
+    :func:`tandem.router.calibrate.choose_threshold` does)."""
     eo = np.asarray(escalate_old, bool)
     en = np.asarray(escalate_new, bool)
     n = len(eo)
@@ -177,7 +203,7 @@ def compare_routings(
     rate_o, rate_n = _paired(eo, en, rng, n_boot)
     acc: tuple[Estimate, Estimate] | None = None
     acc_delta: Estimate | None = None
-    known = 0
+    known = acc_flips = 0
     if right_old is not None and right_new is not None:
         ro, rn = np.asarray(right_old, np.float64), np.asarray(right_new, np.float64)
         mask = np.isfinite(ro) & np.isfinite(rn)
@@ -185,18 +211,21 @@ def compare_routings(
         if known:
             ro, rn = ro[mask] > 0.5, rn[mask] > 0.5
             a_o, a_n = _paired(ro, rn, rng, n_boot)
-            acc = (_interval(a_o, float(ro.mean())), _interval(a_n, float(rn.mean())))
-            acc_delta = _interval(a_n - a_o, float(rn.mean() - ro.mean()))
+            acc_flips = int((ro != rn).sum())
+            acc = (wilson(int(ro.sum()), known), wilson(int(rn.sum()), known))
+            acc_delta = _delta(a_n - a_o, float(rn.mean() - ro.mean()), acc_flips, known)
+    flips = int((eo != en).sum())
     return RoutingComparison(
         rows=n,
         escalated=(int(eo.sum()), int(en.sum())),
         to_cloud=int((~eo & en).sum()),
         to_edge=int((eo & ~en).sum()),
-        escalation_rate=(_interval(rate_o, float(eo.mean())), _interval(rate_n, float(en.mean()))),
-        escalation_delta=_interval(rate_n - rate_o, float(en.mean() - eo.mean())),
+        escalation_rate=(wilson(int(eo.sum()), n), wilson(int(en.sum()), n)),
+        escalation_delta=_delta(rate_n - rate_o, float(en.mean() - eo.mean()), flips, n),
         accuracy=acc,
         accuracy_delta=acc_delta,
         accuracy_rows=known,
+        accuracy_flips=acc_flips,
     )
 
 

@@ -15,8 +15,11 @@ Spans go to that OTLP/HTTP endpoint through a ``BatchSpanProcessor`` (export is 
 request path); :func:`shutdown` flushes it (the worker on drain, the edge on ``close()``).
 Without ``otlp_endpoint`` the standard variables are read: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
 (used as is), else ``OTEL_EXPORTER_OTLP_ENDPOINT`` (+ ``/v1/traces``); the config key wins over
-both. A process where one of those variables is set traces even without a ``tracing`` key
-(as OpenTelemetry's own SDKs do); ``OTEL_SDK_DISABLED=true`` turns that off. Sampling is
+both. Tracing is on only where a ``tracing`` section is present (``tracing: {}`` takes the
+endpoint from those variables): an environment variable alone, which operators often inject
+into every pod, does not turn it on — a traced message needs a peer of this version or newer
+(an older worker refuses its longer header), so tracing is a deliberate choice, made after
+the workers are upgraded. ``OTEL_SDK_DISABLED=true`` turns it off. Sampling is
 parent-based: a request whose caller sampled it (or not) is traced (or not) here too; a
 request without a caller's context starts a trace with probability ``sample_ratio``.
 
@@ -81,13 +84,14 @@ class TracingSpec(StrictModel):
 
 
 def resolve_endpoint(spec: TracingSpec | None) -> str | None:
-    """The OTLP/HTTP traces URL to export to, or None (tracing off). The config key wins, then
+    """The OTLP/HTTP traces URL to export to, or None (tracing off: no ``tracing`` section,
+    or ``OTEL_SDK_DISABLED=true``). The config key wins, then
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, then ``OTEL_EXPORTER_OTLP_ENDPOINT`` +
-    ``/v1/traces``; ``OTEL_SDK_DISABLED=true`` turns the variables off."""
-    if spec is not None and spec.otlp_endpoint:
-        return spec.otlp_endpoint
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    ``/v1/traces``."""
+    if spec is None or os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
+    if spec.otlp_endpoint:
+        return spec.otlp_endpoint
     url = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
     if url:
         return url

@@ -47,8 +47,8 @@ first token, nil: no bound of its own) is a budget too, counted from arrival. Pa
 **Trace context** (optional, :mod:`tandem.runtime.tracing`). A traced request's header has a
 7th element, the W3C ``traceparent`` of the sender's span (``00-<32 hex trace id>-<16 hex span
 id>-<2 hex flags>``, exactly 55 characters, version ``00`` only, ids not all zero), and an 8th,
-its ``tracestate``, when that is not empty (printable ASCII, at most
-:data:`MAX_TRACESTATE_BYTES`). An untraced message has neither, so it is byte-identical to
+its ``tracestate``, when that is not empty (W3C ``key=value`` members, at most
+:data:`MAX_TRACESTATE_MEMBERS` of them and :data:`MAX_TRACESTATE_BYTES` in all). An untraced message has neither, so it is byte-identical to
 one from a peer without tracing. A decoder reads the first 6 elements and ignores any past
 the ones it knows (later versions may add more), so a traced message needs a peer of this
 version or newer (an older one refuses a header that is not exactly 6 elements). A trace field
@@ -119,7 +119,14 @@ MAX_NDIM = 32
 MAX_BUDGET_US = 24 * 3600 * 10**6  # a day: anything longer is a unit mistake
 MAX_TRACESTATE_BYTES = 256  # W3C allows 512; more is dropped (the traceparent is kept)
 _TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
-_TRACESTATE = re.compile(r"[\x20-\x7e]*")
+# W3C tracestate list-members (key=value), as OpenTelemetry parses them: a tracestate it would
+# refuse (and log a warning for, per message) is dropped here instead
+_TRACESTATE_MEMBER = re.compile(
+    r"(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+_TRACESTATE_SPLIT = re.compile(r"[ \t]*,[ \t]*")
+MAX_TRACESTATE_MEMBERS = 32
 _DIMS = [struct.Struct(f"<{n}Q") for n in range(MAX_NDIM + 1)]  # the shape, one u64 per dim
 
 
@@ -455,19 +462,31 @@ class _Encoder(threading.local):
 def trace_field(traceparent: Any, tracestate: Any = None) -> tuple[str, str] | None:
     """A received trace context, validated: ``(traceparent, tracestate or "")``, or None when
     the traceparent is not a version-00 W3C traceparent (then the request is untraced). A
-    tracestate that is not a printable ASCII string of at most :data:`MAX_TRACESTATE_BYTES`
-    is dropped alone."""
+    tracestate that is not a valid W3C tracestate (:func:`_tracestate_ok`) is dropped
+    alone."""
     if type(traceparent) is not str or len(traceparent) != 55:
         return None
     if _TRACEPARENT.fullmatch(traceparent) is None:
         return None
-    if (
-        type(tracestate) is not str
-        or len(tracestate) > MAX_TRACESTATE_BYTES
-        or _TRACESTATE.fullmatch(tracestate) is None
-    ):
+    if type(tracestate) is not str or not _tracestate_ok(tracestate):
         tracestate = ""
     return traceparent, tracestate
+
+
+def _tracestate_ok(tracestate: str) -> bool:
+    """A W3C tracestate: at most :data:`MAX_TRACESTATE_BYTES`, at most
+    :data:`MAX_TRACESTATE_MEMBERS` ``key=value`` members with distinct keys."""
+    if not tracestate or len(tracestate) > MAX_TRACESTATE_BYTES:
+        return False
+    members = _TRACESTATE_SPLIT.split(tracestate.strip(" \t"))
+    if len(members) > MAX_TRACESTATE_MEMBERS:
+        return False
+    keys = set()
+    for m in members:
+        if _TRACESTATE_MEMBER.fullmatch(m) is None:
+            return False
+        keys.add(m.partition("=")[0])
+    return len(keys) == len(members)
 
 
 def _tags_ok(tags: list[Any], max_bytes: int) -> bool:

@@ -43,7 +43,8 @@ class TaskReplay:
     kind: str
     rows: int  # logged rows replayed
     skipped: int  # logged rows neither policy's edge model could score
-    logged: Any  # RoutingComparison on every logged row (biased: escalated ones)
+    logged: Any | None  # RoutingComparison on every logged row (biased: escalated ones);
+    # None: no row both policies' edge models could score (nothing replayed, a note says why)
     audited: Any | None  # RoutingComparison on the audited rows (a sample of traffic)
     over_deadline: tuple[int, int]  # logged cloud answers slower than (old, new) deadline_ms
     notes: list[str] = field(default_factory=list)
@@ -54,7 +55,7 @@ class TaskReplay:
             "kind": self.kind,
             "rows": self.rows,
             "skipped": self.skipped,
-            "all_logged": self.logged.as_dict(),
+            "all_logged": None if self.logged is None else self.logged.as_dict(),
             "audited": None if self.audited is None else self.audited.as_dict(),
             "over_deadline": {"old": self.over_deadline[0], "new": self.over_deadline[1]},
             "notes": self.notes,
@@ -123,18 +124,13 @@ def replay_task(
     log_path: Path, task: str, old: Any, new: Any, *, n_boot: int = 1000, seed: int = 0
 ) -> TaskReplay:
     """Route ``task``'s logged rows under the task policies ``old`` and ``new``."""
-    from tandem.edge.escalation_log import EscalationLog
     from tandem.router.policy_diff import compare_routings
 
     if not log_path.is_file():
         raise ConfigError(f"--log: {log_path} does not exist")
     if old.kind != new.kind:
         raise ConfigError(f"task {task!r} changes kind ({old.kind} -> {new.kind}): no replay")
-    elog = EscalationLog(log_path)
-    try:
-        recs = list(elog.records(task))
-    finally:
-        elog.close()
+    recs = _read_log(log_path, task)
     if not recs:
         raise ConfigError(f"{log_path}: no logged row of task {task!r}")
     notes: list[str] = []
@@ -152,10 +148,17 @@ def replay_task(
         )  # fmt: skip
     keep = ok_o & ok_n
     audited = np.array([r.reason.startswith("audit") for r in recs]) & keep
-    logged = compare_routings(
-        esc_o[keep], esc_n[keep], right_o[keep], right_n[keep], n_boot=n_boot, seed=seed
-    )
-    audit_cmp = None
+    logged = audit_cmp = None
+    if not keep.any():
+        notes.append(
+            f"none of the {len(recs)} logged rows could be scored by both policies' edge "
+            "models (a model other than the logging one, and no stored input it can run on, "
+            "or outputs of another size): nothing replayed"
+        )
+    else:
+        logged = compare_routings(
+            esc_o[keep], esc_n[keep], right_o[keep], right_n[keep], n_boot=n_boot, seed=seed
+        )
     if audited.any():
         audit_cmp = compare_routings(
             esc_o[audited], esc_n[audited], right_o[audited], right_n[audited],
@@ -163,7 +166,7 @@ def replay_task(
         )  # fmt: skip
         if audited.sum() < MIN_AUDITED_FOR_RATES:
             notes.append(f"only {int(audited.sum())} audited rows: the intervals are wide")
-    else:
+    elif keep.any():
         notes.append(
             "no audited rows (audit_rate 0 when logged): escalation rates and accuracy over "
             "all traffic cannot be estimated; only flips among the logged rows are shown"
@@ -180,6 +183,33 @@ def replay_task(
         over_deadline=(int((took > old.deadline_ms).sum()), int((took > new.deadline_ms).sum())),
         notes=notes,
     )
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _read_log(log_path: Path, task: str) -> list[Any]:
+    """``task``'s rows of the escalation log at ``log_path``; a file that is not one is a
+    :class:`ConfigError` naming it (and is left as it was: an empty file is not made a log)."""
+    import sqlite3
+
+    from tandem.edge.escalation_log import EscalationLog
+
+    try:
+        with log_path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as e:
+        raise ConfigError(f"--log: {log_path}: cannot read: {e.strerror or e}") from None
+    if header != SQLITE_HEADER:
+        raise ConfigError(
+            f"--log: {log_path} is not an escalation log (SQLite): "
+            + ("the file is empty" if not header else "no SQLite header")
+        )
+    try:
+        with EscalationLog(log_path) as elog:
+            return list(elog.records(task))
+    except sqlite3.Error as e:
+        raise ConfigError(f"--log: {log_path} is not an escalation log (SQLite): {e}") from None
 
 
 def _rule(tp: Any, tags: Any) -> bool | None:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from tandem.cli.common import cloud_app, console, fail
+from tandem.cli.common import cloud_app, console, curve_pair, fail
 from tandem.runtime.errors import TandemError
 
 cloud_models_app = typer.Typer(
@@ -38,13 +38,9 @@ def _send(
     server_key: Path | None,
 ) -> None:
     from tandem.runtime.client import CloudClient
-    from tandem.runtime.errors import ConfigError
 
     try:
-        if (client_key is None) != (server_key is None):
-            raise ConfigError("give both --client-key and --server-key (Curve), or neither")
-        curve = (client_key, server_key) if client_key and server_key else None
-        with CloudClient(endpoint, curve=curve) as client:
+        with CloudClient(endpoint, curve=curve_pair(client_key, server_key)) as client:
             result = client.admin(op, model, timeout_s=timeout_s)
     except TandemError as e:
         raise fail(e) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,7 +20,9 @@ models_app = typer.Typer(
     help="Build the reference models, or register your own.", no_args_is_help=True
 )
 cloud_app = typer.Typer(help="Run and query cloud workers.", no_args_is_help=True)
-policy_app = typer.Typer(help="Check routing policy files.", no_args_is_help=True)
+policy_app = typer.Typer(
+    help="Check routing policy files, and compare two on logged traffic.", no_args_is_help=True
+)
 keys_app = typer.Typer(help="CurveZMQ key pairs for workers and clients.", no_args_is_help=True)
 quantize_app = typer.Typer(
     help="Make a model smaller: int8 ONNX, or GGUF for llama.cpp.", no_args_is_help=True
@@ -67,6 +70,16 @@ def setup_logging(
     except ValueError as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
+
+
+def curve_pair(client_key: Path | None, server_key: Path | None) -> tuple[Path, Path] | None:
+    """The ``(--client-key, --server-key)`` of a command that asks a worker; ConfigError when
+    only one is given."""
+    from tandem.runtime.errors import ConfigError
+
+    if (client_key is None) != (server_key is None):
+        raise ConfigError("give both --client-key and --server-key (Curve), or neither")
+    return (client_key, server_key) if client_key and server_key else None
 
 
 def fail(e: TandemError) -> typer.Exit:

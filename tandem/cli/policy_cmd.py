@@ -21,7 +21,10 @@ def _ci(e: Any) -> str:
     return f"{_pct(e.expected)} [{_pct(e.low)}, {_pct(e.high)}]"
 
 
-def _delta(e: Any) -> str:
+def _delta(e: Any, flips: int) -> str:
+    """A change in points with its interval; with no flip, the bound the row count gives."""
+    if flips == 0:
+        return f"none: no flips (within ±{100 * e.high:.1f} pts at 95%)"
     pts = lambda v: "n/a" if v != v else f"{100 * v:+.1f}"  # noqa: E731
     return f"{pts(e.expected)} pts [{pts(e.low)}, {pts(e.high)}]"
 
@@ -44,25 +47,28 @@ def print_diff(d: Any, out: Any = console) -> None:
     for name, r in d.replays.items():
         say(f"replay of task {name} ({r.kind}) on {d.log}: {r.rows} logged rows")
         lg = r.logged
-        say(
-            f"  all logged rows (escalated when logged, not a sample of traffic): cloud "
-            f"{lg.escalated[0]} -> {lg.escalated[1]}, edge {lg.rows - lg.escalated[0]} -> "
-            f"{lg.rows - lg.escalated[1]}; flips: {lg.to_edge} cloud->edge, "
-            f"{lg.to_cloud} edge->cloud"
-        )
+        if lg is None:
+            say("  nothing replayed: no logged row could be scored by both edge models")
+        else:
+            say(
+                f"  all logged rows (escalated when logged, not a sample of traffic): cloud "
+                f"{lg.escalated[0]} -> {lg.escalated[1]}, edge {lg.rows - lg.escalated[0]} -> "
+                f"{lg.rows - lg.escalated[1]}; flips: {lg.to_edge} cloud->edge, "
+                f"{lg.to_cloud} edge->cloud"
+            )
         a = r.audited
         if a is not None:
             say(
                 f"  audited rows ({a.rows}, a sample of traffic): escalation rate "
                 f"{_ci(a.escalation_rate[0])} -> {_ci(a.escalation_rate[1])}, "
-                f"change {_delta(a.escalation_delta)}; flips {a.to_edge} cloud->edge, "
-                f"{a.to_cloud} edge->cloud"
+                f"change {_delta(a.escalation_delta, a.to_edge + a.to_cloud)}; "
+                f"flips {a.to_edge} cloud->edge, {a.to_cloud} edge->cloud"
             )
             if a.accuracy is not None:
                 say(
                     f"  agreement with the cloud ({a.accuracy_rows} rows): "
                     f"{_ci(a.accuracy[0])} -> {_ci(a.accuracy[1])}, "
-                    f"change {_delta(a.accuracy_delta)}"
+                    f"change {_delta(a.accuracy_delta, a.accuracy_flips)}"
                 )
         if any(r.over_deadline):
             say(

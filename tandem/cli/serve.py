@@ -15,6 +15,7 @@ from tandem.cli.common import (
     app,
     cloud_app,
     console,
+    curve_pair,
     err_console,
     fail,
     keys_app,
@@ -54,9 +55,15 @@ def cloud_serve(
     # (BLAS products of a few rows gain nothing from threads.) Values the user set win.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import signal
+
     from tandem.cloud.config import load_worker_config, with_http
     from tandem.cloud.worker import CloudWorker
 
+    # SIGHUP reloads the models once serving; before (while the models load) its default
+    # action would end the process: a reload sent early is ignored instead
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log_format = log_format.lower()
     setup_logging(log_format, log_level, quiet)
     try:
         cfg = load_worker_config(config)
@@ -98,13 +105,9 @@ def cloud_health(
 ) -> None:
     """Ask a worker for its models, versions and queue depth."""
     from tandem.runtime.client import CloudClient
-    from tandem.runtime.errors import ConfigError
 
     try:
-        if (client_key is None) != (server_key is None):
-            raise ConfigError("give both --client-key and --server-key (Curve), or neither")
-        curve = (client_key, server_key) if client_key and server_key else None
-        with CloudClient(endpoint, curve=curve) as client:
+        with CloudClient(endpoint, curve=curve_pair(client_key, server_key)) as client:
             info = client.health(timeout_ms / 1e3)
     except TandemError as e:
         raise fail(e) from None

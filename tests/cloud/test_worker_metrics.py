@@ -414,3 +414,87 @@ def test_cli_http_flag_overrides_the_config(tiny_models: Path, tmp_path: Path) -
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+# --- liveness: a stalled loop ----------------------------------------------------------------
+
+# A worker process whose CLOUD model's ``run`` does not return until a line comes on stdin: a
+# backend call that hangs (a stuck GPU, a deadlocked library) holds the loop as a real one would.
+_STALLING_WORKER = """
+import sys, threading
+from tandem.cloud.config import load_worker_config
+from tandem.cloud.loading import load_backends
+from tandem.cloud.worker import CloudWorker
+
+cfg = load_worker_config(sys.argv[1])
+backends = load_backends(cfg)
+backend = backends[sys.argv[2]]
+release = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
+real_run = backend.run
+
+def run(batch):
+    release.wait()
+    return real_run(batch)
+
+backend.run = run
+CloudWorker(cfg, backends).serve(lambda endpoint: print(endpoint, flush=True))
+"""
+
+
+@pytest.mark.slow
+def test_health_is_503_while_the_loop_is_stalled(tiny_models: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg, base = http_config(worker_config(tiny_models, models=[CLOUD]))
+    assert cfg.http is not None
+    cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"stall_s": 0.5})})
+    path = tmp_path / "worker.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cmd = [sys.executable, "-c", _STALLING_WORKER, str(path), CLOUD]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        endpoint = proc.stdout.readline().decode().strip()
+        assert endpoint.startswith("tcp://")
+        # idle, the loop turns every 50 ms: live and ready however long nothing comes
+        time.sleep(1.0)
+        assert get_json(base + "/health") == (200, {"status": "ok"})
+        assert get_json(base + "/ready")[0] == 200
+        assert sample(scrape(base), "tandem_worker_loop_idle_seconds") < 0.5
+        with CloudClient(endpoint) as c:
+            call = threading.Thread(
+                target=lambda: c.infer(CLOUD, np.zeros((1, 64), np.float32), timeout_s=60)
+            )
+            call.start()
+            status, body = wait_for(
+                lambda: (r := get_json(base + "/health"))[0] == 503 and r, 30, "/health 503"
+            )
+            assert body["status"] == "stalled" and body["loop_idle_s"] > 0.5
+            status, ready = get_json(base + "/ready")
+            assert status == 503 and ready["stalled"] is True and ready["state"] == "serving"
+            samples = scrape(base)
+            assert sample(samples, "tandem_worker_ready") == 0
+            assert sample(samples, "tandem_worker_loop_idle_seconds") > 0.5
+            proc.stdin.write(b"go\n")  # the backend returns: the loop turns again
+            proc.stdin.flush()
+            call.join(60)
+            wait_for(lambda: get_json(base + "/health")[0] == 200, 30, "/health 200 again")
+            assert get_json(base + "/ready")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            proc.kill()
+
+
+def test_stall_s_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "worker.yaml"
+    path.write_text("http: {bind: '127.0.0.1:9100', stall_s: 0}\n")
+    with pytest.raises(errors.ConfigError, match=r"worker\.yaml.*http\.stall_s"):
+        load_worker_config(path)
+    assert WorkerConfig.model_validate({"http": {}}).http.stall_s == 60.0  # type: ignore[union-attr]

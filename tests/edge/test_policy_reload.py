@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tandem.edge import EdgeRuntime
+from tandem.edge.policy_reload import STABLE_S, PolicyWatcher, parse_policy_bytes
 from tandem.reference.models import CLOUD, LABELS
 from tandem.runtime.errors import ConfigError
 from tandem.runtime.model_store import ModelStore
@@ -211,6 +212,59 @@ def test_watcher_applies_atomic_and_in_place_writes(tmp_path, tiny_models, x, ca
         del good["reload"]  # the section removed: the watcher stops after applying it
         write_atomic(path, dump(good))
         wait_for(lambda: rt.stats()["policy"]["watch_s"] is None, "the watcher to stop")
+
+
+def test_in_place_write_is_applied_only_once_stable(tmp_path, tiny_models, x, caplog) -> None:
+    """A writer that pauses mid-file leaves a truncated file that is valid YAML (task b cut
+    off): polled during the pause it is not applied; the complete file is applied once it has
+    been seen unchanged a whole poll period later, and only once; an atomic replace is applied
+    at the first poll. The watcher is polled here (its thread is not started)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(dump(policy_doc({"a": task(tiny_models, 1.0), "b": task(tiny_models, 1.0)})))
+    full = dump(policy_doc({"a": task(tiny_models, 0.5), "b": task(tiny_models, 0.5)}))
+    half = full[: full.index("  b:")]
+    assert list(parse_policy_bytes(path, half.encode()).tasks) == ["a"]  # valid, truncated
+    with EdgeRuntime.from_policy(path) as rt:
+        w = PolicyWatcher(rt._policy_reloads, path, path.read_bytes(), 1.0)
+        assert w.stable_s() == 1.0  # a whole poll period, at least STABLE_S
+        assert PolicyWatcher(w.reloader, path, b"", 0.02).stable_s() == STABLE_S
+        reloads = lambda: rt.stats()["policy"]["reloads"]  # noqa: E731
+        with caplog.at_level(logging.INFO, logger="tandem.edge.policy_reload"):
+            with path.open("r+") as f:
+                f.truncate(0)
+                f.write(half)
+                f.flush()
+                t0 = time.monotonic()
+                polls = 0
+                while polls < 5 or time.monotonic() - t0 < 0.1:  # the writer pauses
+                    r = w.poll()
+                    # (1.0 s after the first poll it would be applied: a pause that long)
+                    assert r is None or time.monotonic() - t0 >= 1.0
+                    polls += 1
+                    time.sleep(0.01)
+                assert sorted(rt.tasks) == ["a", "b"] and reloads()["applied"] == 0
+                assert rt.infer(x, "b").reason == "no-cloud-target"  # threshold 1.0 serves
+                f.write(full[len(half) :])  # the writer goes on
+            t1 = time.monotonic()
+            assert w.poll() is None and w.poll() is None  # changed: seen again from now
+            end, r = time.monotonic() + WAIT_S, None
+            while r is None and time.monotonic() < end:
+                r = w.poll()
+                time.sleep(0.02)
+            assert r is not None and time.monotonic() - t1 >= 1.0
+            assert r.tasks == {"a": "changed", "b": "changed"}
+            assert [str(c) for c in r.changes] == [
+                "tasks.a.gate.threshold: 1.0 -> 0.5",
+                "tasks.b.gate.threshold: 1.0 -> 0.5",
+            ]
+            assert w.poll() is None and reloads() == {"applied": 1, "unchanged": 0, "refused": 0}
+        changing = [m for m in caplog.messages if "still changing" in m]
+        assert len(changing) == 1 and str(path) in changing[0]
+        # an atomic replace (a new inode) is applied at the first poll that sees it
+        write_atomic(path, dump(policy_doc({"a": task(tiny_models, 0.0)})))
+        r = w.poll()
+        assert r is not None and r.tasks == {"a": "changed", "b": "removed"}
+        assert rt.infer(x, "a").reason == "confident" and reloads()["applied"] == 2
 
 
 @pytest.mark.integration

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tandem.cli import app
-from tandem.edge import EdgeRuntime
+from tandem.cli import app, policy_cmd
+from tandem.edge import EdgeRuntime, EscalationLog, EscalationRecord
 from tandem.kernels.confidence import confidence
 from tandem.reference.models import CLOUD, LABELS
 from tandem.router.policy import load_policy, policy_from_dict
@@ -21,6 +21,7 @@ from tandem.router.policy_diff import (
     policy_changes,
     policy_digest,
     task_changes,
+    wilson,
 )
 from tandem.runtime.backends.onnx import OnnxBackend
 
@@ -166,3 +167,60 @@ def test_diff_without_a_log_and_errors(tiny_models, tmp_path) -> None:
     assert r.exit_code == 1 and "tasks.digits.gate.threshold" in r.output
     r = runner.invoke(app, ["policy", "diff", str(a), str(a), "--log", str(tmp_path / "x.db")])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_rate_intervals_are_wilson_and_no_flips_is_not_certainty() -> None:
+    assert (wilson(5, 100).low, wilson(5, 100).high) == pytest.approx((0.0215, 0.1118), abs=1e-4)
+    none = np.zeros(100, bool)
+    c = compare_routings(none, none, np.ones(100), np.ones(100))
+    zero = c.escalation_rate[0]
+    assert zero.expected == zero.low == 0.0 and zero.high == pytest.approx(0.037, abs=1e-3)
+    d = c.escalation_delta  # no flips: the bootstrap would say [0, 0]
+    assert c.to_cloud == c.to_edge == 0 and d.expected == 0.0 and d.low == -d.high < -0.03
+    acc = c.accuracy[0]
+    assert acc.expected == acc.high == 1.0 and acc.low < 0.97 and c.accuracy_flips == 0
+    assert c.accuracy_delta.low < 0 < c.accuracy_delta.high
+    text = policy_cmd._delta(d, c.to_cloud + c.to_edge)
+    assert text == "none: no flips (within ±3.7 pts at 95%)"
+
+
+def _unscorable_log(path: Path, n: int) -> None:
+    """Rows an edge model other than the policy's logged, without their inputs: no policy's
+    edge model can score them."""
+    with EscalationLog(path) as lg:
+        for i in range(n):
+            lg.append(
+                EscalationRecord(
+                    ts_ms=1_000 + i, request_id=str(i), task="digits", tier="cloud",
+                    reason="audit", tags=[], input=None, input_digest="",
+                    edge_output=np.zeros(10, np.float32), edge_label=0, edge_confidence=0.1,
+                    cloud_output=None, cloud_label=1, error=None, timings_ms={"total": 2.0},
+                    model_versions={"edge": "another-model"},
+                )
+            )  # fmt: skip
+
+
+def test_log_errors_and_nothing_to_replay_are_messages(tiny_models, tmp_path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump(doc(tiny_models, 0.5)))
+    b.write_text(yaml.safe_dump(doc(tiny_models, 0.7)))
+    corrupt = b"SQLite format 3\x00" + bytes(range(256)) * 4  # sqlite3: "not a database"
+    cases = (("not-a-db", b"just some text\n" * 10), ("empty.sqlite", b""), ("c.db", corrupt))
+    for name, content in cases:
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        r = runner.invoke(app, ["policy", "diff", str(a), str(b), "--log", str(bad)])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.output, r.output
+        assert f"{bad} is not an escalation log (SQLite)" in lines[0]
+        assert bad.read_bytes() == content  # left as it was (not made a log)
+    log = tmp_path / "esc.sqlite"
+    _unscorable_log(log, 20)
+    r = runner.invoke(app, ["policy", "diff", str(a), str(b), "--log", str(log)])
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert "nothing replayed" in r.output and "none of the 20 logged rows" in r.output
+    r = runner.invoke(app, ["policy", "diff", str(a), str(b), "--log", str(log), "--json", "-"])
+    rep = json.loads(r.output)["replay"]["digits"]
+    assert rep["all_logged"] is None and rep["audited"] is None
+    assert rep["rows"] == 0 and rep["skipped"] == 20

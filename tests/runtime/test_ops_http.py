@@ -1,6 +1,7 @@
 """The ops HTTP server (/metrics, /health, /ready) over real HTTP on loopback, and what a
-misbehaving client cannot do to it: slow clients, too many connections, garbage, other methods,
-huge headers. After each abuse the server still answers."""
+misbehaving client cannot do to it: slow or idle clients, too many connections (from one
+address or many), scrape floods, garbage, other methods, huge headers. After each abuse the
+server still answers. Clients from other addresses bind a source in 127.0.0.0/8."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.runtime import ops_http
@@ -36,11 +38,17 @@ def server(registry: CollectorRegistry) -> Iterator[OpsHttpServer]:
         yield s
 
 
-def get(url: str, *, method: str = "GET", headers: dict[str, str] | None = None) -> tuple:
+def get(
+    url: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> tuple:
     """(status, headers, body) of one request; an HTTP error status is returned, not raised."""
     req = urllib.request.Request(url, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers, e.read()
@@ -285,32 +293,213 @@ def test_slow_client_is_cut_off_at_the_deadline(
     assert_serving(server)
 
 
-def test_connections_over_the_bound_get_503_and_the_server_recovers(
+def test_idle_connections_hold_no_slot_and_are_closed(server: OpsHttpServer) -> None:
+    """More idle connections than slots, from one address, sending nothing: /health is still
+    answered (from that address too), and every idle connection is closed after the first-byte
+    deadline."""
+    idle = [socket.create_connection(server.address, timeout=10) for _ in range(40)]
+    try:
+        status, _, body = get(server.url + "/health", timeout_s=3)
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        assert [recv_all(s) for s in idle] == [b""] * len(idle)  # closed, nothing said
+    finally:
+        for s in idle:
+            s.close()
+    assert_serving(server)
+
+
+def test_one_clients_waiting_connections_are_bounded(
     server: OpsHttpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """MAX_CONNECTIONS idle connections hold every slot; one more is answered 503 at once;
-    once they are gone the server answers again."""
+    """Beyond MAX_PENDING_PER_CLIENT waiting connections from one address, its oldest are
+    closed: the newest always gets its turn."""
+    monkeypatch.setattr(ops_http, "MAX_PENDING_PER_CLIENT", 4)
+    monkeypatch.setattr(ops_http, "FIRST_BYTE_DEADLINE_S", 30.0)
     monkeypatch.setattr(ops_http, "REQUEST_DEADLINE_S", 30.0)
-    holders = [
-        socket.create_connection(server.address, timeout=5) for _ in range(ops_http.MAX_CONNECTIONS)
-    ]
+    idle = [socket.create_connection(server.address, timeout=10) for _ in range(6)]
     try:
-        # every holder's thread has taken its slot once it has read nothing yet; wait for them
-        deadline = time.monotonic() + 10
-        while True:
-            reply = raw(server, b"GET /health HTTP/1.0\r\n\r\n")
-            if reply.startswith(b"HTTP/1.0 503"):
-                break
-            assert time.monotonic() < deadline, f"never refused: {reply[:40]!r}"
-            time.sleep(0.05)
-        assert reply.endswith(b"busy\n")
+        assert recv_all(idle[0]) == b"" and recv_all(idle[1]) == b""
+        idle[5].sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        assert recv_all(idle[5]).startswith(b"HTTP/1.0 200")
     finally:
-        for h in holders:
-            h.close()
-    deadline = time.monotonic() + 10
-    while get(server.url + "/health")[0] != 200:
-        assert time.monotonic() < deadline, "the server did not recover its connection slots"
-        time.sleep(0.05)
+        for s in idle:
+            s.close()
+
+
+class Gate:
+    """A ready() that holds its request's thread until released; counts those it holds."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.held = 0
+
+    def __call__(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            self.held += 1
+        self.release.wait(30)
+        return True, {"state": "serving"}
+
+    def wait_held(self, n: int) -> None:
+        deadline = time.monotonic() + 20
+        while self.held < n:
+            assert time.monotonic() < deadline, f"{self.held} of {n} requests held"
+            time.sleep(0.02)
+
+
+def request_from(
+    server: OpsHttpServer, source: str, path: str, out: list[bytes] | None = None
+) -> bytes:
+    """GET ``path`` from the loopback address ``source`` (a client of its own)."""
+    with socket.create_connection(server.address, timeout=30, source_address=(source, 0)) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        reply = recv_all(s)
+    if out is not None:
+        out.append(reply)
+    return reply
+
+
+def hold(server: OpsHttpServer, sources: list[str], out: list[bytes]) -> list[threading.Thread]:
+    threads = [
+        threading.Thread(target=request_from, args=(server, src, "/ready", out)) for src in sources
+    ]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_requests_over_the_bound_get_503_and_the_server_recovers(server: OpsHttpServer) -> None:
+    """MAX_CONNECTIONS requests being served hold every slot; one more is answered 503 at once;
+    once they are done the server answers again."""
+    gate = Gate()
+    server.ready = gate
+    per = ops_http.MAX_CONNECTIONS_PER_CLIENT
+    sources = [f"127.0.0.{2 + i // per}" for i in range(ops_http.MAX_CONNECTIONS)]
+    out: list[bytes] = []
+    threads = hold(server, sources, out)
+    try:
+        gate.wait_held(ops_http.MAX_CONNECTIONS)
+        reply = request_from(server, "127.0.0.100", "/health")
+        assert reply.startswith(b"HTTP/1.0 503") and reply.endswith(b"busy\n")
+    finally:
+        gate.release.set()
+        for t in threads:
+            t.join(30)
+    assert len(out) == ops_http.MAX_CONNECTIONS
+    assert all(r.startswith(b"HTTP/1.0 200") for r in out)
+    assert_serving(server)
+
+
+def test_one_client_gets_at_most_its_share_of_slots(server: OpsHttpServer) -> None:
+    gate = Gate()
+    server.ready = gate
+    out: list[bytes] = []
+    threads = hold(server, ["127.0.0.1"] * ops_http.MAX_CONNECTIONS_PER_CLIENT, out)
+    try:
+        gate.wait_held(ops_http.MAX_CONNECTIONS_PER_CLIENT)
+        assert request_from(server, "127.0.0.1", "/health").startswith(b"HTTP/1.0 503")
+        assert request_from(server, "127.0.0.2", "/health").startswith(b"HTTP/1.0 200")
+    finally:
+        gate.release.set()
+        for t in threads:
+            t.join(30)
+    assert all(r.startswith(b"HTTP/1.0 200") for r in out)
+    assert_serving(server)
+
+
+def test_health_that_says_not_ok_is_503(server: OpsHttpServer) -> None:
+    server.health = lambda: {"status": "stalled", "loop_idle_s": 61.5}
+    status, _, body = get(server.url + "/health")
+    assert (status, json.loads(body)) == (503, {"status": "stalled", "loop_idle_s": 61.5})
+
+
+class CountingCollector:
+    """A collector whose collect() counts its calls (the gauge says which call made it) and
+    takes ``delay_s``, or waits for ``gate`` when set."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls = 0
+        self.delay_s = delay_s
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+        self.lock = threading.Lock()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        time.sleep(self.delay_s)
+        yield GaugeMetricFamily("tandem_test_collect_call", "Which collect() made this", n)
+
+
+def call_number(body: bytes) -> float:
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    return families["tandem_test_collect_call"].samples[0].value
+
+
+def test_scrapes_share_one_encode_and_never_get_old_bytes() -> None:
+    counting = CountingCollector(delay_s=0.2)
+    r = CollectorRegistry()
+    r.register(counting)  # type: ignore[arg-type]
+    with OpsHttpServer(registry=r) as s:
+        # one at a time: each scrape gets an encode that began after it came
+        seen = [call_number(get(s.url + "/metrics")[2]) for _ in range(3)]
+        assert seen == [1.0, 2.0, 3.0]
+        ok: list[int] = []
+        start = threading.Barrier(16)
+
+        def scrape() -> None:
+            start.wait(10)
+            for _ in range(200):
+                if get(s.url + "/metrics")[0] == 200:
+                    ok.append(1)
+                    return
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=scrape) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        encodes = counting.calls - 3
+    assert len(ok) == 16
+    assert 1 <= encodes <= len(ok) // 2, f"{encodes} encodes for {len(ok)} scrapes"
+
+
+def test_scrapes_at_once_are_bounded() -> None:
+    """While an encode hangs, MAX_METRICS_REQUESTS scrapes wait for it and more are 503."""
+    counting = CountingCollector()
+    counting.gate = threading.Event()
+    r = CollectorRegistry()
+    r.register(counting)  # type: ignore[arg-type]
+    n = ops_http.MAX_METRICS_REQUESTS + 6
+    with OpsHttpServer(registry=r) as s:
+        statuses: list[int] = []
+
+        def scrape() -> None:
+            statuses.append(get(s.url + "/metrics")[0])
+
+        threads = [threading.Thread(target=scrape) for _ in range(n)]
+        try:
+            for t in threads:
+                t.start()
+            assert counting.entered.wait(20)
+            deadline = time.monotonic() + 20
+            while statuses.count(503) < n - ops_http.MAX_METRICS_REQUESTS:
+                assert time.monotonic() < deadline, f"statuses so far: {statuses}"
+                time.sleep(0.02)
+            assert_serving(s)  # the other paths are still served
+        finally:
+            counting.gate.set()
+            for t in threads:
+                t.join(30)
+    assert sorted(statuses) == [200] * ops_http.MAX_METRICS_REQUESTS + [503] * (
+        n - ops_http.MAX_METRICS_REQUESTS
+    )
+    assert counting.calls == 1
 
 
 def test_many_concurrent_scrapes_all_answered(server: OpsHttpServer) -> None:
@@ -318,7 +507,7 @@ def test_many_concurrent_scrapes_all_answered(server: OpsHttpServer) -> None:
     results: list[int] = []
 
     def scrape() -> None:
-        for _ in range(50):
+        for _ in range(500):
             status = get(server.url + "/metrics")[0]
             if status == 200:
                 results.append(status)

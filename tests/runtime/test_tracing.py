@@ -123,11 +123,29 @@ def test_bad_traceparent_is_ignored_and_the_request_served(bad: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "state", [5, b"k=v", "k=\x00v", "k=é", "k=\n", "x" * (MAX_TRACESTATE_BYTES + 1)]
+    "state",
+    [
+        5,
+        b"k=v",
+        "k=\x00v",
+        "k=é",
+        "k=\n",
+        "k=" + "x" * (MAX_TRACESTATE_BYTES - 1),  # over the length
+        "=" * 250,  # printable, not W3C: OpenTelemetry would log a warning per message
+        "K=v",  # keys are lower case
+        "a=1,a=2",  # a key twice
+        ",".join(f"k{i}=v" for i in range(33)),  # over 32 members
+    ],
 )
 def test_bad_tracestate_is_dropped_alone(state: Any) -> None:
     assert trace_field(TP, state) == (TP, "")
-    assert trace_field(TP, "x" * MAX_TRACESTATE_BYTES) == (TP, "x" * MAX_TRACESTATE_BYTES)
+
+
+@pytest.mark.parametrize("state", ["rojo=00f067aa0ba902b7,congo=t61rcWkgMzE", "t@sys=v, b=1"])
+def test_w3c_tracestate_is_kept(state: str) -> None:
+    assert trace_field(TP, state) == (TP, state)
+    long = "k=" + "x" * 250  # a value is at most 256 characters
+    assert trace_field(TP, long) == (TP, long)
 
 
 _scalars = (
@@ -161,13 +179,19 @@ def test_off_without_config_or_environment() -> None:
 
 def test_endpoint_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = tracing.TracingSpec(otlp_endpoint="http://a:4318/v1/traces")
+    empty = tracing.TracingSpec()  # `tracing: {}`: the endpoint from the environment
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://b:4318/")
-    assert tracing.resolve_endpoint(None) == "http://b:4318/v1/traces"
+    # a variable alone (injected into every pod) does not turn tracing on: a traced message
+    # needs an upgraded worker, so tracing takes a `tracing` section
+    assert tracing.resolve_endpoint(None) is None
+    assert tracing.configure(None, "x") is False
+    assert tracing.resolve_endpoint(empty) == "http://b:4318/v1/traces"
     assert tracing.resolve_endpoint(spec) == "http://a:4318/v1/traces"  # the config wins
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c/x")
-    assert tracing.resolve_endpoint(None) == "http://c/x"
+    assert tracing.resolve_endpoint(empty) == "http://c/x"
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
-    assert tracing.resolve_endpoint(None) is None
+    assert tracing.resolve_endpoint(empty) is None
+    assert tracing.resolve_endpoint(spec) is None
 
 
 @pytest.mark.parametrize(
