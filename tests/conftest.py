@@ -36,6 +36,20 @@ from tandem.reference.models import (
 from tandem.runtime.manifest import Manifest, write_manifest
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A CLI command run in-process (typer's CliRunner) configures the root logger for a
+    process of its own (``tandem.cli.common.setup_logging``): put it back after each test, so
+    no later test logs through a handler on a stream the runner has closed."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained int8 MLP (``digits-edge``), CNN (``digits-cloud``) and MoE classifier
