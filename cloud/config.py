@@ -20,7 +20,7 @@
     curve: {secret_key: keys/worker.key_secret, allowed_clients: keys/clients}  # default: off
     insecure: false                  # true: allow a non-loopback bind without curve
     tracing: {otlp_endpoint: "http://collector:4318/v1/traces", service_name: tandem-worker,
-              sample_ratio: 1.0}     # OpenTelemetry spans; default: off (OTEL_EXPORTER_OTLP_*)
+              sample_ratio: 1.0}     # OpenTelemetry; default off ({}: OTEL_EXPORTER_OTLP_*)
     admin: {enabled: false, allowed_clients: keys/admins}  # model admin messages (default: off)
     http: {bind: "127.0.0.1:9100"}    # /metrics, /health, /ready over HTTP; default: off
 
@@ -255,7 +255,7 @@ class WorkerConfig(StrictModel):
     # A bind that other hosts can reach needs curve, or this set (`--insecure`) on purpose.
     insecure: bool = False
     admin: AdminSpec = AdminSpec()
-    # OpenTelemetry export (tandem.runtime.tracing); None: off unless OTEL_EXPORTER_OTLP_* is set
+    # OpenTelemetry export (tandem.runtime.tracing); None: off ({}: the OTEL_EXPORTER_OTLP_* endpoint)
     tracing: TracingSpec | None = None
     # /metrics, /health, /ready over HTTP (tandem.runtime.ops_http); None: no server, no metrics
     http: HttpSpec | None = None

@@ -102,7 +102,7 @@ class EdgeRuntime:
         the policy's ``metrics`` section also turns them on and serves them)."""
         self.policy = policy
         self._policy_reloads = PolicyReloader(self)  # reload_policy and the file's watcher
-        # tracing (the policy's or OTEL_* variables'): each infer is a root span; off, the
+        # tracing (the policy's `tracing` section): each infer is a root span; off, the
         # class's infer runs untouched (nothing on the path)
         self._traced = tracing.configure(policy.tracing, "tandem-edge")
         if self._traced:

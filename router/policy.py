@@ -506,7 +506,7 @@ class Policy(StrictModel):
     escalation_log: EscalationLogSpec | None = None
     metrics: MetricsSpec | None = None  # serve /metrics /health /ready; None: off
     reload: ReloadSpec | None = None  # watch the file and apply changes live; None: off
-    # OpenTelemetry spans (tandem.runtime.tracing); None: off unless OTEL_EXPORTER_OTLP_* is set
+    # OpenTelemetry spans (tandem.runtime.tracing); None: off ({}: the OTEL_EXPORTER_OTLP_* endpoint)
     tracing: TracingSpec | None = None
 
 
