@@ -318,7 +318,8 @@ def test_expert_shards_as_deployments_answer_as_the_whole_model(
             h = c.health()
             with pytest.raises(errors.BadRequest, match="expert shards"):
                 c.infer(MOE, rows[:, :64], timeout_s=10)
-        np.testing.assert_allclose(got, whole.run_experts(experts, counts, rows), rtol=1e-5)
+        want = whole.run_experts(experts, counts, rows)  # fp32: summation order differs
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert h["models"][MOE]["shards"] == {
             f"{MOE}-shard0": [0, 1, 2, 3],
             f"{MOE}-shard1": [4, 5, 6, 7],
