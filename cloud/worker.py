@@ -270,14 +270,6 @@ class CloudWorker:
                         "bind %s is not loopback and curve is off (insecure)", self.config.bind
                     )
             sock.bind(self.config.bind)
-        except BaseException:
-            sock.close(linger=0)
-            if auth is not None:
-                auth.stop()
-            self._close_compute()
-            raise
-        self._sock = sock
-        try:
             traced = tracing.configure(self.config.tracing, "tandem-worker")
         except BaseException:
             sock.close(linger=0)
@@ -285,6 +277,7 @@ class CloudWorker:
                 auth.stop()
             self._close_compute()
             raise
+        self._sock = sock
         self.streams = WorkerStreams(
             self.config.generation,
             self.backends,
