@@ -82,6 +82,14 @@ def curve_pair(client_key: Path | None, server_key: Path | None) -> tuple[Path, 
     return (client_key, server_key) if client_key and server_key else None
 
 
+def write_ready_file(path: Path | None, endpoint: str) -> None:
+    """``--ready-file``: write the bound endpoint atomically (a reader never sees half)."""
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(endpoint)
+        tmp.replace(path)
+
+
 def fail(e: TandemError) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {e.message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from tandem.cli.common import cloud_app, err_console, fail
+from tandem.cli.common import cloud_app, err_console, fail, write_ready_file
 from tandem.runtime.errors import TandemError
 
 
@@ -66,10 +66,7 @@ def cloud_ray_serve(
         raise fail(e) from None
 
     def ready(endpoint: str) -> None:
-        if ready_file:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(endpoint)
-            tmp.replace(ready_file)
+        write_ready_file(ready_file, endpoint)
         if not quiet:
             names = ", ".join(sorted({d.model for d in cfg.deployments}))
             err_console.print(f"serving {names} on Ray Serve through {endpoint}")

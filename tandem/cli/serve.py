@@ -20,6 +20,7 @@ from tandem.cli.common import (
     fail,
     keys_app,
     setup_logging,
+    write_ready_file,
 )
 from tandem.runtime.errors import TandemError
 
@@ -78,10 +79,7 @@ def cloud_serve(
         raise fail(e) from None
 
     def ready(endpoint: str) -> None:
-        if ready_file:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(endpoint)
-            tmp.replace(ready_file)
+        write_ready_file(ready_file, endpoint)
         if not quiet and log_format == "text":  # json: stderr holds JSON lines only
             err_console.print(f"serving {', '.join(worker.backends)} on {endpoint}")
 
